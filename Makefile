@@ -1,0 +1,45 @@
+# Two commands do everything on a fresh Debian 12 machine (as root):
+#   make run    bring up the lab and relay a demo call (or CONFIG=path: run the node)
+#   make test   install what is missing, then run unit + netns tests
+SHELL := /bin/bash
+# Debian's interpreter: the one python3-nftables is built and tested against.
+PYTHON ?= /usr/bin/python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-installed
+PYTEST_ARGS ?=
+
+.PHONY: deps run test unit lint bench clean-lab
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install-system-deps.sh scripts/link-nftables.sh
+	scripts/install-system-deps.sh
+	[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	scripts/link-nftables.sh $(VPY)
+	touch $(STAMP)
+
+run: deps
+ifdef CONFIG
+	$(VENV)/bin/lrkp-tsl run --config $(CONFIG)
+else
+	$(VPY) -m lrkp_tsl.demo
+endif
+
+test: deps
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+unit: deps
+	$(VPY) -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: deps
+	$(VPY) bench/dataplane_scale.py
+
+clean-lab: deps
+	$(VPY) -m lrkp_tsl.lab sweep --all

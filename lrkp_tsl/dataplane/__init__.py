@@ -1,0 +1,83 @@
+"""The kernel fast path: nftables maps for NAT, conntrack for relaying, one adapter each.
+
+`DataPlane` is the one object the rest of the node talks to. All of its sockets belong to
+the network namespace it was created in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from lrkp_tsl.dataplane import sysctl
+from lrkp_tsl.dataplane.conntrack import ConntrackTable
+from lrkp_tsl.dataplane.nft import DEFAULT_RULES, NftTable
+from lrkp_tsl.dataplane.probe import KernelFeatures, probe_kernel
+from lrkp_tsl.media import CallMedia, PortRange
+
+log = logging.getLogger("lrkp_tsl.dataplane")
+
+__all__ = ["DataPlane", "KernelFeatures"]
+
+
+class DataPlane:
+    def __init__(self, rules_path: Path = DEFAULT_RULES) -> None:
+        self.nft = NftTable(rules_path)
+        self.conntrack = ConntrackTable()
+        self.features: KernelFeatures | None = None
+
+    def start(self, relay_addrs: Sequence[IPv4Address], ports: PortRange) -> KernelFeatures:
+        """Set the sysctls, probe the kernel and load the table (keeping live calls)."""
+        sysctl.apply_required()
+        self.features = probe_kernel()
+        log.info("kernel: %s", self.features.describe())
+        self.nft.load(relay_addrs, ports)
+        log.info(
+            "table ip lrkp loaded from %s: relay addresses %s, ports %s",
+            self.nft.rules_path,
+            ", ".join(map(str, relay_addrs)),
+            ports,
+        )
+        return self.features
+
+    def commit(self, media: CallMedia, previous: CallMedia | None = None) -> None:
+        """Make the kernel relay `media`, replacing `previous` (the same call's old state).
+
+        Order matters: the new elements go in first, then the streams' conntrack entries are
+        deleted, so the next packet of each stream creates an entry with the new binding. A
+        packet between the two steps still rides the old entry; none can pick up a binding
+        that no longer exists.
+        """
+        flows = media.flows()
+        old = previous.flows() if previous is not None else ()
+        self.nft.commit(media.call_id, flows, replacing=old)
+        self.conntrack.forget(dict.fromkeys((*old, *flows)))
+
+    def remove(self, media: CallMedia) -> None:
+        """Stop relaying `media` at once: elements out, then its streams' entries deleted."""
+        flows = media.flows()
+        self.nft.remove(media.call_id, flows)
+        self.conntrack.forget(flows)
+
+    def shutdown(self, flush: bool) -> None:
+        """Leave live calls flowing (default), or remove everything the node installed."""
+        if flush:
+            if self.nft.exists():
+                keys = self.nft.flow_keys()
+                self.nft.drop()
+                # NAT bindings live on in conntrack: without this, calls would keep flowing.
+                deleted = self.conntrack.forget_keys(keys)
+                log.info(
+                    "flushed: table ip lrkp removed (%d flows), %d conntrack entries deleted",
+                    len(keys),
+                    deleted,
+                )
+        else:
+            log.info("kept kernel state: live calls keep flowing; a restart re-adopts them")
+        self.close()
+
+    def close(self) -> None:
+        """Release the node's sockets; the kernel state stays as it is."""
+        self.conntrack.close()

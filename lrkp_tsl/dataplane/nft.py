@@ -1,0 +1,203 @@
+"""nftables adapter: `table ip lrkp`, loaded from rules/lrkp.nft, changed only through its maps.
+
+Uses libnftables' official Python binding (Debian's python3-nftables, the same version as
+the installed library). Every change is one nftables transaction: a call's flows appear or
+disappear together, never half. Map data that is a concatenation cannot be *declared*
+through JSON in libnftables 1.0.6 (it can crash the process), so the maps are declared in
+the rules file and only elements travel as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import nftables
+
+from lrkp_tsl.errors import KernelError
+from lrkp_tsl.media import Endpoint, Flow, PortRange
+
+log = logging.getLogger("lrkp_tsl.dataplane.nft")
+
+FAMILY = "ip"
+TABLE = "lrkp"
+FLOW_MAPS = ("dnat_to", "snat_to")
+DEFAULT_RULES = Path(__file__).resolve().parents[2] / "rules" / "lrkp.nft"
+# nftables keeps at most 128 bytes of comment per element.
+COMMENT_MAX = 128
+
+
+def element_comment(call_id: str) -> str:
+    """The Call-ID as an nft comment: printable, unquoted, bounded.
+
+    The comment is for operators reading `nft list table ip lrkp`; the node's own records
+    keep the exact Call-ID.
+    """
+    text = "".join(c if c.isprintable() and c not in '"\\' else "_" for c in call_id)
+    return text.encode()[:COMMENT_MAX].decode(errors="ignore")
+
+
+def _key(flow: Flow) -> dict[str, Any]:
+    return {
+        "concat": [str(flow.sender.ip), flow.sender.port, str(flow.relay.ip), flow.relay.port]
+    }
+
+
+def _element(verb: str, name: str, elem: list[Any]) -> dict[str, Any]:
+    return {verb: {"element": {"family": FAMILY, "table": TABLE, "name": name, "elem": elem}}}
+
+
+def add_commands(call_id: str, flows: Iterable[Flow]) -> list[dict[str, Any]]:
+    """JSON commands adding each flow to both maps, commented with the Call-ID."""
+    comment = element_comment(call_id)
+    dnat: list[Any] = []
+    snat: list[Any] = []
+    for flow in flows:
+        key = {"elem": {"val": _key(flow), "comment": comment}}
+        dnat.append([key, {"concat": [str(flow.target.ip), flow.target.port]}])
+        snat.append([key, {"concat": [str(flow.relay_out.ip), flow.relay_out.port]}])
+    if not dnat:
+        return []
+    return [_element("add", "dnat_to", dnat), _element("add", "snat_to", snat)]
+
+
+def delete_commands(flows: Iterable[Flow]) -> list[dict[str, Any]]:
+    keys = [_key(flow) for flow in flows]
+    if not keys:
+        return []
+    return [_element("delete", name, keys) for name in FLOW_MAPS]
+
+
+class NftTable:
+    """The node's nftables table in the network namespace this object was created in."""
+
+    def __init__(self, rules_path: Path = DEFAULT_RULES) -> None:
+        self.rules_path = rules_path
+        # One context for JSON transactions (the hot path), one for text (load, list).
+        self._json = nftables.Nftables()
+        self._json.set_json_output(True)
+        self._text = nftables.Nftables()
+
+    # -- text: load, list, drop ------------------------------------------------------------
+
+    def run_text(self, commands: str, what: str) -> str:
+        rc, output, error = self._text.cmd(commands)
+        if rc != 0:
+            raise KernelError(f"{what}: nft said: {error.strip()}")
+        return str(output)
+
+    def load(self, relay_addrs: Sequence[IPv4Address], ports: PortRange) -> None:
+        """Install or refresh the table in one transaction, keeping existing map elements.
+
+        `flush table` empties the chains but keeps sets and maps with their elements; the
+        file then re-adds the rules. Relay addresses and ports are replaced from config.
+        """
+        try:
+            rules = self.rules_path.read_text()
+        except OSError as exc:
+            raise KernelError(f"cannot read nftables rules {self.rules_path}: {exc}") from exc
+        addrs = ", ".join(str(a) for a in relay_addrs)
+        batch = "\n".join(
+            [
+                f"add table {FAMILY} {TABLE}",
+                f"flush table {FAMILY} {TABLE}",
+                rules,
+                f"flush set {FAMILY} {TABLE} relay_addrs",
+                f"flush set {FAMILY} {TABLE} relay_ports",
+                f"add element {FAMILY} {TABLE} relay_addrs {{ {addrs} }}",
+                f"add element {FAMILY} {TABLE} relay_ports {{ {ports.start}-{ports.end} }}",
+            ]
+        )
+        self.run_text(batch, f"loading {self.rules_path}")
+
+    def exists(self) -> bool:
+        rc, _output, _error = self._text.cmd(f"list table {FAMILY} {TABLE}")
+        return rc == 0
+
+    def drop(self) -> None:
+        """Remove the whole table (everything the node installed in nftables)."""
+        if self.exists():
+            self.run_text(f"delete table {FAMILY} {TABLE}", "removing table")
+
+    def listing(self) -> str:
+        """`nft list table ip lrkp`, as an operator sees it."""
+        return self.run_text(f"list table {FAMILY} {TABLE}", "listing table")
+
+    def flow_keys(self) -> list[tuple[Endpoint, Endpoint]]:
+        """(sender, relay) of every flow in the table, read back from the kernel."""
+        rc, output, error = self._json.cmd(f"list map {FAMILY} {TABLE} dnat_to")
+        if rc != 0:
+            raise KernelError(f"reading map dnat_to: nft said: {error.strip()}")
+        keys = []
+        for item in json.loads(output)["nftables"]:
+            for key, _target in item.get("map", {}).get("elem", []):
+                if "elem" in key:
+                    key = key["elem"]["val"]
+                sender_ip, sender_port, relay_ip, relay_port = key["concat"]
+                keys.append(
+                    (
+                        Endpoint(IPv4Address(sender_ip), int(sender_port)),
+                        Endpoint(IPv4Address(relay_ip), int(relay_port)),
+                    )
+                )
+        return keys
+
+    def counter_packets(self, name: str) -> int:
+        output = self.run_text(f"list counter {FAMILY} {TABLE} {name}", f"reading {name}")
+        for line in output.splitlines():
+            words = line.split()
+            if "packets" in words:
+                return int(words[words.index("packets") + 1])
+        raise KernelError(f"counter {name}: no packet count in {output!r}")
+
+    # -- JSON: the per-call transactions -----------------------------------------------------
+
+    def transaction(self, commands: list[dict[str, Any]], what: str) -> None:
+        if not commands:
+            return
+        rc, _output, error = self._json.cmd(json.dumps({"nftables": commands}))
+        if rc != 0:
+            raise KernelError(f"{what}: nft said: {error.strip()}")
+
+    def commit(self, call_id: str, flows: Sequence[Flow], replacing: Sequence[Flow] = ()) -> None:
+        """Install `flows` (removing `replacing` first) in one transaction."""
+        what = f"commit of call {call_id!r} ({len(flows)} flows)"
+        try:
+            self.transaction(delete_commands(replacing) + add_commands(call_id, flows), what)
+        except KernelError as exc:
+            if not replacing or "No such file or directory" not in exc.reason:
+                raise
+            # Some replaced flow was already gone (an operator, or an earlier failure):
+            # forget what is left of them, then commit the new ones atomically.
+            log.warning("%s: replaced flows partly missing; removing them one by one", what)
+            self.remove(call_id, replacing)
+            self.transaction(add_commands(call_id, flows), what)
+
+    def remove(self, call_id: str, flows: Sequence[Flow]) -> int:
+        """Remove `flows` in one transaction; returns how many were already missing.
+
+        Removal is idempotent: if the batch fails because an element is gone, each element
+        is removed on its own and the missing ones are counted, not raised.
+        """
+        what = f"removal of call {call_id!r} ({len(flows)} flows)"
+        try:
+            self.transaction(delete_commands(flows), what)
+            return 0
+        except KernelError as exc:
+            if "No such file or directory" not in exc.reason:
+                raise
+        missing = 0
+        for flow in flows:
+            for command in delete_commands([flow]):
+                try:
+                    self.transaction([command], what)
+                except KernelError as exc:
+                    if "No such file or directory" not in exc.reason:
+                        raise
+                    missing += 1
+        log.warning("%s: %d map elements were already gone", what, missing)
+        return missing

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the node and its lab need. Idempotent: apt runs only when
+# something is missing, so `make test` on a provisioned machine costs nothing here.
+set -euo pipefail
+
+PACKAGES=(
+  nftables libnftables1 python3-nftables   # the table, and libnftables' official binding
+  iptables                                  # iptables-nft: xt NFQUEUE fallback (no nft queue here)
+  conntrack                                 # conntrack(8), for operators and lab inspection
+  libnetfilter-queue-dev python3-dev python3-venv gcc   # NetfilterQueue builds from source
+  iproute2                                  # ip netns / veth / bridge for the lab
+  kamailio sip-tester                       # the controlling layer and SIP peer for e2e tests
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-system-deps: missing Debian packages: ${missing[*]}" >&2
+  echo "install-system-deps: run 'make deps' as root (apt-get install), or install them yourself" >&2
+  exit 1
+fi
+echo "install-system-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}"

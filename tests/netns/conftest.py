@@ -1,0 +1,51 @@
+"""Fixtures for tests that run against the real kernel in a lab of network namespaces.
+
+Without root these tests skip with the reason; under CI (CI=true) a missing root is an
+error instead, so a misconfigured CI cannot pass by skipping everything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from lrkp_tsl.dataplane import DataPlane
+from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from tests.netns.helpers import PORTS, Peers
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/netns/" in str(item.path) or "tests\\netns\\" in str(item.path):
+            item.add_marker(pytest.mark.netns)
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("netns tests need root, and CI must run them: run CI as root")
+        pytest.skip("netns tests need root (network namespaces, nftables, conntrack)")
+    with Lab() as running:
+        yield running
+
+
+@pytest.fixture
+def dataplane(lab: Lab) -> Iterator[DataPlane]:
+    """A started data plane in the relay namespace, removed after the test."""
+    with lab.inside("relay"):
+        plane = DataPlane()
+        plane.start([INTERNAL_IP, EXTERNAL_IP], PORTS)
+    try:
+        yield plane
+    finally:
+        plane.shutdown(flush=True)
+        lab.run("relay", "conntrack", "-F", check=False)
+
+
+@pytest.fixture
+def peers(lab: Lab) -> Iterator[Peers]:
+    with Peers(lab) as made:
+        yield made
