@@ -6,9 +6,11 @@ swept by the next one (`python -m lrkp_tsl.lab sweep`). Nothing is created in or
 in the root namespace except transient veth ends that move at once.
 
     internal network 10.201.1.0/24            external network 10.201.2.0/24
-      relay  int0 10.201.1.1 (internal IP)      relay ext0 10.201.2.1 (external IP)
-      a      10.201.1.10  caller                x     10.201.2.10  callee
-      b      10.201.1.11  callee                m     10.201.2.66  a stranger
+      relay  int0 10.201.1.1 (internal IP)      relay  ext0 10.201.2.1 (external IP)
+      relay2 int0 10.201.1.2 (a second node)    relay2 ext0 10.201.2.2
+      sip    10.201.1.5   Kamailio              sip    10.201.2.5   Kamailio
+      a      10.201.1.10  caller                x      10.201.2.10  callee
+      b      10.201.1.11  callee                m      10.201.2.66  a stranger
       nat    10.201.1.20  NAT box, outside
     caller LAN 10.201.3.0/24 (behind the NAT box, which remaps source ports)
       nat    10.201.3.1   NAT box, inside      c     10.201.3.10  caller behind NAT
@@ -54,6 +56,10 @@ class Link:
 LINKS = (
     Link("relay", "int0", "int", f"{INTERNAL_IP}/24"),
     Link("relay", "ext0", "ext", f"{EXTERNAL_IP}/24"),
+    Link("relay2", "int0", "int", "10.201.1.2/24"),
+    Link("relay2", "ext0", "ext", "10.201.2.2/24"),
+    Link("sip", "int0", "int", "10.201.1.5/24"),
+    Link("sip", "ext0", "ext", "10.201.2.5/24"),
     Link("a", "eth0", "int", "10.201.1.10/24"),
     Link("b", "eth0", "int", "10.201.1.11/24"),
     Link("nat", "out0", "int", "10.201.1.20/24"),
@@ -88,7 +94,9 @@ def address(host: str, network: str | None = None) -> IPv4Address:
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
     if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
+        raise RuntimeError(
+            f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}"
+        )
     return result
 
 
@@ -139,7 +147,7 @@ class Lab:
         self.up = False
 
     def ns(self, host: str) -> str:
-        """The namespace name of a lab host ('relay', 'a', 'b', 'c', 'x', 'm', 'nat')."""
+        """The namespace name of a lab host (see HOSTS)."""
         if host not in (*HOSTS, "sw"):
             raise KeyError(f"lab has no host {host!r}")
         return f"{self.tag}-{host}"
@@ -216,8 +224,11 @@ class Lab:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lrkp_tsl.lab", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m lrkp_tsl.lab",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sweep_cmd = sub.add_parser("sweep", help="delete labs left by processes that are gone")
     sweep_cmd.add_argument("--all", action="store_true", help="delete every lab, live or not")

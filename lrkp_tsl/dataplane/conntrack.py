@@ -44,6 +44,8 @@ CTA_PROTO_NUM = 1
 CTA_PROTO_SRC_PORT = 2
 CTA_PROTO_DST_PORT = 3
 IPPROTO_UDP = 17
+# Requests per send: a call has 4; a flush has many, and acks must fit the receive buffer.
+BATCH = 128
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _NLMSGERR = struct.Struct("=i")
@@ -131,13 +133,20 @@ class ConntrackTable:
         return self.forget_keys((flow.sender, flow.relay) for flow in flows)
 
     def forget_keys(self, keys: Iterable[tuple[Endpoint, Endpoint]]) -> int:
-        """`forget` by (sender, relay) pairs, in one send."""
-        requests = []
+        """`forget` by (sender, relay) pairs: one send per BATCH requests, acks read back."""
+        deleted = 0
+        requests: list[bytes] = []
         for sender, relay in keys:
             self._seq = (self._seq + 1) & 0xFFFFFFFF
             requests.append(encode_delete(sender, relay, self._seq))
-        if not requests:
-            return 0
+            if len(requests) == BATCH:
+                deleted += self._send(requests)
+                requests = []
+        if requests:
+            deleted += self._send(requests)
+        return deleted
+
+    def _send(self, requests: list[bytes]) -> int:
         try:
             self._sock.send(b"".join(requests))
             return self._read_acks(len(requests))
@@ -184,7 +193,7 @@ class ConntrackTable:
             0,
             0,
         )
-        found = []
+        found: list[ConntrackEntry] = []
         self._sock.send(request)
         while True:
             data = self._sock.recv(1 << 20)
@@ -203,10 +212,10 @@ class ConntrackTable:
                     found.append(entry)
                 offset += max((length + 3) & ~3, _NLMSGHDR.size)
 
-
     def entries_to(self, relay: Endpoint) -> list[ConntrackEntry]:
         """Entries whose original or reply destination is `relay`."""
         return [e for e in self.entries() if relay in (e.orig_dst, e.reply_dst)]
+
 
 def _entry_from_msg(msg: object) -> ConntrackEntry | None:
     get = msg.get_attr  # type: ignore[attr-defined]
@@ -220,8 +229,12 @@ def _entry_from_msg(msg: object) -> ConntrackEntry | None:
         ip = tuple_msg.get_attr("CTA_TUPLE_IP")  # type: ignore[attr-defined]
         proto = tuple_msg.get_attr("CTA_TUPLE_PROTO")  # type: ignore[attr-defined]
         return (
-            Endpoint(IPv4Address(ip.get_attr("CTA_IP_V4_SRC")), proto.get_attr("CTA_PROTO_SRC_PORT")),
-            Endpoint(IPv4Address(ip.get_attr("CTA_IP_V4_DST")), proto.get_attr("CTA_PROTO_DST_PORT")),
+            Endpoint(
+                IPv4Address(ip.get_attr("CTA_IP_V4_SRC")), proto.get_attr("CTA_PROTO_SRC_PORT")
+            ),
+            Endpoint(
+                IPv4Address(ip.get_attr("CTA_IP_V4_DST")), proto.get_attr("CTA_PROTO_DST_PORT")
+            ),
         )
 
     def packets(attr: str) -> int | None:

@@ -42,9 +42,7 @@ def element_comment(call_id: str) -> str:
 
 
 def _key(flow: Flow) -> dict[str, Any]:
-    return {
-        "concat": [str(flow.sender.ip), flow.sender.port, str(flow.relay.ip), flow.relay.port]
-    }
+    return {"concat": [str(flow.sender.ip), flow.sender.port, str(flow.relay.ip), flow.relay.port]}
 
 
 def _element(verb: str, name: str, elem: list[Any]) -> dict[str, Any]:
@@ -116,7 +114,7 @@ class NftTable:
 
     def exists(self) -> bool:
         rc, _output, _error = self._text.cmd(f"list table {FAMILY} {TABLE}")
-        return rc == 0
+        return bool(rc == 0)
 
     def drop(self) -> None:
         """Remove the whole table (everything the node installed in nftables)."""

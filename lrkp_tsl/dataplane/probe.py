@@ -50,11 +50,9 @@ class KernelFeatures:
 
 
 def _accepted(nft: nftables.Nftables, body: str) -> bool:
-    batch = (
-        f"add table ip {PROBE_TABLE}\n{body}\ndelete table ip {PROBE_TABLE}\n"
-    )
+    batch = f"add table ip {PROBE_TABLE}\n{body}\ndelete table ip {PROBE_TABLE}\n"
     rc, _output, _error = nft.cmd(batch)
-    return rc == 0
+    return bool(rc == 0)
 
 
 def probe_kernel() -> KernelFeatures:

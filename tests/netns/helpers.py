@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import select
-
 from ipaddress import IPv4Address
 
 from lrkp_tsl.lab import Lab, address
@@ -68,5 +67,3 @@ class Peers:
     def __exit__(self, *exc: object) -> None:
         for party in self.made:
             party.close()
-
-

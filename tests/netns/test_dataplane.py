@@ -13,8 +13,9 @@ from lrkp_tsl.media import CallMedia, Endpoint
 from tests.netns.helpers import PORTS, Party, Peers
 
 
-def call(call_id: str, caller: Party, callee: Party, caller_relay: Endpoint,
-         callee_relay: Endpoint) -> CallMedia:
+def call(
+    call_id: str, caller: Party, callee: Party, caller_relay: Endpoint, callee_relay: Endpoint
+) -> CallMedia:
     return CallMedia(call_id, caller.endpoint, caller_relay, callee.endpoint, callee_relay)
 
 
@@ -37,11 +38,17 @@ def rtcp_parties(peers: Peers, caller: Party, callee: Party) -> tuple[Party, Par
 def test_rtp_and_rtcp_both_ways(dataplane: DataPlane, peers: Peers, first: str) -> None:
     caller, callee = peers("a", 4000), peers("b", 6000)
     caller_rtcp, callee_rtcp = rtcp_parties(peers, caller, callee)
-    media = call("rtp-both@lab", caller, callee, Endpoint(INTERNAL_IP, 20002),
-                 Endpoint(INTERNAL_IP, 20000))
+    media = call(
+        "rtp-both@lab", caller, callee, Endpoint(INTERNAL_IP, 20002), Endpoint(INTERNAL_IP, 20000)
+    )
     dataplane.commit(media)
-    rtcp = CallMedia(media.call_id, caller_rtcp.endpoint, media.caller_relay.offset(1),
-                     callee_rtcp.endpoint, media.callee_relay.offset(1))
+    rtcp = CallMedia(
+        media.call_id,
+        caller_rtcp.endpoint,
+        media.caller_relay.offset(1),
+        callee_rtcp.endpoint,
+        media.callee_relay.offset(1),
+    )
     for index in range(3):
         tag = b"%d" % index
         if first == "caller":
@@ -58,8 +65,9 @@ def test_rtp_and_rtcp_both_ways(dataplane: DataPlane, peers: Peers, first: str) 
 
 def test_relayed_in_kernel_with_nat_in_conntrack(dataplane: DataPlane, peers: Peers) -> None:
     caller, callee = peers("a", 4100), peers("b", 6100)
-    media = call("ct@lab", caller, callee, Endpoint(INTERNAL_IP, 20102),
-                 Endpoint(INTERNAL_IP, 20100))
+    media = call(
+        "ct@lab", caller, callee, Endpoint(INTERNAL_IP, 20102), Endpoint(INTERNAL_IP, 20100)
+    )
     dataplane.commit(media)
     exchange(caller, callee, media, b"x")
     exchange(caller, callee, media, b"y")
@@ -73,14 +81,16 @@ def test_relayed_in_kernel_with_nat_in_conntrack(dataplane: DataPlane, peers: Pe
 
 def test_internal_to_external(dataplane: DataPlane, peers: Peers) -> None:
     caller, callee = peers("a", 4200), peers("x", 6200)
-    media = call("bridge@lab", caller, callee, Endpoint(INTERNAL_IP, 20202),
-                 Endpoint(EXTERNAL_IP, 20200))
+    media = call(
+        "bridge@lab", caller, callee, Endpoint(INTERNAL_IP, 20202), Endpoint(EXTERNAL_IP, 20200)
+    )
     dataplane.commit(media)
     exchange(caller, callee, media, b"1")
     # and the other way round: an external caller, an internal callee
     caller2, callee2 = peers("x", 4300), peers("b", 6300)
-    media2 = call("bridge2@lab", caller2, callee2, Endpoint(EXTERNAL_IP, 20302),
-                  Endpoint(INTERNAL_IP, 20300))
+    media2 = call(
+        "bridge2@lab", caller2, callee2, Endpoint(EXTERNAL_IP, 20302), Endpoint(INTERNAL_IP, 20300)
+    )
     dataplane.commit(media2)
     exchange(caller2, callee2, media2, b"2")
 
@@ -108,8 +118,9 @@ def test_shared_port_mode_both_parties_on_one_ip(dataplane: DataPlane, peers: Pe
 
 def test_remove_stops_relaying_at_once(dataplane: DataPlane, peers: Peers) -> None:
     caller, callee = peers("a", 4600), peers("b", 6600)
-    media = call("remove@lab", caller, callee, Endpoint(INTERNAL_IP, 20602),
-                 Endpoint(INTERNAL_IP, 20600))
+    media = call(
+        "remove@lab", caller, callee, Endpoint(INTERNAL_IP, 20602), Endpoint(INTERNAL_IP, 20600)
+    )
     dataplane.commit(media)
     exchange(caller, callee, media, b"live")
     assert dataplane.conntrack.entries_to(media.caller_relay)
@@ -143,8 +154,9 @@ def test_packet_to_relay_port_without_call_is_dropped_in_kernel(
 
 def test_stranger_on_a_live_call_port_is_dropped(dataplane: DataPlane, peers: Peers) -> None:
     caller, callee, stranger = peers("a", 4800), peers("x", 6800), peers("m", 4800)
-    media = call("stranger@lab", caller, callee, Endpoint(INTERNAL_IP, 20802),
-                 Endpoint(EXTERNAL_IP, 20800))
+    media = call(
+        "stranger@lab", caller, callee, Endpoint(INTERNAL_IP, 20802), Endpoint(EXTERNAL_IP, 20800)
+    )
     dataplane.commit(media)
     before = dataplane.nft.counter_packets("unknown_dropped")
     stranger.send(media.callee_relay, b"inject")
@@ -167,13 +179,21 @@ def test_recommit_moves_the_stream_to_the_new_target(dataplane: DataPlane, peers
     assert [e.reply_src for e in dataplane.conntrack.entries_to(relay_a)] == [final.endpoint]
 
 
-def test_commit_conflicting_with_another_call_is_refused(dataplane: DataPlane, peers: Peers) -> None:
+def test_commit_conflicting_with_another_call_is_refused(
+    dataplane: DataPlane, peers: Peers
+) -> None:
     caller, callee = peers("a", 5000), peers("b", 7000)
-    media = call("first@lab", caller, callee, Endpoint(INTERNAL_IP, 21002),
-                 Endpoint(INTERNAL_IP, 21000))
+    media = call(
+        "first@lab", caller, callee, Endpoint(INTERNAL_IP, 21002), Endpoint(INTERNAL_IP, 21000)
+    )
     dataplane.commit(media)
-    other = CallMedia("second@lab", caller.endpoint, media.caller_relay,
-                      Endpoint(IPv4Address("10.201.1.11"), 7100), media.callee_relay)
+    other = CallMedia(
+        "second@lab",
+        caller.endpoint,
+        media.caller_relay,
+        Endpoint(IPv4Address("10.201.1.11"), 7100),
+        media.callee_relay,
+    )
     with pytest.raises(KernelError, match="second@lab"):
         dataplane.commit(other)
     exchange(caller, callee, media, b"unharmed")
@@ -181,8 +201,9 @@ def test_commit_conflicting_with_another_call_is_refused(dataplane: DataPlane, p
 
 def test_reload_keeps_live_calls(dataplane: DataPlane, lab: Lab, peers: Peers) -> None:
     caller, callee = peers("a", 5100), peers("b", 7100)
-    media = call("reload@lab", caller, callee, Endpoint(INTERNAL_IP, 21102),
-                 Endpoint(INTERNAL_IP, 21100))
+    media = call(
+        "reload@lab", caller, callee, Endpoint(INTERNAL_IP, 21102), Endpoint(INTERNAL_IP, 21100)
+    )
     dataplane.commit(media)
     exchange(caller, callee, media, b"before")
     with lab.inside("relay"):
@@ -193,11 +214,11 @@ def test_reload_keeps_live_calls(dataplane: DataPlane, lab: Lab, peers: Peers) -
     assert dataplane.nft.listing().count("jump relay_port") == 1
 
 
-
 def test_shutdown_keeps_or_flushes(dataplane: DataPlane, lab: Lab, peers: Peers) -> None:
     caller, callee = peers("a", 5200), peers("b", 7200)
-    media = call("shutdown@lab", caller, callee, Endpoint(INTERNAL_IP, 21202),
-                 Endpoint(INTERNAL_IP, 21200))
+    media = call(
+        "shutdown@lab", caller, callee, Endpoint(INTERNAL_IP, 21202), Endpoint(INTERNAL_IP, 21200)
+    )
     dataplane.commit(media)
     exchange(caller, callee, media, b"before")
     with lab.inside("relay"):

@@ -1,0 +1,96 @@
+"""The data plane's encoders, checked without a kernel."""
+
+from __future__ import annotations
+
+import json
+import socket
+from ipaddress import IPv4Address
+
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
+from pyroute2.netlink.nfnetlink.nfctsocket import (
+    IPCTNL_MSG_CT_DELETE,
+    NFCTAttrTuple,
+    nfct_msg,
+)
+
+from lrkp_tsl.dataplane.conntrack import encode_delete
+from lrkp_tsl.dataplane.nft import add_commands, delete_commands, element_comment
+from lrkp_tsl.media import Endpoint
+from tests.unit.test_media import WORKED
+
+
+def test_conntrack_delete_matches_pyroute2_encoding() -> None:
+    sender = Endpoint(IPv4Address("10.0.0.21"), 4000)
+    relay = Endpoint(IPv4Address("10.0.0.10"), 20002)
+    reference = nfct_msg.create_from(
+        tuple_orig=NFCTAttrTuple(
+            saddr="10.0.0.21", daddr="10.0.0.10", sport=4000, dport=20002, proto=17
+        )
+    )
+    reference["nfgen_family"] = socket.AF_INET
+    reference["header"]["type"] = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
+    reference["header"]["flags"] = 0x1 | 0x4  # request, ack
+    reference["header"]["sequence_number"] = 77
+    reference.encode()
+    assert encode_delete(sender, relay, 77) == bytes(reference.data)
+
+
+def test_add_commands_key_both_maps_by_exact_flow_with_call_id() -> None:
+    commands = add_commands(WORKED.call_id, WORKED.flows()[:1])
+    assert json.loads(json.dumps(commands)) == [
+        {
+            "add": {
+                "element": {
+                    "family": "ip",
+                    "table": "lrkp",
+                    "name": "dnat_to",
+                    "elem": [
+                        [
+                            {
+                                "elem": {
+                                    "val": {"concat": ["10.0.0.21", 4000, "10.0.0.10", 20002]},
+                                    "comment": "a84b4c76e66710@10.0.0.21",
+                                }
+                            },
+                            {"concat": ["10.0.1.31", 6000]},
+                        ]
+                    ],
+                }
+            }
+        },
+        {
+            "add": {
+                "element": {
+                    "family": "ip",
+                    "table": "lrkp",
+                    "name": "snat_to",
+                    "elem": [
+                        [
+                            {
+                                "elem": {
+                                    "val": {"concat": ["10.0.0.21", 4000, "10.0.0.10", 20002]},
+                                    "comment": "a84b4c76e66710@10.0.0.21",
+                                }
+                            },
+                            {"concat": ["10.0.0.10", 20000]},
+                        ]
+                    ],
+                }
+            }
+        },
+    ]
+
+
+def test_one_transaction_holds_every_flow_of_a_call() -> None:
+    commands = add_commands(WORKED.call_id, WORKED.flows())
+    assert [len(c["add"]["element"]["elem"]) for c in commands] == [4, 4]
+    deletes = delete_commands(WORKED.flows())
+    assert [d["delete"]["element"]["name"] for d in deletes] == ["dnat_to", "snat_to"]
+    assert [len(d["delete"]["element"]["elem"]) for d in deletes] == [4, 4]
+    assert add_commands("x", []) == [] and delete_commands([]) == []
+
+
+def test_comment_is_printable_unquoted_and_bounded() -> None:
+    assert element_comment('a"b\\c\x00d') == "a_b_c_d"
+    assert len(element_comment("x" * 300).encode()) == 128
+    assert element_comment("é" * 100).encode().__len__() <= 128
