@@ -1,0 +1,81 @@
+"""Replay cache for Kamailio's retransmissions: answer a resend, never apply it twice.
+
+Kamailio resends the *same* datagram (same cookie, same bytes, from the same per-process
+socket) up to `lrkproxy_retr` times, `lrkproxy_tout` seconds apart, whenever it did not
+accept a reply: the reply was lost, was late, or the node was slow. Each resend must get
+the reply the first copy got, and an `S`/`D` must not be handed to the session layer again
+(a second `S` would be a second install; a `D` replayed after a new `S` for the same call
+would delete the new session).
+
+Pure: the caller passes `now` (use `time.monotonic()`), so expiry is tested with a fake
+clock. The key is (sender, whole datagram): the cookie alone is not enough, because old
+releases make it from the pid and a sequence number, which repeat across restarts, and
+every Kamailio process counts on its own. The sender is whatever hashable address the
+server has, normally the `(ip, port)` tuple from `recvfrom`.
+
+Bounded both ways: at most `max_entries` replies, none older than `max_age` seconds. Entries
+sit in an OrderedDict in insertion order, which is age order while `now` never goes back,
+so eviction only ever looks at the front. Set `max_age` above `lrkproxy_retr x
+lrkproxy_tout` (5 s by default); the size bound caps memory against a flood of unique
+datagrams, at the cost of forgetting the oldest replies first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from lrkp_tsl.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    reply: bytes
+    stored_at: float
+
+
+class RetransmitCache:
+    """Replies by (sender, datagram), bounded in count and age."""
+
+    __slots__ = ("_entries", "max_age", "max_entries")
+
+    def __init__(self, max_entries: int, max_age: float) -> None:
+        if max_entries < 1:
+            raise ConfigError(f"retransmit cache max_entries: {max_entries} is below 1")
+        if not max_age > 0:
+            raise ConfigError(f"retransmit cache max_age: {max_age} s is not positive")
+        self.max_entries = max_entries
+        self.max_age = max_age
+        self._entries: OrderedDict[tuple[Hashable, bytes], _Entry] = OrderedDict()
+
+    def lookup(self, sender: Hashable, datagram: bytes, now: float) -> bytes | None:
+        """The reply already sent for this exact datagram from this sender, if still fresh.
+
+        A hit does not refresh the entry: its age counts from the first answer, since
+        Kamailio's resends of one command stop after a fixed time anyway.
+        """
+        self._expire(now)
+        entry = self._entries.get((sender, datagram))
+        if entry is None or now - entry.stored_at > self.max_age:
+            return None
+        return entry.reply
+
+    def store(self, sender: Hashable, datagram: bytes, reply: bytes, now: float) -> None:
+        """Remember `reply` as the answer to `datagram` from `sender`, evicting the oldest."""
+        key = (sender, datagram)
+        self._entries.pop(key, None)
+        self._entries[key] = _Entry(reply, now)
+        self._expire(now)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _expire(self, now: float) -> None:
+        while self._entries:
+            oldest = next(iter(self._entries.values()))
+            if now - oldest.stored_at <= self.max_age:
+                return
+            self._entries.popitem(last=False)
