@@ -46,11 +46,10 @@ class Endpoint:
             addr = IPv4Address(ip)
         except ValueError:
             raise MediaError(f"{what}: {ip!r} is not an IPv4 address") from None
-        try:
-            number = int(port)
-        except ValueError:
-            raise MediaError(f"{what}: port {port!r} is not a number") from None
-        return cls(addr, number)
+        text = str(port)
+        if not (text.isascii() and text.isdigit() and len(text) <= 5):
+            raise MediaError(f"{what}: port {port!r} is not a number")
+        return cls(addr, int(text))
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -78,6 +77,18 @@ class Flow:
     relay: Endpoint
     target: Endpoint
     relay_out: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class InstalledFlow:
+    """A flow as found in the kernel: its comment (the Call-ID) and its endpoints; target
+    or relay_out is None when one of the flow's two map elements is missing."""
+
+    comment: str
+    sender: Endpoint
+    relay: Endpoint
+    target: Endpoint | None
+    relay_out: Endpoint | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +149,10 @@ class PortRange:
     end: int
 
     def __post_init__(self) -> None:
-        if not 1 <= self.start <= self.end <= 65535:
+        if not (1 <= self.start <= 65535 and 1 <= self.end <= 65535):
             raise MediaError(f"port range {self.start}-{self.end} is not within 1-65535")
+        if self.start > self.end:
+            raise MediaError(f"port range {self.start}-{self.end} starts after it ends")
 
     def __contains__(self, port: object) -> bool:
         return isinstance(port, int) and self.start <= port <= self.end

@@ -19,7 +19,7 @@ from typing import Any
 import nftables
 
 from lrkp_tsl.errors import KernelError
-from lrkp_tsl.media import Endpoint, Flow, PortRange
+from lrkp_tsl.media import Endpoint, Flow, InstalledFlow, PortRange
 
 log = logging.getLogger("lrkp_tsl.dataplane.nft")
 
@@ -41,7 +41,7 @@ def element_comment(call_id: str) -> str:
     return text.encode()[:COMMENT_MAX].decode(errors="ignore")
 
 
-def _key(flow: Flow) -> dict[str, Any]:
+def _key(flow: Flow | InstalledFlow) -> dict[str, Any]:
     return {"concat": [str(flow.sender.ip), flow.sender.port, str(flow.relay.ip), flow.relay.port]}
 
 
@@ -63,7 +63,7 @@ def add_commands(call_id: str, flows: Iterable[Flow]) -> list[dict[str, Any]]:
     return [_element("add", "dnat_to", dnat), _element("add", "snat_to", snat)]
 
 
-def delete_commands(flows: Iterable[Flow]) -> list[dict[str, Any]]:
+def delete_commands(flows: Iterable[Flow | InstalledFlow]) -> list[dict[str, Any]]:
     keys = [_key(flow) for flow in flows]
     if not keys:
         return []
@@ -125,24 +125,45 @@ class NftTable:
         """`nft list table ip lrkp`, as an operator sees it."""
         return self.run_text(f"list table {FAMILY} {TABLE}", "listing table")
 
-    def flow_keys(self) -> list[tuple[Endpoint, Endpoint]]:
-        """(sender, relay) of every flow in the table, read back from the kernel."""
-        rc, output, error = self._json.cmd(f"list map {FAMILY} {TABLE} dnat_to")
+    def _map(self, name: str) -> dict[tuple[Endpoint, Endpoint], tuple[Endpoint, str]]:
+        """A flow map read back from the kernel: (sender, relay) -> (data, comment)."""
+        rc, output, error = self._json.cmd(f"list map {FAMILY} {TABLE} {name}")
         if rc != 0:
-            raise KernelError(f"reading map dnat_to: nft said: {error.strip()}")
-        keys = []
+            raise KernelError(f"reading map {name}: nft said: {error.strip()}")
+        elements = {}
         for item in json.loads(output)["nftables"]:
-            for key, _target in item.get("map", {}).get("elem", []):
+            for key, data in item.get("map", {}).get("elem", []):
+                comment = ""
                 if "elem" in key:
+                    comment = key["elem"].get("comment", "")
                     key = key["elem"]["val"]
                 sender_ip, sender_port, relay_ip, relay_port = key["concat"]
-                keys.append(
+                data_ip, data_port = data["concat"]
+                elements[
                     (
                         Endpoint(IPv4Address(sender_ip), int(sender_port)),
                         Endpoint(IPv4Address(relay_ip), int(relay_port)),
                     )
-                )
-        return keys
+                ] = (Endpoint(IPv4Address(data_ip), int(data_port)), comment)
+        return elements
+
+    def flow_keys(self) -> list[tuple[Endpoint, Endpoint]]:
+        """(sender, relay) of every flow in the table, read back from the kernel."""
+        return list(self._map("dnat_to"))
+
+    def installed(self) -> list[InstalledFlow]:
+        """Every flow in the kernel with its comment, for re-adoption after a restart.
+
+        A flow whose two map elements disagree (one missing) is returned with the missing
+        side as None, so the caller can clean it up.
+        """
+        dnat, snat = self._map("dnat_to"), self._map("snat_to")
+        flows = []
+        for key in dnat.keys() | snat.keys():
+            target, comment = dnat.get(key, (None, ""))
+            relay_out, snat_comment = snat.get(key, (None, ""))
+            flows.append(InstalledFlow(comment or snat_comment, key[0], key[1], target, relay_out))
+        return flows
 
     def counter_packets(self, name: str) -> int:
         output = self.run_text(f"list counter {FAMILY} {TABLE} {name}", f"reading {name}")
@@ -175,7 +196,7 @@ class NftTable:
             self.remove(call_id, replacing)
             self.transaction(add_commands(call_id, flows), what)
 
-    def remove(self, call_id: str, flows: Sequence[Flow]) -> int:
+    def remove(self, call_id: str, flows: Sequence[Flow | InstalledFlow]) -> int:
         """Remove `flows` in one transaction; returns how many were already missing.
 
         Removal is idempotent: if the batch fails because an element is gone, each element

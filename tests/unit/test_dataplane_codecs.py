@@ -13,7 +13,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import (
     nfct_msg,
 )
 
-from lrkp_tsl.dataplane.conntrack import encode_delete
+from lrkp_tsl.dataplane.conntrack import ConntrackEntry, decode_entry, encode_delete
 from lrkp_tsl.dataplane.nft import add_commands, delete_commands, element_comment
 from lrkp_tsl.media import Endpoint
 from tests.unit.test_media import WORKED
@@ -94,3 +94,67 @@ def test_comment_is_printable_unquoted_and_bounded() -> None:
     assert element_comment('a"b\\c\x00d') == "a_b_c_d"
     assert len(element_comment("x" * 300).encode()) == 128
     assert element_comment("é" * 100).encode().__len__() <= 128
+
+
+def test_conntrack_entry_decoder_reads_pyroute2_encoded_entry() -> None:
+    message = nfct_msg()
+    message["nfgen_family"] = socket.AF_INET
+    message["header"]["type"] = NFNL_SUBSYS_CTNETLINK << 8
+    message["attrs"] = [
+        [
+            "CTA_TUPLE_ORIG",
+            {
+                "attrs": NFCTAttrTuple(
+                    saddr="10.0.0.21", daddr="10.0.0.10", sport=4000, dport=20002, proto=17
+                ).attrs()
+            },
+        ],
+        [
+            "CTA_TUPLE_REPLY",
+            {
+                "attrs": NFCTAttrTuple(
+                    saddr="10.0.1.31", daddr="10.0.0.10", sport=6000, dport=20000, proto=17
+                ).attrs()
+            },
+        ],
+        ["CTA_COUNTERS_ORIG", {"attrs": [["CTA_COUNTERS_PACKETS", 3], ["CTA_COUNTERS_BYTES", 99]]}],
+        [
+            "CTA_COUNTERS_REPLY",
+            {"attrs": [["CTA_COUNTERS_PACKETS", 5], ["CTA_COUNTERS_BYTES", 190]]},
+        ],
+    ]
+    message.encode()
+    entry = decode_entry(bytes(message.data))
+    assert entry == ConntrackEntry(
+        Endpoint(IPv4Address("10.0.0.21"), 4000),
+        Endpoint(IPv4Address("10.0.0.10"), 20002),
+        Endpoint(IPv4Address("10.0.1.31"), 6000),
+        Endpoint(IPv4Address("10.0.0.10"), 20000),
+        3,
+        5,
+    )
+
+
+def test_conntrack_entry_decoder_skips_non_udp() -> None:
+    message = nfct_msg()
+    message["nfgen_family"] = socket.AF_INET
+    message["attrs"] = [
+        [
+            "CTA_TUPLE_ORIG",
+            {
+                "attrs": NFCTAttrTuple(
+                    saddr="10.0.0.1", daddr="10.0.0.2", sport=1, dport=2, proto=6
+                ).attrs()
+            },
+        ],
+        [
+            "CTA_TUPLE_REPLY",
+            {
+                "attrs": NFCTAttrTuple(
+                    saddr="10.0.0.2", daddr="10.0.0.1", sport=2, dport=1, proto=6
+                ).attrs()
+            },
+        ],
+    ]
+    message.encode()
+    assert decode_entry(bytes(message.data)) is None

@@ -1,0 +1,117 @@
+"""`lrkp-tsl`: the node daemon's command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lrkp_tsl import __version__, config
+from lrkp_tsl.errors import ConfigError, LrkpError
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lrkp-tsl",
+        description="Media relay node for Kamailio's lrkproxy module; the kernel relays.",
+    )
+    parser.add_argument("--version", action="version", version=f"lrkp-tsl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("run", "run the node in the foreground (logs to stderr)"),
+        ("check-config", "validate the configuration and exit"),
+    ):
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("--config", type=Path, help="TOML config file")
+        cmd.add_argument(
+            "--control",
+            action="append",
+            metavar="ADDR",
+            help="udp:IP:PORT, udp6:[IP]:PORT or unix:/path (repeatable; "
+            "default udp:127.0.0.1:22333)",
+        )
+        cmd.add_argument(
+            "--allow",
+            action="append",
+            metavar="NET",
+            help="controller address or network allowed to send commands "
+            "(repeatable; default loopback)",
+        )
+        cmd.add_argument("--internal-ip", help="relay IP on the internal network")
+        cmd.add_argument("--external-ip", help="relay IP on the external network")
+        cmd.add_argument("--ports", metavar="START-END", help="relay port range")
+        cmd.add_argument("--state-dir", help="directory for the node's state")
+        cmd.add_argument("--log-level", help="debug, info, warning or error")
+        cmd.add_argument(
+            "--idle-timeout",
+            type=float,
+            help="media idle timeout in seconds (default: the S timeout field)",
+        )
+        cmd.add_argument("--max-lifetime", type=float, help="maximum call lifetime, seconds")
+        cmd.add_argument("--rules", help="nftables base table file")
+        cmd.add_argument(
+            "--flush-on-exit",
+            action="store_true",
+            default=None,
+            help="remove all kernel state on exit (default: keep calls flowing)",
+        )
+    return parser
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "control": args.control,
+        "allow": args.allow,
+        "internal_ip": args.internal_ip,
+        "external_ip": args.external_ip,
+        "ports": args.ports,
+        "state_dir": args.state_dir,
+        "log_level": args.log_level,
+        "sessions.idle_timeout": args.idle_timeout,
+        "sessions.max_lifetime": args.max_lifetime,
+        "kernel.rules": args.rules,
+        "kernel.flush_on_exit": args.flush_on_exit,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        node_config = config.load(args.config, overrides(args))
+    except ConfigError as error:
+        print(f"lrkp-tsl: bad configuration: {error.reason}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check-config":
+        print(f"lrkp-tsl: configuration OK: {node_config}")
+        return 0
+    logging.basicConfig(
+        level=node_config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if os.geteuid() != 0:
+        logging.getLogger("lrkp_tsl").warning(
+            "not root: the node needs CAP_NET_ADMIN (nftables, conntrack, sysctls)"
+        )
+    from lrkp_tsl.daemon import serve
+
+    try:
+        asyncio.run(serve(node_config))
+    except ConfigError as error:
+        logging.getLogger("lrkp_tsl").error("bad configuration: %s", error.reason)
+        return EXIT_CONFIG
+    except LrkpError as error:
+        logging.getLogger("lrkp_tsl").error("%s", error)
+        return EXIT_RUNTIME
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

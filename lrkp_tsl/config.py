@@ -1,0 +1,239 @@
+"""The node's configuration: a TOML file, overridden by command-line flags.
+
+Every problem is reported as a ConfigError naming the key, the value and what would be
+accepted; unknown keys are errors too (a typo must not silently fall back to a default).
+Pure: parsing and validation only; the daemon reads the file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address, ip_network
+from pathlib import Path
+from typing import Any
+
+from lrkp_tsl.dataplane.nft import DEFAULT_RULES
+from lrkp_tsl.errors import ConfigError, MediaError
+from lrkp_tsl.media import PortRange
+
+DEFAULT_CONTROL_PORT = 22333  # the lrkproxy module's default (CPORT)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class ControlAddress:
+    """Where the node listens for the controlling layer, in lrkproxy_sock's own syntax."""
+
+    scheme: str  # "udp", "udp6" or "unix"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @classmethod
+    def parse(cls, text: str, *, key: str = "control") -> ControlAddress:
+        scheme, sep, rest = text.partition(":")
+        if not sep or scheme not in ("udp", "udp6", "unix"):
+            raise ConfigError(
+                f"{key} = {text!r}: expected udp:IP[:PORT], udp6:[IP][:PORT] or unix:/path"
+            )
+        if scheme == "unix":
+            if not rest.startswith("/"):
+                raise ConfigError(f"{key} = {text!r}: a unix socket needs an absolute path")
+            return cls("unix", path=rest)
+        if scheme == "udp6":
+            if not rest.startswith("["):
+                raise ConfigError(f"{key} = {text!r}: write IPv6 as udp6:[ADDR]:PORT")
+            host, _, tail = rest[1:].partition("]")
+            port_text = tail.removeprefix(":")
+        else:
+            host, _, port_text = rest.partition(":")
+        try:
+            addr = ip_address(host)
+        except ValueError:
+            raise ConfigError(f"{key} = {text!r}: {host!r} is not an IP address") from None
+        if (scheme == "udp6") != (addr.version == 6):
+            raise ConfigError(f"{key} = {text!r}: udp: takes IPv4, udp6: takes IPv6")
+        port = _port(port_text or str(DEFAULT_CONTROL_PORT), f"{key} = {text!r}")
+        return cls(scheme, host=str(addr), port=port)
+
+    def __str__(self) -> str:
+        if self.scheme == "unix":
+            return f"unix:{self.path}"
+        if self.scheme == "udp6":
+            return f"udp6:[{self.host}]:{self.port}"
+        return f"udp:{self.host}:{self.port}"
+
+
+Network = IPv4Network | IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    internal_ip: IPv4Address
+    external_ip: IPv4Address
+    ports: PortRange = field(default=PortRange(20000, 40000))
+    control: tuple[ControlAddress, ...] = (ControlAddress("udp", "127.0.0.1", 22333),)
+    allow: tuple[Network, ...] = field(default=(IPv4Network("127.0.0.0/8"), IPv6Network("::1/128")))
+    state_dir: Path = Path("/var/lib/lrkp-tsl")
+    log_level: str = "info"
+    max_lifetime: float = 3600.0  # the module's hash_table_tout
+    idle_timeout: float | None = None  # None: the timeout field of each S
+    rules: Path = DEFAULT_RULES
+    flush_on_exit: bool = False
+
+    @property
+    def relay_addrs(self) -> tuple[IPv4Address, ...]:
+        return tuple(dict.fromkeys((self.internal_ip, self.external_ip)))
+
+
+# key -> (type description, converter). Converters raise ValueError/ConfigError with why.
+def _port(text: str, where: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise ConfigError(f"{where}: port {text!r} is not a number") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{where}: port {port} is outside 1-65535")
+    return port
+
+
+def _ipv4(key: str, value: Any) -> IPv4Address:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} = {value!r}: expected an IPv4 address as a string")
+    try:
+        return IPv4Address(value)
+    except ValueError:
+        raise ConfigError(
+            f"{key} = {value!r}: not an IPv4 address (the lrkproxy G reply carries "
+            "at most 19 characters per IP and the kernel path is IPv4)"
+        ) from None
+
+
+def _ports(key: str, value: Any) -> PortRange:
+    start_text, sep, end_text = str(value).partition("-")
+    if not isinstance(value, str) or not sep:
+        raise ConfigError(f'{key} = {value!r}: expected "START-END", e.g. "20000-40000"')
+    start, end = _port(start_text, f"{key} = {value!r}"), _port(end_text, f"{key} = {value!r}")
+    try:
+        ports = PortRange(start, end)
+    except MediaError as exc:
+        raise ConfigError(f"{key} = {value!r}: {exc.reason}") from None
+    if end - start < 3:
+        raise ConfigError(f"{key} = {value!r}: a call needs 4 ports (RTP+RTCP per side)")
+    if start < 1024:
+        raise ConfigError(f"{key} = {value!r}: starts below 1024, among system services")
+    return ports
+
+
+def _string_list(key: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key} = {value!r}: expected a non-empty list of strings")
+    return value
+
+
+def _networks(key: str, value: Any) -> tuple[Network, ...]:
+    result = []
+    for item in _string_list(key, value):
+        try:
+            result.append(ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(f"{key}: {item!r} is not an IP address or network") from None
+    return tuple(result)
+
+
+def _seconds(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{key} = {value!r}: expected a positive number of seconds")
+    return float(value)
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} = {value!r}: expected true or false")
+    return value
+
+
+def _path(key: str, value: Any) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key} = {value!r}: expected a path")
+    return Path(value)
+
+
+def _log_level(key: str, value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
+        raise ConfigError(f"{key} = {value!r}: expected one of {', '.join(LOG_LEVELS)}")
+    return value.lower()
+
+
+# TOML layout: dotted key -> (Config field, converter)
+KEYS: dict[str, tuple[str, Any]] = {
+    "internal_ip": ("internal_ip", _ipv4),
+    "external_ip": ("external_ip", _ipv4),
+    "ports": ("ports", _ports),
+    "control": (
+        "control",
+        lambda k, v: tuple(ControlAddress.parse(s, key=k) for s in _string_list(k, v)),
+    ),
+    "allow": ("allow", _networks),
+    "state_dir": ("state_dir", _path),
+    "log_level": ("log_level", _log_level),
+    "sessions.max_lifetime": ("max_lifetime", _seconds),
+    "sessions.idle_timeout": ("idle_timeout", _seconds),
+    "kernel.rules": ("rules", _path),
+    "kernel.flush_on_exit": ("flush_on_exit", _bool),
+}
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def from_mapping(values: dict[str, Any], *, source: str = "config") -> Config:
+    """Build a Config from dotted keys (TOML tables flattened, or flags)."""
+    fields: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in KEYS:
+            known = ", ".join(sorted(KEYS))
+            raise ConfigError(f"{source}: unknown key {key!r} (known keys: {known})")
+        name, convert = KEYS[key]
+        fields[name] = convert(key, value)
+    if "internal_ip" not in fields:
+        raise ConfigError(
+            f"{source}: internal_ip is required: the relay IP Kamailio writes into SDP "
+            "(an address of this host); set it in the file or with --internal-ip"
+        )
+    fields.setdefault("external_ip", fields["internal_ip"])
+    config = Config(**fields)
+    for address in config.control:
+        on_relay_ip = address.host in ("0.0.0.0", *map(str, config.relay_addrs))
+        if address.scheme == "udp" and on_relay_ip and address.port in config.ports:
+            raise ConfigError(
+                f"control = {str(address)!r}: port {address.port} is inside the relay port "
+                f"range ports = {str(config.ports)!r} on a relay address, where the kernel "
+                "drops every packet that belongs to no call; move one of them"
+            )
+    return config
+
+
+def load(path: Path | None, overrides: dict[str, Any]) -> Config:
+    """Read `path` (if any), apply `overrides` (dotted keys, from flags), validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = _flatten(tomllib.loads(path.read_text()))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return from_mapping(values, source=str(path) if path else "flags")

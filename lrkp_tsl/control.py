@@ -1,0 +1,204 @@
+"""The control server: lrkproxy commands from Kamailio -> call table -> kernel -> reply.
+
+`Controller` is the glue and holds no sockets: it turns one request into a reply, applying
+the call table's decisions to the data plane *before* replying, so an `OK` means the kernel
+relays the call. The asyncio transports below only move bytes, check the allow-list and
+replay retransmissions.
+
+Kernel calls (one nftables transaction, a few conntrack deletions: ~0.25 ms) run inline in
+the event loop: shorter than a thread hand-off, and it keeps commands strictly ordered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+from collections.abc import Callable
+from ipaddress import ip_address
+from pathlib import Path
+from typing import cast
+
+from lrkp_tsl import protocol
+from lrkp_tsl.config import Config, ControlAddress
+from lrkp_tsl.dataplane import DataPlane
+from lrkp_tsl.errors import KernelError
+from lrkp_tsl.protocol import (
+    GetConfig,
+    NodeConfig,
+    Ping,
+    ProtocolError,
+    SetSession,
+)
+from lrkp_tsl.retransmit import RetransmitCache
+from lrkp_tsl.session import Action, CallTable, Install, Uninstall
+
+log = logging.getLogger("lrkp_tsl.control")
+calls_log = logging.getLogger("lrkp_tsl.calls")
+
+# Kamailio retransmits for lrkproxy_retr x lrkproxy_tout (5 x 1 s by default).
+RETRANSMIT_AGE = 30.0
+RETRANSMIT_ENTRIES = 65536
+UNIX_READ_TIMEOUT = 5.0
+
+
+def _show(data: bytes, limit: int = 120) -> str:
+    text = data[:limit].decode("ascii", "backslashreplace")
+    return text + ("..." if len(data) > limit else "")
+
+
+class Controller:
+    """One request in, one reply out (or none), with the kernel updated in between."""
+
+    def __init__(
+        self,
+        config: Config,
+        table: CallTable,
+        plane: DataPlane,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.table = table
+        self.plane = plane
+        self.clock = clock
+        self.node_config = NodeConfig(
+            config.ports.start,
+            config.ports.end,
+            config.ports.start,
+            str(config.internal_ip),
+            str(config.external_ip),
+        )
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    def handle(self, data: bytes, sender: str, *, with_cookie: bool = True) -> bytes | None:
+        try:
+            request = protocol.parse_request(data, with_cookie=with_cookie)
+        except ProtocolError as error:
+            self.stats[f"error.{error.code}"] += 1
+            log.warning("bad request from %s: %s: %r", sender, error, _show(data))
+            return protocol.reply_error(error)
+        self.stats[f"request.{type(request).__name__}"] += 1
+        if isinstance(request, Ping):
+            return protocol.reply_pong(request)
+        if isinstance(request, GetConfig):
+            return protocol.reply_config(request, self.node_config)
+        if not protocol.acknowledgeable(request):
+            log.warning(
+                "%s from %s is %d bytes: Kamailio cannot accept a reply that long",
+                type(request).__name__,
+                sender,
+                len(request.raw),
+            )
+        try:
+            if isinstance(request, SetSession):
+                idle = self.config.idle_timeout or float(request.timeout) or 60.0
+                self.apply(self.table.on_set(request.media, idle), sender)
+            else:
+                self.apply(self.table.on_delete(request.call_id), sender)
+        except KernelError as error:
+            self.stats["error.kernel"] += 1
+            log.error("%s from %s not applied: %s", type(request).__name__, sender, error)
+            return protocol.reply_refused(request, error.code, error.reason)
+        return protocol.reply_ok(request)
+
+    def apply(self, actions: list[Action], origin: str) -> None:
+        """Apply `actions` to the kernel in order, recording each one that succeeded."""
+        for action in actions:
+            now = self.clock()
+            media = action.media
+            if isinstance(action, Install):
+                self.plane.commit(media, action.previous)
+                self.table.applied(action, now)
+                self.stats["calls.installed" if action.previous is None else "calls.updated"] += 1
+                calls_log.info(
+                    "[%s] %s: caller %s <-> %s | callee %s <-> %s, idle timeout %g s (%s)",
+                    media.call_id,
+                    "relaying" if action.previous is None else "updated",
+                    media.caller,
+                    media.caller_relay,
+                    media.callee,
+                    media.callee_relay,
+                    action.idle_timeout,
+                    origin,
+                )
+            elif isinstance(action, Uninstall):
+                self.plane.remove(media)
+                self.table.applied(action, now)
+                self.stats["calls.removed"] += 1
+                calls_log.info("[%s] removed: %s", media.call_id, action.reason)
+
+    def expire(self) -> None:
+        self.apply(self.table.on_timer(self.clock()), "timer")
+
+
+class UdpControl(asyncio.DatagramProtocol):
+    """udp:/udp6: listeners: allow-list, retransmission replay, then the controller."""
+
+    def __init__(self, controller: Controller, config: Config) -> None:
+        self.controller = controller
+        self.allow = config.allow
+        self.cache = RetransmitCache(RETRANSMIT_ENTRIES, RETRANSMIT_AGE)
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        host, port = str(addr[0]), addr[1]
+        sender = f"{host}:{port}"
+        stats = self.controller.stats
+        if not any(ip_address(host.split("%")[0]) in net for net in self.allow):
+            stats["dropped.not_allowed"] += 1
+            log.warning("dropped %d bytes from %s: not in the allow list", len(data), sender)
+            return
+        now = self.controller.clock()
+        cached = self.cache.lookup(addr, data, now)
+        if cached is not None:
+            stats["retransmissions"] += 1
+            log.debug("retransmission from %s answered from cache", sender)
+            self._send(cached, addr)
+            return
+        reply = self.controller.handle(data, sender)
+        if reply is not None:
+            self.cache.store(addr, data, reply, now)
+            self._send(reply, addr)
+
+    def _send(self, reply: bytes, addr: tuple[str | object, ...]) -> None:
+        if self.transport is not None:
+            self.transport.sendto(reply, addr)
+
+
+async def open_control(
+    address: ControlAddress, controller: Controller, config: Config
+) -> asyncio.AbstractServer | asyncio.BaseTransport:
+    """Start listening on `address`; the returned object's close() stops it."""
+    loop = asyncio.get_running_loop()
+    if address.scheme in ("udp", "udp6"):
+        transport, _protocol = await loop.create_datagram_endpoint(
+            lambda: UdpControl(controller, config), local_addr=(address.host, address.port)
+        )
+        return transport
+    path = Path(address.path)
+    if path.is_socket():
+        path.unlink()  # left by a previous run; a live node would own the lock below
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """unix: mode: one connection per command, no cookie, one reply."""
+        try:
+            data = await asyncio.wait_for(
+                reader.read(protocol.MAX_REQUEST_SIZE + 1), UNIX_READ_TIMEOUT
+            )
+            reply = controller.handle(data, f"unix:{path}", with_cookie=False)
+            if reply is not None:
+                writer.write(reply)
+                await writer.drain()
+        except (TimeoutError, ConnectionError) as exc:
+            log.warning("unix:%s: connection dropped: %s", path, exc)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_unix_server(serve, path=str(path))
+    os.chmod(path, 0o660)
+    return server

@@ -1,0 +1,119 @@
+"""Run the real `lrkp-tsl` daemon in a lab namespace and talk to it like Kamailio does."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lrkp_tsl.lab import Lab
+
+LRKP_TSL = [sys.executable, "-m", "lrkp_tsl.cli"]
+
+
+class Node:
+    """`lrkp-tsl run` in a lab host's namespace, stopped (and its output kept) at exit."""
+
+    def __init__(self, lab: Lab, host: str, *args: str) -> None:
+        self.lab = lab
+        self.host = host
+        self.state = Path(tempfile.mkdtemp(prefix="lrkp-state-"))
+        self.log = self.state / "node.log"
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            lab.ns(host),
+            *LRKP_TSL,
+            "run",
+            "--state-dir",
+            str(self.state),
+            *args,
+        ]
+        self._log_file = self.log.open("w")
+        self.proc = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, control: tuple[str, int], client: Controller, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node exited {self.proc.returncode}:\n{self.output()}")
+            if client.command(b"P", control, wait=0.3) is not None:
+                return
+        raise AssertionError(f"node not answering P on {control}:\n{self.output()}")
+
+    def output(self) -> str:
+        if not self._log_file.closed:
+            self._log_file.flush()
+        return self.log.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        return self.proc.returncode
+
+
+class Controller:
+    """A controlling-layer stand-in: cookies, datagrams and replies as lrkproxy sends them."""
+
+    def __init__(self, lab: Lab, host: str, ip: str) -> None:
+        self.sock = lab.udp_socket(host, ip, 0)
+        self.seq = 1000
+
+    def cookie(self) -> bytes:
+        self.seq += 1
+        return b"%d_%d" % (os.getpid(), self.seq)
+
+    def send(self, datagram: bytes, to: tuple[str, int]) -> None:
+        self.sock.sendto(datagram, to)
+
+    def receive(self, wait: float = 2.0) -> bytes | None:
+        ready, _, _ = select.select([self.sock], [], [], wait)
+        return self.sock.recv(4096) if ready else None
+
+    def command(self, body: bytes, to: tuple[str, int], wait: float = 2.0) -> bytes | None:
+        """Send `<cookie> body`; return the reply with the cookie stripped, or None."""
+        cookie = self.cookie()
+        self.send(cookie + b" " + body, to)
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            reply = self.receive(left)
+            if reply is None:
+                return None
+            if reply.startswith(cookie + b" "):
+                return reply[len(cookie) + 1 :]
+        return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def set_command(
+    verb: str,
+    src: str,
+    dst: str,
+    snat: str,
+    dnat: str,
+    sport: int,
+    dport: int,
+    snatport: int,
+    dnatport: int,
+    call_id: str,
+    timeout: int = 60,
+) -> bytes:
+    """An `S`/`D` body exactly as lrkproxy formats it (fields, single spaces, trailing space)."""
+    return (
+        f"{verb} {src} {dst} {snat} {dnat} {sport} {dport} {snatport} {dnatport} "
+        f"{timeout} {call_id} "
+    ).encode()
