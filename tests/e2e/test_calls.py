@@ -1,0 +1,205 @@
+"""Calls through Debian's Kamailio (lrkproxy.so, unchanged) and SIPp, relayed by our node.
+
+The node runs for real (`lrkp-tsl run`) in the lab's relay namespace(s); media is RTP sent
+by Python sockets bound on the SDP ports of each party, to the relay address each party
+found in the SDP it received — exactly what a phone does.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lrkp_tsl.dataplane.nft import TABLE
+from lrkp_tsl.lab import Lab
+from lrkp_tsl.media import Endpoint
+from tests.e2e.harness import Call, Sdp, call, kamailio
+from tests.netns.daemon import Node
+from tests.netns.helpers import Party, Peers
+
+IDLE = 3.0
+NODE1 = ("relay", "10.201.1.1", "10.201.2.1")
+NODE2 = ("relay2", "10.201.1.2", "10.201.2.2")
+
+
+def start_node(lab: Lab, host: str, internal: str, external: str) -> Node:
+    node = Node(
+        lab,
+        host,
+        "--internal-ip",
+        internal,
+        "--external-ip",
+        external,
+        "--ports",
+        "20000-21999",
+        "--control",
+        f"udp:{internal}:22333",
+        "--allow",
+        "10.201.1.5",
+        "--idle-timeout",
+        str(IDLE),
+        "--flush-on-exit",
+    )
+    deadline = time.monotonic() + 15
+    while "node up" not in node.output():
+        if node.proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"node on {host} did not start:\n{node.output()}")
+        time.sleep(0.05)
+    return node
+
+
+@pytest.fixture
+def node(lab: Lab) -> Iterator[Node]:
+    running = start_node(lab, *NODE1)
+    yield running
+    running.stop()
+    lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
+    lab.run("relay", "conntrack", "-F", check=False)
+
+
+@pytest.fixture
+def node2(lab: Lab) -> Iterator[Node]:
+    running = start_node(lab, *NODE2)
+    yield running
+    running.stop()
+    lab.run("relay2", "nft", "delete", "table", "ip", TABLE, check=False)
+    lab.run("relay2", "conntrack", "-F", check=False)
+
+
+def endpoint(sdp: Sdp) -> Endpoint:
+    return Endpoint.parse(*sdp.endpoint)
+
+
+def media_both_ways(
+    lab: Lab, made: Call, caller_sdp: Sdp, callee_sdp: Sdp, packets: int = 20
+) -> tuple[Party, Party]:
+    """RTP both ways; every packet arrives, from the relay address the receiver was given."""
+    with Peers(lab) as peers:
+        caller = peers(made.caller_host, made.caller_rtp[1])
+        callee = peers(made.callee_host, made.callee_rtp[1])
+        for seq in range(packets):
+            caller.send(endpoint(caller_sdp), b"RTP-A-%d" % seq)
+            assert callee.expect(b"RTP-A-%d" % seq) == endpoint(callee_sdp)
+            callee.send(endpoint(callee_sdp), b"RTP-B-%d" % seq)
+            assert caller.expect(b"RTP-B-%d" % seq) == endpoint(caller_sdp)
+        return caller, callee
+
+
+def conntrack(lab: Lab, host: str) -> str:
+    return lab.run(host, "conntrack", "-L", "-p", "udp", check=False).stdout
+
+
+def test_call_through_kamailio_relayed_by_the_kernel(lab: Lab, node: Node, tmp_path: Path) -> None:
+    with (
+        kamailio(lab, tmp_path / "kam", ["udp:10.201.1.1:22333"]),
+        call(lab, tmp_path / "call", caller="a", callee="b", pause_ms=2500) as made,
+    ):
+        caller_sdp, callee_sdp = made.wait_answered()
+        assert caller_sdp.endpoint[0] == callee_sdp.endpoint[0] == "10.201.1.1"
+        media_both_ways(lab, made, caller_sdp, callee_sdp, packets=20)
+        # In the kernel: one conntrack entry for the stream, NATed both ways, counting
+        # every packet; and no socket of the node on any relay port.
+        table = conntrack(lab, "relay")
+        caller_ip, caller_port = made.caller_rtp
+        callee_ip, callee_port = made.callee_rtp
+        relay_a, relay_b = endpoint(caller_sdp), endpoint(callee_sdp)
+        pattern = (
+            rf"src={caller_ip} dst={relay_a.ip} sport={caller_port} dport={relay_a.port} "
+            rf"packets=20 .*src={callee_ip} dst={relay_b.ip} sport={callee_port} "
+            rf"dport={relay_b.port} packets=20"
+        )
+        assert re.search(pattern, table), table
+        sockets = lab.run("relay", "ss", "-Hunap").stdout
+        assert not re.search(r":2[01]\d\d\d\s", sockets), sockets
+        made.wait_done()
+    assert f"[{made.call_id}] relaying" in node.output()
+
+
+def test_shared_port_mode_gt1(lab: Lab, node: Node, tmp_path: Path) -> None:
+    with (
+        kamailio(lab, tmp_path / "kam", ["udp:10.201.1.1:22333"], gt=1),
+        call(lab, tmp_path / "call", caller="a", callee="b", pause_ms=2000) as made,
+    ):
+        caller_sdp, callee_sdp = made.wait_answered()
+        assert endpoint(caller_sdp) == endpoint(callee_sdp)  # one relay port for both legs
+        media_both_ways(lab, made, caller_sdp, callee_sdp)
+        made.wait_done()
+
+
+def test_call_bridged_from_internal_to_external(lab: Lab, node: Node, tmp_path: Path) -> None:
+    with (
+        kamailio(lab, tmp_path / "kam", ["udp:10.201.1.1:22333"]),
+        call(lab, tmp_path / "call", caller="a", callee="x", pause_ms=2000) as made,
+    ):
+        caller_sdp, callee_sdp = made.wait_answered()
+        assert caller_sdp.endpoint[0] == "10.201.1.1"  # "ei" on the 200: internal to a
+        assert callee_sdp.endpoint[0] == "10.201.2.1"  # "ie" on the INVITE: external to x
+        media_both_ways(lab, made, caller_sdp, callee_sdp)
+        made.wait_done()
+
+
+def test_two_nodes_round_robin_both_carry_calls(
+    lab: Lab, node: Node, node2: Node, tmp_path: Path
+) -> None:
+    used = set()
+    with kamailio(
+        lab, tmp_path / "kam", ["udp:10.201.1.1:22333", "udp:10.201.1.2:22333"], alg=1, children=1
+    ):
+        for index in range(4):
+            with call(
+                lab,
+                tmp_path / f"call{index}",
+                caller="a",
+                callee="b",
+                caller_rtp_port=30000 + 4 * index,
+                callee_rtp_port=32000 + 4 * index,
+                pause_ms=1000,
+            ) as made:
+                caller_sdp, callee_sdp = made.wait_answered()
+                used.add(caller_sdp.endpoint[0])
+                media_both_ways(lab, made, caller_sdp, callee_sdp, packets=3)
+                made.wait_done()
+    assert used == {"10.201.1.1", "10.201.1.2"}
+    assert "relaying" in node.output() and "relaying" in node2.output()
+
+
+def test_linear_failover_to_second_node(lab: Lab, node: Node, node2: Node, tmp_path: Path) -> None:
+    with kamailio(
+        lab, tmp_path / "kam", ["udp:10.201.1.1:22333", "udp:10.201.1.2:22333"], alg=0, children=1
+    ):
+        with call(lab, tmp_path / "first", caller="a", callee="b", pause_ms=500) as made:
+            caller_sdp, _ = made.wait_answered()
+            assert caller_sdp.endpoint[0] == "10.201.1.1"  # linear: the first node
+            made.wait_done()
+        assert node.stop(signal.SIGTERM) == 0
+        with call(lab, tmp_path / "second", caller="a", callee="b", pause_ms=1500) as made:
+            caller_sdp, callee_sdp = made.wait_answered()
+            assert caller_sdp.endpoint[0] == "10.201.1.2"
+            media_both_ways(lab, made, caller_sdp, callee_sdp, packets=5)
+            made.wait_done()
+    assert f"[{made.call_id}] relaying" in node2.output()
+
+
+def test_call_expires_after_bye_without_d(lab: Lab, node: Node, tmp_path: Path) -> None:
+    with (
+        kamailio(lab, tmp_path / "kam", ["udp:10.201.1.1:22333"]),
+        call(lab, tmp_path / "call", caller="a", callee="b", pause_ms=1000) as made,
+    ):
+        caller_sdp, callee_sdp = made.wait_answered()
+        media_both_ways(lab, made, caller_sdp, callee_sdp, packets=5)
+        made.wait_done()  # BYE sent and answered; Kamailio 5.6 sends no D
+    call_id = made.call_id
+    assert call_id is not None
+    assert call_id in lab.run("relay", "nft", "list", "table", "ip", TABLE).stdout
+    deadline = time.monotonic() + IDLE * 4
+    while f"[{call_id}] removed" not in node.output() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert f"[{call_id}] removed: no media for {IDLE:g} s" in node.output()
+    assert call_id not in lab.run("relay", "nft", "list", "table", "ip", TABLE).stdout
+    relay = endpoint(caller_sdp)
+    assert f"dport={relay.port} " not in conntrack(lab, "relay")
