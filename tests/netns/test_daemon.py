@@ -253,8 +253,18 @@ def test_sigterm_exits_cleanly_and_flush_on_exit_removes_state(
 
 
 def test_restart_keeps_calls_flowing_and_readopts_them(lab: Lab, peers: Peers) -> None:
-    args = ("--internal-ip", str(INTERNAL_IP), "--ports", "20000-21999", "--idle-timeout",
-            str(IDLE), "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}", "--allow", "10.201.1.5")
+    args = (
+        "--internal-ip",
+        str(INTERNAL_IP),
+        "--ports",
+        "20000-21999",
+        "--idle-timeout",
+        str(IDLE),
+        "--control",
+        f"udp:{CONTROL[0]}:{CONTROL[1]}",
+        "--allow",
+        "10.201.1.5",
+    )
     node = Node(lab, "relay", *args)
     client = Controller(lab, "sip", "10.201.1.5")
     restarted = None
