@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument("--max-lifetime", type=float, help="maximum call lifetime, seconds")
         cmd.add_argument("--rules", help="nftables base table file")
+        cmd.add_argument("--latching", help="strict, ip, any or auto (default auto)")
+        cmd.add_argument("--queue-num", type=int, help="NFQUEUE number (default 22333)")
         cmd.add_argument(
             "--flush-on-exit",
             action="store_true",
@@ -78,6 +80,8 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "sessions.max_lifetime": args.max_lifetime,
         "kernel.rules": args.rules,
         "kernel.flush_on_exit": args.flush_on_exit,
+        "kernel.queue_num": args.queue_num,
+        "latching.policy": args.latching,
     }
 
 

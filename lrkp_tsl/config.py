@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from lrkp_tsl.dataplane.nft import DEFAULT_RULES
+from lrkp_tsl.dataplane.queue import DEFAULT_QUEUE_NUM
 from lrkp_tsl.errors import ConfigError, MediaError
+from lrkp_tsl.latching import Policy
 from lrkp_tsl.media import PortRange
 
 DEFAULT_CONTROL_PORT = 22333  # the lrkproxy module's default (CPORT)
@@ -81,6 +83,8 @@ class Config:
     idle_timeout: float | None = None  # None: the timeout field of each S
     rules: Path = DEFAULT_RULES
     flush_on_exit: bool = False
+    policy: Policy = Policy.AUTO
+    queue_num: int = DEFAULT_QUEUE_NUM
 
     @property
     def relay_addrs(self) -> tuple[IPv4Address, ...]:
@@ -168,6 +172,20 @@ def _log_level(key: str, value: Any) -> str:
     return value.lower()
 
 
+def _policy(key: str, value: Any) -> Policy:
+    try:
+        return Policy(value)
+    except ValueError:
+        names = ", ".join(p.value for p in Policy)
+        raise ConfigError(f"{key} = {value!r}: expected one of {names}") from None
+
+
+def _queue_num(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ConfigError(f"{key} = {value!r}: expected an NFQUEUE number 0-65535")
+    return value
+
+
 # TOML layout: dotted key -> (Config field, converter)
 KEYS: dict[str, tuple[str, Any]] = {
     "internal_ip": ("internal_ip", _ipv4),
@@ -184,6 +202,8 @@ KEYS: dict[str, tuple[str, Any]] = {
     "sessions.idle_timeout": ("idle_timeout", _seconds),
     "kernel.rules": ("rules", _path),
     "kernel.flush_on_exit": ("flush_on_exit", _bool),
+    "kernel.queue_num": ("queue_num", _queue_num),
+    "latching.policy": ("policy", _policy),
 }
 
 

@@ -17,14 +17,18 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
 from typing import cast
+
+from netfilterqueue import Packet
 
 from lrkp_tsl import protocol
 from lrkp_tsl.config import Config, ControlAddress
 from lrkp_tsl.dataplane import DataPlane
 from lrkp_tsl.errors import KernelError
+from lrkp_tsl.media import Endpoint
 from lrkp_tsl.protocol import (
     GetConfig,
     NodeConfig,
@@ -33,7 +37,7 @@ from lrkp_tsl.protocol import (
     SetSession,
 )
 from lrkp_tsl.retransmit import RetransmitCache
-from lrkp_tsl.session import Action, CallTable, Install, Uninstall
+from lrkp_tsl.session import Action, CallTable, KernelView, Verdict
 
 log = logging.getLogger("lrkp_tsl.control")
 calls_log = logging.getLogger("lrkp_tsl.calls")
@@ -42,6 +46,10 @@ calls_log = logging.getLogger("lrkp_tsl.calls")
 RETRANSMIT_AGE = 30.0
 RETRANSMIT_ENTRIES = 65536
 UNIX_READ_TIMEOUT = 5.0
+# A first packet whose peer is not latched yet waits at most this long, this many per call
+# (RTP older than this is useless to a jitter buffer anyway).
+HOLD_TIMEOUT = 2.0
+HOLD_MAX_PER_CALL = 64
 
 
 def _show(data: bytes, limit: int = 120) -> str:
@@ -49,8 +57,19 @@ def _show(data: bytes, limit: int = 120) -> str:
     return text + ("..." if len(data) > limit else "")
 
 
+@dataclass(slots=True)
+class HeldPacket:
+    """A first packet whose sender is latched while the other party is not yet."""
+
+    packet: Packet
+    sender: Endpoint
+    relay: Endpoint
+    since: float
+
+
 class Controller:
-    """One request in, one reply out (or none), with the kernel updated in between."""
+    """One request in, one reply out (or none), with the kernel updated in between; and one
+    queued first packet in, one verdict out (now, or once the other party is known)."""
 
     def __init__(
         self,
@@ -71,6 +90,9 @@ class Controller:
             str(config.external_ip),
         )
         self.stats: collections.Counter[str] = collections.Counter()
+        self.held: dict[str, list[HeldPacket]] = {}  # Call-ID -> packets, oldest first
+
+    # -- control commands -------------------------------------------------------------------
 
     def handle(self, data: bytes, sender: str, *, with_cookie: bool = True) -> bytes | None:
         try:
@@ -94,7 +116,7 @@ class Controller:
         try:
             if isinstance(request, SetSession):
                 idle = self.config.idle_timeout or float(request.timeout) or 60.0
-                self.apply(self.table.on_set(request.media, idle), sender)
+                self.apply(self.table.on_set(request.media, idle, self.clock()), sender)
             else:
                 self.apply(self.table.on_delete(request.call_id), sender)
         except KernelError as error:
@@ -106,31 +128,105 @@ class Controller:
     def apply(self, actions: list[Action], origin: str) -> None:
         """Apply `actions` to the kernel in order, recording each one that succeeded."""
         for action in actions:
-            now = self.clock()
-            media = action.media
-            if isinstance(action, Install):
-                self.plane.commit(media, action.previous)
-                self.table.applied(action, now)
-                self.stats["calls.installed" if action.previous is None else "calls.updated"] += 1
+            self.plane.sync(action.call_id, action.before, action.after)
+            self.table.applied(action, self.clock())
+            call = action.call
+            if call is None:
+                self.stats["calls.removed"] += 1
+                calls_log.info("[%s] removed: %s", action.call_id, action.reason)
+                for held in self.held.pop(action.call_id, []):
+                    self.stats["packets.hold_dropped"] += 1
+                    held.packet.drop()
+                continue
+            if action.reason in ("relaying", "updated"):
+                self.stats[f"calls.{action.reason}"] += 1
+                media = call.media
                 calls_log.info(
                     "[%s] %s: caller %s <-> %s | callee %s <-> %s, idle timeout %g s (%s)",
                     media.call_id,
-                    "relaying" if action.previous is None else "updated",
+                    action.reason,
                     media.caller,
                     media.caller_relay,
                     media.callee,
                     media.callee_relay,
-                    action.idle_timeout,
+                    call.idle_timeout,
                     origin,
                 )
-            elif isinstance(action, Uninstall):
-                self.plane.remove(media)
-                self.table.applied(action, now)
-                self.stats["calls.removed"] += 1
-                calls_log.info("[%s] removed: %s", media.call_id, action.reason)
+            elif action.reason.startswith("re-adopted"):
+                calls_log.info("[%s] %s", action.call_id, action.reason)
+            self._release(action.call_id, action.after)
 
     def expire(self) -> None:
         self.apply(self.table.on_timer(self.clock()), "timer")
+        self._expire_held(self.clock())
+
+    # -- first packets ----------------------------------------------------------------------
+
+    def on_packet(self, packet: Packet, source: Endpoint, relay: Endpoint) -> None:
+        """A packet to a learning relay endpoint: latch, hold or drop it; never lose it
+        while its call can still use it."""
+        now = self.clock()
+        decision = self.table.on_packet(source, relay, now, self._silent)
+        if decision.event:
+            self.stats[f"packets.{decision.event}"] += 1
+        try:
+            self.apply(decision.actions, f"packet from {source}")
+        except KernelError as error:
+            self.stats["error.kernel"] += 1
+            log.error("first packet %s -> %s dropped: %s", source, relay, error)
+            packet.drop()
+            return
+        call_id = self.table.owner(relay)
+        if decision.event in ("learned", "relearned"):
+            calls_log.info("[%s] %s %s at %s", call_id, decision.event, source, relay)
+        elif decision.event == "stranger":
+            log.debug("stranger %s -> %s dropped", source, relay)
+        if decision.verdict is Verdict.ACCEPT:
+            packet.accept()
+        elif decision.verdict is Verdict.HOLD and call_id is not None:
+            held = self.held.setdefault(call_id, [])
+            if len(held) < HOLD_MAX_PER_CALL:
+                held.append(HeldPacket(packet, source, relay, now))
+            else:
+                self.stats["packets.hold_dropped"] += 1
+                packet.drop()
+        else:
+            packet.drop()
+
+    def _silent(self, sender: Endpoint, relay: Endpoint) -> bool:
+        return not self.plane.nft.is_seen(sender, relay)
+
+    def _release(self, call_id: str, view: KernelView) -> None:
+        """Accept held packets whose flow now exists, oldest first."""
+        held = self.held.get(call_id)
+        if not held:
+            return
+        keys = {(flow.sender, flow.relay) for flow in view.flows}
+        waiting = []
+        for item in held:
+            if (item.sender, item.relay) in keys:
+                self.stats["packets.released"] += 1
+                item.packet.accept()
+            else:
+                waiting.append(item)
+        if waiting:
+            self.held[call_id] = waiting
+        else:
+            del self.held[call_id]
+
+    def _expire_held(self, now: float) -> None:
+        for call_id in list(self.held):
+            keep = []
+            for item in self.held[call_id]:
+                if now - item.since > HOLD_TIMEOUT:
+                    self.stats["packets.hold_dropped"] += 1
+                    item.packet.drop()
+                else:
+                    keep.append(item)
+            if keep:
+                self.held[call_id] = keep
+            else:
+                del self.held[call_id]
 
 
 class UdpControl(asyncio.DatagramProtocol):

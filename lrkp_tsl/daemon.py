@@ -12,8 +12,10 @@ from lrkp_tsl.activity import MediaActivity
 from lrkp_tsl.config import Config
 from lrkp_tsl.control import Controller, open_control
 from lrkp_tsl.dataplane import DataPlane
+from lrkp_tsl.dataplane.queue import PacketQueue, QueueRule
+from lrkp_tsl.dataplane.routes import routed_networks
 from lrkp_tsl.errors import ConfigError
-from lrkp_tsl.session import CallTable, Install, adopt
+from lrkp_tsl.session import CallTable
 
 log = logging.getLogger("lrkp_tsl.daemon")
 
@@ -32,23 +34,18 @@ def readopt(plane: DataPlane, table: CallTable, config: Config) -> None:
     They restart their idle and lifetime clocks now: the node cannot know how long they
     ran before. Flows that form no complete call are removed.
     """
-    calls, orphans = adopt(plane.nft.installed())
     now = time.monotonic()
     idle = config.idle_timeout or DEFAULT_IDLE_TIMEOUT
-    for media in calls:
-        table.applied(Install(media, None, idle), now)
-        log.info(
-            "[%s] re-adopted from the kernel: %s <-> %s",
-            media.call_id,
-            media.caller_relay,
-            media.callee_relay,
-        )
+    actions, orphans = table.adopt(plane.nft.installed(), idle, now)
+    for action in actions:
+        table.applied(action, now)  # the kernel already holds them
+        log.info("[%s] re-adopted from the kernel", action.call_id)
     if orphans:
         plane.nft.remove("(orphans)", orphans)
         plane.conntrack.forget_keys((flow.sender, flow.relay) for flow in orphans)
         log.warning("removed %d kernel flows that belong to no complete call", len(orphans))
-    if calls:
-        log.info("re-adopted %d live calls", len(calls))
+    if actions:
+        log.info("re-adopted %d live calls", len(actions))
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
@@ -63,12 +60,23 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         raise ConfigError(f"state_dir = {str(config.state_dir)!r}: {exc.strerror}") from None
 
     plane = DataPlane(config.rules)
-    plane.start(config.relay_addrs, config.ports)
-    table = CallTable(config.max_lifetime)
+    features = plane.start(config.relay_addrs, config.ports)
+    routed = routed_networks()
+    log.info(
+        "latching %s; networks reached without the default route: %s",
+        config.policy.value,
+        ", ".join(map(str, routed)) or "none",
+    )
+    table = CallTable(config.max_lifetime, config.policy, routed)
     controller = Controller(config, table, plane, clock=time.monotonic)
     readopt(plane, table, config)
-    listeners = []
+    queue_rule = QueueRule(features.queue_path, config.queue_num, plane.nft)
+    queue_rule.install()
+    listeners: list[asyncio.AbstractServer | asyncio.BaseTransport] = []
+    queue: PacketQueue | None = None
     try:
+        queue = PacketQueue(config.queue_num, controller.on_packet)
+        queue.attach(loop)
         for address in config.control:
             try:
                 listeners.append(await open_control(address, controller, config))
@@ -95,6 +103,12 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     finally:
         for listener in listeners:
             listener.close()
+        if queue is not None:
+            queue.close()
+        for held in controller.held.values():
+            for item in held:
+                item.packet.drop()
+        queue_rule.remove()
         log.info(
             "stopping: %d live calls; counters: %s",
             len(table),

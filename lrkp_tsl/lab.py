@@ -12,8 +12,11 @@ in the root namespace except transient veth ends that move at once.
       a      10.201.1.10  caller                x      10.201.2.10  callee
       b      10.201.1.11  callee                m      10.201.2.66  a stranger
       nat    10.201.1.20  NAT box, outside
+      nat2   10.201.2.20  a second NAT box, outside (on the external network)
     caller LAN 10.201.3.0/24 (behind the NAT box, which remaps source ports)
       nat    10.201.3.1   NAT box, inside      c     10.201.3.10  caller behind NAT
+    callee LAN 10.201.4.0/24 (behind the second NAT box)
+      nat2   10.201.4.1   NAT box, inside      d     10.201.4.10  callee behind NAT
 
 Each network is a bridge in a switch namespace; hosts reach only their own subnet (and c
 reaches the internal network through the NAT), so any traffic between networks must be
@@ -67,10 +70,14 @@ LINKS = (
     Link("m", "eth0", "ext", "10.201.2.66/24"),
     Link("nat", "in0", "lan", "10.201.3.1/24"),
     Link("c", "eth0", "lan", "10.201.3.10/24"),
+    Link("nat2", "out0", "ext", "10.201.2.20/24"),
+    Link("nat2", "in0", "lan2", "10.201.4.1/24"),
+    Link("d", "eth0", "lan2", "10.201.4.10/24"),
 )
 HOSTS = tuple(dict.fromkeys(link.host for link in LINKS))
 NETWORKS = tuple(dict.fromkeys(link.network for link in LINKS))
-ROUTES = {"c": "10.201.3.1"}  # host -> default gateway
+ROUTES = {"c": "10.201.3.1", "d": "10.201.4.1"}  # host -> default gateway
+NAT_BOXES = ("nat", "nat2")
 
 # The NAT box remaps source ports (random), like a carrier-grade or home NAT often does.
 NAT_RULES = """
@@ -182,15 +189,16 @@ class Lab:
             _run("ip", "-n", sw, "link", "set", there, "up")
         for host, gateway in ROUTES.items():
             _run("ip", "-n", self.ns(host), "route", "add", "default", "via", gateway)
-        nat = self.ns("nat")
-        _run("ip", "netns", "exec", nat, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        subprocess.run(
-            ["ip", "netns", "exec", nat, "nft", "-f", "-"],
-            input=NAT_RULES,
-            text=True,
-            check=True,
-            capture_output=True,
-        )
+        for box in NAT_BOXES:
+            nat = self.ns(box)
+            _run("ip", "netns", "exec", nat, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            subprocess.run(
+                ["ip", "netns", "exec", nat, "nft", "-f", "-"],
+                input=NAT_RULES,
+                text=True,
+                check=True,
+                capture_output=True,
+            )
 
     def destroy(self) -> None:
         for host in (*HOSTS, "sw"):

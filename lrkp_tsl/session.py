@@ -1,56 +1,100 @@
-"""Calls and their lifecycle: what `S`, `D`, media activity and time do to the call table.
+"""Calls and their lifecycle: what `S`, `D`, first packets, media activity and time do.
 
-Pure: no I/O, no clock. Every entry point takes `now` and returns the kernel actions to
-apply; the table changes only when the caller reports an action as applied (`applied`).
-So a kernel failure leaves the table as it was, and the table never claims a call the
-kernel does not relay.
+Pure: no I/O, no clock. Every entry point takes `now` and returns `Sync` actions (the
+kernel state of one call before and after); the table changes only when the caller reports
+an action as applied (`applied`). A kernel failure therefore leaves the table as it was,
+and the table never claims a call the kernel does not relay.
 
-Rules (issue 3):
+Rules:
 - Calls are keyed by Call-ID. An `S` for a live call with other addresses (183 then 200,
-  a re-INVITE's answer) moves it in place; an identical `S` changes nothing.
+  a re-INVITE's answer) moves it in place, keeping what was learned for unchanged legs;
+  an identical `S` changes nothing.
 - Relay ports belong to one call. An `S` whose relay ports belong to another live call
   replaces that call: Kamailio allocated them anew, so the older call is stale (newest
   wins, and the reason is logged).
 - A call with no media in either direction for its idle timeout (the `S` timeout field,
   or the node's override) is removed; so is every call at its maximum lifetime. Kamailio
   5.6 never sends `D`, so expiry is what frees its calls.
+- Each leg (one party, one stream) has a latched address, learned from its first packet
+  as the latching policy allows (latching.py). A stream's two flows exist in the kernel
+  once both of its legs are latched; until then the call's relay endpoints are *learning*
+  and packets from unknown sources reach `on_packet`.
+- A latched leg is re-learned from a new source only if its rule accepts the source and
+  the latched source has been silent for the guard interval (NAT rebinding); otherwise
+  the packet is a stranger's and is dropped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from ipaddress import IPv4Network
 
 from lrkp_tsl.errors import MediaError
-from lrkp_tsl.media import CallMedia, Endpoint, InstalledFlow
+from lrkp_tsl.latching import Policy, Rule, initial
+from lrkp_tsl.media import (
+    RTCP_PORT_OFFSET,
+    CallMedia,
+    Endpoint,
+    Flow,
+    InstalledFlow,
+    Stream,
+)
 
 
 @dataclass(frozen=True, slots=True)
-class Install:
-    """Make the kernel relay `media`, replacing `previous` (this call's old addresses)."""
+class KernelView:
+    """What the kernel holds for one call: its flows and its learning relay endpoints."""
 
-    media: CallMedia
-    previous: CallMedia | None
-    idle_timeout: float
+    flows: frozenset[Flow] = frozenset()
+    learning: frozenset[Endpoint] = frozenset()
+
+
+EMPTY = KernelView()
 
 
 @dataclass(frozen=True, slots=True)
-class Uninstall:
-    """Stop relaying `media`; `reason` is for the log and the operator."""
+class Leg:
+    """One party's side of one stream."""
 
-    media: CallMedia
-    reason: str
+    stream: Stream
+    sdp: Endpoint  # the address in the SDP (RTCP: + 1)
+    relay: Endpoint  # the relay endpoint this party sends to and hears from
+    rule: Rule
+    latched: Endpoint | None  # the address flows use; None until learned
 
 
-Action = Install | Uninstall
-
-
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Call:
     media: CallMedia
     idle_timeout: float
     started: float
     last_media: float  # last time media was seen, or when the call was (re)committed
+    caller: tuple[Leg, Leg]  # RTP, RTCP
+    callee: tuple[Leg, Leg]
+
+    @property
+    def call_id(self) -> str:
+        return self.media.call_id
+
+    def legs(self) -> Iterator[Leg]:
+        yield from self.caller
+        yield from self.callee
+
+    def view(self) -> KernelView:
+        flows = set()
+        for a, b in zip(self.caller, self.callee, strict=True):
+            if a.latched is not None and b.latched is not None:
+                flows.add(Flow(a.stream, a.latched, a.relay, b.latched, b.relay))
+                flows.add(Flow(b.stream, b.latched, b.relay, a.latched, a.relay))
+        learning = {
+            leg.relay for leg in self.legs() if leg.latched is None or leg.rule is not Rule.EXACT
+        }
+        return KernelView(frozenset(flows), frozenset(learning))
+
+    def relay_endpoints(self) -> frozenset[Endpoint]:
+        return self.media.relay_endpoints()
 
     def expiry(self, max_lifetime: float) -> tuple[float, str]:
         idle_at = self.last_media + self.idle_timeout
@@ -59,10 +103,77 @@ class Call:
             return end_at, f"reached the maximum lifetime of {max_lifetime:g} s"
         return idle_at, f"no media for {self.idle_timeout:g} s"
 
+    def with_leg(self, old: Leg, new: Leg) -> Call:
+        def swap(legs: tuple[Leg, Leg]) -> tuple[Leg, Leg]:
+            first, second = legs
+            return (new if first is old else first, new if second is old else second)
+
+        return replace(self, caller=swap(self.caller), callee=swap(self.callee))
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    """Make the kernel hold `call`'s view instead of `before` (call None: remove it)."""
+
+    call_id: str
+    before: KernelView
+    call: Call | None
+    reason: str
+
+    @property
+    def after(self) -> KernelView:
+        return EMPTY if self.call is None else self.call.view()
+
+
+Action = Sync
+
+
+class Verdict(Enum):
+    ACCEPT = "accept"  # the packet's flow is in the kernel now: let it through
+    HOLD = "hold"  # its sender is latched, but the other party is not yet: keep it
+    DROP = "drop"
+
+
+@dataclass(frozen=True, slots=True)
+class PacketDecision:
+    verdict: Verdict
+    actions: list[Action] = field(default_factory=list)
+    event: str = ""  # learned, relearned, held, stranger, no-call (for counters and logs)
+
+
+def _legs_for(
+    media: CallMedia, policy: Policy, routed: Sequence[IPv4Network]
+) -> tuple[tuple[Leg, Leg], tuple[Leg, Leg]]:
+    def legs(sdp: Endpoint, relay: Endpoint) -> tuple[Leg, Leg]:
+        made = []
+        for stream, delta in ((Stream.RTP, 0), (Stream.RTCP, RTCP_PORT_OFFSET)):
+            leg_sdp = sdp.offset(delta)
+            rule, latched = initial(policy, leg_sdp, routed)
+            made.append(Leg(stream, leg_sdp, relay.offset(delta), rule, latched))
+        return made[0], made[1]
+
+    return legs(media.caller, media.caller_relay), legs(media.callee, media.callee_relay)
+
+
+def _keep_learned(old: tuple[Leg, Leg], new: tuple[Leg, Leg]) -> tuple[Leg, Leg]:
+    """Legs whose SDP address and relay endpoint did not change keep what they learned."""
+    kept = []
+    for before, after in zip(old, new, strict=True):
+        same = (before.sdp, before.relay, before.rule) == (after.sdp, after.relay, after.rule)
+        kept.append(before if same else after)
+    return kept[0], kept[1]
+
 
 class CallTable:
-    def __init__(self, max_lifetime: float) -> None:
+    def __init__(
+        self,
+        max_lifetime: float,
+        policy: Policy = Policy.STRICT,
+        routed: Sequence[IPv4Network] = (),
+    ) -> None:
         self.max_lifetime = max_lifetime
+        self.policy = policy
+        self.routed = tuple(routed)
         self._calls: dict[str, Call] = {}
         self._owner: dict[Endpoint, str] = {}  # relay endpoint -> Call-ID
 
@@ -84,7 +195,7 @@ class CallTable:
 
     # -- decisions (no state change) ------------------------------------------------------
 
-    def on_set(self, media: CallMedia, idle_timeout: float) -> list[Action]:
+    def on_set(self, media: CallMedia, idle_timeout: float, now: float) -> list[Action]:
         existing = self._calls.get(media.call_id)
         if existing is not None and existing.media == media:
             return []
@@ -96,32 +207,108 @@ class CallTable:
             }
         )
         actions: list[Action] = [
-            Uninstall(
-                self._calls[owner].media,
+            Sync(
+                owner,
+                self._calls[owner].view(),
+                None,
                 f"relay ports reassigned to call {media.call_id!r} (newest wins)",
             )
             for owner in taken
         ]
-        previous = existing.media if existing is not None else None
-        actions.append(Install(media, previous, idle_timeout))
+        caller, callee = _legs_for(media, self.policy, self.routed)
+        if existing is None:
+            call = Call(media, idle_timeout, now, now, caller, callee)
+            actions.append(Sync(media.call_id, EMPTY, call, "relaying"))
+        else:
+            call = Call(
+                media,
+                idle_timeout,
+                existing.started,
+                now,
+                _keep_learned(existing.caller, caller),
+                _keep_learned(existing.callee, callee),
+            )
+            actions.append(Sync(media.call_id, existing.view(), call, "updated"))
         return actions
 
     def on_delete(self, call_id: str) -> list[Action]:
         call = self._calls.get(call_id)
         if call is None:
             return []
-        return [Uninstall(call.media, "deleted by the controlling layer (D)")]
+        return [Sync(call_id, call.view(), None, "deleted by the controlling layer (D)")]
 
     def on_timer(self, now: float) -> list[Action]:
         actions: list[Action] = []
         for call in self._calls.values():
             at, reason = call.expiry(self.max_lifetime)
             if at <= now:
-                actions.append(Uninstall(call.media, reason))
+                actions.append(Sync(call.call_id, call.view(), None, reason))
         return actions
 
     def next_deadline(self) -> float | None:
         return min((c.expiry(self.max_lifetime)[0] for c in self._calls.values()), default=None)
+
+    def on_packet(
+        self,
+        source: Endpoint,
+        relay: Endpoint,
+        now: float,
+        silent: Callable[[Endpoint, Endpoint], bool],
+    ) -> PacketDecision:
+        """A packet from `source` to a learning `relay` endpoint reached userspace.
+
+        `silent(sender, relay)` tells whether a latched sender has sent nothing for the
+        guard interval (the kernel's `seen` set); it is asked only when a latched leg
+        might be re-learned.
+        """
+        call_id = self._owner.get(relay)
+        call = self._calls.get(call_id) if call_id is not None else None
+        if call is None:
+            return PacketDecision(Verdict.DROP, event="no-call")
+        candidates = [leg for leg in call.legs() if leg.relay == relay]
+        leg = next((c for c in candidates if c.latched == source), None)
+        event = ""
+        if leg is None:
+            leg = self._learner(candidates, source, silent)
+            if leg is None:
+                return PacketDecision(Verdict.DROP, event="stranger")
+            event = "learned" if leg.latched is None else "relearned"
+            learned = replace(leg, latched=source)
+            call = call.with_leg(leg, learned)
+            leg = learned
+        peer = self._peer(call, leg)
+        verdict = Verdict.ACCEPT if peer.latched is not None else Verdict.HOLD
+        if not event:
+            # A known sender whose flows wait for the other party: nothing to change.
+            return PacketDecision(verdict, event="held" if verdict is Verdict.HOLD else "")
+        current = self._calls[call.call_id]
+        sync = Sync(call.call_id, current.view(), replace(call, last_media=now), event)
+        return PacketDecision(verdict, [sync], event)
+
+    @staticmethod
+    def _learner(
+        candidates: Iterable[Leg], source: Endpoint, silent: Callable[[Endpoint, Endpoint], bool]
+    ) -> Leg | None:
+        """The leg `source` may speak for: unlatched legs first (those whose SDP IP is the
+        source's first), then latched legs whose sender went silent."""
+        allowed = [leg for leg in candidates if leg.rule.accepts(source, leg.sdp)]
+        unlatched = [leg for leg in allowed if leg.latched is None]
+        if unlatched:
+            unlatched.sort(key=lambda leg: leg.sdp.ip != source.ip)
+            return unlatched[0]
+        for leg in allowed:
+            assert leg.latched is not None
+            if silent(leg.latched, leg.relay):
+                return leg
+        return None
+
+    @staticmethod
+    def _peer(call: Call, leg: Leg) -> Leg:
+        for mine, theirs in ((call.caller, call.callee), (call.callee, call.caller)):
+            for index, candidate in enumerate(mine):
+                if candidate is leg:
+                    return theirs[index]
+        raise ValueError("leg is not part of the call")
 
     # -- state changes ----------------------------------------------------------------------
 
@@ -129,57 +316,94 @@ class CallTable:
         """Media was seen for `call_id` (either direction, any stream) at `now`."""
         call = self._calls.get(call_id)
         if call is not None and now > call.last_media:
-            call.last_media = now
+            self._calls[call_id] = replace(call, last_media=now)
 
     def applied(self, action: Action, now: float) -> None:
-        """Record that the kernel now does what `action` asked."""
-        if isinstance(action, Install):
-            if action.previous is not None:
-                self._release(action.previous)
-            existing = self._calls.get(action.media.call_id)
-            started = existing.started if existing is not None else now
-            self._calls[action.media.call_id] = Call(
-                action.media, action.idle_timeout, started, now
-            )
-            for endpoint in action.media.relay_endpoints():
-                self._owner[endpoint] = action.media.call_id
-        else:
-            self._release(action.media)
-            self._calls.pop(action.media.call_id, None)
+        """Record that the kernel now holds what `action` asked."""
+        del now
+        existing = self._calls.get(action.call_id)
+        if existing is not None:
+            for endpoint in existing.relay_endpoints():
+                if self._owner.get(endpoint) == action.call_id:
+                    del self._owner[endpoint]
+        if action.call is None:
+            self._calls.pop(action.call_id, None)
+            return
+        self._calls[action.call_id] = action.call
+        for endpoint in action.call.relay_endpoints():
+            self._owner[endpoint] = action.call_id
 
-    def _release(self, media: CallMedia) -> None:
-        for endpoint in media.relay_endpoints():
-            if self._owner.get(endpoint) == media.call_id:
-                del self._owner[endpoint]
+    def adopt(
+        self, flows: Iterable[InstalledFlow], idle_timeout: float, now: float
+    ) -> tuple[list[Action], list[InstalledFlow]]:
+        """Calls rebuilt from the flows a previous run left in the kernel, and the orphans.
+
+        See `rebuild`. Adopted legs are latched where the kernel had them and learn no
+        more (the policy state of the previous run is not known).
+        """
+        calls, orphans = rebuild(flows, idle_timeout, now)
+        return [Sync(call.call_id, EMPTY, call, "re-adopted from the kernel") for call in calls], (
+            orphans
+        )
 
 
-def adopt(flows: Iterable[InstalledFlow]) -> tuple[list[CallMedia], list[InstalledFlow]]:
-    """Rebuild calls from the flows a previous run left in the kernel (grouped by comment).
+def rebuild(
+    flows: Iterable[InstalledFlow], idle_timeout: float, now: float
+) -> tuple[list[Call], list[InstalledFlow]]:
+    """Rebuild calls from kernel flows grouped by comment (the Call-ID).
 
-    A group becomes a call only if it is exactly the flows of one CallMedia; anything else
-    (a missing element, a truncated Call-ID shared by two calls, a stray element) is
-    returned as orphans for the caller to remove. Caller and callee may come back swapped:
-    the kernel state of a call is symmetric, so that changes nothing.
+    A group becomes a call only if it is exactly the two mirrored flows of an RTP stream
+    and of an RTCP stream on the next relay ports; anything else (a missing element, a
+    truncated Call-ID shared by two calls, a stray element) is an orphan. Caller and callee
+    may come back swapped: a call's kernel state is symmetric, so that changes nothing.
     """
     groups: dict[str, list[InstalledFlow]] = {}
     for flow in flows:
         groups.setdefault(flow.comment, []).append(flow)
-    calls: list[CallMedia] = []
+    calls: list[Call] = []
     orphans: list[InstalledFlow] = []
     for comment, group in groups.items():
-        first = min(group, key=lambda f: (f.relay.port, f.sender.port, f.relay.ip, f.sender.ip))
-        if not comment or first.target is None or first.relay_out is None:
+        call = _rebuild_one(comment, group, idle_timeout, now)
+        if call is None:
             orphans += group
-            continue
-        try:
-            media = CallMedia(comment, first.sender, first.relay, first.target, first.relay_out)
-        except MediaError:
-            orphans += group
-            continue
-        expected = {(f.sender, f.relay, f.target, f.relay_out) for f in media.flows()}
-        found = {(f.sender, f.relay, f.target, f.relay_out) for f in group}
-        if expected != found or len(group) != len(expected):
-            orphans += group
-            continue
-        calls.append(media)
+        else:
+            calls.append(call)
     return calls, orphans
+
+
+def _rebuild_one(
+    comment: str, group: list[InstalledFlow], idle_timeout: float, now: float
+) -> Call | None:
+    if not comment or len(group) != 4:
+        return None
+    if any(f.target is None or f.relay_out is None for f in group):
+        return None
+    rtp = min(group, key=lambda f: (f.relay.port, f.sender.port, f.relay.ip, f.sender.ip))
+    assert rtp.target is not None and rtp.relay_out is not None
+    rtcp_relay = rtp.relay.offset(RTCP_PORT_OFFSET)
+    rtcp_out = rtp.relay_out.offset(RTCP_PORT_OFFSET)
+    rtcp = next((f for f in group if (f.relay, f.relay_out) == (rtcp_relay, rtcp_out)), None)
+    if rtcp is None or rtcp.target is None or rtcp.relay_out is None:
+        return None
+    expected = {
+        (rtp.sender, rtp.relay, rtp.target, rtp.relay_out),
+        (rtp.target, rtp.relay_out, rtp.sender, rtp.relay),
+        (rtcp.sender, rtcp.relay, rtcp.target, rtcp.relay_out),
+        (rtcp.target, rtcp.relay_out, rtcp.sender, rtcp.relay),
+    }
+    if expected != {(f.sender, f.relay, f.target, f.relay_out) for f in group}:
+        return None
+    try:
+        media = CallMedia(comment, rtp.sender, rtp.relay, rtp.target, rtp.relay_out)
+    except MediaError:
+        return None
+
+    def leg(stream: Stream, address: Endpoint, relay: Endpoint) -> Leg:
+        return Leg(stream, address, relay, Rule.EXACT, address)
+
+    caller = (leg(Stream.RTP, rtp.sender, rtp.relay), leg(Stream.RTCP, rtcp.sender, rtcp.relay))
+    callee = (
+        leg(Stream.RTP, rtp.target, rtp.relay_out),
+        leg(Stream.RTCP, rtcp.target, rtcp.relay_out),
+    )
+    return Call(media, idle_timeout, now, now, caller, callee)

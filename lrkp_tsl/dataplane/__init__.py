@@ -16,10 +16,16 @@ from lrkp_tsl.dataplane.conntrack import ConntrackTable
 from lrkp_tsl.dataplane.nft import DEFAULT_RULES, NftTable
 from lrkp_tsl.dataplane.probe import KernelFeatures, probe_kernel
 from lrkp_tsl.media import CallMedia, PortRange
+from lrkp_tsl.session import KernelView
 
 log = logging.getLogger("lrkp_tsl.dataplane")
 
 __all__ = ["DataPlane", "KernelFeatures"]
+
+
+def fixed_view(media: CallMedia | None) -> KernelView:
+    """The kernel state of a call relayed between its SDP addresses, learning nothing."""
+    return KernelView(frozenset(media.flows()) if media is not None else frozenset())
 
 
 class DataPlane:
@@ -42,24 +48,34 @@ class DataPlane:
         )
         return self.features
 
-    def commit(self, media: CallMedia, previous: CallMedia | None = None) -> None:
-        """Make the kernel relay `media`, replacing `previous` (the same call's old state).
+    def sync(self, call_id: str, before: KernelView, after: KernelView) -> None:
+        """Make the kernel hold `after` for a call that held `before`, in one transaction.
 
-        Order matters: the new elements go in first, then the streams' conntrack entries are
-        deleted, so the next packet of each stream creates an entry with the new binding. A
-        packet between the two steps still rides the old entry; none can pick up a binding
-        that no longer exists.
+        Order matters: the new elements go in first, then the conntrack entries of every
+        changed flow are deleted, so the next packet of each stream creates an entry with
+        the new binding. A packet between the two steps still rides the old entry; none
+        can pick up a binding that no longer exists.
         """
-        flows = media.flows()
-        old = previous.flows() if previous is not None else ()
-        self.nft.commit(media.call_id, flows, replacing=old)
-        self.conntrack.forget(dict.fromkeys((*old, *flows)))
+        removed = before.flows - after.flows
+        added = after.flows - before.flows
+        self.nft.change(
+            call_id,
+            add=added,
+            delete=removed,
+            learn=after.learning - before.learning,
+            unlearn=before.learning - after.learning,
+        )
+        if removed or added:
+            self.conntrack.forget((*removed, *added))
+
+    def commit(self, media: CallMedia, previous: CallMedia | None = None) -> None:
+        """Relay `media` between its SDP addresses as given (no learning), replacing
+        `previous` (the same call's old addresses)."""
+        self.sync(media.call_id, fixed_view(previous), fixed_view(media))
 
     def remove(self, media: CallMedia) -> None:
         """Stop relaying `media` at once: elements out, then its streams' entries deleted."""
-        flows = media.flows()
-        self.nft.remove(media.call_id, flows)
-        self.conntrack.forget(flows)
+        self.sync(media.call_id, fixed_view(media), KernelView())
 
     def shutdown(self, flush: bool) -> None:
         """Leave live calls flowing (default), or remove everything the node installed."""

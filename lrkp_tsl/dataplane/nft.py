@@ -106,6 +106,8 @@ class NftTable:
                 rules,
                 f"flush set {FAMILY} {TABLE} relay_addrs",
                 f"flush set {FAMILY} {TABLE} relay_ports",
+                # Re-adopted calls keep their latched flows but learn no more.
+                f"flush set {FAMILY} {TABLE} learning",
                 f"add element {FAMILY} {TABLE} relay_addrs {{ {addrs} }}",
                 f"add element {FAMILY} {TABLE} relay_ports {{ {ports.start}-{ports.end} }}",
             ]
@@ -182,41 +184,79 @@ class NftTable:
         if rc != 0:
             raise KernelError(f"{what}: nft said: {error.strip()}")
 
-    def commit(self, call_id: str, flows: Sequence[Flow], replacing: Sequence[Flow] = ()) -> None:
-        """Install `flows` (removing `replacing` first) in one transaction."""
-        what = f"commit of call {call_id!r} ({len(flows)} flows)"
-        try:
-            self.transaction(delete_commands(replacing) + add_commands(call_id, flows), what)
-        except KernelError as exc:
-            if not replacing or "No such file or directory" not in exc.reason:
-                raise
-            # Some replaced flow was already gone (an operator, or an earlier failure):
-            # forget what is left of them, then commit the new ones atomically.
-            log.warning("%s: replaced flows partly missing; removing them one by one", what)
-            self.remove(call_id, replacing)
-            self.transaction(add_commands(call_id, flows), what)
+    def change(
+        self,
+        call_id: str,
+        *,
+        add: Iterable[Flow] = (),
+        delete: Iterable[Flow | InstalledFlow] = (),
+        learn: Iterable[Endpoint] = (),
+        unlearn: Iterable[Endpoint] = (),
+    ) -> int:
+        """Delete, then add, flows and learning endpoints of one call in one transaction.
 
-    def remove(self, call_id: str, flows: Sequence[Flow | InstalledFlow]) -> int:
-        """Remove `flows` in one transaction; returns how many were already missing.
-
-        Removal is idempotent: if the batch fails because an element is gone, each element
-        is removed on its own and the missing ones are counted, not raised.
+        Deletion is idempotent: if the batch fails because something to delete is already
+        gone (an operator, or an earlier failure), each deletion is retried on its own,
+        the missing ones are counted (and returned), and the additions are committed
+        atomically after.
         """
-        what = f"removal of call {call_id!r} ({len(flows)} flows)"
+        add, delete, learn, unlearn = list(add), list(delete), list(learn), list(unlearn)
+        what = f"change of call {call_id!r} (+{len(add)}/-{len(delete)} flows)"
+        deletions = delete_commands(delete) + endpoint_commands("delete", "learning", unlearn)
+        additions = add_commands(call_id, add) + endpoint_commands(
+            "add", "learning", learn, element_comment(call_id)
+        )
         try:
-            self.transaction(delete_commands(flows), what)
+            self.transaction(deletions + additions, what)
             return 0
         except KernelError as exc:
-            if "No such file or directory" not in exc.reason:
+            if not deletions or not _missing(exc):
                 raise
         missing = 0
-        for flow in flows:
-            for command in delete_commands([flow]):
+        for command in deletions:
+            for single in _split(command):
                 try:
-                    self.transaction([command], what)
+                    self.transaction([single], what)
                 except KernelError as exc:
-                    if "No such file or directory" not in exc.reason:
+                    if not _missing(exc):
                         raise
                     missing += 1
-        log.warning("%s: %d map elements were already gone", what, missing)
+        log.warning("%s: %d elements to delete were already gone", what, missing)
+        self.transaction(additions, what)
         return missing
+
+    def commit(self, call_id: str, flows: Sequence[Flow], replacing: Sequence[Flow] = ()) -> None:
+        """Install `flows`, removing `replacing` first, in one transaction."""
+        self.change(call_id, add=flows, delete=replacing)
+
+    def remove(self, call_id: str, flows: Sequence[Flow | InstalledFlow]) -> int:
+        """Remove `flows`; returns how many elements were already missing."""
+        return self.change(call_id, delete=flows)
+
+    def is_seen(self, sender: Endpoint, relay: Endpoint) -> bool:
+        """True if the flow carried a packet within the guard interval (set `seen`)."""
+        key = f"{sender.ip} . {sender.port} . {relay.ip} . {relay.port}"
+        rc, _output, _error = self._text.cmd(f"get element {FAMILY} {TABLE} seen {{ {key} }}")
+        return bool(rc == 0)
+
+
+def _missing(error: KernelError) -> bool:
+    return "No such file or directory" in error.reason
+
+
+def _split(command: dict[str, Any]) -> list[dict[str, Any]]:
+    """One command per element of a batched element command."""
+    verb, body = next(iter(command.items()))
+    element = body["element"]
+    return [{verb: {"element": {**element, "elem": [item]}}} for item in element["elem"]]
+
+
+def endpoint_commands(
+    verb: str, name: str, endpoints: Iterable[Endpoint], comment: str | None = None
+) -> list[dict[str, Any]]:
+    """Add or delete (ip . port) elements of a set such as `learning`."""
+    elems: list[Any] = []
+    for endpoint in endpoints:
+        key: dict[str, Any] = {"concat": [str(endpoint.ip), endpoint.port]}
+        elems.append({"elem": {"val": key, "comment": comment}} if comment else key)
+    return [_element(verb, name, elems)] if elems else []

@@ -158,3 +158,46 @@ def test_conntrack_entry_decoder_skips_non_udp() -> None:
     ]
     message.encode()
     assert decode_entry(bytes(message.data)) is None
+
+
+def test_queue_mark_matches_the_rules_file() -> None:
+    from lrkp_tsl.dataplane.nft import DEFAULT_RULES
+    from lrkp_tsl.dataplane.queue import QUEUE_MARK
+
+    rules = DEFAULT_RULES.read_text()
+    assert f"meta mark set meta mark | {QUEUE_MARK:#010x}" in rules
+    assert f"meta mark & {QUEUE_MARK:#010x} == {QUEUE_MARK:#010x}" in rules
+    assert f"meta mark set meta mark & {0xFFFFFFFF ^ QUEUE_MARK:#010x}" in rules
+
+
+def test_parse_udp_reads_addresses_and_refuses_others() -> None:
+    from lrkp_tsl.dataplane.queue import parse_udp
+
+    header = bytes.fromhex("45000024000100004011") + b"\0\0" + bytes([10, 0, 0, 21, 10, 0, 0, 10])
+    udp = (4000).to_bytes(2, "big") + (20002).to_bytes(2, "big") + b"\0\x10\0\0"
+    source, destination = parse_udp(header + udp + b"rtp!") or (None, None)
+    assert source == Endpoint(IPv4Address("10.0.0.21"), 4000)
+    assert destination == Endpoint(IPv4Address("10.0.0.10"), 20002)
+    tcp = header[:9] + b"\x06" + header[10:]
+    assert parse_udp(tcp + udp) is None
+    assert parse_udp(header[:20]) is None
+    assert parse_udp(b"\x60" + header[1:] + udp) is None  # IPv6 version nibble
+
+
+def test_latching_reachability_rule() -> None:
+    from ipaddress import IPv4Network
+
+    from lrkp_tsl.latching import Policy, Rule, initial, reachable
+
+    routed = [IPv4Network("10.201.1.0/24")]
+    assert reachable(IPv4Address("203.0.113.9"), []) is False  # documentation range
+    assert reachable(IPv4Address("8.8.8.8"), []) is True
+    assert reachable(IPv4Address("10.201.1.11"), routed) is True
+    for private in ("10.201.3.10", "192.168.1.2", "100.64.0.1", "169.254.1.1", "0.0.0.0"):
+        assert reachable(IPv4Address(private), routed) is False
+    sdp = Endpoint(IPv4Address("192.168.1.2"), 4000)
+    assert initial(Policy.AUTO, sdp, routed) == (Rule.ANYWHERE, None)
+    assert initial(Policy.STRICT, sdp, routed) == (Rule.EXACT, sdp)
+    assert initial(Policy.IP, sdp, routed) == (Rule.SAME_IP, None)
+    public = Endpoint(IPv4Address("8.8.8.8"), 4000)
+    assert initial(Policy.AUTO, public, routed) == (Rule.SAME_IP, public)

@@ -1,0 +1,158 @@
+"""NFQUEUE adapter: the first packets of learning legs, brought to userspace and back.
+
+Packets are chosen by the node's own table (chain `to_queue` marks them, within a rate
+limit); this module installs the one rule that sends marked packets to the queue — the
+native nft `queue` statement where the kernel has it, else the xt NFQUEUE target through
+iptables-nft in the raw table (this kernel has no nft queue) — and removes exactly that
+rule on exit. Both run at priority raw (-300): before conntrack, so a packet accepted
+later creates or joins its stream's conntrack entry only then.
+
+Fail-closed: the queue rule has no bypass. If the node is not listening, or the queue is
+full, first packets of learning legs are dropped; streams already latched never touch the
+queue and keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import struct
+import subprocess
+import warnings
+from collections.abc import Callable
+from ipaddress import IPv4Address
+
+from netfilterqueue import NetfilterQueue, Packet
+
+from lrkp_tsl.dataplane.nft import FAMILY, TABLE, NftTable
+from lrkp_tsl.errors import KernelError
+from lrkp_tsl.media import Endpoint
+
+log = logging.getLogger("lrkp_tsl.dataplane.queue")
+
+# Must match `meta mark set meta mark | ...` in rules/lrkp.nft (a unit test checks).
+QUEUE_MARK = 0x00200000
+DEFAULT_QUEUE_NUM = 22333
+QUEUE_MAXLEN = 1024
+XT_COMMENT = "lrkp-tsl first packets"
+IPPROTO_UDP = 17
+
+
+def xt_rule(queue_num: int) -> list[str]:
+    mark = f"{QUEUE_MARK:#x}/{QUEUE_MARK:#x}"
+    return [
+        "PREROUTING", "-m", "mark", "--mark", mark, "-m", "comment", "--comment", XT_COMMENT,
+        "-j", "NFQUEUE", "--queue-num", str(queue_num),
+    ]  # fmt: skip
+
+
+def parse_udp(payload: bytes) -> tuple[Endpoint, Endpoint] | None:
+    """(source, destination) of an IPv4 UDP packet, or None (struct: this is the hot path)."""
+    if len(payload) < 28 or payload[0] >> 4 != 4 or payload[9] != IPPROTO_UDP:
+        return None
+    header = (payload[0] & 0x0F) * 4
+    if len(payload) < header + 8:
+        return None
+    sport, dport = struct.unpack_from("!HH", payload, header)
+    return (
+        Endpoint(IPv4Address(payload[12:16]), sport),
+        Endpoint(IPv4Address(payload[16:20]), dport),
+    )
+
+
+class QueueRule:
+    """The one rule that sends marked packets to our queue: installed, checked, removed."""
+
+    def __init__(self, path: str, queue_num: int, nft: NftTable) -> None:
+        if path not in ("nft", "xt"):
+            raise KernelError(
+                "no first-packet queue on this kernel: neither the nft queue statement "
+                "(CONFIG_NFT_QUEUE) nor the xt NFQUEUE target with iptables-nft is available"
+            )
+        self.path = path
+        self.queue_num = queue_num
+        self.nft = nft
+        self.iptables = shutil.which("iptables-nft") or "iptables-nft"
+
+    def _xt(self, verb: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.iptables, "-w", "-t", "raw", verb, *xt_rule(self.queue_num)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    def install(self) -> None:
+        if self.path == "nft":
+            self.nft.run_text(
+                f"add chain {FAMILY} {TABLE} queue {{ type filter hook prerouting priority "
+                f"-300; policy accept; }}\nflush chain {FAMILY} {TABLE} queue\n"
+                f"add rule {FAMILY} {TABLE} queue meta mark & {QUEUE_MARK:#x} == "
+                f"{QUEUE_MARK:#x} queue num {self.queue_num}",
+                "installing the nft queue rule",
+            )
+        elif self._xt("-C").returncode != 0:
+            result = self._xt("-A")
+            if result.returncode != 0:
+                raise KernelError(
+                    f"installing the xt NFQUEUE rule (iptables-nft -t raw -A "
+                    f"{' '.join(xt_rule(self.queue_num))}) failed: {result.stderr.strip()}"
+                )
+        log.info(
+            "first packets: marked %#x -> queue %d via %s",
+            QUEUE_MARK,
+            self.queue_num,
+            "nft queue" if self.path == "nft" else "xt NFQUEUE (iptables-nft, table raw)",
+        )
+
+    def remove(self) -> None:
+        """Remove only the rule this node installed (the nft chain goes with our table)."""
+        if self.path == "xt":
+            while self._xt("-C").returncode == 0:
+                if self._xt("-D").returncode != 0:
+                    break
+            log.info("removed the xt NFQUEUE rule")
+
+
+class PacketQueue:
+    """Our NFQUEUE, read in the asyncio loop; `on_packet` gives every verdict."""
+
+    def __init__(
+        self, queue_num: int, on_packet: Callable[[Packet, Endpoint, Endpoint], None]
+    ) -> None:
+        self.queue_num = queue_num
+        self.on_packet = on_packet
+        self.malformed = 0
+        self._queue = NetfilterQueue()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # rcvbuf clamp: logged below
+            try:
+                self._queue.bind(queue_num, self._callback, max_len=QUEUE_MAXLEN)
+            except OSError as exc:
+                raise KernelError(
+                    f"cannot bind NFQUEUE {queue_num}: {exc} (another process owns it? "
+                    "choose another with kernel.queue_num)"
+                ) from exc
+        self._fd = self._queue.get_fd()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _callback(self, packet: Packet) -> None:
+        parsed = parse_udp(packet.get_payload())
+        if parsed is None:
+            self.malformed += 1
+            packet.drop()
+            return
+        self.on_packet(packet, *parsed)
+
+    def _readable(self) -> None:
+        self._queue.run(block=False)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self._fd, self._readable)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._fd)
+        self._queue.unbind()

@@ -1,0 +1,72 @@
+"""Which source addresses may speak for a party: the latching policy. Pure.
+
+The controlling layer only knows SDP addresses. Behind NAT a party's media comes from
+another port, or another address; the node learns it from the party's first packet. The
+policy decides whose first packet counts, per leg (one party, one stream):
+
+- `strict`: only the exact SDP ip:port, known from the start; nothing is learned.
+- `ip`: the first packet from the SDP IP (any port): a port-remapping NAT, or Kamailio
+  having put the client's public IP in the SDP (`custom_sdp_ip_avp`).
+- `any`: the first packet from anywhere: symmetric NAT without a usable SDP IP.
+- `auto` (default): decided per leg from the SDP address itself:
+    * an address the node can reach directly — a public address, or one inside a network
+      the node has a route to other than its default route — is trusted from the start
+      (media may flow to it before it sends) and may be re-learned only from that same IP
+      (a port-remapping NAT), so a stranger who sends first can never take its place;
+    * any other address (private, CGNAT, link-local, unspecified, ...) cannot be what the
+      node sees: the party is behind NAT, and its first packet, from wherever it comes,
+      teaches the node its real address. This is what makes a phone behind NAT work when
+      Kamailio passes its private SDP address unchanged (the common configuration).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+from ipaddress import IPv4Address, IPv4Network
+
+from lrkp_tsl.media import Endpoint
+
+
+class Policy(Enum):
+    STRICT = "strict"
+    IP = "ip"
+    ANY = "any"
+    AUTO = "auto"
+
+
+class Rule(Enum):
+    """What a leg accepts as a new source."""
+
+    EXACT = "exact"  # only the address it has (never learns)
+    SAME_IP = "same-ip"  # any port of the SDP IP
+    ANYWHERE = "anywhere"  # any address
+
+    def accepts(self, source: Endpoint, sdp: Endpoint) -> bool:
+        if self is Rule.EXACT:
+            return source == sdp
+        if self is Rule.SAME_IP:
+            return source.ip == sdp.ip
+        return True
+
+
+def reachable(ip: IPv4Address, routed: Sequence[IPv4Network]) -> bool:
+    """True if the node can send to `ip` as it is (see the module docstring)."""
+    if any(ip in network for network in routed):
+        return True
+    return ip.is_global
+
+
+def initial(
+    policy: Policy, sdp: Endpoint, routed: Sequence[IPv4Network]
+) -> tuple[Rule, Endpoint | None]:
+    """(rule, address trusted from the start or None) for a new leg."""
+    if policy is Policy.STRICT:
+        return Rule.EXACT, sdp
+    if policy is Policy.IP:
+        return Rule.SAME_IP, None
+    if policy is Policy.ANY:
+        return Rule.ANYWHERE, None
+    if reachable(sdp.ip, routed):
+        return Rule.SAME_IP, sdp
+    return Rule.ANYWHERE, None
