@@ -39,7 +39,8 @@ lint: deps
 	$(VENV)/bin/mypy
 
 bench: deps
-	$(VPY) bench/dataplane_scale.py
+	PYTHONPATH=. $(VPY) bench/dataplane_scale.py
+	PYTHONPATH=. $(VPY) bench/first_packet.py
 
 clean-lab: deps
 	$(VPY) -m lrkp_tsl.lab sweep --all

@@ -203,3 +203,39 @@ def test_call_expires_after_bye_without_d(lab: Lab, node: Node, tmp_path: Path) 
     assert call_id not in lab.run("relay", "nft", "list", "table", "ip", TABLE).stdout
     relay = endpoint(caller_sdp)
     assert f"dport={relay.port} " not in conntrack(lab, "relay")
+
+
+@pytest.mark.parametrize("first", ["caller", "callee"])
+def test_caller_behind_nat_through_kamailio(
+    lab: Lab, node: Node, tmp_path: Path, first: str
+) -> None:
+    """A phone behind a port-remapping NAT, its private address in the SDP (Kamailio's
+    default config: no custom_sdp_ip_avp). The node learns the NAT's address from the
+    first packet; every packet, the first of each direction included, is delivered."""
+    with (
+        kamailio(lab, tmp_path / "kam", ["udp:10.201.1.1:22333"]),
+        call(lab, tmp_path / "call", caller="c", callee="x", pause_ms=2500) as made,
+    ):
+        caller_sdp, callee_sdp = made.wait_answered()
+        with Peers(lab) as peers:
+            caller = peers("c", made.caller_rtp[1])
+            callee = peers("x", made.callee_rtp[1])
+            to_a, to_b = endpoint(caller_sdp), endpoint(callee_sdp)
+            if first == "callee":
+                for seq in range(3):  # held until the caller's first packet
+                    callee.send(to_b, b"early-%d" % seq)
+                caller.send(to_a, b"hello")
+                for seq in range(3):
+                    assert caller.expect(b"early-%d" % seq) == to_a
+                assert callee.expect(b"hello") == to_b
+            for seq in range(10):
+                caller.send(to_a, b"A-%d" % seq)
+                assert callee.expect(b"A-%d" % seq) == to_b
+                callee.send(to_b, b"B-%d" % seq)
+                assert caller.expect(b"B-%d" % seq) == to_a
+            caller.expect_nothing()
+            callee.expect_nothing()
+        made.wait_done()
+    assert re.search(
+        rf"\[{re.escape(made.call_id or '')}\] learned 10\.201\.1\.20:\d+", node.output()
+    )
