@@ -41,6 +41,8 @@ lint: deps
 bench: deps
 	PYTHONPATH=. $(VPY) bench/dataplane_scale.py
 	PYTHONPATH=. $(VPY) bench/first_packet.py
+	PYTHONPATH=. $(VPY) bench/control_rtt.py
+	PYTHONPATH=. $(VPY) bench/throughput.py
 
 clean-lab: deps
 	$(VPY) -m lrkp_tsl.lab sweep --all
