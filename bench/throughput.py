@@ -47,7 +47,7 @@ def run_once(lab: Lab, dst: tuple[str, int], count: int) -> dict[str, float]:
             str(dst[1]),
             str(count),
             "172",
-        ).stdout  # fmt: skip
+        ).stdout
     )
     out, _ = receiver.communicate(timeout=90)
     got = json.loads(out)
