@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from lrkp_tsl.dataplane.conntrack import ConntrackEntry
-from lrkp_tsl.media import Endpoint
+from lrkp_tsl.media import ConntrackEntry, Endpoint
 from lrkp_tsl.session import CallTable
 
 

@@ -13,8 +13,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address, ip_netw
 from pathlib import Path
 from typing import Any
 
-from lrkp_tsl.dataplane.nft import DEFAULT_RULES
-from lrkp_tsl.dataplane.queue import DEFAULT_QUEUE_NUM
+from lrkp_tsl.defaults import DEFAULT_QUEUE_NUM, DEFAULT_RULES
 from lrkp_tsl.errors import ConfigError, MediaError
 from lrkp_tsl.latching import Policy
 from lrkp_tsl.media import PortRange

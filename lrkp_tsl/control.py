@@ -158,7 +158,6 @@ class Controller:
 
     def expire(self) -> None:
         self.apply(self.table.on_timer(self.clock()), "timer")
-        self._expire_held(self.clock())
 
     # -- first packets ----------------------------------------------------------------------
 
@@ -187,6 +186,10 @@ class Controller:
             held = self.held.setdefault(call_id, [])
             if len(held) < HOLD_MAX_PER_CALL:
                 held.append(HeldPacket(packet, source, relay, now))
+                # Runs in the event loop (the queue's reader): time the drop from here.
+                asyncio.get_running_loop().call_later(
+                    HOLD_TIMEOUT + 0.01, lambda: self.expire_held(self.clock())
+                )
             else:
                 self.stats["packets.hold_dropped"] += 1
                 packet.drop()
@@ -214,7 +217,8 @@ class Controller:
         else:
             del self.held[call_id]
 
-    def _expire_held(self, now: float) -> None:
+    def expire_held(self, now: float) -> None:
+        """Drop held packets whose other party did not speak within HOLD_TIMEOUT."""
         for call_id in list(self.held):
             keep = []
             for item in self.held[call_id]:

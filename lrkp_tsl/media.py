@@ -80,6 +80,18 @@ class Flow:
 
 
 @dataclass(frozen=True, slots=True)
+class ConntrackEntry:
+    """What operators and tests need of one UDP entry: both tuples and the counters."""
+
+    orig_src: Endpoint
+    orig_dst: Endpoint
+    reply_src: Endpoint
+    reply_dst: Endpoint
+    packets_orig: int | None
+    packets_reply: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class InstalledFlow:
     """A flow as found in the kernel: its comment (the Call-ID) and its endpoints; target
     or relay_out is None when one of the flow's two map elements is missing."""

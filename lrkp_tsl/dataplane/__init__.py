@@ -13,8 +13,9 @@ from pathlib import Path
 
 from lrkp_tsl.dataplane import sysctl
 from lrkp_tsl.dataplane.conntrack import ConntrackTable
-from lrkp_tsl.dataplane.nft import DEFAULT_RULES, NftTable
+from lrkp_tsl.dataplane.nft import NftTable
 from lrkp_tsl.dataplane.probe import KernelFeatures, probe_kernel
+from lrkp_tsl.defaults import DEFAULT_RULES
 from lrkp_tsl.media import CallMedia, PortRange
 from lrkp_tsl.session import KernelView
 

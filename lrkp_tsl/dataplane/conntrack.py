@@ -20,11 +20,10 @@ import errno
 import socket
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from lrkp_tsl.errors import KernelError
-from lrkp_tsl.media import Endpoint, Flow
+from lrkp_tsl.media import ConntrackEntry, Endpoint, Flow
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
@@ -102,18 +101,6 @@ def encode_delete(sender: Endpoint, relay: Endpoint, seq: int) -> bytes:
         CTA_PROTO_DST_PORT,
         relay.port.to_bytes(2, "big"),
     )
-
-
-@dataclass(frozen=True, slots=True)
-class ConntrackEntry:
-    """What operators and tests need of one UDP entry: both tuples and the counters."""
-
-    orig_src: Endpoint
-    orig_dst: Endpoint
-    reply_src: Endpoint
-    reply_dst: Endpoint
-    packets_orig: int | None
-    packets_reply: int | None
 
 
 class ConntrackTable:

@@ -18,6 +18,7 @@ from typing import Any
 
 import nftables
 
+from lrkp_tsl.defaults import DEFAULT_RULES
 from lrkp_tsl.errors import KernelError
 from lrkp_tsl.media import Endpoint, Flow, InstalledFlow, PortRange
 
@@ -26,7 +27,6 @@ log = logging.getLogger("lrkp_tsl.dataplane.nft")
 FAMILY = "ip"
 TABLE = "lrkp"
 FLOW_MAPS = ("dnat_to", "snat_to")
-DEFAULT_RULES = Path(__file__).resolve().parents[2] / "rules" / "lrkp.nft"
 # nftables keeps at most 128 bytes of comment per element.
 COMMENT_MAX = 128
 

@@ -33,7 +33,6 @@ log = logging.getLogger("lrkp_tsl.dataplane.queue")
 
 # Must match `meta mark set meta mark | ...` in rules/lrkp.nft (a unit test checks).
 QUEUE_MARK = 0x00200000
-DEFAULT_QUEUE_NUM = 22333
 QUEUE_MAXLEN = 1024
 XT_COMMENT = "lrkp-tsl first packets"
 IPPROTO_UDP = 17

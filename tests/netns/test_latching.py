@@ -228,3 +228,19 @@ def test_sdp_ip_set_to_the_public_address(
                 caller_sdp=Endpoint(address("nat"), 4060))  # fmt: skip
     burst(caller, call.caller_relay, callee, call.callee_relay, 3, b"A")
     burst(callee, call.callee_relay, caller, call.caller_relay, 3, b"B")
+
+
+def test_held_packets_expire_when_the_other_party_stays_silent(
+    lab: Lab, node: Node, kamailio: Controller, peers: Peers
+) -> None:
+    caller, callee = peers("c", 4070), peers("x", 6070)
+    call = Call(kamailio, caller, callee, 20700, "never-answers@lab", callee_side="ext")
+    for seq in range(3):
+        callee.send(call.callee_relay, b"early-%d" % seq)
+    time.sleep(2.0 + 1.0)  # the hold timeout, and a margin
+    caller.send(call.caller_relay, b"late hello")
+    assert callee.expect(b"late hello") == call.callee_relay
+    caller.expect_nothing()  # the early packets were dropped, not delivered late
+    burst(callee, call.callee_relay, caller, call.caller_relay, 3, b"B")
+    node.stop()
+    assert "packets.hold_dropped=3" in node.output()

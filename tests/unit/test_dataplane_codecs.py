@@ -13,9 +13,9 @@ from pyroute2.netlink.nfnetlink.nfctsocket import (
     nfct_msg,
 )
 
-from lrkp_tsl.dataplane.conntrack import ConntrackEntry, decode_entry, encode_delete
+from lrkp_tsl.dataplane.conntrack import decode_entry, encode_delete
 from lrkp_tsl.dataplane.nft import add_commands, delete_commands, element_comment
-from lrkp_tsl.media import Endpoint
+from lrkp_tsl.media import ConntrackEntry, Endpoint
 from tests.unit.test_media import WORKED
 
 
@@ -161,8 +161,8 @@ def test_conntrack_entry_decoder_skips_non_udp() -> None:
 
 
 def test_queue_mark_matches_the_rules_file() -> None:
-    from lrkp_tsl.dataplane.nft import DEFAULT_RULES
     from lrkp_tsl.dataplane.queue import QUEUE_MARK
+    from lrkp_tsl.defaults import DEFAULT_RULES
 
     rules = DEFAULT_RULES.read_text()
     assert f"meta mark set meta mark | {QUEUE_MARK:#010x}" in rules

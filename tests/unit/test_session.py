@@ -3,9 +3,8 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv4Network
 
 from lrkp_tsl.activity import MediaActivity
-from lrkp_tsl.dataplane.conntrack import ConntrackEntry
 from lrkp_tsl.latching import Policy, Rule
-from lrkp_tsl.media import CallMedia, Endpoint, Flow, InstalledFlow, Stream
+from lrkp_tsl.media import CallMedia, ConntrackEntry, Endpoint, Flow, InstalledFlow, Stream
 from lrkp_tsl.session import EMPTY, Action, CallTable, KernelView, Sync, Verdict, rebuild
 
 ROUTED = [IPv4Network("10.0.0.0/24"), IPv4Network("10.0.1.0/24")]
