@@ -57,18 +57,14 @@ def start_node(lab: Lab, host: str, internal: str, external: str) -> Node:
 def node(lab: Lab) -> Iterator[Node]:
     running = start_node(lab, *NODE1)
     yield running
-    running.stop()
-    lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
-    lab.run("relay", "conntrack", "-F", check=False)
+    running.close()
 
 
 @pytest.fixture
 def node2(lab: Lab) -> Iterator[Node]:
     running = start_node(lab, *NODE2)
     yield running
-    running.stop()
-    lab.run("relay2", "nft", "delete", "table", "ip", TABLE, check=False)
-    lab.run("relay2", "conntrack", "-F", check=False)
+    running.close()
 
 
 def endpoint(sdp: Sdp) -> Endpoint:

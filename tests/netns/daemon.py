@@ -63,6 +63,12 @@ class Node:
         self._log_file.close()
         return self.proc.returncode
 
+    def close(self) -> None:
+        """Stop the node and clear what it left in its namespace, for the next test."""
+        self.stop()
+        self.lab.run(self.host, "nft", "delete", "table", "ip", "lrkp", check=False)
+        self.lab.run(self.host, "conntrack", "-F", check=False)
+
 
 class Controller:
     """A controlling-layer stand-in: cookies, datagrams and replies as lrkproxy sends them."""

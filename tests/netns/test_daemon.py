@@ -47,9 +47,7 @@ def node(lab: Lab) -> Iterator[Node]:
     try:
         yield running
     finally:
-        running.stop()
-        lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
-        lab.run("relay", "conntrack", "-F", check=False)
+        running.close()
 
 
 @pytest.fixture

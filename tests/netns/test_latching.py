@@ -39,9 +39,7 @@ def node(lab: Lab) -> Iterator[Node]:
         yield running
     finally:
         client.close()
-        running.stop()
-        lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
-        lab.run("relay", "conntrack", "-F", check=False)
+        running.close()
         for box in ("nat", "nat2"):
             lab.run(box, "conntrack", "-F", check=False)
 
