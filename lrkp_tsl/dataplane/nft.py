@@ -225,10 +225,6 @@ class NftTable:
         self.transaction(additions, what)
         return missing
 
-    def commit(self, call_id: str, flows: Sequence[Flow], replacing: Sequence[Flow] = ()) -> None:
-        """Install `flows`, removing `replacing` first, in one transaction."""
-        self.change(call_id, add=flows, delete=replacing)
-
     def remove(self, call_id: str, flows: Sequence[Flow | InstalledFlow]) -> int:
         """Remove `flows`; returns how many elements were already missing."""
         return self.change(call_id, delete=flows)
