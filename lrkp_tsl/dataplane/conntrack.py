@@ -12,6 +12,11 @@ nftables transaction. The delete request is one fixed-shape message; we encode i
 `struct` (a unit test checks the bytes against pyroute2's encoder) and send a call's
 deletions in one `send`, reading the acks back. Dumps are decoded the same way (unit tests
 check both against pyroute2's codec).
+
+Why `alive` asks by key rather than dumping: the node must learn whether a few streams are
+still live in O(keys), not O(table) (a dump of 40k entries takes about a second). A GET of
+an entry whose timeout has passed but that the GC has not reaped yet reaps it and answers
+ENOENT, so `alive` never reports a stream that is in fact expired.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address
 
 from lrkp_tsl.errors import KernelError
+from lrkp_tsl.kernel import StreamKey
 from lrkp_tsl.media import ConntrackEntry, Endpoint, Flow
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_NEW = 0
 IPCTNL_MSG_CT_GET = 1
 IPCTNL_MSG_CT_DELETE = 2
 NLM_F_REQUEST = 0x1
@@ -36,6 +43,7 @@ NLMSG_ERROR = 0x2
 NLMSG_DONE = 0x3
 CTA_TUPLE_ORIG = 1
 CTA_TUPLE_REPLY = 2
+CTA_TIMEOUT = 7
 CTA_COUNTERS_ORIG = 9
 CTA_COUNTERS_REPLY = 10
 CTA_COUNTERS_PACKETS = 1
@@ -49,12 +57,17 @@ CTA_PROTO_DST_PORT = 3
 IPPROTO_UDP = 17
 # Requests per send: a call has 4; a flush has many, and acks must fit the receive buffer.
 BATCH = 128
+# GETs per send: each is answered by an entry and an ack, which must all fit the receive
+# buffer (the kernel answers the whole batch inside `send`, before we read anything).
+GET_BATCH = 64
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _NLMSGERR = struct.Struct("=i")
+_CT_NEW = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
+_BE32 = struct.Struct(">I")
 # nlmsghdr, nfgenmsg, then CTA_TUPLE_ORIG { CTA_TUPLE_IP { src, dst }, CTA_TUPLE_PROTO
 # { num, sport, dport } }, each attribute padded to 4 bytes, as ctnetlink expects.
-_DELETE = struct.Struct(
+_BY_TUPLE = struct.Struct(
     "=IHHII"  # nlmsghdr: len, type, flags, seq, pid
     "BBH"  # nfgenmsg: family, version, res_id (big endian, 0)
     "HH"  # CTA_TUPLE_ORIG
@@ -68,11 +81,12 @@ _DELETE = struct.Struct(
 )
 
 
-def encode_delete(sender: Endpoint, relay: Endpoint, seq: int) -> bytes:
-    """A ctnetlink request deleting the UDP entry whose original tuple is sender -> relay."""
-    return _DELETE.pack(
-        _DELETE.size,
-        (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
+def _encode_by_tuple(kind: int, sender: Endpoint, relay: Endpoint, seq: int) -> bytes:
+    """A ctnetlink request of type `kind` for the UDP entry whose original tuple is
+    sender -> relay, acked."""
+    return _BY_TUPLE.pack(
+        _BY_TUPLE.size,
+        (NFNL_SUBSYS_CTNETLINK << 8) | kind,
         NLM_F_REQUEST | NLM_F_ACK,
         seq,
         0,
@@ -103,6 +117,19 @@ def encode_delete(sender: Endpoint, relay: Endpoint, seq: int) -> bytes:
     )
 
 
+def encode_delete(sender: Endpoint, relay: Endpoint, seq: int) -> bytes:
+    """A ctnetlink request deleting the UDP entry whose original tuple is sender -> relay."""
+    return _encode_by_tuple(IPCTNL_MSG_CT_DELETE, sender, relay, seq)
+
+
+def encode_get(sender: Endpoint, relay: Endpoint, seq: int) -> bytes:
+    """A ctnetlink request reading the UDP entry whose original tuple is sender -> relay.
+
+    Answered by the entry (an IPCTNL_MSG_CT_NEW message) then an ack, or by ENOENT alone.
+    """
+    return _encode_by_tuple(IPCTNL_MSG_CT_GET, sender, relay, seq)
+
+
 class ConntrackTable:
     """The conntrack table of the network namespace this object was created in."""
 
@@ -110,6 +137,7 @@ class ConntrackTable:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self._sock.bind((0, 0))
         self._seq = 0
+        self._buffer = bytearray(65536)
 
     def close(self) -> None:
         self._sock.close()
@@ -137,8 +165,25 @@ class ConntrackTable:
             deleted += self._send(requests)
         return deleted
 
+    def _drain(self) -> None:
+        """Discard replies left by an exchange that failed midway (ENOBUFS, an exception).
+
+        Why before every exchange: while such replies sit in the queue, the socket stays
+        "congested" and the kernel drops new replies without reporting ENOBUFS again, so a
+        reader would wait forever for an ack that will never come.
+        """
+        while True:
+            try:
+                self._sock.recv_into(self._buffer, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+
     def _send(self, requests: list[bytes]) -> int:
         try:
+            self._drain()
             self._sock.send(b"".join(requests))
             return self._read_acks(len(requests))
         except OSError as exc:
@@ -164,6 +209,58 @@ class ConntrackTable:
                 offset += max((length + 3) & ~3, _NLMSGHDR.size)
         return deleted
 
+    def alive(self, keys: Iterable[StreamKey]) -> dict[StreamKey, float]:
+        """The entries among `keys` that exist, with the seconds left before they expire.
+
+        One GET per key, GET_BATCH per send. Replies are matched to requests by sequence
+        number: a live entry is answered by the entry then an ack, a missing one by ENOENT
+        alone, so a request is settled by its NLMSG_ERROR; replies left over from an
+        earlier, failed exchange are drained first and could never match anyway. The
+        kernel reports whole seconds (rounded down): an entry in its last second reports 0.0.
+        """
+        found: dict[StreamKey, float] = {}
+        pending: dict[int, StreamKey] = {}
+        for key in keys:
+            self._seq = (self._seq + 1) & 0xFFFFFFFF
+            pending[self._seq] = key
+            if len(pending) == GET_BATCH:
+                self._get(pending, found)
+                pending = {}
+        if pending:
+            self._get(pending, found)
+        return found
+
+    def _get(self, pending: dict[int, StreamKey], found: dict[StreamKey, float]) -> None:
+        refused = 0
+        try:
+            self._drain()
+            self._sock.send(
+                b"".join(encode_get(sender, relay, seq) for seq, (sender, relay) in pending.items())
+            )
+            while pending:
+                # The kernel answers GETs inside `send`: whatever is not queued now was lost.
+                size = self._sock.recv_into(self._buffer, 0, socket.MSG_DONTWAIT)
+                offset = 0
+                while offset + _NLMSGHDR.size <= size:
+                    length, msg_type, _flags, seq, _pid = _NLMSGHDR.unpack_from(
+                        self._buffer, offset
+                    )
+                    key = pending.get(seq)
+                    if key is not None and msg_type == NLMSG_ERROR:
+                        (error,) = _NLMSGERR.unpack_from(self._buffer, offset + _NLMSGHDR.size)
+                        del pending[seq]
+                        if error not in (0, -errno.ENOENT):
+                            refused = refused or error
+                    elif key is not None and msg_type == _CT_NEW:
+                        found[key] = _timeout(self._buffer, offset, min(offset + length, size))
+                    offset += max((length + 3) & ~3, _NLMSGHDR.size)
+        except BlockingIOError:
+            raise KernelError(f"conntrack get: {len(pending)} replies lost") from None
+        except OSError as exc:
+            raise KernelError(f"conntrack get failed: {exc}") from exc
+        if refused:
+            raise KernelError(f"conntrack get refused: {errno.errorcode.get(-refused, refused)}")
+
     def entries(self) -> list[ConntrackEntry]:
         """Every UDP entry of the namespace, with counters where accounting is on.
 
@@ -185,6 +282,7 @@ class ConntrackTable:
         )
         found: list[ConntrackEntry] = []
         try:
+            self._drain()
             self._sock.send(request)
             while True:
                 data = self._sock.recv(1 << 20)
@@ -208,32 +306,63 @@ class ConntrackTable:
         return [e for e in self.entries() if relay in (e.orig_dst, e.reply_dst)]
 
 
-def _attrs(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
-    """Netlink attributes in data[start:end]: type -> (payload start, payload end)."""
+def _attrs(data: bytes | bytearray, start: int, end: int) -> dict[int, tuple[int, int]]:
+    """Netlink attributes in data[start:end]: type -> (payload start, payload end).
+
+    Spans are clipped to `end` and to the data, so a lying length never reaches past them.
+    """
+    end = min(end, len(data))
     found = {}
     while start + 4 <= end:
         length, kind = struct.unpack_from("=HH", data, start)
         if length < 4:
             break
-        found[kind & 0x3FFF] = (start + 4, start + length)
+        found[kind & 0x3FFF] = (start + 4, min(start + length, end))
         start += (length + 3) & ~3
     return found
 
 
+def _field(data: bytes, attrs: dict[int, tuple[int, int]], kind: int, size: int) -> bytes | None:
+    """The first `size` bytes of attribute `kind`, or None if it is absent or too short."""
+    span = attrs.get(kind)
+    if span is None or span[1] - span[0] < size:
+        return None
+    return data[span[0] : span[0] + size]
+
+
 def _tuple(data: bytes, span: tuple[int, int]) -> tuple[Endpoint, Endpoint, int] | None:
+    """(src, dst, protocol) of a CTA_TUPLE_*; None unless it has IPv4 addresses and ports.
+
+    Protocols without ports (ICMP) and port 0 (a valid UDP port on the wire, not for an
+    `Endpoint`) give None rather than an exception: one odd entry must not break a dump.
+    """
     parts = _attrs(data, *span)
     if CTA_TUPLE_IP not in parts or CTA_TUPLE_PROTO not in parts:
         return None
     ip = _attrs(data, *parts[CTA_TUPLE_IP])
     proto = _attrs(data, *parts[CTA_TUPLE_PROTO])
-    if CTA_IP_V4_SRC not in ip or CTA_PROTO_NUM not in proto:
+    src = _field(data, ip, CTA_IP_V4_SRC, 4)
+    dst = _field(data, ip, CTA_IP_V4_DST, 4)
+    number = _field(data, proto, CTA_PROTO_NUM, 1)
+    sport = _field(data, proto, CTA_PROTO_SRC_PORT, 2)
+    dport = _field(data, proto, CTA_PROTO_DST_PORT, 2)
+    if src is None or dst is None or number is None or sport is None or dport is None:
         return None
-    number = data[proto[CTA_PROTO_NUM][0]]
-    src = IPv4Address(data[ip[CTA_IP_V4_SRC][0] : ip[CTA_IP_V4_SRC][0] + 4])
-    dst = IPv4Address(data[ip[CTA_IP_V4_DST][0] : ip[CTA_IP_V4_DST][0] + 4])
-    sport = int.from_bytes(data[proto[CTA_PROTO_SRC_PORT][0] : proto[CTA_PROTO_SRC_PORT][0] + 2])
-    dport = int.from_bytes(data[proto[CTA_PROTO_DST_PORT][0] : proto[CTA_PROTO_DST_PORT][0] + 2])
-    return Endpoint(src, sport), Endpoint(dst, dport), number
+    if sport == b"\0\0" or dport == b"\0\0":
+        return None
+    return (
+        Endpoint(IPv4Address(src), int.from_bytes(sport)),
+        Endpoint(IPv4Address(dst), int.from_bytes(dport)),
+        number[0],
+    )
+
+
+def _timeout(data: bytes | bytearray, start: int, end: int) -> float:
+    """CTA_TIMEOUT of the ctnetlink message data[start:end], in seconds; 0.0 if absent."""
+    span = _attrs(data, start + _NLMSGHDR.size + 4, end).get(CTA_TIMEOUT)
+    if span is None or span[1] - span[0] < 4:
+        return 0.0
+    return float(_BE32.unpack_from(data, span[0])[0])
 
 
 def _packets(data: bytes, attrs: dict[int, tuple[int, int]], kind: int) -> int | None:

@@ -1,0 +1,91 @@
+"""What the engine asks of the kernel, and what the kernel tells it back. Pure: types only.
+
+The engine (engine.py) decides; an object implementing `Kernel` carries the decisions out.
+`DataPlane` implements it for real (nftables, conntrack); tests use an in-memory fake that
+can fail on demand. Keeping this seam small is what lets every kernel error path be tested
+without root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+from lrkp_tsl.media import Endpoint, Flow, InstalledFlow
+
+StreamKey = tuple[Endpoint, Endpoint]
+"""A conntrack entry's original direction, (sender, relay endpoint): how the kernel keys a
+relayed stream, whichever party sent first."""
+
+
+@dataclass(frozen=True, slots=True)
+class KernelView:
+    """What the kernel holds for one call: its flows and its learning relay endpoints."""
+
+    flows: frozenset[Flow] = frozenset()
+    learning: frozenset[Endpoint] = frozenset()
+
+    def keys(self) -> frozenset[StreamKey]:
+        """The conntrack keys its flows can have (each stream has one entry, keyed by
+        whichever side sent first)."""
+        return frozenset((flow.sender, flow.relay) for flow in self.flows)
+
+
+EMPTY = KernelView()
+
+
+class StreamChange(Enum):
+    """What happened to a conntrack entry, as the kernel reports it (ctnetlink events)."""
+
+    STARTED = "started"  # a new entry: the stream carries media
+    EXPIRED = "expired"  # its timeout ran out: no packet for the whole idle timeout
+    REMOVED = "removed"  # deleted before its timeout (by the node, an operator, a flush)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    change: StreamChange
+    key: StreamKey
+
+
+@dataclass(frozen=True, slots=True)
+class KernelState:
+    """What the kernel holds for the node as a whole, read back at startup."""
+
+    flows: tuple[InstalledFlow, ...]
+    learning: frozenset[Endpoint]
+
+
+class Kernel(Protocol):
+    """The kernel operations the engine needs. Every method raises KernelError on failure."""
+
+    def change(self, call_id: str, before: KernelView, after: KernelView) -> None:
+        """Make the node's tables hold `after` instead of `before` for one call.
+
+        One nftables transaction when everything to delete is present. If it raises, the
+        kernel may hold `before`, `after` or something in between: the caller resyncs.
+        Deleting what is already gone is not an error.
+        """
+
+    def install(self, views: Iterable[tuple[str, KernelView]]) -> None:
+        """Add many calls' views (Call-ID, view) in few, large transactions: a restart after
+        a reboot, or the table reloaded after an operator flushed it. Adding what exists
+        is not an error."""
+
+    def remove(self, flows: Iterable[InstalledFlow], learning: Iterable[Endpoint]) -> None:
+        """Delete elements that belong to no call (found at startup); missing is fine."""
+
+    def forget(self, keys: Iterable[StreamKey]) -> None:
+        """Delete the conntrack entries with these original tuples (missing ones are fine),
+        so that the next packet of each stream takes the current NAT binding."""
+
+    def alive(self, keys: Iterable[StreamKey]) -> Mapping[StreamKey, float]:
+        """The entries among `keys` that exist, with the seconds left before they expire."""
+
+    def is_seen(self, sender: Endpoint, relay: Endpoint) -> bool:
+        """True if the flow carried a packet within the NAT-rebinding guard interval."""
+
+    def state(self) -> KernelState:
+        """Every flow and learning endpoint in the node's tables (startup reconciliation)."""
