@@ -75,7 +75,7 @@ def measure(plane: DataPlane, live: int, sample: int) -> dict[str, float]:
     started = time.perf_counter()
     for media in calls:
         t0 = time.perf_counter()
-        plane.remove(media)
+        plane.remove_call(media)
         remove.append(time.perf_counter() - t0)
     remove_wall = time.perf_counter() - started
     return {
@@ -106,7 +106,7 @@ def main() -> int:
     with Lab() as lab:
         with lab.inside("relay"):
             plane = DataPlane()
-            plane.start(RELAY_IPS, PORTS)
+            plane.start(RELAY_IPS, PORTS, 60)
         try:
             live = 0
             for size in sizes:

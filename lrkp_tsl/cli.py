@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--idle-timeout",
             type=float,
-            help="media idle timeout in seconds (default: the S timeout field)",
+            help="media idle timeout in seconds (default 60)",
         )
         cmd.add_argument("--max-lifetime", type=float, help="maximum call lifetime, seconds")
         cmd.add_argument("--rules", help="nftables base table file")
@@ -105,9 +105,13 @@ def main(argv: list[str] | None = None) -> int:
             "not root: the node needs CAP_NET_ADMIN (nftables, conntrack, sysctls)"
         )
     from lrkp_tsl.daemon import serve
+    from lrkp_tsl.lock import LockedError
 
     try:
         asyncio.run(serve(node_config))
+    except LockedError as error:
+        logging.getLogger("lrkp_tsl").error("not started: %s", error.reason)
+        return EXIT_CONFIG
     except ConfigError as error:
         logging.getLogger("lrkp_tsl").error("bad configuration: %s", error.reason)
         return EXIT_CONFIG

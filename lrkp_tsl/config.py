@@ -79,7 +79,10 @@ class Config:
     state_dir: Path = Path("/var/lib/lrkp-tsl")
     log_level: str = "info"
     max_lifetime: float = 3600.0  # the module's hash_table_tout
-    idle_timeout: float | None = None  # None: the timeout field of each S
+    # One idle timeout for every call: it is the conntrack timeout policy of every relayed
+    # stream (rules/lrkp.nft). The S command's timeout field (always 60 from Kamailio) is
+    # not used.
+    idle_timeout: float = 60.0
     rules: Path = DEFAULT_RULES
     flush_on_exit: bool = False
     policy: Policy = Policy.AUTO

@@ -1,51 +1,80 @@
-"""`lrkp-tsl run`: wires config, data plane, call table and control sockets together."""
+"""`lrkp-tsl run`: wires config, lock, store, data plane, engine and sockets together.
+
+Startup order matters, and each step says why:
+1. the instance lock, before anything touches the kernel: a second node in the same
+   network namespace exits here, naming the first, and changes nothing;
+2. the state store (a bad state directory is a config error, found before the kernel);
+3. sysctls, kernel probe, the table (reloaded in place: live calls keep flowing);
+4. the conntrack event socket, before the kernel state is read, so no stream that ends
+   during the restore goes unnoticed;
+5. restore: stored calls and kernel state reconciled (engine.restore);
+6. the queue rule and the queue, the control sockets, then the self-healing check.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
-from lrkp_tsl.activity import MediaActivity
 from lrkp_tsl.config import Config
-from lrkp_tsl.control import Controller, open_control
 from lrkp_tsl.dataplane import DataPlane
+from lrkp_tsl.dataplane.ctevents import ConntrackEvents, Reaper
 from lrkp_tsl.dataplane.queue import PacketQueue, QueueRule
 from lrkp_tsl.dataplane.routes import routed_networks
-from lrkp_tsl.errors import ConfigError
-from lrkp_tsl.session import CallTable
+from lrkp_tsl.engine import Engine, Settings
+from lrkp_tsl.errors import ConfigError, StoreError
+from lrkp_tsl.lock import acquire_instance_lock
+from lrkp_tsl.protocol import NodeConfig
+from lrkp_tsl.selfheal import CHECK_INTERVAL, SelfHeal
+from lrkp_tsl.server import Server, attach_queue, open_control
+from lrkp_tsl.store import FILENAME, SqliteStore
 
 log = logging.getLogger("lrkp_tsl.daemon")
 
-DEFAULT_IDLE_TIMEOUT = 60.0  # what Kamailio always sends in S
+
+def reap_interval(idle_timeout: float) -> float:
+    """How often the kernel is made to reap expired conntrack entries: a quarter of the idle
+    timeout, 0.5-5 s. An idle call ends at most this long after its idle timeout."""
+    return min(5.0, max(0.5, idle_timeout / 4))
 
 
-def poll_interval(config: Config) -> float:
-    """How often conntrack counters are read: a quarter of the idle timeout, 0.5-5 s."""
-    idle = config.idle_timeout or DEFAULT_IDLE_TIMEOUT
-    return min(5.0, max(0.5, idle / 4))
+async def reap(reaper: Reaper, interval: float, server: Server, stop: asyncio.Event) -> None:
+    """Sweep in a worker thread (the kernel walk releases the GIL), never on the loop."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+        except TimeoutError:
+            try:
+                await loop.run_in_executor(None, reaper.sweep)
+            except Exception as exc:
+                server.stats["error.conntrack"] += 1
+                log.error("conntrack sweep failed: %s", exc)
 
 
-def readopt(plane: DataPlane, table: CallTable, config: Config) -> None:
-    """Take back the calls a previous run left relaying in the kernel (kept on exit).
+def node_config(config: Config) -> NodeConfig:
+    return NodeConfig(
+        config.ports.start,
+        config.ports.end,
+        config.ports.start,
+        str(config.internal_ip),
+        str(config.external_ip),
+    )
 
-    They restart their idle and lifetime clocks now: the node cannot know how long they
-    ran before. Flows that form no complete call are removed.
-    """
-    now = time.monotonic()
-    idle = config.idle_timeout or DEFAULT_IDLE_TIMEOUT
-    actions, orphans = table.adopt(plane.nft.installed(), idle, now)
-    for action in actions:
-        table.applied(action, now)  # the kernel already holds them
-        log.info("[%s] re-adopted from the kernel", action.call_id)
-    if orphans:
-        plane.nft.remove("(orphans)", orphans)
-        plane.conntrack.forget_keys((flow.sender, flow.relay) for flow in orphans)
-        log.warning("removed %d kernel flows that belong to no complete call", len(orphans))
-    if actions:
-        log.info("re-adopted %d live calls", len(actions))
+
+def open_store(config: Config) -> SqliteStore:
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"state_dir = {str(config.state_dir)!r}: {exc.strerror}") from None
+    try:
+        return SqliteStore(config.state_dir / FILENAME)
+    except StoreError as error:
+        raise ConfigError(f"state_dir = {str(config.state_dir)!r}: {error.reason}") from None
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
@@ -54,64 +83,97 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    cleanup: list[tuple[str, Callable[[], Any]]] = []
+    lock = acquire_instance_lock()
+    cleanup.append(("lock", lock.release))
     try:
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"state_dir = {str(config.state_dir)!r}: {exc.strerror}") from None
+        await _run(config, stop, loop, cleanup)
+    finally:
+        for what, action in reversed(cleanup):
+            try:
+                action()
+            except Exception:
+                log.exception("stopping: %s failed", what)
 
+
+async def _run(
+    config: Config,
+    stop: asyncio.Event,
+    loop: asyncio.AbstractEventLoop,
+    cleanup: list[tuple[str, Callable[[], Any]]],
+) -> None:
+    store = open_store(config)
+    cleanup.append(("store", store.close))
     plane = DataPlane(config.rules)
-    features = plane.start(config.relay_addrs, config.ports)
+    features = plane.start(config.relay_addrs, config.ports, config.idle_timeout)
+    events = ConntrackEvents()
+    cleanup.append(("conntrack events", events.close))
     routed = routed_networks()
     log.info(
         "latching %s; networks reached without the default route: %s",
         config.policy.value,
         ", ".join(map(str, routed)) or "none",
     )
-    table = CallTable(config.max_lifetime, config.policy, routed)
-    controller = Controller(config, table, plane, clock=time.monotonic)
-    readopt(plane, table, config)
+    settings = Settings(
+        config.max_lifetime, config.idle_timeout, config.policy, tuple(routed), node_config(config)
+    )
+    engine = Engine(settings, plane, store)
+    started = time.monotonic()
+    engine.restore(store.load(), plane.state(), started)
+    log.info("restore took %.3f s", time.monotonic() - started)
+    server = Server(engine, config)
     queue_rule = QueueRule(features.queue_path, config.queue_num, plane.nft)
-    queue_rule.install()
-    listeners: list[asyncio.AbstractServer | asyncio.BaseTransport] = []
-    queue: PacketQueue | None = None
-    try:
-        queue = PacketQueue(config.queue_num, controller.on_packet)
-        queue.attach(loop)
-        for address in config.control:
-            try:
-                listeners.append(await open_control(address, controller, config))
-            except OSError as exc:
-                raise ConfigError(
-                    f"control = {str(address)!r}: cannot listen: {exc.strerror}"
-                ) from None
-            log.info("control: listening on %s", address)
-        log.info(
-            "node up: internal %s, external %s, ports %s, allow %s",
-            config.internal_ip,
-            config.external_ip,
-            config.ports,
-            ", ".join(map(str, config.allow)),
-        )
-        activity = MediaActivity()
-        interval = poll_interval(config)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval)
-            if len(table):
-                activity.observe(plane.conntrack.entries(), table, time.monotonic())
-                controller.expire()
-    finally:
-        for listener in listeners:
-            listener.close()
-        if queue is not None:
-            queue.close()
-        for held in controller.held.values():
-            for item in held:
-                item.packet.drop()
-        queue_rule.remove()
+
+    def shutdown_kernel() -> None:
+        if config.flush_on_exit:
+            queue_rule.remove()
         log.info(
             "stopping: %d live calls; counters: %s",
-            len(table),
-            ", ".join(f"{k}={v}" for k, v in sorted(controller.stats.items())) or "none",
+            len(engine.table),
+            ", ".join(f"{k}={v}" for k, v in sorted(engine.stats.items())) or "none",
         )
         plane.shutdown(flush=config.flush_on_exit)
+
+    cleanup.append(("kernel state", shutdown_kernel))
+    queue_rule.install()
+    queue: PacketQueue = attach_queue(server, config.queue_num, loop)
+    cleanup.append(("queue", queue.close))
+    cleanup.append(("held packets", server.shutdown))
+    loop.add_reader(events.fileno(), server.on_events, events)
+    cleanup.append(("events reader", lambda: loop.remove_reader(events.fileno())))
+    for address in config.control:
+        try:
+            listener = await open_control(address, server)
+        except OSError as exc:
+            raise ConfigError(
+                f"control = {str(address)!r}: cannot listen: {exc.strerror}"
+            ) from None
+        cleanup.append((f"control {address}", listener.close))
+        log.info("control: listening on %s", address)
+    server.attach(loop)
+    heal = SelfHeal(
+        plane,
+        queue_rule,
+        engine,
+        lambda: plane.load(config.relay_addrs, config.ports, config.idle_timeout),
+    )
+    cleanup.append(("self-healing", heal.close))
+    heal.arm()
+    reaper = Reaper()
+    cleanup.append(("conntrack reaper", reaper.close))
+    reaping = asyncio.create_task(reap(reaper, reap_interval(config.idle_timeout), server, stop))
+    cleanup.append(("conntrack reaper task", reaping.cancel))
+    log.info(
+        "node up: internal %s, external %s, ports %s, allow %s, %d calls",
+        config.internal_ip,
+        config.external_ip,
+        config.ports,
+        ", ".join(map(str, config.allow)),
+        len(engine.table),
+    )
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=CHECK_INTERVAL)
+        except TimeoutError:
+            server.guarded("self-healing", heal.check, time.monotonic())
+    await reaping  # stop is set: it ends after the sweep in flight, if any

@@ -52,7 +52,7 @@ def main() -> int:
         print(f"lab {lab.tag}: relay internal {INTERNAL_IP}, external {EXTERNAL_IP}")
         with lab.inside("relay"):
             plane = DataPlane()
-            plane.start([INTERNAL_IP, EXTERNAL_IP], PortRange(20000, 40000))
+            plane.start([INTERNAL_IP, EXTERNAL_IP], PortRange(20000, 40000), 60)
         media = CallMedia(
             CALL_ID,
             caller=Endpoint(address("a"), 4000),

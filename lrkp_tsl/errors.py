@@ -36,3 +36,9 @@ class ConfigError(LrkpError):
     """The node's configuration is unusable; the reason names the key, the value and why."""
 
     code = "config"
+
+
+class StoreError(LrkpError):
+    """The state store could not record a change (disk, permissions, corruption)."""
+
+    code = "store"

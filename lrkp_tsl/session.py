@@ -12,9 +12,8 @@ Rules:
 - Relay ports belong to one call. An `S` whose relay ports belong to another live call
   replaces that call: Kamailio allocated them anew, so the older call is stale (newest
   wins, and the reason is logged).
-- A call with no media in either direction for its idle timeout (the `S` timeout field,
-  or the node's override) is removed; so is every call at its maximum lifetime. Kamailio
-  5.6 never sends `D`, so expiry is what frees its calls.
+- When a call ends by time (idle, maximum lifetime) is the engine's business (engine.py):
+  this table only turns "end it" into the kernel change (`on_expire`).
 - Each leg (one party, one stream) has a latched address, learned from its first packet
   as the latching policy allows (latching.py). A stream's two flows exist in the kernel
   once both of its legs are latched; until then the call's relay endpoints are *learning*
@@ -32,6 +31,7 @@ from enum import Enum
 from ipaddress import IPv4Network
 
 from lrkp_tsl.errors import MediaError
+from lrkp_tsl.kernel import EMPTY, KernelView
 from lrkp_tsl.latching import Policy, Rule, initial
 from lrkp_tsl.media import (
     RTCP_PORT_OFFSET,
@@ -42,16 +42,19 @@ from lrkp_tsl.media import (
     Stream,
 )
 
-
-@dataclass(frozen=True, slots=True)
-class KernelView:
-    """What the kernel holds for one call: its flows and its learning relay endpoints."""
-
-    flows: frozenset[Flow] = frozenset()
-    learning: frozenset[Endpoint] = frozenset()
-
-
-EMPTY = KernelView()
+__all__ = [
+    "EMPTY",
+    "Call",
+    "CallTable",
+    "KernelView",
+    "Leg",
+    "PacketDecision",
+    "PacketEvent",
+    "Reason",
+    "Sync",
+    "Verdict",
+    "rebuild",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +73,6 @@ class Call:
     media: CallMedia
     idle_timeout: float
     started: float
-    last_media: float  # last time media was seen, or when the call was (re)committed
     caller: tuple[Leg, Leg]  # RTP, RTCP
     callee: tuple[Leg, Leg]
 
@@ -96,13 +98,6 @@ class Call:
     def relay_endpoints(self) -> frozenset[Endpoint]:
         return self.media.relay_endpoints()
 
-    def expiry(self, max_lifetime: float) -> tuple[float, str]:
-        idle_at = self.last_media + self.idle_timeout
-        end_at = self.started + max_lifetime
-        if end_at <= idle_at:
-            return end_at, f"reached the maximum lifetime of {max_lifetime:g} s"
-        return idle_at, f"no media for {self.idle_timeout:g} s"
-
     def with_leg(self, old: Leg, new: Leg) -> Call:
         def swap(legs: tuple[Leg, Leg]) -> tuple[Leg, Leg]:
             first, second = legs
@@ -111,18 +106,47 @@ class Call:
         return replace(self, caller=swap(self.caller), callee=swap(self.callee))
 
 
+class Reason(Enum):
+    """Why a call's kernel state changes: counted, and the start of its log line."""
+
+    RELAYING = "relaying"  # a new call (S)
+    UPDATED = "updated"  # S with other addresses for a live call (183 then 200, re-INVITE)
+    LEARNED = "learned"  # a leg's address learned from its first packet
+    RELEARNED = "relearned"  # a latched leg moved (NAT rebinding)
+    REPLACED = "replaced"  # another call's S took its relay ports (newest wins)
+    DELETED = "deleted"  # D from the controlling layer
+    IDLE = "idle"  # no media for the idle timeout
+    LIFETIME = "lifetime"  # reached the maximum lifetime
+    ADOPTED = "adopted"  # found in the kernel with no stored record (startup)
+
+
 @dataclass(frozen=True, slots=True)
 class Sync:
-    """Make the kernel hold `call`'s view instead of `before` (call None: remove it)."""
+    """Make the kernel hold `call`'s view instead of `before` (call None: remove it).
+
+    `detail` completes the reason for humans (the call that took the ports, the timeout).
+    """
 
     call_id: str
     before: KernelView
     call: Call | None
-    reason: str
+    reason: Reason
+    detail: str = ""
 
     @property
     def after(self) -> KernelView:
         return EMPTY if self.call is None else self.call.view()
+
+    def describe(self) -> str:
+        """The reason as the log line says it."""
+        text = {
+            Reason.REPLACED: "relay ports reassigned to call {} (newest wins)",
+            Reason.DELETED: "deleted by the controlling layer (D)",
+            Reason.IDLE: "no media for {}",
+            Reason.LIFETIME: "reached the maximum lifetime of {}",
+            Reason.ADOPTED: "adopted from the kernel (no stored record)",
+        }.get(self.reason, self.reason.value + "{}")
+        return text.format(self.detail)
 
 
 Action = Sync
@@ -134,11 +158,22 @@ class Verdict(Enum):
     DROP = "drop"
 
 
+class PacketEvent(Enum):
+    """What a queued first packet turned out to be (counted; learned ones logged)."""
+
+    NONE = "none"  # a known sender whose flow exists by now (raced with its own commit)
+    LEARNED = "learned"
+    RELEARNED = "relearned"
+    HELD = "held"  # a known sender waiting for the other party
+    STRANGER = "stranger"  # not allowed to speak for any leg of the call
+    NO_CALL = "no-call"  # the relay endpoint belongs to no call (any more)
+
+
 @dataclass(frozen=True, slots=True)
 class PacketDecision:
     verdict: Verdict
     actions: list[Action] = field(default_factory=list)
-    event: str = ""  # learned, relearned, held, stranger, no-call (for counters and logs)
+    event: PacketEvent = PacketEvent.NONE
 
 
 def _legs_for(
@@ -199,60 +234,42 @@ class CallTable:
         existing = self._calls.get(media.call_id)
         if existing is not None and existing.media == media:
             return []
-        taken = sorted(
-            {
-                owner
-                for endpoint in media.relay_endpoints()
-                if (owner := self._owner.get(endpoint)) not in (None, media.call_id)
-            }
-        )
         actions: list[Action] = [
-            Sync(
-                owner,
-                self._calls[owner].view(),
-                None,
-                f"relay ports reassigned to call {media.call_id!r} (newest wins)",
-            )
-            for owner in taken
+            Sync(owner, self._calls[owner].view(), None, Reason.REPLACED, repr(media.call_id))
+            for owner in self.claimed(media)
         ]
         caller, callee = _legs_for(media, self.policy, self.routed)
         if existing is None:
-            call = Call(media, idle_timeout, now, now, caller, callee)
-            actions.append(Sync(media.call_id, EMPTY, call, "relaying"))
+            call = Call(media, idle_timeout, now, caller, callee)
+            actions.append(Sync(media.call_id, EMPTY, call, Reason.RELAYING))
         else:
             call = Call(
                 media,
                 idle_timeout,
                 existing.started,
-                now,
                 _keep_learned(existing.caller, caller),
                 _keep_learned(existing.callee, callee),
             )
-            actions.append(Sync(media.call_id, existing.view(), call, "updated"))
+            actions.append(Sync(media.call_id, existing.view(), call, Reason.UPDATED))
         return actions
 
     def on_delete(self, call_id: str) -> list[Action]:
         call = self._calls.get(call_id)
         if call is None:
             return []
-        return [Sync(call_id, call.view(), None, "deleted by the controlling layer (D)")]
+        return [Sync(call_id, call.view(), None, Reason.DELETED)]
 
-    def on_timer(self, now: float) -> list[Action]:
-        actions: list[Action] = []
-        for call in self._calls.values():
-            at, reason = call.expiry(self.max_lifetime)
-            if at <= now:
-                actions.append(Sync(call.call_id, call.view(), None, reason))
-        return actions
-
-    def next_deadline(self) -> float | None:
-        return min((c.expiry(self.max_lifetime)[0] for c in self._calls.values()), default=None)
+    def on_expire(self, call_id: str, reason: Reason, detail: str = "") -> list[Action]:
+        """End a call for a reason the engine decided (idle, lifetime)."""
+        call = self._calls.get(call_id)
+        if call is None:
+            return []
+        return [Sync(call_id, call.view(), None, reason, detail)]
 
     def on_packet(
         self,
         source: Endpoint,
         relay: Endpoint,
-        now: float,
         silent: Callable[[Endpoint, Endpoint], bool],
     ) -> PacketDecision:
         """A packet from `source` to a learning `relay` endpoint reached userspace.
@@ -264,26 +281,30 @@ class CallTable:
         call_id = self._owner.get(relay)
         call = self._calls.get(call_id) if call_id is not None else None
         if call is None:
-            return PacketDecision(Verdict.DROP, event="no-call")
+            return PacketDecision(Verdict.DROP, event=PacketEvent.NO_CALL)
         candidates = [leg for leg in call.legs() if leg.relay == relay]
         leg = next((c for c in candidates if c.latched == source), None)
-        event = ""
         if leg is None:
             leg = self._learner(candidates, source, silent)
             if leg is None:
-                return PacketDecision(Verdict.DROP, event="stranger")
-            event = "learned" if leg.latched is None else "relearned"
+                return PacketDecision(Verdict.DROP, event=PacketEvent.STRANGER)
+            relearned = leg.latched is not None
             learned = replace(leg, latched=source)
             call = call.with_leg(leg, learned)
-            leg = learned
-        peer = self._peer(call, leg)
-        verdict = Verdict.ACCEPT if peer.latched is not None else Verdict.HOLD
-        if not event:
-            # A known sender whose flows wait for the other party: nothing to change.
-            return PacketDecision(verdict, event="held" if verdict is Verdict.HOLD else "")
-        current = self._calls[call.call_id]
-        sync = Sync(call.call_id, current.view(), replace(call, last_media=now), event)
-        return PacketDecision(verdict, [sync], event)
+            peer = self._peer(call, learned)
+            verdict = Verdict.ACCEPT if peer.latched is not None else Verdict.HOLD
+            event, reason = (
+                (PacketEvent.RELEARNED, Reason.RELEARNED)
+                if relearned
+                else (PacketEvent.LEARNED, Reason.LEARNED)
+            )
+            current = self._calls[call.call_id]
+            sync = Sync(call.call_id, current.view(), call, reason, f" {source} at {relay}")
+            return PacketDecision(verdict, [sync], event)
+        # A known sender: its flows exist, or wait for the other party. Nothing to change.
+        if self._peer(call, leg).latched is None:
+            return PacketDecision(Verdict.HOLD, event=PacketEvent.HELD)
+        return PacketDecision(Verdict.ACCEPT)
 
     @staticmethod
     def _learner(
@@ -312,15 +333,8 @@ class CallTable:
 
     # -- state changes ----------------------------------------------------------------------
 
-    def on_media(self, call_id: str, now: float) -> None:
-        """Media was seen for `call_id` (either direction, any stream) at `now`."""
-        call = self._calls.get(call_id)
-        if call is not None and now > call.last_media:
-            self._calls[call_id] = replace(call, last_media=now)
-
-    def applied(self, action: Action, now: float) -> None:
+    def applied(self, action: Action) -> None:
         """Record that the kernel now holds what `action` asked."""
-        del now
         existing = self._calls.get(action.call_id)
         if existing is not None:
             for endpoint in existing.relay_endpoints():
@@ -333,17 +347,14 @@ class CallTable:
         for endpoint in action.call.relay_endpoints():
             self._owner[endpoint] = action.call_id
 
-    def adopt(
-        self, flows: Iterable[InstalledFlow], idle_timeout: float, now: float
-    ) -> tuple[list[Action], list[InstalledFlow]]:
-        """Calls rebuilt from the flows a previous run left in the kernel, and the orphans.
-
-        See `rebuild`. Adopted legs are latched where the kernel had them and learn no
-        more (the policy state of the previous run is not known).
-        """
-        calls, orphans = rebuild(flows, idle_timeout, now)
-        return [Sync(call.call_id, EMPTY, call, "re-adopted from the kernel") for call in calls], (
-            orphans
+    def claimed(self, media: CallMedia) -> list[str]:
+        """Call-IDs of other calls owning any of `media`'s relay endpoints."""
+        return sorted(
+            {
+                owner
+                for endpoint in media.relay_endpoints()
+                if (owner := self._owner.get(endpoint)) not in (None, media.call_id)
+            }
         )
 
 
@@ -406,4 +417,4 @@ def _rebuild_one(
         leg(Stream.RTP, rtp.target, rtp.relay_out),
         leg(Stream.RTCP, rtcp.target, rtcp.relay_out),
     )
-    return Call(media, idle_timeout, now, now, caller, callee)
+    return Call(media, idle_timeout, now, caller, callee)

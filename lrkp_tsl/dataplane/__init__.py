@@ -1,13 +1,14 @@
 """The kernel fast path: nftables maps for NAT, conntrack for relaying, one adapter each.
 
-`DataPlane` is the one object the rest of the node talks to. All of its sockets belong to
-the network namespace it was created in.
+`DataPlane` is the one object the rest of the node talks to, and the real implementation
+of the engine's `Kernel` interface (kernel.py). All of its sockets belong to the network
+namespace it was created in.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -16,8 +17,8 @@ from lrkp_tsl.dataplane.conntrack import ConntrackTable
 from lrkp_tsl.dataplane.nft import NftTable
 from lrkp_tsl.dataplane.probe import KernelFeatures, probe_kernel
 from lrkp_tsl.defaults import DEFAULT_RULES
-from lrkp_tsl.media import CallMedia, PortRange
-from lrkp_tsl.session import KernelView
+from lrkp_tsl.kernel import KernelState, KernelView, StreamKey
+from lrkp_tsl.media import CallMedia, Endpoint, InstalledFlow, PortRange
 
 log = logging.getLogger("lrkp_tsl.dataplane")
 
@@ -35,46 +36,76 @@ class DataPlane:
         self.conntrack = ConntrackTable()
         self.features: KernelFeatures | None = None
 
-    def start(self, relay_addrs: Sequence[IPv4Address], ports: PortRange) -> KernelFeatures:
+    def start(
+        self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle_timeout: float
+    ) -> KernelFeatures:
         """Set the sysctls, probe the kernel and load the table (keeping live calls)."""
         sysctl.apply_required()
         self.features = probe_kernel()
         log.info("kernel: %s", self.features.describe())
-        self.nft.load(relay_addrs, ports)
+        self.load(relay_addrs, ports, idle_timeout)
+        return self.features
+
+    def load(self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle: float) -> None:
+        self.nft.load(relay_addrs, ports, idle)
         log.info(
-            "table ip lrkp loaded from %s: relay addresses %s, ports %s",
+            "table ip lrkp loaded from %s: relay addresses %s, ports %s, idle timeout %g s",
             self.nft.rules_path,
             ", ".join(map(str, relay_addrs)),
             ports,
+            idle,
         )
-        return self.features
 
-    def sync(self, call_id: str, before: KernelView, after: KernelView) -> None:
-        """Make the kernel hold `after` for a call that held `before`, in one transaction.
+    # -- the engine's Kernel interface --------------------------------------------------------
 
-        Order matters: the new elements go in first, then the conntrack entries of every
-        changed flow are deleted, so the next packet of each stream creates an entry with
-        the new binding. A packet between the two steps still rides the old entry; none
-        can pick up a binding that no longer exists.
-        """
-        removed = before.flows - after.flows
-        added = after.flows - before.flows
+    def change(self, call_id: str, before: KernelView, after: KernelView) -> None:
         self.nft.change(
             call_id,
-            add=added,
-            delete=removed,
+            add=after.flows - before.flows,
+            delete=before.flows - after.flows,
             learn=after.learning - before.learning,
             unlearn=before.learning - after.learning,
         )
-        if removed or added:
-            self.conntrack.forget((*removed, *added))
+
+    def install(self, views: Iterable[tuple[str, KernelView]]) -> None:
+        self.nft.install((call_id, view.flows, view.learning) for call_id, view in views)
+
+    def remove(self, flows: Iterable[InstalledFlow], learning: Iterable[Endpoint]) -> None:
+        self.nft.change("(no call)", delete=flows, unlearn=learning)
+
+    def forget(self, keys: Iterable[StreamKey]) -> None:
+        self.conntrack.forget_keys(keys)
+
+    def alive(self, keys: Iterable[StreamKey]) -> Mapping[StreamKey, float]:
+        return self.conntrack.alive(keys)
+
+    def is_seen(self, sender: Endpoint, relay: Endpoint) -> bool:
+        return self.nft.is_seen(sender, relay)
+
+    def state(self) -> KernelState:
+        return KernelState(tuple(self.nft.installed()), self.nft.learning())
+
+    # -- whole calls, for tests and benchmarks --------------------------------------------------
+
+    def sync(self, call_id: str, before: KernelView, after: KernelView) -> None:
+        """`change`, then delete the conntrack entries of every changed flow.
+
+        Order matters: the new elements go in first, then the entries go, so the next
+        packet of each stream creates an entry with the new binding. A packet between the
+        two steps still rides the old entry; none can pick up a binding that no longer
+        exists. (The engine does the same two steps itself, to tell their failures apart.)
+        """
+        self.change(call_id, before, after)
+        changed = before.flows ^ after.flows
+        if changed:
+            self.conntrack.forget(changed)
 
     def commit(self, media: CallMedia, previous: CallMedia | None = None) -> None:
         """Relay `media` between its SDP addresses as given (no learning), replacing
         `previous` (the same call's old addresses)."""
         self.sync(media.call_id, fixed_view(previous), fixed_view(media))
 
-    def remove(self, media: CallMedia) -> None:
+    def remove_call(self, media: CallMedia) -> None:
         """Stop relaying `media` at once: elements out, then its streams' entries deleted."""
         self.sync(media.call_id, fixed_view(media), KernelView())
 

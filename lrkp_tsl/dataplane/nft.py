@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -29,6 +30,11 @@ TABLE = "lrkp"
 FLOW_MAPS = ("dnat_to", "snat_to")
 # nftables keeps at most 128 bytes of comment per element.
 COMMENT_MAX = 128
+IDLE_POLICY = "relay_idle"
+# Elements per transaction when many calls go in at once (restart, reinstall): big enough
+# to amortise the transaction, small enough to keep one failure's blast radius bounded.
+INSTALL_BATCH = 4096
+_POLICY = re.compile(r"policy = \{[^}]*\}")
 
 
 def element_comment(call_id: str) -> str:
@@ -88,31 +94,48 @@ class NftTable:
             raise KernelError(f"{what}: nft said: {error.strip()}")
         return str(output)
 
-    def load(self, relay_addrs: Sequence[IPv4Address], ports: PortRange) -> None:
+    def load(
+        self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle_timeout: float
+    ) -> None:
         """Install or refresh the table in one transaction, keeping existing map elements.
 
-        `flush table` empties the chains but keeps sets and maps with their elements; the
-        file then re-adds the rules. Relay addresses and ports are replaced from config.
+        `flush table` empties the chains but keeps sets and maps with their elements (live
+        calls keep flowing through a reload); the file then re-adds the rules. Relay
+        addresses and ports are replaced from config; the `relay_idle` conntrack timeout
+        policy is set to `idle_timeout`. That object is replaced only when its value
+        changes: deleting it strips the policy from every live conntrack entry.
         """
         try:
             rules = self.rules_path.read_text()
         except OSError as exc:
             raise KernelError(f"cannot read nftables rules {self.rules_path}: {exc}") from exc
+        seconds = max(1, round(idle_timeout))
+        policy = f"policy = {{ unreplied : {seconds}, replied : {seconds} }}"
+        rules = _POLICY.sub(policy, rules, count=1)
+        current = self.idle_policy()
         addrs = ", ".join(str(a) for a in relay_addrs)
-        batch = "\n".join(
-            [
-                f"add table {FAMILY} {TABLE}",
-                f"flush table {FAMILY} {TABLE}",
-                rules,
-                f"flush set {FAMILY} {TABLE} relay_addrs",
-                f"flush set {FAMILY} {TABLE} relay_ports",
-                # Re-adopted calls keep their latched flows but learn no more.
-                f"flush set {FAMILY} {TABLE} learning",
-                f"add element {FAMILY} {TABLE} relay_addrs {{ {addrs} }}",
-                f"add element {FAMILY} {TABLE} relay_ports {{ {ports.start}-{ports.end} }}",
-            ]
-        )
-        self.run_text(batch, f"loading {self.rules_path}")
+        batch = [f"add table {FAMILY} {TABLE}", f"flush table {FAMILY} {TABLE}"]
+        if current is not None and current != seconds:
+            batch.append(f"delete ct timeout {FAMILY} {TABLE} {IDLE_POLICY}")
+        batch += [
+            rules,
+            f"flush set {FAMILY} {TABLE} relay_addrs",
+            f"flush set {FAMILY} {TABLE} relay_ports",
+            f"add element {FAMILY} {TABLE} relay_addrs {{ {addrs} }}",
+            f"add element {FAMILY} {TABLE} relay_ports {{ {ports.start}-{ports.end} }}",
+        ]
+        self.run_text("\n".join(batch), f"loading {self.rules_path}")
+
+    def idle_policy(self) -> int | None:
+        """The `relay_idle` timeout in the kernel (seconds), or None if there is none.
+
+        Read as text: libnftables 1.0.6 aborts the process on a JSON list of a ct timeout.
+        """
+        rc, output, _error = self._text.cmd(f"list ct timeout {FAMILY} {TABLE} {IDLE_POLICY}")
+        if rc != 0:
+            return None
+        found = re.search(r"unreplied : (\d+)", str(output))
+        return int(found.group(1)) if found else None
 
     def exists(self) -> bool:
         rc, _output, _error = self._text.cmd(f"list table {FAMILY} {TABLE}")
@@ -148,6 +171,19 @@ class NftTable:
                     )
                 ] = (Endpoint(IPv4Address(data_ip), int(data_port)), comment)
         return elements
+
+    def learning(self) -> frozenset[Endpoint]:
+        """The relay endpoints in the `learning` set, read back from the kernel."""
+        rc, output, error = self._json.cmd(f"list set {FAMILY} {TABLE} learning")
+        if rc != 0:
+            raise KernelError(f"reading set learning: nft said: {error.strip()}")
+        found = set()
+        for item in json.loads(output)["nftables"]:
+            for elem in item.get("set", {}).get("elem", []):
+                value = elem["elem"]["val"] if isinstance(elem, dict) and "elem" in elem else elem
+                ip, port = value["concat"]
+                found.add(Endpoint(IPv4Address(ip), int(port)))
+        return frozenset(found)
 
     def flow_keys(self) -> list[tuple[Endpoint, Endpoint]]:
         """(sender, relay) of every flow in the table, read back from the kernel."""
@@ -228,6 +264,21 @@ class NftTable:
     def remove(self, call_id: str, flows: Sequence[Flow | InstalledFlow]) -> int:
         """Remove `flows`; returns how many elements were already missing."""
         return self.change(call_id, delete=flows)
+
+    def install(self, calls: Iterable[tuple[str, Iterable[Flow], Iterable[Endpoint]]]) -> None:
+        """Add the flows and learning endpoints of many calls, INSTALL_BATCH elements per
+        transaction. Adding an element that exists with the same data changes nothing."""
+        commands: list[dict[str, Any]] = []
+        size = 0
+        for call_id, flows, learning in calls:
+            flows, learning = list(flows), list(learning)
+            commands += add_commands(call_id, flows)
+            commands += endpoint_commands("add", "learning", learning, element_comment(call_id))
+            size += 2 * len(flows) + len(learning)
+            if size >= INSTALL_BATCH:
+                self.transaction(commands, f"installing {size} elements")
+                commands, size = [], 0
+        self.transaction(commands, f"installing {size} elements")
 
     def is_seen(self, sender: Endpoint, relay: Endpoint) -> bool:
         """True if the flow carried a packet within the guard interval (set `seen`)."""

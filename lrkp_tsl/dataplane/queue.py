@@ -15,6 +15,7 @@ queue and keep flowing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import struct
@@ -26,6 +27,7 @@ from ipaddress import IPv4Address
 from netfilterqueue import NetfilterQueue, Packet
 
 from lrkp_tsl.dataplane.nft import FAMILY, TABLE, NftTable
+from lrkp_tsl.dataplane.nftwatch import RulesetWatch
 from lrkp_tsl.errors import KernelError
 from lrkp_tsl.media import Endpoint
 
@@ -47,13 +49,19 @@ def xt_rule(queue_num: int) -> list[str]:
 
 
 def parse_udp(payload: bytes) -> tuple[Endpoint, Endpoint] | None:
-    """(source, destination) of an IPv4 UDP packet, or None (struct: this is the hot path)."""
+    """(source, destination) of an IPv4 UDP packet, or None for anything else: not IPv4
+    UDP, truncated, a bad header length, a non-first fragment (no UDP header in it), a
+    zero port. Never raises (struct: this is the hot path)."""
     if len(payload) < 28 or payload[0] >> 4 != 4 or payload[9] != IPPROTO_UDP:
         return None
     header = (payload[0] & 0x0F) * 4
-    if len(payload) < header + 8:
+    if header < 20 or len(payload) < header + 8:
+        return None
+    if int.from_bytes(payload[6:8]) & 0x1FFF:
         return None
     sport, dport = struct.unpack_from("!HH", payload, header)
+    if not sport or not dport:
+        return None
     return (
         Endpoint(IPv4Address(payload[12:16]), sport),
         Endpoint(IPv4Address(payload[16:20]), dport),
@@ -105,6 +113,13 @@ class QueueRule:
             "nft queue" if self.path == "nft" else "xt NFQUEUE (iptables-nft, table raw)",
         )
 
+    def present(self, watch: RulesetWatch) -> bool:
+        """Whether the rule is still there (the nft chain is part of the node's table,
+        which the caller watches as a whole)."""
+        if self.path == "nft":
+            return True
+        return watch.has_rule("ip", "raw", "PREROUTING", XT_COMMENT.encode())
+
     def remove(self) -> None:
         """Remove only the rule this node installed (the nft chain goes with our table)."""
         if self.path == "xt":
@@ -115,7 +130,12 @@ class QueueRule:
 
 
 class PacketQueue:
-    """Our NFQUEUE, read in the asyncio loop; `on_packet` gives every verdict."""
+    """Our NFQUEUE, read in the asyncio loop; `on_packet` gives every verdict.
+
+    A packet that cannot be parsed is dropped here and counted; if `on_packet` raises,
+    the packet is dropped too: a packet without a verdict would hold one of the queue's
+    QUEUE_MAXLEN slots until the node exits, and a full queue stops all learning.
+    """
 
     def __init__(
         self, queue_num: int, on_packet: Callable[[Packet, Endpoint, Endpoint], None]
@@ -123,6 +143,7 @@ class PacketQueue:
         self.queue_num = queue_num
         self.on_packet = on_packet
         self.malformed = 0
+        self.failed = 0
         self._queue = NetfilterQueue()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # rcvbuf clamp: logged below
@@ -137,12 +158,19 @@ class PacketQueue:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _callback(self, packet: Packet) -> None:
-        parsed = parse_udp(packet.get_payload())
-        if parsed is None:
-            self.malformed += 1
-            packet.drop()
-            return
-        self.on_packet(packet, *parsed)
+        try:
+            parsed = parse_udp(packet.get_payload())
+            if parsed is None:
+                self.malformed += 1
+                packet.drop()
+                return
+            self.on_packet(packet, *parsed)
+        except Exception:
+            self.failed += 1
+            if self.failed == 1 or self.failed % 1000 == 0:
+                log.exception("queued packet dropped after an error (%d so far)", self.failed)
+            with contextlib.suppress(Exception):
+                packet.drop()  # harmless if it already had its verdict
 
     def _readable(self) -> None:
         self._queue.run(block=False)

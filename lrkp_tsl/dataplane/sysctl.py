@@ -20,7 +20,13 @@ REQUIRED = {
     ),
     "net.netfilter.nf_conntrack_acct": (
         "1",
-        "per-stream packet counters (media activity, idle expiry, lrkp-ctl)",
+        "per-stream packet and byte counters (lrkp-ctl, call summaries)",
+    ),
+    "net.netfilter.nf_conntrack_events": (
+        "1",
+        "every conntrack entry reports its end (idle expiry is pushed by the kernel); the "
+        "default 2 gives events only to entries created while a listener exists, which "
+        "misses streams that started while the node was restarting",
     ),
 }
 

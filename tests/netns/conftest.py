@@ -37,7 +37,7 @@ def dataplane(lab: Lab) -> Iterator[DataPlane]:
     """A started data plane in the relay namespace, removed after the test."""
     with lab.inside("relay"):
         plane = DataPlane()
-        plane.start([INTERNAL_IP, EXTERNAL_IP], PORTS)
+        plane.start([INTERNAL_IP, EXTERNAL_IP], PORTS, 60)
     try:
         yield plane
     finally:

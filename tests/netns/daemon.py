@@ -19,11 +19,13 @@ LRKP_TSL = [sys.executable, "-m", "lrkp_tsl.cli"]
 class Node:
     """`lrkp-tsl run` in a lab host's namespace, stopped (and its output kept) at exit."""
 
-    def __init__(self, lab: Lab, host: str, *args: str) -> None:
+    def __init__(self, lab: Lab, host: str, *args: str, state: Path | None = None) -> None:
+        """`state`: the state directory of an earlier node, to restart it."""
         self.lab = lab
         self.host = host
-        self.state = Path(tempfile.mkdtemp(prefix="lrkp-state-"))
-        self.log = self.state / "node.log"
+        self.args = args
+        self.state = state or Path(tempfile.mkdtemp(prefix="lrkp-state-"))
+        self.log = self.state / f"node-{time.monotonic_ns()}.log"
         argv = [
             "ip",
             "netns",
@@ -62,6 +64,11 @@ class Node:
                 self.proc.wait()
         self._log_file.close()
         return self.proc.returncode
+
+    def restart(self, sig: int = signal.SIGTERM) -> Node:
+        """Stop this node with `sig` and start a new one with the same arguments and state."""
+        self.stop(sig)
+        return Node(self.lab, self.host, *self.args, state=self.state)
 
     def close(self) -> None:
         """Stop the node and clear what it left in its namespace, for the next test."""

@@ -124,7 +124,7 @@ def test_remove_stops_relaying_at_once(dataplane: DataPlane, peers: Peers) -> No
     dataplane.commit(media)
     exchange(caller, callee, media, b"live")
     assert dataplane.conntrack.entries_to(media.caller_relay)
-    dataplane.remove(media)
+    dataplane.remove_call(media)
     assert dataplane.conntrack.entries_to(media.caller_relay) == []
     assert dataplane.conntrack.entries_to(media.callee_relay) == []
     caller.send(media.caller_relay, b"after")
@@ -208,7 +208,7 @@ def test_reload_keeps_live_calls(dataplane: DataPlane, lab: Lab, peers: Peers) -
     exchange(caller, callee, media, b"before")
     with lab.inside("relay"):
         restarted = DataPlane()
-        restarted.start([INTERNAL_IP, EXTERNAL_IP], PORTS)
+        restarted.start([INTERNAL_IP, EXTERNAL_IP], PORTS, 60)
     restarted.close()
     exchange(caller, callee, media, b"after")
     assert dataplane.nft.listing().count("jump relay_port") == 1
@@ -257,5 +257,5 @@ def test_ten_thousand_calls_commit_and_remove(dataplane: DataPlane) -> None:
         assert f'comment "call-{index}@scale"' in listing
     assert len(dataplane.nft.flow_keys()) == 40_000
     for media in calls:
-        dataplane.remove(media)
+        dataplane.remove_call(media)
     assert dataplane.nft.flow_keys() == []

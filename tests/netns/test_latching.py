@@ -18,8 +18,9 @@ import pytest
 from lrkp_tsl.dataplane.nft import TABLE
 from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab, address
 from lrkp_tsl.media import Endpoint
-from tests.netns.daemon import Controller, Node, set_command
-from tests.netns.helpers import Party, Peers
+from tests.netns.calls import Call, burst
+from tests.netns.daemon import Controller, Node
+from tests.netns.helpers import Peers
 
 CONTROL = (str(INTERNAL_IP), 22333)
 GUARD = 5.0  # the `seen` set timeout in rules/lrkp.nft
@@ -49,40 +50,6 @@ def kamailio(lab: Lab, node: Node) -> Iterator[Controller]:
     client = Controller(lab, "sip", "10.201.1.5")
     yield client
     client.close()
-
-
-class Call:
-    """A call set up with `S`; the relay endpoints each party was told to use."""
-
-    def __init__(
-        self,
-        kamailio: Controller,
-        caller: Party,
-        callee: Party,
-        port: int,
-        call_id: str,
-        caller_side: str = "int",
-        callee_side: str = "int",
-        caller_sdp: Endpoint | None = None,
-    ) -> None:
-        relay_ip = {"int": str(INTERNAL_IP), "ext": str(EXTERNAL_IP)}
-        self.caller_relay = Endpoint.parse(relay_ip[caller_side], port + 2)
-        self.callee_relay = Endpoint.parse(relay_ip[callee_side], port)
-        sdp = caller_sdp or caller.endpoint
-        body = set_command(
-            "S", str(sdp.ip), str(self.callee_relay.ip), str(self.caller_relay.ip),
-            str(callee.endpoint.ip), sdp.port, port, port + 2, callee.endpoint.port, call_id,
-        )  # fmt: skip
-        assert kamailio.command(body, CONTROL) == body + b"OK"
-
-
-def burst(
-    sender: Party, to: Endpoint, receiver: Party, expect_from: Endpoint, count: int, tag: bytes
-) -> None:
-    """`count` packets, each delivered exactly once, in order, from `expect_from`."""
-    for seq in range(count):
-        sender.send(to, b"%s-%d" % (tag, seq))
-        assert receiver.expect(b"%s-%d" % (tag, seq)) == expect_from, (tag, seq)
 
 
 def nat_mapping(lab: Lab, box: str, inside: Endpoint) -> Endpoint:

@@ -14,7 +14,7 @@ def test_defaults_need_only_the_internal_ip() -> None:
     assert config.external_ip == IPv4Address("192.0.2.10")
     assert [str(c) for c in config.control] == ["udp:127.0.0.1:22333"]
     assert str(config.ports) == "20000-40000"
-    assert config.max_lifetime == 3600 and config.idle_timeout is None
+    assert config.max_lifetime == 3600 and config.idle_timeout == 60
     assert config.relay_addrs == (IPv4Address("192.0.2.10"),)
 
 

@@ -17,6 +17,10 @@ PURE = [
     "config",
     "errors",
     "defaults",
+    "engine",
+    "kernel",
+    "records",
+    "schedule",
 ]
 FORBIDDEN = {
     "socket",
@@ -27,8 +31,10 @@ FORBIDDEN = {
     "netfilterqueue",
     "pyroute2",
     "lrkp_tsl.dataplane",
-    "lrkp_tsl.control",
+    "lrkp_tsl.server",
     "lrkp_tsl.daemon",
+    "lrkp_tsl.store",
+    "sqlite3",
     "time",
 }
 PACKAGE = Path(__file__).resolve().parents[2] / "lrkp_tsl"

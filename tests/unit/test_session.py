@@ -2,10 +2,19 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network
 
-from lrkp_tsl.activity import MediaActivity
 from lrkp_tsl.latching import Policy, Rule
-from lrkp_tsl.media import CallMedia, ConntrackEntry, Endpoint, Flow, InstalledFlow, Stream
-from lrkp_tsl.session import EMPTY, Action, CallTable, KernelView, Sync, Verdict, rebuild
+from lrkp_tsl.media import CallMedia, Endpoint, Flow, InstalledFlow, Stream
+from lrkp_tsl.session import (
+    EMPTY,
+    Action,
+    CallTable,
+    KernelView,
+    PacketEvent,
+    Reason,
+    Sync,
+    Verdict,
+    rebuild,
+)
 
 ROUTED = [IPv4Network("10.0.0.0/24"), IPv4Network("10.0.1.0/24")]
 
@@ -27,9 +36,9 @@ def media(
     )
 
 
-def apply(table: CallTable, actions: list[Action], now: float) -> list[Action]:
+def apply(table: CallTable, actions: list[Action], now: float = 0) -> list[Action]:
     for action in actions:
-        table.applied(action, now)
+        table.applied(action)
     return actions
 
 
@@ -49,7 +58,7 @@ def test_new_call_installs_the_sdp_flows_and_identical_set_is_noop() -> None:
     table = strict_table()
     first = media("c1")
     [sync] = apply(table, table.on_set(first, 60, 0), 0)
-    assert (sync.call_id, sync.before, sync.reason) == ("c1", EMPTY, "relaying")
+    assert (sync.call_id, sync.before, sync.reason) == ("c1", EMPTY, Reason.RELAYING)
     assert sync.after == KernelView(frozenset(first.flows()), frozenset())
     assert table.on_set(first, 60, 1) == []
     assert table.owner(ep("10.0.0.10:20003")) == "c1"
@@ -60,7 +69,7 @@ def test_answer_update_moves_call_in_place() -> None:
     early, final = media("c1"), media("c1", callee_port=6100)
     apply(table, table.on_set(early, 60, 0), 0)
     [sync] = table.on_set(final, 60, 5)
-    assert sync.reason == "updated"
+    assert sync.reason is Reason.UPDATED
     assert sync.before.flows == frozenset(early.flows())
     assert sync.after.flows == frozenset(final.flows())
     apply(table, [sync], 5)
@@ -75,13 +84,11 @@ def test_relay_ports_of_another_call_replace_it_newest_wins() -> None:
     apply(table, table.on_set(old, 60, 0), 0)
     actions = table.on_set(new, 60, 1)
     assert actions[0] == Sync(
-        "old",
-        KernelView(frozenset(old.flows())),
-        None,
-        "relay ports reassigned to call 'new' (newest wins)",
+        "old", KernelView(frozenset(old.flows())), None, Reason.REPLACED, "'new'"
     )
+    assert actions[0].describe() == "relay ports reassigned to call 'new' (newest wins)"
     assert actions[0].after == EMPTY
-    assert actions[1].reason == "relaying"
+    assert actions[1].reason is Reason.RELAYING
     apply(table, actions, 1)
     assert "old" not in table and table.owner(ep("10.0.0.10:20000")) == "new"
 
@@ -99,55 +106,17 @@ def test_delete_removes_and_unknown_delete_is_noop() -> None:
     apply(table, table.on_set(media("c1"), 60, 0), 0)
     assert table.on_delete("nope") == []
     [sync] = apply(table, table.on_delete("c1"), 1)
-    assert sync.reason == "deleted by the controlling layer (D)" and sync.after == EMPTY
+    assert sync.reason is Reason.DELETED and sync.after == EMPTY
+    assert sync.describe() == "deleted by the controlling layer (D)"
     assert len(table) == 0 and table.owner(ep("10.0.0.10:20000")) is None
 
 
-def test_idle_expiry_is_pushed_back_by_media() -> None:
+def test_expire_removes_a_call_with_the_engines_reason() -> None:
     table = strict_table()
     apply(table, table.on_set(media("c1"), 60, 0), 0)
-    assert table.next_deadline() == 60
-    assert table.on_timer(59.9) == []
-    table.on_media("c1", 30)
-    assert table.on_timer(60) == []
-    [sync] = table.on_timer(90)
-    assert sync.reason == "no media for 60 s" and sync.after == EMPTY
-
-
-def test_maximum_lifetime_bounds_a_busy_call() -> None:
-    table = strict_table(max_lifetime=100)
-    apply(table, table.on_set(media("c1"), 60, 0), 0)
-    for now in range(10, 100, 10):
-        table.on_media("c1", now)
-        assert table.on_timer(now) == []
-    [sync] = table.on_timer(100)
-    assert sync.reason == "reached the maximum lifetime of 100 s"
-
-
-def test_media_activity_from_conntrack_counters() -> None:
-    table = strict_table()
-    apply(table, table.on_set(media("c1"), 60, 0), 0)
-    activity = MediaActivity()
-
-    def entry(packets: int) -> ConntrackEntry:
-        return ConntrackEntry(
-            ep("10.0.0.21:4000"),
-            ep("10.0.0.10:20002"),
-            ep("10.0.1.31:6000"),
-            ep("10.0.0.10:20000"),
-            packets,
-            0,
-        )
-
-    stranger = ConntrackEntry(
-        ep("10.9.9.9:1"), ep("10.0.0.10:30000"), ep("10.0.0.10:30000"), ep("10.9.9.9:1"), 5, 5
-    )
-    assert activity.observe([entry(3), stranger], table, 10) == 1  # new stream
-    assert table.get("c1").last_media == 10  # type: ignore[union-attr]
-    assert activity.observe([entry(3)], table, 20) == 0  # counters did not move
-    assert table.get("c1").last_media == 10  # type: ignore[union-attr]
-    assert activity.observe([entry(4)], table, 30) == 1
-    assert table.get("c1").last_media == 30  # type: ignore[union-attr]
+    [sync] = table.on_expire("c1", Reason.IDLE, "60 s")
+    assert sync.after == EMPTY and sync.describe() == "no media for 60 s"
+    assert table.on_expire("unknown", Reason.IDLE) == []
 
 
 # -- latching -----------------------------------------------------------------------------
@@ -179,16 +148,16 @@ def test_auto_trusts_a_reachable_sdp_address_and_learns_an_unreachable_one() -> 
 
 def test_first_packet_from_the_nat_latches_and_is_accepted() -> None:
     table = auto_table()
-    decision = table.on_packet(NAT_RTP, CALLER_RELAY, 1, never_silent)
-    assert (decision.verdict, decision.event) == (Verdict.ACCEPT, "learned")
+    decision = table.on_packet(NAT_RTP, CALLER_RELAY, never_silent)
+    assert (decision.verdict, decision.event) == (Verdict.ACCEPT, PacketEvent.LEARNED)
     [sync] = apply(table, decision.actions, 1)
     assert sync.after.flows == {
         Flow(Stream.RTP, NAT_RTP, CALLER_RELAY, ep("10.0.1.31:6000"), CALLEE_RELAY),
         Flow(Stream.RTP, ep("10.0.1.31:6000"), CALLEE_RELAY, NAT_RTP, CALLER_RELAY),
     }
     # RTCP is learned on its own: the NAT gave it an unrelated port.
-    rtcp = table.on_packet(NAT_RTCP, CALLER_RELAY.offset(1), 2, never_silent)
-    assert (rtcp.verdict, rtcp.event) == (Verdict.ACCEPT, "learned")
+    rtcp = table.on_packet(NAT_RTCP, CALLER_RELAY.offset(1), never_silent)
+    assert (rtcp.verdict, rtcp.event) == (Verdict.ACCEPT, PacketEvent.LEARNED)
     [sync] = apply(table, rtcp.actions, 2)
     assert len(sync.after.flows) == 4
     assert (
@@ -205,27 +174,31 @@ def test_first_packet_from_the_nat_latches_and_is_accepted() -> None:
 
 def test_callee_sending_first_is_held_until_the_caller_is_known() -> None:
     table = auto_table()
-    decision = table.on_packet(ep("10.0.1.31:6000"), CALLEE_RELAY, 1, never_silent)
-    assert (decision.verdict, decision.actions, decision.event) == (Verdict.HOLD, [], "held")
+    decision = table.on_packet(ep("10.0.1.31:6000"), CALLEE_RELAY, never_silent)
+    assert (decision.verdict, decision.actions, decision.event) == (
+        Verdict.HOLD,
+        [],
+        PacketEvent.HELD,
+    )
 
 
 def test_a_stranger_cannot_take_a_reachable_partys_place() -> None:
     table = auto_table()
-    decision = table.on_packet(ep("10.0.0.66:6000"), CALLEE_RELAY, 1, always_silent)
-    assert (decision.verdict, decision.event) == (Verdict.DROP, "stranger")
+    decision = table.on_packet(ep("10.0.0.66:6000"), CALLEE_RELAY, always_silent)
+    assert (decision.verdict, decision.event) == (Verdict.DROP, PacketEvent.STRANGER)
     # The same IP on another port is the party behind a port-remapping NAT: learned.
-    decision = table.on_packet(ep("10.0.1.31:7777"), CALLEE_RELAY, 1, always_silent)
-    assert decision.event == "relearned"
+    decision = table.on_packet(ep("10.0.1.31:7777"), CALLEE_RELAY, always_silent)
+    assert decision.event == PacketEvent.RELEARNED
 
 
 def test_latched_leg_is_relearned_only_after_silence() -> None:
     table = auto_table()
-    apply(table, table.on_packet(NAT_RTP, CALLER_RELAY, 1, never_silent).actions, 1)
+    apply(table, table.on_packet(NAT_RTP, CALLER_RELAY, never_silent).actions, 1)
     rebound = ep("10.0.0.99:60000")
-    busy = table.on_packet(rebound, CALLER_RELAY, 2, never_silent)
-    assert (busy.verdict, busy.event) == (Verdict.DROP, "stranger")
-    quiet = table.on_packet(rebound, CALLER_RELAY, 9, always_silent)
-    assert (quiet.verdict, quiet.event) == (Verdict.ACCEPT, "relearned")
+    busy = table.on_packet(rebound, CALLER_RELAY, never_silent)
+    assert (busy.verdict, busy.event) == (Verdict.DROP, PacketEvent.STRANGER)
+    quiet = table.on_packet(rebound, CALLER_RELAY, always_silent)
+    assert (quiet.verdict, quiet.event) == (Verdict.ACCEPT, PacketEvent.RELEARNED)
     [sync] = quiet.actions
     assert {f.sender for f in sync.after.flows} == {rebound, ep("10.0.1.31:6000")}
     assert NAT_RTP in {f.sender for f in sync.before.flows}
@@ -237,9 +210,9 @@ def test_strict_and_ip_policies() -> None:
     assert strict.get("nat").view().learning == frozenset()  # type: ignore[union-attr]
     by_ip = CallTable(3600, Policy.IP, ROUTED)
     apply(by_ip, by_ip.on_set(NATED, 60, 0), 0)
-    assert by_ip.on_packet(NAT_RTP, CALLER_RELAY, 1, never_silent).event == "stranger"
+    assert by_ip.on_packet(NAT_RTP, CALLER_RELAY, never_silent).event == PacketEvent.STRANGER
     same_ip = ep("192.168.1.20:5555")
-    assert by_ip.on_packet(same_ip, CALLER_RELAY, 1, never_silent).event == "learned"
+    assert by_ip.on_packet(same_ip, CALLER_RELAY, never_silent).event == PacketEvent.LEARNED
 
 
 def test_shared_port_learns_both_parties_on_one_relay_port() -> None:
@@ -247,11 +220,11 @@ def test_shared_port_learns_both_parties_on_one_relay_port() -> None:
     shared = CallMedia("gt1", ep("192.168.1.20:4000"), relay, ep("192.168.7.7:6000"), relay)
     table = CallTable(3600, Policy.ANY, ROUTED)
     apply(table, table.on_set(shared, 60, 0), 0)
-    first = table.on_packet(ep("10.0.0.99:1000"), relay, 1, never_silent)
-    assert (first.verdict, first.event) == (Verdict.HOLD, "learned")
+    first = table.on_packet(ep("10.0.0.99:1000"), relay, never_silent)
+    assert (first.verdict, first.event) == (Verdict.HOLD, PacketEvent.LEARNED)
     apply(table, first.actions, 1)
-    second = table.on_packet(ep("10.0.0.99:2000"), relay, 2, never_silent)
-    assert (second.verdict, second.event) == (Verdict.ACCEPT, "learned")
+    second = table.on_packet(ep("10.0.0.99:2000"), relay, never_silent)
+    assert (second.verdict, second.event) == (Verdict.ACCEPT, PacketEvent.LEARNED)
     [sync] = apply(table, second.actions, 2)
     assert {(f.sender, f.target) for f in sync.after.flows} == {
         (ep("10.0.0.99:1000"), ep("10.0.0.99:2000")),
@@ -261,8 +234,8 @@ def test_shared_port_learns_both_parties_on_one_relay_port() -> None:
 
 def test_packet_for_no_call_is_dropped() -> None:
     table = auto_table()
-    decision = table.on_packet(NAT_RTP, ep("10.0.0.10:30000"), 1, never_silent)
-    assert (decision.verdict, decision.event) == (Verdict.DROP, "no-call")
+    decision = table.on_packet(NAT_RTP, ep("10.0.0.10:30000"), never_silent)
+    assert (decision.verdict, decision.event) == (Verdict.DROP, PacketEvent.NO_CALL)
 
 
 # -- re-adoption --------------------------------------------------------------------------
@@ -274,8 +247,8 @@ def installed(flows: frozenset[Flow] | tuple[Flow, ...], comment: str) -> list[I
 
 def test_rebuild_calls_from_kernel_flows_including_learned_ones() -> None:
     table = auto_table()
-    apply(table, table.on_packet(NAT_RTP, CALLER_RELAY, 1, never_silent).actions, 1)
-    apply(table, table.on_packet(NAT_RTCP, CALLER_RELAY.offset(1), 1, never_silent).actions, 1)
+    apply(table, table.on_packet(NAT_RTP, CALLER_RELAY, never_silent).actions, 1)
+    apply(table, table.on_packet(NAT_RTCP, CALLER_RELAY.offset(1), never_silent).actions, 1)
     learned = table.get("nat").view().flows  # type: ignore[union-attr]
     relay = ep("10.0.0.10:20100")
     shared = CallMedia("gt1", ep("10.0.0.21:4000"), relay, ep("10.0.0.21:6000"), relay)

@@ -1,0 +1,643 @@
+"""The node's brain: commands, first packets, kernel events and time in; kernel changes,
+replies and packet verdicts out. Pure: no sockets, no clock, no kernel bindings.
+
+Drivers (the server calls these, passing `now` from one monotonic clock):
+- `on_datagram`: one lrkproxy request -> its reply (retransmissions answered from a cache);
+- `on_packet`: a queued first packet, known by an opaque id -> a verdict, now or later;
+- `on_stream_events` / `on_events_lost`: conntrack entries started, expired or were removed;
+- `on_timer`: whatever `next_deadline()` said was due;
+- `restore` (startup) and `reinstall` (after the node's table vanished).
+Verdicts for queued packets are collected and taken with `take_verdicts()`.
+
+Every change of a call goes through `_commit`, in this order: the store (so a crash after
+this point is repaired from the store at the next start), the kernel (one nftables
+transaction), the call table, then conntrack entries of changed flows. A store failure
+changes nothing; a kernel failure puts the store back and marks the call *suspect*: the
+kernel may hold anything between the two views, and the call is resynchronised (extra
+elements deleted, the table's view re-added) before anything else touches it, and on a
+retry timer until it succeeds. So the call table and the kernel always agree again.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+
+from lrkp_tsl import protocol
+from lrkp_tsl.activity import Activity
+from lrkp_tsl.errors import KernelError, StoreError
+from lrkp_tsl.kernel import EMPTY, Kernel, KernelState, KernelView, StreamEvent, StreamKey
+from lrkp_tsl.latching import Policy
+from lrkp_tsl.media import Endpoint, Flow, InstalledFlow
+from lrkp_tsl.protocol import GetConfig, NodeConfig, Ping, ProtocolError, SetSession
+from lrkp_tsl.records import Store, StoredCall
+from lrkp_tsl.retransmit import RetransmitCache
+from lrkp_tsl.schedule import Schedule
+from lrkp_tsl.session import (
+    Call,
+    CallTable,
+    PacketEvent,
+    Reason,
+    Sync,
+    Verdict,
+    rebuild,
+)
+
+log = logging.getLogger("lrkp_tsl.engine")
+calls_log = logging.getLogger("lrkp_tsl.calls")
+
+# Kamailio retransmits for lrkproxy_retr x lrkproxy_tout (5 x 1 s by default).
+RETRANSMIT_AGE = 30.0
+RETRANSMIT_ENTRIES = 65536
+# A first packet whose peer is not latched yet waits at most this long, this many per call
+# (RTP older than this is useless to a jitter buffer anyway).
+HOLD_TIMEOUT = 2.0
+HOLD_MAX_PER_CALL = 64
+# How soon a failed kernel change or conntrack deletion is tried again.
+RETRY_INTERVAL = 1.0
+# Due calls handled per timer run: a burst (every restored call checked one idle timeout
+# after a restart) is spread over several turns of the event loop instead of stalling it.
+TIMER_BUDGET = 256
+
+TimerKey = tuple[str, str]  # ("call" | "held" | "retry", Call-ID or "")
+RETRY: TimerKey = ("retry", "")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    max_lifetime: float
+    idle_timeout: float
+    policy: Policy
+    routed: tuple[IPv4Network, ...]
+    node: NodeConfig
+
+
+@dataclass(slots=True)
+class Held:
+    """A first packet whose sender is latched while the other party is not yet."""
+
+    packet: int
+    sender: Endpoint
+    relay: Endpoint
+    since: float
+
+
+@dataclass(slots=True)
+class RestoreReport:
+    """What startup reconciliation found; each non-empty case is also one log line."""
+
+    intact: int = 0
+    repaired: list[str] = field(default_factory=list)
+    reinstalled: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    stray_flows: int = 0
+    stray_learning: int = 0
+
+
+def _sample(call_ids: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(c) for c in call_ids[:limit])
+    return shown + (f" and {len(call_ids) - limit} more" if len(call_ids) > limit else "")
+
+
+def _merge(*views: KernelView) -> KernelView:
+    return KernelView(
+        frozenset().union(*(v.flows for v in views)),
+        frozenset().union(*(v.learning for v in views)),
+    )
+
+
+def _stream_key(call: Call, key: StreamKey) -> StreamKey:
+    """The one key a stream is known by, whichever party sent first.
+
+    A stream has one conntrack entry, keyed by its first sender's direction, and a lookup
+    by the other direction finds the same entry: so both directions map to the smaller of
+    the two keys, and a stream is never counted twice.
+    """
+    for flow in call.view().flows:
+        if (flow.sender, flow.relay) == key:
+            return min(key, (flow.target, flow.relay_out))
+    return key
+
+
+def _flow_tuple(flow: InstalledFlow) -> tuple[Endpoint, Endpoint, Endpoint | None, Endpoint | None]:
+    return (flow.sender, flow.relay, flow.target, flow.relay_out)
+
+
+class Engine:
+    def __init__(self, settings: Settings, kernel: Kernel, store: Store) -> None:
+        self.settings = settings
+        self.kernel = kernel
+        self.store = store
+        self.table = CallTable(settings.max_lifetime, settings.policy, settings.routed)
+        self.activity = Activity()
+        self.schedule: Schedule[TimerKey] = Schedule()
+        self.cache = RetransmitCache(RETRANSMIT_ENTRIES, RETRANSMIT_AGE)
+        self.held: dict[str, list[Held]] = {}
+        self.suspect: dict[str, KernelView] = {}  # Call-ID -> what the kernel may hold too
+        self.forget_pending: set[StreamKey] = set()
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._verdicts: list[tuple[int, Verdict]] = []
+
+    # -- outputs ------------------------------------------------------------------------------
+
+    def take_verdicts(self) -> list[tuple[int, Verdict]]:
+        """Verdicts decided since the last call, oldest first (each packet exactly once)."""
+        verdicts, self._verdicts = self._verdicts, []
+        return verdicts
+
+    def next_deadline(self) -> float | None:
+        return self.schedule.next()
+
+    # -- control commands ---------------------------------------------------------------------
+
+    def on_datagram(
+        self, data: bytes, sender: Hashable, peer: str, now: float, *, with_cookie: bool = True
+    ) -> bytes | None:
+        """One request from the controlling layer; the reply (None: nothing to send).
+
+        `sender` keys the retransmission cache (the UDP address); `peer` is for logs.
+        """
+        if with_cookie:
+            cached = self.cache.lookup(sender, data, now)
+            if cached is not None:
+                self.stats["retransmissions"] += 1
+                log.debug("retransmission from %s answered from cache", peer)
+                return cached
+        reply, final = self._handle(data, peer, now, with_cookie)
+        if reply is not None and final and with_cookie:
+            self.cache.store(sender, data, reply, now)
+        return reply
+
+    def _handle(
+        self, data: bytes, peer: str, now: float, with_cookie: bool
+    ) -> tuple[bytes | None, bool]:
+        """The reply, and whether it is final: a refusal caused by the kernel or the store
+        is not, so Kamailio's retransmission of the command tries it again."""
+        try:
+            request = protocol.parse_request(data, with_cookie=with_cookie)
+        except ProtocolError as error:
+            self.stats[f"error.{error.code}"] += 1
+            log.warning("bad request from %s: %s", peer, error)
+            return protocol.reply_error(error), True
+        self.stats[f"request.{type(request).__name__}"] += 1
+        if isinstance(request, Ping):
+            return protocol.reply_pong(request), True
+        if isinstance(request, GetConfig):
+            return protocol.reply_config(request, self.settings.node), True
+        if not protocol.acknowledgeable(request):
+            log.warning(
+                "%s from %s is %d bytes: Kamailio cannot accept a reply that long",
+                type(request).__name__,
+                peer,
+                len(request.raw),
+            )
+        try:
+            if isinstance(request, SetSession):
+                actions = self.table.on_set(request.media, self.settings.idle_timeout, now)
+            else:
+                actions = self.table.on_delete(request.call_id)
+            for action in actions:
+                self._commit(action, now, peer)
+        except (KernelError, StoreError) as error:
+            self.stats[f"error.{error.code}"] += 1
+            log.error("%s from %s not applied: %s", type(request).__name__, peer, error)
+            return protocol.reply_refused(request, error.code, error.reason), False
+        return protocol.reply_ok(request), True
+
+    # -- first packets -------------------------------------------------------------------------
+
+    def on_packet(self, packet: int, source: Endpoint, relay: Endpoint, now: float) -> None:
+        """A packet to a learning relay endpoint: latch, hold or drop it; never lose it
+        while its call can still use it. Its verdict comes out of `take_verdicts`."""
+        try:
+            decision = self.table.on_packet(source, relay, self._silent)
+            for action in decision.actions:
+                self._commit(action, now, f"packet from {source}")
+        except (KernelError, StoreError) as error:
+            self.stats[f"error.{error.code}"] += 1
+            log.error("first packet %s -> %s dropped: %s", source, relay, error)
+            self._verdicts.append((packet, Verdict.DROP))
+            return
+        self.stats[f"packets.{decision.event.value}"] += 1
+        call_id = self.table.owner(relay)
+        if decision.event is PacketEvent.STRANGER:
+            log.debug("stranger %s -> %s dropped", source, relay)
+        if decision.verdict is Verdict.HOLD and call_id is not None:
+            held = self.held.setdefault(call_id, [])
+            if len(held) < HOLD_MAX_PER_CALL:
+                held.append(Held(packet, source, relay, now))
+                self.schedule.set_earlier(("held", call_id), now + HOLD_TIMEOUT)
+                return
+            self.stats["packets.hold_dropped"] += 1
+            self._verdicts.append((packet, Verdict.DROP))
+            return
+        accept = decision.verdict is Verdict.ACCEPT
+        self._verdicts.append((packet, Verdict.ACCEPT if accept else Verdict.DROP))
+
+    def _silent(self, sender: Endpoint, relay: Endpoint) -> bool:
+        return not self.kernel.is_seen(sender, relay)
+
+    def _release(self, call_id: str, view: KernelView) -> None:
+        """Accept held packets whose flow now exists, oldest first."""
+        held = self.held.get(call_id)
+        if not held:
+            return
+        keys = view.keys()
+        waiting = []
+        for item in held:
+            if (item.sender, item.relay) in keys:
+                self.stats["packets.released"] += 1
+                self._verdicts.append((item.packet, Verdict.ACCEPT))
+            else:
+                waiting.append(item)
+        if waiting:
+            self.held[call_id] = waiting
+        else:
+            del self.held[call_id]
+            self.schedule.clear(("held", call_id))
+
+    def _drop_held(self, call_id: str, older_than: float | None = None) -> None:
+        keep = []
+        for item in self.held.pop(call_id, []):
+            if older_than is not None and item.since > older_than:
+                keep.append(item)
+            else:
+                self.stats["packets.hold_dropped"] += 1
+                self._verdicts.append((item.packet, Verdict.DROP))
+        if keep:
+            self.held[call_id] = keep
+            self.schedule.set(("held", call_id), keep[0].since + HOLD_TIMEOUT)
+        else:
+            self.schedule.clear(("held", call_id))
+
+    # -- media activity --------------------------------------------------------------------------
+
+    def on_stream_events(self, events: Iterable[StreamEvent], now: float) -> None:
+        """Conntrack entries of relayed streams started, expired or were removed."""
+        for event in events:
+            call_id = self.table.owner(event.key[1])
+            call = self.table.get(call_id) if call_id is not None else None
+            if call is None or call_id is None:
+                continue
+            self.stats[f"streams.{event.change.value}"] += 1
+            log.debug("[%s] stream %s -> %s %s", call_id, *event.key, event.change.value)
+            key = _stream_key(call, event.key)
+            if self.activity.on_event(call_id, event.change, key, now, call.idle_timeout):
+                self._record_quiet(call_id)
+                self._schedule_call(call)
+
+    def on_events_lost(self, now: float) -> None:
+        """The kernel dropped events (socket buffer full): what was live may have ended.
+
+        Every live call is checked against the kernel one idle timeout from now; quiet
+        calls are checked at their deadline anyway, which catches a lost start.
+        """
+        self.stats["streams.events_lost"] += 1
+        live = self.activity.live_calls()
+        log.warning(
+            "conntrack events were lost (receive buffer full): %d live calls will be "
+            "checked against the kernel within their idle timeout",
+            len(live),
+        )
+        for call_id in live:
+            call = self.table.get(call_id)
+            if call is not None:
+                self.activity.quiet(call_id, now)
+                self._schedule_call(call)
+
+    def _record_quiet(self, call_id: str) -> None:
+        try:
+            self.store.set_quiet(call_id, self.activity.quiet_since(call_id))
+        except StoreError as error:
+            # Only the restart-time idle clock depends on it; the call itself is fine.
+            self.stats["error.store"] += 1
+            log.error("[%s] media state not stored: %s", call_id, error)
+
+    def _schedule_call(self, call: Call) -> None:
+        """A call wakes at its maximum lifetime, or when it may have been idle too long."""
+        when = call.started + self.settings.max_lifetime
+        quiet = self.activity.quiet_since(call.call_id)
+        if quiet is not None:
+            when = min(when, quiet + call.idle_timeout)
+        self.schedule.set(("call", call.call_id), when)
+
+    # -- time ------------------------------------------------------------------------------------
+
+    def on_timer(self, now: float) -> None:
+        """Handle what is due (at most TIMER_BUDGET of it; `next_deadline` says if more is)."""
+        due = self.schedule.pop_due(now, TIMER_BUDGET)
+        check: list[Call] = []
+        for kind, key in due:
+            if kind == "held":
+                self._drop_held(key, older_than=now - HOLD_TIMEOUT)
+            elif kind == "retry":
+                self._retry(now)
+            else:
+                call = self.table.get(key)
+                if call is None:
+                    continue
+                if now >= call.started + self.settings.max_lifetime:
+                    self._end(call, Reason.LIFETIME, f"{self.settings.max_lifetime:g} s", now)
+                else:
+                    check.append(call)
+        if check:
+            self._check_idle(check, now)
+
+    def _check_idle(self, calls: list[Call], now: float) -> None:
+        """End the calls the kernel confirms have no live stream; the others are live
+        (an event was lost, or the node restarted): follow them by events from now on."""
+        keys = {call.call_id: call.view().keys() for call in calls}
+        try:
+            alive = self.kernel.alive(frozenset().union(*keys.values()))
+        except KernelError as error:
+            self.stats["error.kernel"] += 1
+            log.error("checking %d quiet calls against conntrack failed: %s", len(calls), error)
+            for call in calls:
+                self.schedule.set(("call", call.call_id), now + RETRY_INTERVAL)
+            return
+        for call in calls:
+            found = {_stream_key(call, key) for key in keys[call.call_id] if key in alive}
+            if found:
+                self.stats["calls.found_live"] += 1
+                log.debug("[%s] quiet by events, but live in the kernel", call.call_id)
+                self.activity.live(call.call_id, found)
+                self._record_quiet(call.call_id)
+                self._schedule_call(call)
+            else:
+                self._end(call, Reason.IDLE, f"{call.idle_timeout:g} s", now)
+
+    def _end(self, call: Call, reason: Reason, detail: str, now: float) -> None:
+        for action in self.table.on_expire(call.call_id, reason, detail):
+            try:
+                self._commit(action, now, "timer")
+            except (KernelError, StoreError) as error:
+                self.stats[f"error.{error.code}"] += 1
+                log.error("[%s] could not end (%s): %s", call.call_id, reason.value, error)
+                self.schedule.set(("call", call.call_id), now + RETRY_INTERVAL)
+
+    # -- applying changes ------------------------------------------------------------------------
+
+    def _commit(self, sync: Sync, now: float, origin: str) -> None:
+        """Store, kernel, table, conntrack, in that order (see the module docstring)."""
+        call_id = sync.call_id
+        if call_id in self.suspect:
+            self._resync(call_id)
+        old = self.table.get(call_id)
+        if sync.call is None:
+            self.store.delete(call_id)
+        else:
+            quiet = self.activity.quiet_since(call_id) if old is not None else now
+            self.store.put(sync.call, quiet)
+        try:
+            self.kernel.change(call_id, sync.before, sync.after)
+        except KernelError:
+            self.suspect[call_id] = _merge(self.suspect.get(call_id, EMPTY), sync.after)
+            self.schedule.set_earlier(RETRY, now + RETRY_INTERVAL)
+            self._restore_record(call_id, old)
+            raise
+        self.table.applied(sync)
+        self._forget((sync.before.flows ^ sync.after.flows), now)
+        if sync.call is None:
+            self.activity.drop(call_id)
+            self.schedule.clear(("call", call_id))
+            self._drop_held(call_id)
+            self.stats["calls.removed"] += 1
+            self.stats[f"calls.removed.{sync.reason.value}"] += 1
+            calls_log.info("[%s] removed: %s", call_id, sync.describe())
+            return
+        self.stats[f"calls.{sync.reason.value}"] += 1
+        if old is None:
+            self.activity.quiet(call_id, now)
+        self._schedule_call(sync.call)
+        if sync.reason in (Reason.RELAYING, Reason.UPDATED):
+            media = sync.call.media
+            calls_log.info(
+                "[%s] %s: caller %s <-> %s | callee %s <-> %s, idle timeout %g s (%s)",
+                call_id,
+                sync.reason.value,
+                media.caller,
+                media.caller_relay,
+                media.callee,
+                media.callee_relay,
+                sync.call.idle_timeout,
+                origin,
+            )
+        else:
+            calls_log.info("[%s] %s", call_id, sync.describe())
+        self._release(call_id, sync.after)
+
+    def _restore_record(self, call_id: str, old: Call | None) -> None:
+        """Put the store back to what the table holds after a refused kernel change."""
+        try:
+            if old is None:
+                self.store.delete(call_id)
+            else:
+                self.store.put(old, self.activity.quiet_since(call_id))
+        except StoreError as error:
+            self.stats["error.store"] += 1
+            log.error("[%s] store not reverted after a kernel failure: %s", call_id, error)
+
+    def _forget(self, flows: Iterable[Flow | InstalledFlow], now: float) -> None:
+        keys = {(flow.sender, flow.relay) for flow in flows}
+        if not keys:
+            return
+        try:
+            self.kernel.forget(keys)
+        except KernelError as error:
+            # The new NAT binding is committed; until the old entries go, their streams
+            # keep the old one. Not worth failing the command for: retried shortly.
+            self.stats["error.conntrack"] += 1
+            log.error(
+                "conntrack entries of %d flows not deleted (will retry): %s", len(keys), error
+            )
+            self.forget_pending |= keys
+            self.schedule.set_earlier(RETRY, now + RETRY_INTERVAL)
+
+    def _resync(self, call_id: str) -> None:
+        """Make the kernel hold exactly the table's view of a suspect call.
+
+        Deletes everything the kernel may hold beyond that view (missing is fine) and
+        re-adds the whole view (adding what exists is a no-op); raises KernelError if the
+        kernel still refuses, leaving the call suspect.
+        """
+        extra = self.suspect[call_id]
+        call = self.table.get(call_id)
+        desired = call.view() if call is not None else EMPTY
+        stray = KernelView(extra.flows - desired.flows, extra.learning - desired.learning)
+        try:
+            self.kernel.change(call_id, stray, desired)
+        except KernelError:
+            self.stats["kernel.resync_failed"] += 1
+            raise
+        del self.suspect[call_id]
+        self.stats["kernel.resynced"] += 1
+        log.warning("[%s] kernel state resynchronised with the call table", call_id)
+        keys = {(flow.sender, flow.relay) for flow in extra.flows | desired.flows}
+        self.forget_pending |= keys
+
+    def _retry(self, now: float) -> None:
+        for call_id in list(self.suspect):
+            try:
+                self._resync(call_id)
+            except KernelError as error:
+                log.error("[%s] kernel resync failed (will retry): %s", call_id, error)
+        if self.forget_pending:
+            keys, self.forget_pending = self.forget_pending, set()
+            try:
+                self.kernel.forget(keys)
+            except KernelError as error:
+                self.stats["error.conntrack"] += 1
+                log.error("conntrack deletion retry failed: %s", error)
+                self.forget_pending |= keys
+        if self.suspect or self.forget_pending:
+            self.schedule.set_earlier(RETRY, now + RETRY_INTERVAL)
+
+    # -- startup and repair ----------------------------------------------------------------------
+
+    def restore(
+        self, stored: Iterable[StoredCall], state: KernelState, now: float
+    ) -> RestoreReport:
+        """Take back every stored call, and make the kernel hold exactly what they need.
+
+        - a stored call whose kernel state is complete is taken as it is (no kernel work);
+        - one whose state is partly there is repaired (stray elements deleted, the rest
+          re-added), one with nothing there is reinstalled (e.g. after a reboot or a
+          flushed ruleset): either way its media flows again, and it ends as usual;
+        - kernel flows that belong to no stored call are adopted when they form a call
+          (the store was lost, or this is the first start after an upgrade), else removed;
+        - learning endpoints that belong to no call are removed.
+        Idle clocks resume from the stored times: a call that was live is checked against
+        the kernel one idle timeout after the restart.
+        """
+        report = RestoreReport()
+        for record in sorted(stored, key=lambda r: r.call.started):
+            call = record.call
+            clash = self.table.claimed(call.media)
+            for other in clash:
+                report.conflicts.append(other)
+                self.table.applied(Sync(other, EMPTY, None, Reason.REPLACED))
+                self.activity.drop(other)
+                self._delete_record(other)
+            self.table.applied(Sync(call.call_id, EMPTY, call, Reason.RELAYING))
+            self.activity.quiet(
+                call.call_id, now if record.quiet_since is None else record.quiet_since
+            )
+        flows_by_call: dict[str, list[InstalledFlow]] = {}
+        unowned: list[InstalledFlow] = []
+        for flow in state.flows:
+            owner = self.table.owner(flow.relay)
+            if owner is None:
+                unowned.append(flow)
+            else:
+                flows_by_call.setdefault(owner, []).append(flow)
+        stray_flows: list[InstalledFlow] = []
+        install: list[tuple[str, KernelView]] = []
+        for call in self.table:
+            view = call.view()
+            present = flows_by_call.get(call.call_id, [])
+            wanted = {(f.sender, f.relay, f.target, f.relay_out) for f in view.flows}
+            stray_flows += [f for f in present if _flow_tuple(f) not in wanted]
+            have_learning = state.learning & call.relay_endpoints()
+            if {_flow_tuple(f) for f in present} == wanted and have_learning == view.learning:
+                report.intact += 1
+                continue
+            (report.repaired if present or have_learning else report.reinstalled).append(
+                call.call_id
+            )
+            install.append((call.call_id, view))
+        adopted, orphans = rebuild(unowned, self.settings.idle_timeout, now)
+        for call in adopted:
+            if self.table.claimed(call.media) or call.call_id in self.table:
+                orphans += [f for f in unowned if f.relay in call.relay_endpoints()]
+                continue
+            try:
+                self.store.put(call, now)
+            except StoreError as error:
+                log.error("[%s] adopted call not stored: %s", call.call_id, error)
+            self.table.applied(Sync(call.call_id, EMPTY, call, Reason.ADOPTED))
+            self.activity.quiet(call.call_id, now)
+            report.adopted.append(call.call_id)
+        stray_flows += orphans
+        wanted_learning = frozenset().union(*(c.view().learning for c in self.table))
+        stray_learning = state.learning - wanted_learning
+        report.stray_flows, report.stray_learning = len(stray_flows), len(stray_learning)
+        if stray_flows or stray_learning:
+            self.kernel.remove(stray_flows, stray_learning)
+            self._forget(stray_flows, now)
+        if install:
+            self.kernel.install(install)
+            self._forget((f for _id, view in install for f in view.flows), now)
+        for call in self.table:
+            self._schedule_call(call)
+        self._log_restore(report)
+        return report
+
+    def _delete_record(self, call_id: str) -> None:
+        try:
+            self.store.delete(call_id)
+        except StoreError as error:
+            log.error("[%s] stored record not deleted: %s", call_id, error)
+
+    def _log_restore(self, report: RestoreReport) -> None:
+        total = report.intact + len(report.repaired) + len(report.reinstalled)
+        log.info(
+            "restored %d calls from the store: %d intact in the kernel, %d repaired, "
+            "%d reinstalled",
+            total,
+            report.intact,
+            len(report.repaired),
+            len(report.reinstalled),
+        )
+        if report.repaired:
+            log.warning(
+                "kernel state of %d stored calls was incomplete and was repaired: %s",
+                len(report.repaired),
+                _sample(report.repaired),
+            )
+        if report.reinstalled:
+            log.warning(
+                "%d stored calls had no kernel state (reboot, or a flushed ruleset) and "
+                "were reinstalled: %s",
+                len(report.reinstalled),
+                _sample(report.reinstalled),
+            )
+        if report.adopted:
+            log.warning(
+                "adopted %d calls found in the kernel with no stored record (lost state "
+                "directory, or an upgrade); they relay where they were latched: %s",
+                len(report.adopted),
+                _sample(report.adopted),
+            )
+        if report.conflicts:
+            log.warning(
+                "dropped %d stored calls whose relay ports a newer stored call holds: %s",
+                len(report.conflicts),
+                _sample(report.conflicts),
+            )
+        if report.stray_flows or report.stray_learning:
+            log.warning(
+                "removed %d kernel flows and %d learning endpoints that belong to no call",
+                report.stray_flows,
+                report.stray_learning,
+            )
+
+    def reinstall(self, now: float) -> int:
+        """The node's table was reloaded empty: put every call back. Returns how many."""
+        views = [(call.call_id, call.view()) for call in self.table]
+        try:
+            self.kernel.install(views)
+        except KernelError:
+            for call_id, view in views:
+                self.suspect[call_id] = _merge(self.suspect.get(call_id, EMPTY), view)
+            self.schedule.set_earlier(RETRY, now + RETRY_INTERVAL)
+            raise
+        return len(views)
+
+    def shutdown(self) -> None:
+        """Drop every held packet (the queue is about to close)."""
+        for call_id in list(self.held):
+            self._drop_held(call_id)

@@ -1,0 +1,224 @@
+"""The thin asyncio shell around the engine: sockets and kernel queues in, engine calls, replies
+and packet verdicts out, one timer.
+
+No decisions live here (engine.py has them). What does: reading sockets, the allow-list,
+mapping queued packets to the opaque ids the engine holds, arming the engine's one
+deadline, and making sure that nothing a callback raises ends the daemon or leaves a
+queued packet without a verdict: every entry point runs under `guarded`, which logs the
+first failure of each kind with its traceback (then every 1000th), counts it, and goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any, cast
+
+from netfilterqueue import Packet
+
+from lrkp_tsl import protocol
+from lrkp_tsl.config import Config, ControlAddress
+from lrkp_tsl.dataplane.ctevents import ConntrackEvents
+from lrkp_tsl.dataplane.queue import PacketQueue
+from lrkp_tsl.engine import Engine
+from lrkp_tsl.session import Verdict
+
+log = logging.getLogger("lrkp_tsl.server")
+
+UNIX_READ_TIMEOUT = 5.0
+# Stream events read per wake-up: a burst is handled over several loop turns.
+EVENTS_PER_READ = 4096
+
+
+class Server:
+    def __init__(
+        self,
+        engine: Engine,
+        config: Config,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.clock = clock
+        self.stats = engine.stats
+        self.packets: dict[int, Packet] = {}
+        self._ids = itertools.count(1)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._failures: dict[str, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._rearm()
+
+    # -- error containment ---------------------------------------------------------------------
+
+    def guarded(self, what: str, function: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+        """Run one entry point: (True, its result), or (False, None) after an unexpected
+        exception, which is logged (the first of its kind with a traceback, then every
+        1000th) and counted; the node carries on."""
+        try:
+            return True, function(*args)
+        except Exception:
+            count = self._failures.get(what, 0) + 1
+            self._failures[what] = count
+            self.stats[f"error.internal.{what}"] += 1
+            if count == 1 or count % 1000 == 0:
+                log.exception("internal error in %s (%d so far); the node carries on", what, count)
+            return False, None
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Apply the engine's verdicts and re-arm its timer: after every input."""
+        for packet_id, verdict in self.engine.take_verdicts():
+            packet = self.packets.pop(packet_id, None)
+            if packet is None:
+                continue
+            try:
+                if verdict is Verdict.ACCEPT:
+                    packet.accept()
+                else:
+                    packet.drop()
+            except Exception as exc:
+                self.stats["error.verdict"] += 1
+                log.error("verdict for a queued packet failed: %s", exc)
+        self._rearm()
+
+    def _rearm(self) -> None:
+        if self._loop is None:
+            return
+        deadline = self.engine.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = None if deadline is None else self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        self.guarded("timer", self.engine.on_timer, self.clock())
+
+    # -- inputs ----------------------------------------------------------------------------------
+
+    def datagram(
+        self, data: bytes, addr: tuple[Any, ...], *, with_cookie: bool = True
+    ) -> bytes | None:
+        host = str(addr[0]) if addr else "unix"
+        peer = f"{host}:{addr[1]}" if len(addr) > 1 else host
+        _ok, reply = self.guarded(
+            "control",
+            lambda: self.engine.on_datagram(
+                data, addr, peer, self.clock(), with_cookie=with_cookie
+            ),
+        )
+        return cast(bytes | None, reply)
+
+    def allowed(self, host: str) -> bool:
+        try:
+            address = ip_address(host.split("%")[0])
+        except ValueError:
+            return False
+        return any(address in net for net in self.config.allow)
+
+    def on_queued(self, packet: Packet, source: Any, relay: Any) -> None:
+        packet_id = next(self._ids)
+        self.packets[packet_id] = packet
+        ok, _ = self.guarded("queue", self.engine.on_packet, packet_id, source, relay, self.clock())
+        if not ok and packet_id in self.packets:
+            # A packet without a verdict would keep its queue slot until the node exits. If
+            # the engine held it before failing, its later verdict finds no packet: ignored.
+            self.packets.pop(packet_id).drop()
+            self.stats["packets.dropped_after_error"] += 1
+
+    def on_events(self, events: ConntrackEvents) -> None:
+        def read() -> None:
+            batch, overflowed = events.read(EVENTS_PER_READ)
+            now = self.clock()
+            if overflowed:
+                self.engine.on_events_lost(now)
+            if batch:
+                self.engine.on_stream_events(batch, now)
+
+        self.guarded("events", read)
+
+    def shutdown(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.guarded("shutdown", self.engine.shutdown)
+        for packet in self.packets.values():
+            with contextlib.suppress(Exception):
+                packet.drop()
+        self.packets.clear()
+
+
+class UdpControl(asyncio.DatagramProtocol):
+    """udp:/udp6: listeners: allow-list, then the engine."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, ...]) -> None:
+        host = str(addr[0])
+        if not self.server.allowed(host):
+            self.server.stats["dropped.not_allowed"] += 1
+            log.warning(
+                "dropped %d bytes from %s:%s: not in the allow list", len(data), host, addr[1]
+            )
+            return
+        reply = self.server.datagram(data, addr)
+        if reply is not None and self.transport is not None:
+            self.transport.sendto(reply, addr)
+
+
+async def open_control(
+    address: ControlAddress, server: Server
+) -> asyncio.AbstractServer | asyncio.BaseTransport:
+    """Start listening on `address`; the returned object's close() stops it."""
+    loop = asyncio.get_running_loop()
+    if address.scheme in ("udp", "udp6"):
+        transport, _protocol = await loop.create_datagram_endpoint(
+            lambda: UdpControl(server), local_addr=(address.host, address.port)
+        )
+        return transport
+    path = Path(address.path)
+    if path.is_socket():
+        path.unlink()  # left by a previous run; a live node would hold the instance lock
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """unix: mode: one connection per command, no cookie, one reply."""
+        try:
+            data = await asyncio.wait_for(
+                reader.read(protocol.MAX_REQUEST_SIZE + 1), UNIX_READ_TIMEOUT
+            )
+            reply = server.datagram(data, (f"unix:{path}",), with_cookie=False)
+            if reply is not None:
+                writer.write(reply)
+                await writer.drain()
+        except (TimeoutError, ConnectionError) as exc:
+            log.warning("unix:%s: connection dropped: %s", path, exc)
+        finally:
+            writer.close()
+
+    unix_server = await asyncio.start_unix_server(serve, path=str(path))
+    os.chmod(path, 0o660)
+    return unix_server
+
+
+def attach_queue(server: Server, queue_num: int, loop: asyncio.AbstractEventLoop) -> PacketQueue:
+    queue = PacketQueue(queue_num, server.on_queued)
+    queue.attach(loop)
+    return queue

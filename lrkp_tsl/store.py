@@ -1,0 +1,291 @@
+"""The state store: every live call in an embedded SQLite database, `<state_dir>/calls.sqlite3`.
+
+Why SQLite: stdlib, one file, atomic writes, readable by operators with `sqlite3`; WAL mode
+makes a write an append (tens of µs) and a reader never blocks the node. With
+`synchronous=NORMAL` a committed write survives the node being killed at any instant (the
+WAL is in the OS before the commit returns); a power cut may lose the last writes, but it
+also takes the kernel state with it, and Kamailio's retransmissions re-create new calls.
+
+Schema (version 1, kept in `PRAGMA user_version`):
+
+    calls     one row per call: its `S` addresses, idle timeout, start, when it went quiet
+              (NULL while media flows), and per leg (caller/callee x rtp/rtcp) the SDP
+              address, the latching rule and the learned address (NULL until learned).
+              Times are Unix time (`datetime(started, 'unixepoch')`).
+    removed   tombstones of deleted calls.
+    Both carry `revision`, one counter for the node that grows with every change: a reader
+    that remembers the highest revision it has seen can ask for everything after it
+    (`changes_since`), which is what a standby node following this one needs.
+
+Versioning: a database with a higher version than this code knows is refused with a clear
+error (an older node must not rewrite a newer one's data); lower versions are migrated in
+`MIGRATIONS` order, inside one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from lrkp_tsl.errors import MediaError, StoreError
+from lrkp_tsl.latching import Rule
+from lrkp_tsl.media import RTCP_PORT_OFFSET, CallMedia, Endpoint, Stream
+from lrkp_tsl.records import StoredCall
+from lrkp_tsl.session import Call, Leg
+
+log = logging.getLogger("lrkp_tsl.store")
+
+FILENAME = "calls.sqlite3"
+SCHEMA_VERSION = 1
+LEGS = ("caller_rtp", "caller_rtcp", "callee_rtp", "callee_rtcp")
+LEG_COLUMNS = [f"{leg}_{part}" for leg in LEGS for part in ("sdp", "rule", "latched")]
+COLUMNS = [
+    "call_id",
+    "caller",
+    "caller_relay",
+    "callee",
+    "callee_relay",
+    "idle_timeout",
+    "started",
+    "quiet_since",
+    *LEG_COLUMNS,
+    "revision",
+]
+# How long a write waits for a lock someone else holds (an operator's `sqlite3` shell):
+# short, because the event loop waits with it. A write that times out is refused like a
+# kernel error, and Kamailio's retransmission tries again.
+BUSY_TIMEOUT = 0.25
+# Tombstones older than this are dropped at startup: a follower further behind resyncs.
+TOMBSTONE_AGE = 86400.0
+
+MIGRATIONS: list[str] = [
+    # 0 -> 1
+    f"""
+    CREATE TABLE calls (
+        call_id TEXT PRIMARY KEY,
+        caller TEXT NOT NULL,
+        caller_relay TEXT NOT NULL,
+        callee TEXT NOT NULL,
+        callee_relay TEXT NOT NULL,
+        idle_timeout REAL NOT NULL,
+        started REAL NOT NULL,
+        quiet_since REAL,
+        {
+        ", ".join(
+            f"{leg}_sdp TEXT NOT NULL, {leg}_rule TEXT NOT NULL, {leg}_latched TEXT" for leg in LEGS
+        )
+    },
+        revision INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE removed (
+        call_id TEXT PRIMARY KEY,
+        revision INTEGER NOT NULL,
+        at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of the change feed: a call as it is now, or its removal (call None)."""
+
+    revision: int
+    call_id: str
+    call: StoredCall | None
+
+
+def _endpoint(text: str) -> Endpoint:
+    ip, _, port = text.rpartition(":")
+    return Endpoint.parse(ip, port)
+
+
+def _optional(text: str | None) -> Endpoint | None:
+    return None if text is None else _endpoint(text)
+
+
+class SqliteStore:
+    """The engine's `Store` (records.py) on SQLite. Not thread-safe: the event loop owns it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # Engine times are monotonic; the file holds wall-clock time (survives a reboot).
+        self._offset = time.time() - time.monotonic()
+        try:
+            self._db = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+            self._revision = self._db.execute(
+                "SELECT max(coalesce((SELECT max(revision) FROM calls), 0),"
+                " coalesce((SELECT max(revision) FROM removed), 0))"
+            ).fetchone()[0]
+            self._db.execute("DELETE FROM removed WHERE at < ?", (time.time() - TOMBSTONE_AGE,))
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {path}: {exc}") from exc
+        self._put_sql = (
+            f"INSERT OR REPLACE INTO calls ({', '.join(COLUMNS)}) "
+            f"VALUES ({', '.join('?' for _ in COLUMNS)})"
+        )
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"state store {self.path} has schema version {version}, newer than this "
+                f"lrkp-tsl understands ({SCHEMA_VERSION}): it was written by a newer "
+                "release. Run that release, or move the file away to start empty "
+                "(live calls are then adopted from the kernel)."
+            )
+        if version == SCHEMA_VERSION:
+            return
+        steps = "".join(MIGRATIONS[version:])
+        try:
+            self._db.executescript(
+                f"BEGIN IMMEDIATE; {steps}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
+        except sqlite3.Error:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        log.info("state store %s: schema version %d -> %d", self.path, version, SCHEMA_VERSION)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- the Store protocol -------------------------------------------------------------------
+
+    def put(self, call: Call, quiet_since: float | None) -> None:
+        media = call.media
+        legs: list[object] = []
+        for leg in (*call.caller, *call.callee):
+            legs += [
+                str(leg.sdp),
+                leg.rule.value,
+                None if leg.latched is None else str(leg.latched),
+            ]
+        self._revision += 1
+        row = [
+            media.call_id,
+            str(media.caller),
+            str(media.caller_relay),
+            str(media.callee),
+            str(media.callee_relay),
+            call.idle_timeout,
+            call.started + self._offset,
+            None if quiet_since is None else quiet_since + self._offset,
+            *legs,
+            self._revision,
+        ]
+        self._write(self._put_sql, row, call.call_id)
+
+    def delete(self, call_id: str) -> None:
+        self._revision += 1
+        try:
+            with self._transaction():
+                self._db.execute("DELETE FROM calls WHERE call_id = ?", (call_id,))
+                self._db.execute(
+                    "INSERT OR REPLACE INTO removed (call_id, revision, at) VALUES (?, ?, ?)",
+                    (call_id, self._revision, time.time()),
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: deleting {call_id!r}: {exc}") from exc
+
+    def set_quiet(self, call_id: str, quiet_since: float | None) -> None:
+        self._revision += 1
+        self._write(
+            "UPDATE calls SET quiet_since = ?, revision = ? WHERE call_id = ?",
+            [None if quiet_since is None else quiet_since + self._offset, self._revision, call_id],
+            call_id,
+        )
+
+    def load(self) -> list[StoredCall]:
+        """Every stored call; a row that cannot be read is logged and skipped (it cannot be
+        relayed as stored; if the kernel still relays it, it is adopted from there)."""
+        calls = []
+        try:
+            rows = self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM calls").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: reading calls: {exc}") from exc
+        for row in rows:
+            try:
+                calls.append(self._decode(row))
+            except (MediaError, ValueError, IndexError) as exc:
+                log.error("state store: call %r unreadable, skipped: %s", row[0], exc)
+        return calls
+
+    def changes_since(self, revision: int) -> list[Change]:
+        """Every call changed and removed after `revision`, in revision order."""
+        try:
+            rows = self._db.execute(
+                f"SELECT {', '.join(COLUMNS)} FROM calls WHERE revision > ?", (revision,)
+            ).fetchall()
+            gone = self._db.execute(
+                "SELECT call_id, revision FROM removed WHERE revision > ?", (revision,)
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: reading changes: {exc}") from exc
+        changes = [Change(row[-1], row[0], self._decode(row)) for row in rows]
+        changes += [Change(rev, call_id, None) for call_id, rev in gone]
+        return sorted(changes, key=lambda change: change.revision)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _write(self, sql: str, row: list[object], call_id: str) -> None:
+        try:
+            self._db.execute(sql, row)
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: writing {call_id!r}: {exc}") from exc
+
+    def _decode(self, row: tuple[object, ...]) -> StoredCall:
+        values = dict(zip(COLUMNS, row, strict=True))
+        media = CallMedia(
+            str(values["call_id"]),
+            _endpoint(str(values["caller"])),
+            _endpoint(str(values["caller_relay"])),
+            _endpoint(str(values["callee"])),
+            _endpoint(str(values["callee_relay"])),
+        )
+        legs = []
+        for name, relay in zip(
+            LEGS,
+            (media.caller_relay, media.caller_relay, media.callee_relay, media.callee_relay),
+            strict=True,
+        ):
+            stream = Stream.RTP if name.endswith("rtp") else Stream.RTCP
+            delta = 0 if stream is Stream.RTP else RTCP_PORT_OFFSET
+            legs.append(
+                Leg(
+                    stream,
+                    _endpoint(str(values[f"{name}_sdp"])),
+                    relay.offset(delta),
+                    Rule(values[f"{name}_rule"]),
+                    _optional(values[f"{name}_latched"]),  # type: ignore[arg-type]
+                )
+            )
+        quiet = values["quiet_since"]
+        call = Call(
+            media,
+            float(values["idle_timeout"]),  # type: ignore[arg-type]
+            float(values["started"]) - self._offset,  # type: ignore[arg-type]
+            (legs[0], legs[1]),
+            (legs[2], legs[3]),
+        )
+        return StoredCall(call, None if quiet is None else float(quiet) - self._offset)  # type: ignore[arg-type]

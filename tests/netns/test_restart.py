@@ -1,0 +1,168 @@
+"""Never cut a live call: restarts, a flushed ruleset, a second instance.
+
+The caller `c` sits behind a NAT box that remaps source ports (its SDP address is private
+and unreachable: the node learns the NAT's address from its first packet); the callee `b`
+is reachable. Media is RTP only, as with many phones (no RTCP, or rtcp-mux), at 50
+packets per second each way, and every packet is counted.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from lrkp_tsl.dataplane.nft import TABLE
+from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from tests.netns.calls import CONTROL, Call, Stream, burst
+from tests.netns.daemon import Controller, Node
+from tests.netns.helpers import Peers
+
+IDLE = 2.0
+ARGS = (
+    "--internal-ip", str(INTERNAL_IP), "--external-ip", str(EXTERNAL_IP),
+    "--ports", "20000-21999", "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",
+    "--allow", "10.201.1.5", "--idle-timeout", str(IDLE), "--log-level", "debug",
+)  # fmt: skip
+# The kernel's conntrack GC reaps expired entries lazily (seconds after their timeout).
+EXPIRY_WAIT = 30.0
+
+
+@pytest.fixture
+def nodes(lab: Lab) -> Iterator[list[Node]]:
+    """Nodes a test starts; all stopped, and the relay namespace cleared, at the end."""
+    started: list[Node] = []
+    yield started
+    for node in started:
+        node.stop(signal.SIGKILL)
+    lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
+    lab.run("relay", "iptables-nft", "-t", "raw", "-F", check=False)
+    for host in ("relay", "nat"):
+        lab.run(host, "conntrack", "-F", check=False)
+
+
+@pytest.fixture
+def kamailio(lab: Lab) -> Iterator[Controller]:
+    client = Controller(lab, "sip", "10.201.1.5")
+    yield client
+    client.close()
+
+
+def start(lab: Lab, nodes: list[Node], kamailio: Controller, node: Node | None = None) -> Node:
+    node = node or Node(lab, "relay", *ARGS)
+    nodes.append(node)
+    node.wait_ready(CONTROL, kamailio)
+    return node
+
+
+def wait_for(node: Node, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in node.output():
+        assert time.monotonic() < deadline, f"{text!r} not logged:\n{node.output()}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_restart_loses_no_rtp_and_the_call_stays_managed(
+    lab: Lab, nodes: list[Node], kamailio: Controller, peers: Peers, sig: signal.Signals
+) -> None:
+    node = start(lab, nodes, kamailio)
+    caller, callee = peers("c", 4000), peers("b", 6000)
+    call = Call(kamailio, caller, callee, 20000, "restart@lab")
+    burst(caller, call.caller_relay, callee, call.callee_relay, 1, b"hello")  # latches c
+    forward = Stream(caller, call.caller_relay, callee, b"A").start()
+    backward = Stream(callee, call.callee_relay, caller, b"B").start()
+    time.sleep(1.0)
+    restarted = start(lab, nodes, kamailio, node.restart(sig))
+    time.sleep(1.0)
+    forward.stop()
+    backward.stop()
+    assert len(forward.sent) > 90 and len(backward.sent) > 90
+    assert forward.lost() == [] and backward.lost() == []
+    assert forward.sources == {call.callee_relay} and backward.sources == {call.caller_relay}
+    log = restarted.output()
+    assert "restored 1 calls from the store: 1 intact in the kernel" in log
+    assert "removed" not in log.split("node up")[0]  # nothing was cut at startup
+    # Still managed: the silence that follows ends it, through the kernel's events.
+    wait_for(restarted, f"[restart@lab] removed: no media for {IDLE:g} s", EXPIRY_WAIT)
+    caller.send(call.caller_relay, b"after expiry")
+    callee.expect_nothing()
+
+
+def test_delete_after_a_restart_removes_the_call(
+    lab: Lab, nodes: list[Node], kamailio: Controller, peers: Peers
+) -> None:
+    node = start(lab, nodes, kamailio)
+    caller, callee = peers("c", 4010), peers("b", 6010)
+    call = Call(kamailio, caller, callee, 20100, "bye@lab")
+    burst(caller, call.caller_relay, callee, call.callee_relay, 2, b"A")
+    restarted = start(lab, nodes, kamailio, node.restart(signal.SIGKILL))
+    burst(callee, call.callee_relay, caller, call.caller_relay, 2, b"B")
+    call.delete(kamailio)
+    assert "[bye@lab] removed: deleted by the controlling layer (D)" in restarted.output()
+    caller.send(call.caller_relay, b"after D")
+    callee.expect_nothing()
+    assert "bye@lab" not in lab.run("relay", "nft", "list", "table", "ip", TABLE).stdout
+
+
+def test_a_call_still_learning_when_the_node_dies_latches_after_the_restart(
+    lab: Lab, nodes: list[Node], kamailio: Controller, peers: Peers
+) -> None:
+    node = start(lab, nodes, kamailio)
+    caller, callee = peers("c", 4020), peers("b", 6020)
+    call = Call(kamailio, caller, callee, 20200, "learning@lab")  # nobody has spoken yet
+    start(lab, nodes, kamailio, node.restart(signal.SIGKILL))
+    caller.send(call.caller_relay, b"first after restart")
+    assert callee.expect(b"first after restart") == call.callee_relay
+    burst(callee, call.callee_relay, caller, call.caller_relay, 3, b"B")
+    burst(caller, call.caller_relay, callee, call.callee_relay, 3, b"A")
+
+
+def test_a_flushed_ruleset_is_repaired_while_media_flows(
+    lab: Lab, nodes: list[Node], kamailio: Controller, peers: Peers
+) -> None:
+    node = start(lab, nodes, kamailio)
+    caller, callee = peers("c", 4030), peers("b", 6030)
+    call = Call(kamailio, caller, callee, 20300, "flushed@lab")
+    burst(caller, call.caller_relay, callee, call.callee_relay, 1, b"hello")
+    forward = Stream(caller, call.caller_relay, callee, b"A").start()
+    backward = Stream(callee, call.callee_relay, caller, b"B").start()
+    time.sleep(0.5)
+    flushed_at = time.monotonic()
+    lab.run("relay", "nft", "flush", "ruleset")  # what `systemctl restart nftables` does
+    wait_for(node, "repaired: table ip lrkp reloaded, 1 live calls put back", 5.0)
+    time.sleep(1.0)
+    forward.stop()
+    backward.stop()
+    for stream in (forward, backward):
+        resumed = [t for t in stream.arrivals.values() if t > flushed_at]
+        assert resumed, "media never resumed"
+        assert stream.longest_gap() < 2.0
+    assert "nft flush ruleset" in node.output()  # the error says what happened and why
+    # New calls work, first packet included.
+    caller2, callee2 = peers("c", 4032), peers("b", 6032)
+    call2 = Call(kamailio, caller2, callee2, 20400, "after-flush@lab")
+    burst(caller2, call2.caller_relay, callee2, call2.callee_relay, 2, b"A")
+    burst(callee2, call2.callee_relay, caller2, call2.caller_relay, 2, b"B")
+
+
+def test_a_second_instance_is_refused_and_the_first_keeps_relaying(
+    lab: Lab, nodes: list[Node], kamailio: Controller, peers: Peers
+) -> None:
+    first = start(lab, nodes, kamailio)
+    caller, callee = peers("c", 4040), peers("b", 6040)
+    call = Call(kamailio, caller, callee, 20500, "only-one@lab")
+    burst(caller, call.caller_relay, callee, call.callee_relay, 1, b"hello")
+    listing = lab.run("relay", "nft", "list", "table", "ip", TABLE).stdout
+    rules = lab.run("relay", "iptables-nft", "-t", "raw", "-S").stdout
+    second = Node(lab, "relay", *ARGS)
+    nodes.append(second)
+    assert second.proc.wait(30) == 2
+    assert f"pid {first.proc.pid}" in second.output() or str(first.proc.pid) in second.output()
+    assert lab.run("relay", "nft", "list", "table", "ip", TABLE).stdout == listing
+    assert lab.run("relay", "iptables-nft", "-t", "raw", "-S").stdout == rules
+    burst(caller, call.caller_relay, callee, call.callee_relay, 3, b"A")
+    burst(callee, call.callee_relay, caller, call.caller_relay, 3, b"B")
+    assert kamailio.command(b"P", CONTROL) == b"P PONG"
