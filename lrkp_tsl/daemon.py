@@ -133,6 +133,8 @@ async def _run(
             ", ".join(f"{k}={v}" for k, v in sorted(engine.stats.items())) or "none",
         )
         plane.shutdown(flush=config.flush_on_exit)
+        if config.flush_on_exit:
+            log.info("flushed: %d calls forgotten by the state store", store.clear())
 
     cleanup.append(("kernel state", shutdown_kernel))
     queue_rule.install()

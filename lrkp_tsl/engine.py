@@ -566,11 +566,25 @@ class Engine:
         stray_learning = state.learning - wanted_learning
         report.stray_flows, report.stray_learning = len(stray_flows), len(stray_learning)
         if stray_flows or stray_learning:
-            self.kernel.remove(stray_flows, stray_learning)
-            self._forget(stray_flows, now)
+            try:
+                self.kernel.remove(stray_flows, stray_learning)
+                self._forget(stray_flows, now)
+            except KernelError as error:
+                # Strays relay nothing anyone asked for; they are retried at the next start.
+                self.stats["error.kernel"] += 1
+                log.error("stray kernel elements not removed: %s", error)
         if install:
-            self.kernel.install(install)
-            self._forget((f for _id, view in install for f in view.flows), now)
+            try:
+                self.kernel.install(install)
+                self._forget((f for _id, view in install for f in view.flows), now)
+            except KernelError as error:
+                self.stats["error.kernel"] += 1
+                log.error(
+                    "restoring %d calls in the kernel failed (will retry): %s", len(install), error
+                )
+                for call_id, view in install:
+                    self.suspect[call_id] = _merge(self.suspect.get(call_id, EMPTY), view)
+                self.schedule.set_earlier(RETRY, now + RETRY_INTERVAL)
         for call in self.table:
             self._schedule_call(call)
         self._log_restore(report)

@@ -208,6 +208,21 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"state store {self.path}: deleting {call_id!r}: {exc}") from exc
 
+    def clear(self) -> int:
+        """Forget every call (the node flushed its kernel state on exit); returns how many."""
+        try:
+            with self._transaction():
+                ids = [row[0] for row in self._db.execute("SELECT call_id FROM calls")]
+                self._revision += 1
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO removed (call_id, revision, at) VALUES (?, ?, ?)",
+                    [(call_id, self._revision, time.time()) for call_id in ids],
+                )
+                self._db.execute("DELETE FROM calls")
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: clearing: {exc}") from exc
+        return len(ids)
+
     def set_quiet(self, call_id: str, quiet_since: float | None) -> None:
         self._revision += 1
         self._write(

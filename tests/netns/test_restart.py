@@ -166,3 +166,35 @@ def test_a_second_instance_is_refused_and_the_first_keeps_relaying(
     burst(caller, call.caller_relay, callee, call.callee_relay, 3, b"A")
     burst(callee, call.callee_relay, caller, call.caller_relay, 3, b"B")
     assert kamailio.command(b"P", CONTROL) == b"P PONG"
+
+
+def test_restart_repairs_what_changed_in_the_kernel_while_the_node_was_down(
+    lab: Lab, nodes: list[Node], kamailio: Controller, peers: Peers
+) -> None:
+    node = start(lab, nodes, kamailio)
+    caller, callee = peers("a", 4050), peers("b", 6050)
+    call = Call(kamailio, caller, callee, 20600, "damaged@lab")  # both reachable: committed
+    burst(caller, call.caller_relay, callee, call.callee_relay, 1, b"before")
+    node.stop(signal.SIGKILL)
+    key = f"{caller.endpoint.ip} . {caller.endpoint.port} . {call.caller_relay.ip} . 20602"
+    lab.run("relay", "nft", "delete", "element", "ip", TABLE, "dnat_to", f"{{ {key} }}")
+    lab.run(
+        "relay",
+        "nft",
+        "add",
+        "element",
+        "ip",
+        TABLE,
+        "dnat_to",
+        '{ 10.201.1.66 . 1 . 10.201.1.1 . 21500 comment "stray" : 10.201.1.11 . 2 }',
+    )
+    lab.run("relay", "nft", "add", "element", "ip", TABLE, "learning",
+            "{ 10.201.1.1 . 21502 }")  # fmt: skip
+    restarted = start(lab, nodes, kamailio, Node(lab, "relay", *ARGS, state=node.state))
+    log = restarted.output()
+    assert "kernel state of 1 stored calls was incomplete and was repaired: 'damaged@lab'" in log
+    assert "removed 2 kernel flows and 1 learning endpoints that belong to no call" in log
+    listing = lab.run("relay", "nft", "list", "table", "ip", TABLE).stdout
+    assert "stray" not in listing and "21502" not in listing
+    burst(caller, call.caller_relay, callee, call.callee_relay, 3, b"A")
+    burst(callee, call.callee_relay, caller, call.caller_relay, 3, b"B")

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lrkp_tsl.engine import HOLD_TIMEOUT, RETRY_INTERVAL, Engine, Settings
+from lrkp_tsl.errors import KernelError
 from lrkp_tsl.kernel import EMPTY, KernelView, StreamChange, StreamEvent
 from lrkp_tsl.latching import Policy, Rule
 from lrkp_tsl.media import CallMedia, Endpoint, InstalledFlow
@@ -519,3 +520,28 @@ def test_a_stream_found_from_both_directions_is_one_stream() -> None:
     engine.on_stream_events([StreamEvent(StreamChange.EXPIRED, RTP_KEY)], 200.0)
     engine.on_timer(200.0)
     assert "c1" not in engine.table
+
+
+def test_a_kernel_failure_during_restore_is_retried_not_fatal() -> None:
+    engine, kernel, store = make(Policy.STRICT)
+    ok(engine, s_command("c1"))
+    kernel.flows.clear()  # a reboot
+    kernel.fail_next("install")
+    again = restarted(kernel, store, 5.0)
+    assert "c1" in again.table and "c1" in again.suspect
+    again.on_timer(5.0 + RETRY_INTERVAL)
+    assert not again.suspect
+    agree(again, kernel)
+
+
+def test_a_failed_reinstall_is_retried_call_by_call() -> None:
+    engine, kernel, _store = make()
+    nat_call(engine)
+    kernel.flows.clear()
+    kernel.learning.clear()
+    kernel.fail_next("install")
+    with pytest.raises(KernelError):
+        engine.reinstall(1.0)
+    engine.on_timer(1.0 + RETRY_INTERVAL)
+    assert not engine.suspect
+    agree(engine, kernel)

@@ -127,3 +127,11 @@ def test_garbage_file_is_a_store_error(path: Path) -> None:
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match=str(path)):
         SqliteStore(path)
+
+
+def test_clear_forgets_every_call_with_a_tombstone(path: Path) -> None:
+    store = SqliteStore(path)
+    store.put(learned_call(), None)
+    assert store.clear() == 1
+    assert store.load() == []
+    assert [c.call is None for c in store.changes_since(1)] == [True]
