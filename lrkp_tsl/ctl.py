@@ -11,15 +11,13 @@ import argparse
 import os
 import secrets
 import socket
-import struct
 import sys
 from pathlib import Path
 
 from lrkp_tsl import config
 from lrkp_tsl.config import ControlAddress
 from lrkp_tsl.errors import ConfigError
-
-NODE_CONFIG = struct.Struct("@iii20s20s")
+from lrkp_tsl.protocol import NodeConfig
 
 
 def exchange(address: ControlAddress, command: bytes, timeout: float) -> bytes:
@@ -68,16 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ping":
         print(f"{address}: {reply.decode(errors='replace')}")
         return 0 if reply == b"P PONG" else 1
-    body = reply.removeprefix(b"G ")
-    if len(body) != NODE_CONFIG.size:
+    try:
+        node = NodeConfig.unpack(reply.removeprefix(b"G "))
+    except ConfigError:
         print(f"lrkp-ctl: unexpected G reply from {address}: {reply!r}", file=sys.stderr)
         return 1
-    start, end, current, internal, external = NODE_CONFIG.unpack(body)
-    internal_ip = internal.rstrip(b"\0").decode()
-    external_ip = external.rstrip(b"\0").decode()
     print(
-        f"{address}: ports {start}-{end} (current {current}), "
-        f"internal {internal_ip}, external {external_ip}"
+        f"{address}: ports {node.start_port}-{node.end_port} (current {node.current_port}), "
+        f"internal {node.internal_ip}, external {node.external_ip}"
     )
     return 0
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from lrkp_tsl.admission import NodeLimits
 from lrkp_tsl.config import Config
 from lrkp_tsl.dataplane import DataPlane
 from lrkp_tsl.dataplane.ctevents import ConntrackEvents, Reaper
@@ -115,7 +116,12 @@ async def _run(
         ", ".join(map(str, routed)) or "none",
     )
     settings = Settings(
-        config.max_lifetime, config.idle_timeout, config.policy, tuple(routed), node_config(config)
+        config.max_lifetime,
+        config.idle_timeout,
+        config.policy,
+        tuple(routed),
+        node_config(config),
+        NodeLimits(frozenset(config.relay_addrs), config.ports),
     )
     engine = Engine(settings, plane, store)
     started = time.monotonic()

@@ -23,16 +23,18 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network
 
-from lrkp_tsl import protocol
+from lrkp_tsl import admission, protocol
 from lrkp_tsl.activity import Activity
+from lrkp_tsl.admission import NodeLimits, Refusal
 from lrkp_tsl.errors import KernelError, StoreError
 from lrkp_tsl.kernel import EMPTY, Kernel, KernelState, KernelView, StreamEvent, StreamKey
 from lrkp_tsl.latching import Policy
-from lrkp_tsl.media import Endpoint, Flow, InstalledFlow
+from lrkp_tsl.media import Endpoint, Flow, InstalledFlow, PortRange
 from lrkp_tsl.protocol import GetConfig, NodeConfig, Ping, ProtocolError, SetSession
+from lrkp_tsl.ratelog import RateLimitedLog
 from lrkp_tsl.records import Store, StoredCall
 from lrkp_tsl.retransmit import RetransmitCache
 from lrkp_tsl.schedule import Schedule
@@ -51,7 +53,10 @@ calls_log = logging.getLogger("lrkp_tsl.calls")
 
 # Kamailio retransmits for lrkproxy_retr x lrkproxy_tout (5 x 1 s by default).
 RETRANSMIT_AGE = 30.0
-RETRANSMIT_ENTRIES = 65536
+RETRANSMIT_BYTES = 16 << 20  # ~25,000 S replies: 30 s of 800 commands/s
+# A source displaced from its relay ports stays refused this long after its last packet
+# seen here (the kernel's `displaced` set does the same in the data path).
+DISPLACED_GUARD = 10.0
 # A first packet whose peer is not latched yet waits at most this long, this many per call
 # (RTP older than this is useless to a jitter buffer anyway).
 HOLD_TIMEOUT = 2.0
@@ -62,8 +67,9 @@ RETRY_INTERVAL = 1.0
 # after a restart) is spread over several turns of the event loop instead of stalling it.
 TIMER_BUDGET = 256
 
-TimerKey = tuple[str, str]  # ("call" | "held" | "retry", Call-ID or "")
+TimerKey = tuple[str, str]  # ("call" | "held" | "retry" | "log", Call-ID or "")
 RETRY: TimerKey = ("retry", "")
+LOG_FLUSH: TimerKey = ("log", "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +79,11 @@ class Settings:
     policy: Policy
     routed: tuple[IPv4Network, ...]
     node: NodeConfig
+    limits: NodeLimits
+
+    @property
+    def ports(self) -> PortRange:
+        return self.limits.ports
 
 
 @dataclass(slots=True)
@@ -132,10 +143,14 @@ class Engine:
         self.settings = settings
         self.kernel = kernel
         self.store = store
-        self.table = CallTable(settings.max_lifetime, settings.policy, settings.routed)
+        self.table = CallTable(
+            settings.max_lifetime, settings.policy, settings.routed, settings.ports
+        )
         self.activity = Activity()
         self.schedule: Schedule[TimerKey] = Schedule()
-        self.cache = RetransmitCache(RETRANSMIT_ENTRIES, RETRANSMIT_AGE)
+        self.cache = RetransmitCache(RETRANSMIT_BYTES, RETRANSMIT_AGE)
+        self.displaced: dict[StreamKey, float] = {}  # (source, relay) -> refused until
+        self.remote_log = RateLimitedLog(log)
         self.held: dict[str, list[Held]] = {}
         self.suspect: dict[str, KernelView] = {}  # Call-ID -> what the kernel may hold too
         self.forget_pending: set[StreamKey] = set()
@@ -160,7 +175,13 @@ class Engine:
         """One request from the controlling layer; the reply (None: nothing to send).
 
         `sender` keys the retransmission cache (the UDP address); `peer` is for logs.
+        A datagram longer than any request is dropped unread and unanswered.
         """
+        if len(data) > protocol.MAX_REQUEST_SIZE:
+            self.stats["dropped.too_long"] += 1
+            self.note_remote(now, "oversized datagrams", "dropped %d bytes from %s: longer than "
+                         "any request", len(data), peer)  # fmt: skip
+            return None
         if with_cookie:
             cached = self.cache.lookup(sender, data, now)
             if cached is not None:
@@ -181,13 +202,21 @@ class Engine:
             request = protocol.parse_request(data, with_cookie=with_cookie)
         except ProtocolError as error:
             self.stats[f"error.{error.code}"] += 1
-            log.warning("bad request from %s: %s", peer, error)
+            self.note_remote(now, "bad requests", "bad request from %s: %s", peer, error)
             return protocol.reply_error(error), True
         self.stats[f"request.{type(request).__name__}"] += 1
         if isinstance(request, Ping):
             return protocol.reply_pong(request), True
         if isinstance(request, GetConfig):
-            return protocol.reply_config(request, self.settings.node), True
+            return protocol.reply_config(request, self.node_config()), True
+        if isinstance(request, SetSession):
+            try:
+                admission.check(request.media, self.settings.limits)
+            except Refusal as refusal:
+                self.stats[f"refused.{refusal.code}"] += 1
+                self.note_remote(now, "refused commands", "[%s] S from %s refused: %s",
+                             request.media.call_id, peer, refusal.reason)  # fmt: skip
+                return protocol.reply_refused(request, refusal.code, refusal.reason), True
         if not protocol.acknowledgeable(request):
             log.warning(
                 "%s from %s is %d bytes: Kamailio cannot accept a reply that long",
@@ -213,6 +242,15 @@ class Engine:
     def on_packet(self, packet: int, source: Endpoint, relay: Endpoint, now: float) -> None:
         """A packet to a learning relay endpoint: latch, hold or drop it; never lose it
         while its call can still use it. Its verdict comes out of `take_verdicts`."""
+        until = self.displaced.get((source, relay))
+        if until is not None:
+            if now < until:
+                # Still sending to the ports its call lost: never the new call's party.
+                self.displaced[(source, relay)] = now + DISPLACED_GUARD
+                self.stats["packets.displaced"] += 1
+                self._verdicts.append((packet, Verdict.DROP))
+                return
+            del self.displaced[(source, relay)]
         try:
             decision = self.table.on_packet(source, relay, self._silent)
             for action in decision.actions:
@@ -225,7 +263,9 @@ class Engine:
         self.stats[f"packets.{decision.event.value}"] += 1
         call_id = self.table.owner(relay)
         if decision.event is PacketEvent.STRANGER:
-            log.debug("stranger %s -> %s dropped", source, relay)
+            self.note_remote(
+                now, "strangers", "[%s] stranger %s -> %s dropped", call_id, source, relay
+            )
         if decision.verdict is Verdict.HOLD and call_id is not None:
             held = self.held.setdefault(call_id, [])
             if len(held) < HOLD_MAX_PER_CALL:
@@ -237,6 +277,20 @@ class Engine:
             return
         accept = decision.verdict is Verdict.ACCEPT
         self._verdicts.append((packet, Verdict.ACCEPT if accept else Verdict.DROP))
+
+    def node_config(self) -> NodeConfig:
+        """The `G` reply: where Kamailio should allocate next (ports.py)."""
+        ports = self.table.ports
+        return replace(
+            self.settings.node, end_port=ports.last_block(), current_port=ports.next_block()
+        )
+
+    def note_remote(self, now: float, kind: str, message: str, *args: object) -> None:
+        """A log line caused by remote input: rate-limited (ratelog.py)."""
+        self.remote_log.log(now, logging.WARNING, kind, message, *args)
+        due = self.remote_log.next_flush()
+        if due is not None:
+            self.schedule.set_earlier(LOG_FLUSH, due)
 
     def _silent(self, sender: Endpoint, relay: Endpoint) -> bool:
         return not self.kernel.is_seen(sender, relay)
@@ -336,6 +390,11 @@ class Engine:
                 self._drop_held(key, older_than=now - HOLD_TIMEOUT)
             elif kind == "retry":
                 self._retry(now)
+            elif kind == "log":
+                self.remote_log.flush(now)
+                summary_due = self.remote_log.next_flush()
+                if summary_due is not None:
+                    self.schedule.set(LOG_FLUSH, summary_due)
             else:
                 call = self.table.get(key)
                 if call is None:
@@ -393,7 +452,7 @@ class Engine:
             quiet = self.activity.quiet_since(call_id) if old is not None else now
             self.store.put(sync.call, quiet)
         try:
-            self.kernel.change(call_id, sync.before, sync.after)
+            self.kernel.change(call_id, sync.before, sync.after, sync.displaced)
         except KernelError:
             self.suspect[call_id] = _merge(self.suspect.get(call_id, EMPTY), sync.after)
             self.schedule.set_earlier(RETRY, now + RETRY_INTERVAL)
@@ -408,6 +467,8 @@ class Engine:
             self.stats["calls.removed"] += 1
             self.stats[f"calls.removed.{sync.reason.value}"] += 1
             calls_log.info("[%s] removed: %s", call_id, sync.describe())
+            if sync.displaced:
+                self._displace(call_id, sync.displaced, now)
             return
         self.stats[f"calls.{sync.reason.value}"] += 1
         if old is None:
@@ -429,6 +490,22 @@ class Engine:
         else:
             calls_log.info("[%s] %s", call_id, sync.describe())
         self._release(call_id, sync.after)
+
+    def _displace(self, call_id: str, keys: frozenset[StreamKey], now: float) -> None:
+        """Refuse, from now on, the sources a replaced call had latched on the ports its
+        successor took: Kamailio reused live ports, and that party is still sending."""
+        if len(self.displaced) > 65536:  # like the kernel set: bounded, oldest out first
+            for key in sorted(self.displaced, key=self.displaced.__getitem__)[:1024]:
+                del self.displaced[key]
+        for key in keys:
+            self.displaced[key] = now + DISPLACED_GUARD
+        self.stats["calls.displaced_sources"] += len(keys)
+        calls_log.warning(
+            "[%s] its relay ports were reused while it was live: %s will not be learned "
+            "into the new call while they keep sending",
+            call_id,
+            ", ".join(f"{source} at {relay}" for source, relay in sorted(keys)),
+        )
 
     def _restore_record(self, call_id: str, old: Call | None) -> None:
         """Put the store back to what the table holds after a refused kernel change."""

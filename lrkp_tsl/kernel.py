@@ -61,12 +61,19 @@ class KernelState:
 class Kernel(Protocol):
     """The kernel operations the engine needs. Every method raises KernelError on failure."""
 
-    def change(self, call_id: str, before: KernelView, after: KernelView) -> None:
+    def change(
+        self,
+        call_id: str,
+        before: KernelView,
+        after: KernelView,
+        displace: Iterable[StreamKey] = (),
+    ) -> None:
         """Make the node's tables hold `after` instead of `before` for one call.
 
         One nftables transaction when everything to delete is present. If it raises, the
         kernel may hold `before`, `after` or something in between: the caller resyncs.
-        Deleting what is already gone is not an error.
+        Deleting what is already gone is not an error. `displace`: (source, relay) pairs
+        the kernel drops from now on while they keep sending (port reuse; see Sync).
         """
 
     def install(self, views: Iterable[tuple[str, KernelView]]) -> None:

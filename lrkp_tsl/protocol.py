@@ -85,6 +85,11 @@ Kamailio's own `callid[50]` buffer overflows first beyond 48 characters.
 MAX_COOKIE_SIZE: Final = 33
 """`gencookie()` formats into `char cook[34]` including its trailing space and NUL."""
 
+MAX_CALL_ID: Final = 128
+"""Longest Call-ID accepted, in bytes: what an nftables element comment holds. Kamailio's
+own `callid[50]` buffer overflows beyond 48 characters, so nothing a working module sends
+comes near it."""
+
 _COOKIE = re.compile(rb"-?[0-9]{1,10}_[0-9]{1,10}")
 _DIGITS = re.compile(r"[0-9]{1,10}")
 
@@ -124,6 +129,9 @@ E_BAD_IP: Final = ReplyCode("bad-ip", "a field is not an IPv4 address")
 E_BAD_PORT: Final = ReplyCode("bad-port", "a field is not a port 1-65535")
 E_BAD_TIMEOUT: Final = ReplyCode("bad-timeout", "timeout is not a non-negative number")
 E_MISSING_CALL_ID: Final = ReplyCode("missing-call-id", "empty Call-ID")
+E_BAD_CALL_ID: Final = ReplyCode(
+    "bad-call-id", f"Call-ID is not one token of printable ASCII, at most {MAX_CALL_ID} bytes"
+)
 E_BAD_MEDIA: Final = ReplyCode("bad-media", "addresses cannot be relayed as given")
 
 CATALOGUE: Final = (
@@ -137,6 +145,7 @@ CATALOGUE: Final = (
     E_BAD_PORT,
     E_BAD_TIMEOUT,
     E_MISSING_CALL_ID,
+    E_BAD_CALL_ID,
     E_BAD_MEDIA,
 )
 
@@ -212,6 +221,11 @@ class MissingCallId(ProtocolError):
     code = E_MISSING_CALL_ID.code
 
 
+class BadCallId(ProtocolError):
+    reply_code = E_BAD_CALL_ID
+    code = E_BAD_CALL_ID.code
+
+
 class BadMedia(ProtocolError):
     """The fields parse, but `CallMedia` refuses the geometry (its MediaError reason)."""
 
@@ -230,6 +244,7 @@ ERRORS: Final[tuple[type[ProtocolError], ...]] = (
     BadPort,
     BadTimeout,
     MissingCallId,
+    BadCallId,
     BadMedia,
 )
 
@@ -331,6 +346,21 @@ class NodeConfig:
                     f"the SDP as c=IN IP4"
                 ) from None
 
+    @classmethod
+    def unpack(cls, body: bytes) -> NodeConfig:
+        """The 52-byte struct back into a NodeConfig (lrkp-ctl, tests); ConfigError if
+        the values cannot be a node's."""
+        if len(body) != _CONF.size:
+            raise ConfigError(f"node config is {len(body)} bytes, expected {_CONF.size}")
+        start, end, current, internal, external = _CONF.unpack(body)
+        return cls(
+            start,
+            end,
+            current,
+            internal.rstrip(b"\0").decode("ascii", "replace"),
+            external.rstrip(b"\0").decode("ascii", "replace"),
+        )
+
     def pack(self) -> bytes:
         """The 52 bytes Kamailio copies into its node config (NUL-padded IPs)."""
         return _CONF.pack(
@@ -410,22 +440,22 @@ def _parse_body(raw: bytes, cookie: str | None, text: str) -> Request:
 def _parse_session(raw: bytes, cookie: str | None, command: str, rest: str) -> Request:
     """Split `␠f1␠f2␠...␠f9␠<call-id>␠` by position (empty fields stay empty).
 
-    Kamailio writes the first field as `" %s "` and the others as `"%s "`. The Call-ID is
-    everything between the ninth field's space and the single trailing space: SIP Call-IDs
-    contain no spaces, but if one did, its position still makes it unambiguous, so it is
-    kept as sent rather than refused.
+    Kamailio writes the first field as `" %s "` and the others as `"%s "`: exactly ten
+    fields, each followed by one space. A SIP Call-ID is one token (no spaces), so a
+    request with more fields is refused rather than folded into the Call-ID.
     """
     expected = len(SESSION_FIELDS)
-    parts = rest[1:].split(" ", expected - 1)
-    if len(parts) < expected or not parts[-1].endswith(" "):
+    parts = rest[1:].split(" ")
+    if len(parts) != expected + 1 or parts[-1] != "":
         got = len(parts) - 1 if rest else 0
         raise WrongFieldCount(
-            f"{command} needs {expected} fields each followed by one space, got {got} complete ones"
+            f"{command} needs {expected} fields each followed by one space, got {got}"
         )
-    values = dict(zip(SESSION_FIELDS, [*parts[:-1], parts[-1][:-1]], strict=True))
+    values = dict(zip(SESSION_FIELDS, parts[:-1], strict=True))
     call_id = values["call_id"]
     if not call_id:
         raise MissingCallId(f"{command} has an empty Call-ID")
+    _check_call_id(call_id)
     timeout = _timeout(values["timeout"])
     media_names = SESSION_FIELDS[:8]
     if command == "D" and any(not values[name] for name in media_names):
@@ -455,6 +485,14 @@ def _media(values: dict[str, str]) -> CallMedia:
         )
     except MediaError as exc:
         raise BadMedia(exc.reason) from exc
+
+
+def _check_call_id(call_id: str) -> None:
+    """One token of printable ASCII (no spaces: the split already saw to that)."""
+    if len(call_id.encode()) > MAX_CALL_ID:
+        raise BadCallId(f"Call-ID is {len(call_id.encode())} bytes, more than {MAX_CALL_ID}")
+    if not (call_id.isascii() and call_id.isprintable()):
+        raise BadCallId(f"Call-ID {_show(call_id)} is not printable ASCII")
 
 
 def _ip(name: str, value: str) -> IPv4Address:

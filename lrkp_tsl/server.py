@@ -175,8 +175,13 @@ class UdpControl(asyncio.DatagramProtocol):
         host = str(addr[0])
         if not self.server.allowed(host):
             self.server.stats["dropped.not_allowed"] += 1
-            log.warning(
-                "dropped %d bytes from %s:%s: not in the allow list", len(data), host, addr[1]
+            self.server.engine.note_remote(
+                self.server.clock(),
+                "datagrams from senders not in the allow list",
+                "dropped %d bytes from %s:%s: not in the allow list",
+                len(data),
+                host,
+                addr[1],
             )
             return
         reply = self.server.datagram(data, addr)
@@ -219,6 +224,6 @@ async def open_control(
 
 
 def attach_queue(server: Server, queue_num: int, loop: asyncio.AbstractEventLoop) -> PacketQueue:
-    queue = PacketQueue(queue_num, server.on_queued)
+    queue = PacketQueue(queue_num, server.on_queued, server.stats)
     queue.attach(loop)
     return queue

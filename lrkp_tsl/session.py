@@ -31,7 +31,7 @@ from enum import Enum
 from ipaddress import IPv4Network
 
 from lrkp_tsl.errors import MediaError
-from lrkp_tsl.kernel import EMPTY, KernelView
+from lrkp_tsl.kernel import EMPTY, KernelView, StreamKey
 from lrkp_tsl.latching import Policy, Rule, initial
 from lrkp_tsl.media import (
     RTCP_PORT_OFFSET,
@@ -39,8 +39,10 @@ from lrkp_tsl.media import (
     Endpoint,
     Flow,
     InstalledFlow,
+    PortRange,
     Stream,
 )
+from lrkp_tsl.ports import PortUse
 
 __all__ = [
     "EMPTY",
@@ -132,6 +134,9 @@ class Sync:
     call: Call | None
     reason: Reason
     detail: str = ""
+    # REPLACED: sources the call had latched on the relay endpoints the new call takes.
+    # They must not be learned into the new call while they keep sending (port reuse).
+    displaced: frozenset[StreamKey] = frozenset()
 
     @property
     def after(self) -> KernelView:
@@ -205,12 +210,14 @@ class CallTable:
         max_lifetime: float,
         policy: Policy = Policy.STRICT,
         routed: Sequence[IPv4Network] = (),
+        ports: PortRange | None = None,
     ) -> None:
         self.max_lifetime = max_lifetime
         self.policy = policy
         self.routed = tuple(routed)
         self._calls: dict[str, Call] = {}
         self._owner: dict[Endpoint, str] = {}  # relay endpoint -> Call-ID
+        self.ports = PortUse(ports or PortRange(1, 65535))
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -234,11 +241,27 @@ class CallTable:
         existing = self._calls.get(media.call_id)
         if existing is not None and existing.media == media:
             return []
-        actions: list[Action] = [
-            Sync(owner, self._calls[owner].view(), None, Reason.REPLACED, repr(media.call_id))
-            for owner in self.claimed(media)
-        ]
         caller, callee = _legs_for(media, self.policy, self.routed)
+        welcome = {(leg.sdp, leg.relay) for leg in (*caller, *callee)}
+        actions: list[Action] = []
+        for owner in self.claimed(media):
+            old = self._calls[owner]
+            taken = media.relay_endpoints()
+            displaced = frozenset(
+                (leg.latched, leg.relay)
+                for leg in old.legs()
+                if leg.latched is not None and leg.relay in taken
+            )
+            actions.append(
+                Sync(
+                    owner,
+                    old.view(),
+                    None,
+                    Reason.REPLACED,
+                    repr(media.call_id),
+                    displaced - welcome,
+                )
+            )
         if existing is None:
             call = Call(media, idle_timeout, now, caller, callee)
             actions.append(Sync(media.call_id, EMPTY, call, Reason.RELAYING))
@@ -340,11 +363,14 @@ class CallTable:
             for endpoint in existing.relay_endpoints():
                 if self._owner.get(endpoint) == action.call_id:
                     del self._owner[endpoint]
+                    self.ports.release((endpoint.port,))
         if action.call is None:
             self._calls.pop(action.call_id, None)
             return
         self._calls[action.call_id] = action.call
         for endpoint in action.call.relay_endpoints():
+            if self._owner.get(endpoint) is None:
+                self.ports.take((endpoint.port,))
             self._owner[endpoint] = action.call_id
 
     def claimed(self, media: CallMedia) -> list[str]:

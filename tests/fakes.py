@@ -31,6 +31,7 @@ class FakeKernel:
         self.learning: dict[Endpoint, str] = {}
         self.entries: dict[StreamKey, float] = {}  # conntrack: key -> seconds left
         self.seen: set[StreamKey] = set()
+        self.displaced: set[StreamKey] = set()
         self.calls: collections.Counter[str] = collections.Counter()
         self._failures: collections.Counter[str] = collections.Counter()
         self.fail_after_deletions = False
@@ -50,7 +51,13 @@ class FakeKernel:
 
     # -- Kernel ------------------------------------------------------------------------------
 
-    def change(self, call_id: str, before: KernelView, after: KernelView) -> None:
+    def change(
+        self,
+        call_id: str,
+        before: KernelView,
+        after: KernelView,
+        displace: Iterable[StreamKey] = (),
+    ) -> None:
         self._enter("change")
         for flow in before.flows - after.flows:
             self.flows.pop((flow.sender, flow.relay), None)
@@ -63,6 +70,7 @@ class FakeKernel:
             self.flows[(flow.sender, flow.relay)] = (flow, call_id)
         for endpoint in after.learning - before.learning:
             self.learning[endpoint] = call_id
+        self.displaced |= set(displace)
 
     def install(self, views: Iterable[tuple[str, KernelView]]) -> None:
         self._enter("install")

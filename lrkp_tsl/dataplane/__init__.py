@@ -58,13 +58,20 @@ class DataPlane:
 
     # -- the engine's Kernel interface --------------------------------------------------------
 
-    def change(self, call_id: str, before: KernelView, after: KernelView) -> None:
+    def change(
+        self,
+        call_id: str,
+        before: KernelView,
+        after: KernelView,
+        displace: Iterable[StreamKey] = (),
+    ) -> None:
         self.nft.change(
             call_id,
             add=after.flows - before.flows,
             delete=before.flows - after.flows,
             learn=after.learning - before.learning,
             unlearn=before.learning - after.learning,
+            displace=displace,
         )
 
     def install(self, views: Iterable[tuple[str, KernelView]]) -> None:

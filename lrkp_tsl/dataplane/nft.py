@@ -228,6 +228,7 @@ class NftTable:
         delete: Iterable[Flow | InstalledFlow] = (),
         learn: Iterable[Endpoint] = (),
         unlearn: Iterable[Endpoint] = (),
+        displace: Iterable[tuple[Endpoint, Endpoint]] = (),
     ) -> int:
         """Delete, then add, flows and learning endpoints of one call in one transaction.
 
@@ -239,8 +240,10 @@ class NftTable:
         add, delete, learn, unlearn = list(add), list(delete), list(learn), list(unlearn)
         what = f"change of call {call_id!r} (+{len(add)}/-{len(delete)} flows)"
         deletions = delete_commands(delete) + endpoint_commands("delete", "learning", unlearn)
-        additions = add_commands(call_id, add) + endpoint_commands(
-            "add", "learning", learn, element_comment(call_id)
+        additions = (
+            add_commands(call_id, add)
+            + endpoint_commands("add", "learning", learn, element_comment(call_id))
+            + key_commands("add", "displaced", displace)
         )
         try:
             self.transaction(deletions + additions, what)
@@ -296,6 +299,17 @@ def _split(command: dict[str, Any]) -> list[dict[str, Any]]:
     verb, body = next(iter(command.items()))
     element = body["element"]
     return [{verb: {"element": {**element, "elem": [item]}}} for item in element["elem"]]
+
+
+def key_commands(
+    verb: str, name: str, keys: Iterable[tuple[Endpoint, Endpoint]]
+) -> list[dict[str, Any]]:
+    """Add or delete (sender ip . port . relay ip . port) elements of a set."""
+    elems = [
+        {"concat": [str(sender.ip), sender.port, str(relay.ip), relay.port]}
+        for sender, relay in keys
+    ]
+    return [_element(verb, name, elems)] if elems else []
 
 
 def endpoint_commands(

@@ -21,6 +21,7 @@ import shutil
 import struct
 import subprocess
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from ipaddress import IPv4Address
 
@@ -138,12 +139,14 @@ class PacketQueue:
     """
 
     def __init__(
-        self, queue_num: int, on_packet: Callable[[Packet, Endpoint, Endpoint], None]
+        self,
+        queue_num: int,
+        on_packet: Callable[[Packet, Endpoint, Endpoint], None],
+        stats: Counter[str] | None = None,
     ) -> None:
         self.queue_num = queue_num
         self.on_packet = on_packet
-        self.malformed = 0
-        self.failed = 0
+        self.stats: Counter[str] = Counter() if stats is None else stats
         self._queue = NetfilterQueue()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # rcvbuf clamp: logged below
@@ -161,14 +164,15 @@ class PacketQueue:
         try:
             parsed = parse_udp(packet.get_payload())
             if parsed is None:
-                self.malformed += 1
+                self.stats["packets.malformed"] += 1
                 packet.drop()
                 return
             self.on_packet(packet, *parsed)
         except Exception:
-            self.failed += 1
-            if self.failed == 1 or self.failed % 1000 == 0:
-                log.exception("queued packet dropped after an error (%d so far)", self.failed)
+            self.stats["packets.failed"] += 1
+            failed = self.stats["packets.failed"]
+            if failed == 1 or failed % 1000 == 0:
+                log.exception("queued packet dropped after an error (%d so far)", failed)
             with contextlib.suppress(Exception):
                 packet.drop()  # harmless if it already had its verdict
 

@@ -67,6 +67,7 @@ class Stream:
         self.sent: list[int] = []
         self.arrivals: dict[int, float] = {}
         self.sources: set[Endpoint] = set()
+        self.foreign: list[bytes] = []
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._send, daemon=True),
@@ -100,6 +101,8 @@ class Stream:
             if data.startswith(prefix):
                 self.arrivals[int(data[len(prefix) :])] = time.monotonic()
                 self.sources.add(source)
+            else:
+                self.foreign.append(data)  # someone else's media: must never happen
 
     def stop(self) -> Stream:
         self._stop.set()

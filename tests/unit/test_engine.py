@@ -9,11 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lrkp_tsl.admission import NodeLimits
 from lrkp_tsl.engine import HOLD_TIMEOUT, RETRY_INTERVAL, Engine, Settings
 from lrkp_tsl.errors import KernelError
 from lrkp_tsl.kernel import EMPTY, KernelView, StreamChange, StreamEvent
 from lrkp_tsl.latching import Policy, Rule
-from lrkp_tsl.media import CallMedia, Endpoint, InstalledFlow
+from lrkp_tsl.media import CallMedia, Endpoint, InstalledFlow, PortRange
 from lrkp_tsl.protocol import NodeConfig
 from lrkp_tsl.records import StoredCall
 from lrkp_tsl.session import Verdict
@@ -21,6 +22,8 @@ from tests.fakes import FakeKernel, MemoryStore
 
 ROUTED = (IPv4Network("10.0.0.0/24"), IPv4Network("10.0.1.0/24"))
 NODE = NodeConfig(20000, 40000, 20000, "10.0.0.10", "10.0.1.10")
+LIMITS = NodeLimits(frozenset({IPv4Address("10.0.0.10"), IPv4Address("10.0.1.10")}),
+                    PortRange(20000, 40000))  # fmt: skip
 IDLE = 60.0
 LIFETIME = 3600.0
 PEER = ("10.0.0.5", 5060)
@@ -33,7 +36,7 @@ def ep(text: str) -> Endpoint:
 
 def make(policy: Policy = Policy.AUTO) -> tuple[Engine, FakeKernel, MemoryStore]:
     kernel, store = FakeKernel(), MemoryStore()
-    settings_ = Settings(LIFETIME, IDLE, policy, ROUTED, NODE)
+    settings_ = Settings(LIFETIME, IDLE, policy, ROUTED, NODE, LIMITS)
     return Engine(settings_, kernel, store), kernel, store
 
 
@@ -390,7 +393,7 @@ def snapshot(engine: Engine, store: MemoryStore) -> list[StoredCall]:
 
 
 def restarted(kernel: FakeKernel, store: MemoryStore, now: float) -> Engine:
-    engine = Engine(Settings(LIFETIME, IDLE, Policy.AUTO, ROUTED, NODE), kernel, store)
+    engine = Engine(Settings(LIFETIME, IDLE, Policy.AUTO, ROUTED, NODE, LIMITS), kernel, store)
     engine.restore(store.load(), kernel.state(), now)
     return engine
 
@@ -545,3 +548,85 @@ def test_a_failed_reinstall_is_retried_call_by_call() -> None:
     engine.on_timer(1.0 + RETRY_INTERVAL)
     assert not engine.suspect
     agree(engine, kernel)
+
+
+# -- hostile and stale input --------------------------------------------------------------------
+
+
+def test_refused_commands_answer_their_code_and_leave_live_calls_alone() -> None:
+    engine, kernel, store = make(Policy.STRICT)
+    ok(engine, s_command("live", relay_port=20000))
+    before = kernel.holds()
+    # Relay port 19998: its caller side is 20000, its RTCP 19999 is outside the range.
+    reply = send(engine, s_command("fuzz", relay_port=19998, cookie="1_2"))
+    assert reply is not None and reply.startswith(b"1_2 E relay-port dst_port 19998")
+    foreign = s_command("foreign", cookie="1_3").replace(b"10.0.0.10", b"8.8.8.8")
+    reply = send(engine, foreign)
+    assert reply is not None and reply.startswith(b"1_3 E foreign-relay ")
+    assert kernel.holds() == before and set(store.records) == {"live"}
+    assert engine.stats["refused.relay-port"] == engine.stats["refused.foreign-relay"] == 1
+
+
+def test_g_points_kamailio_past_the_live_calls_and_keeps_blocks_in_range() -> None:
+    engine, _kernel, _store = make(Policy.STRICT)
+    for index in range(1000):
+        ok(engine, s_command(f"c{index}", relay_port=20000 + 4 * index, cookie=f"1_{index}"))
+    reply = send(engine, b"9_9 G")
+    assert reply is not None
+    config = NodeConfig.unpack(reply[len(b"9_9 G ") :])
+    assert config.current_port == 24000
+    assert config.end_port == 39996 and config.end_port + 3 <= 40000
+
+
+def test_a_datagram_longer_than_any_request_is_dropped_unanswered() -> None:
+    engine, _kernel, _store = make()
+    assert send(engine, b"1_1 P" + b" " * 2000) is None
+    assert engine.stats["dropped.too_long"] == 1
+
+
+def test_remote_input_logs_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    engine, _kernel, _store = make()
+    for index in range(100):
+        send(engine, b"1_%d X" % index, now=float(index) / 100)
+    shown = [r for r in caplog.records if "bad request" in r.getMessage()]
+    assert len(shown) == 5
+    engine.on_timer(61.0)
+    assert any("95 more bad requests not logged" in r.getMessage() for r in caplog.records)
+
+
+# A live call's NAT'd caller, and Kamailio reusing its relay ports for a new call.
+OLD_SOURCE = ep("10.0.0.99:40000")
+NEW_SOURCE = ep("10.0.0.98:50000")
+
+
+def test_a_source_displaced_by_port_reuse_is_never_learned_into_the_new_call() -> None:
+    engine, kernel, _store = make()
+    ok(engine, s_command("old", caller="192.168.1.20:4000", callee="10.0.1.31:6000"))
+    engine.on_packet(1, OLD_SOURCE, CALLER_RELAY, 1.0)  # the old call's caller latches
+    ok(engine, s_command("new", caller="192.168.7.7:4000", callee="10.0.1.32:6000",
+                         cookie="1_2"), 2.0)  # fmt: skip
+    assert (OLD_SOURCE, CALLER_RELAY) in kernel.displaced  # the kernel drops it too
+    engine.on_packet(2, OLD_SOURCE, CALLER_RELAY, 2.1)  # still streaming to its old port
+    engine.on_packet(3, NEW_SOURCE, CALLER_RELAY, 2.2)  # the new call's real party
+    assert engine.take_verdicts() == [(1, Verdict.ACCEPT), (2, Verdict.DROP), (3, Verdict.ACCEPT)]
+    new = engine.table.get("new")
+    assert new is not None and new.caller[0].latched == NEW_SOURCE
+    assert engine.stats["packets.displaced"] == 1
+
+
+def test_the_new_calls_exact_sdp_address_is_not_displaced() -> None:
+    engine, kernel, _store = make(Policy.STRICT)
+    ok(engine, s_command("old"))  # reachable parties: latched at their SDP addresses
+    ok(engine, s_command("new", callee="10.0.1.32:6000", cookie="1_2"))  # same caller SDP
+    displaced = {source for source, _relay in kernel.displaced}
+    assert ep("10.0.1.31:6000") in displaced  # the old callee, still on the old ports
+    assert ep("10.0.0.21:4000") not in displaced  # the new call's own caller
+
+
+def test_a_displaced_source_that_went_quiet_is_forgotten() -> None:
+    engine, _kernel, _store = make()
+    ok(engine, s_command("old", caller="192.168.1.20:4000"))
+    engine.on_packet(1, OLD_SOURCE, CALLER_RELAY, 1.0)
+    ok(engine, s_command("new", caller="192.168.7.7:4000", cookie="1_2"), 2.0)
+    engine.on_packet(2, OLD_SOURCE, CALLER_RELAY, 2.0 + 10.5)
+    assert engine.take_verdicts()[-1] == (2, Verdict.ACCEPT)

@@ -21,6 +21,9 @@ PURE = [
     "kernel",
     "records",
     "schedule",
+    "admission",
+    "ports",
+    "ratelog",
 ]
 FORBIDDEN = {
     "socket",

@@ -16,9 +16,11 @@ from lrkp_tsl.protocol import (
     CATALOGUE,
     ERRORS,
     MAX_ACKNOWLEDGEABLE_REQUEST,
+    MAX_CALL_ID,
     MAX_REPLY_SIZE,
     MAX_REQUEST_SIZE,
     BadAddress,
+    BadCallId,
     BadCookie,
     BadMedia,
     BadPort,
@@ -242,16 +244,32 @@ def test_shared_port_mode_parses() -> None:
     [
         ("a84b4c76e66710@10.0.0.21", "a84b4c76e66710@10.0.0.21"),
         ("x", "x"),
-        # Not valid SIP, but the Call-ID is positional: everything up to the single
-        # trailing space is kept, inner and extra spaces included.
-        ("two words", "two words"),
-        ("trailing ", "trailing "),
+        ('3c2b"q\\x[1]@host:5060', '3c2b"q\\x[1]@host:5060'),  # SIP word characters
+        ("c" * MAX_CALL_ID, "c" * MAX_CALL_ID),
     ],
 )
-def test_call_id_is_the_rest_minus_one_trailing_space(call_id_field: str, call_id: str) -> None:
+def test_call_id_is_the_tenth_field(call_id_field: str, call_id: str) -> None:
     request = parse_request(session("S", [*WORKED_FIELDS[:9], call_id_field]))
     assert isinstance(request, SetSession)
     assert request.media.call_id == call_id
+
+
+@pytest.mark.parametrize(
+    ("call_id_field", "error", "reason"),
+    [
+        # Extra fields are refused, not folded into the Call-ID.
+        ("abc@h x x 60 1 2", WrongFieldCount, "got 15"),
+        ("trailing ", WrongFieldCount, "got 11"),
+        ("c" * (MAX_CALL_ID + 1), BadCallId, "129 bytes"),
+        ("caf\u00e9@host", BadCallId, "not printable ASCII"),
+        ("tab\there", NotText, "control character"),
+    ],
+)
+def test_call_id_must_be_one_bounded_printable_token(
+    call_id_field: str, error: type[ProtocolError], reason: str
+) -> None:
+    with pytest.raises(error, match=reason):
+        parse_request(session("S", [*WORKED_FIELDS[:9], call_id_field]))
 
 
 D_CASES = [
@@ -386,14 +404,14 @@ MALFORMED = [
     pytest.param(b"1_2 V", UnknownCommand, "1_2", "'V'", id="rtpproxy-version"),
     pytest.param(b"1_2 P extra", WrongFieldCount, "1_2", "P takes no fields", id="P-args"),
     pytest.param(b"1_2 G ", WrongFieldCount, "1_2", "G takes no fields", id="G-space"),
-    pytest.param(b"1_2 S", WrongFieldCount, "1_2", "got 0 complete", id="S-bare"),
+    pytest.param(b"1_2 S", WrongFieldCount, "1_2", "got 0", id="S-bare"),
     pytest.param(
         session("S", WORKED_FIELDS[:9]), WrongFieldCount, "1_2", "got 9", id="S-9-fields"
     ),
     pytest.param(GOOD_S[:-1], WrongFieldCount, "1_2", "got 9", id="S-no-trailing-space"),
     pytest.param(
         GOOD_S.replace(b"S ", b"S  ", 1),
-        BadAddress, "1_2", "src_ip is empty", id="doubled-space-shifts-fields",
+        WrongFieldCount, "1_2", "got 11", id="doubled-space-is-an-extra-field",
     ),
     pytest.param(with_field(0, "10.0.0.256"), BadAddress, "1_2", "src_ip", id="ip-octet"),
     pytest.param(with_field(1, "::1"), BadAddress, "1_2", "dst_ip: '::1'", id="ipv6"),
@@ -409,6 +427,7 @@ MALFORMED = [
     pytest.param(with_field(8, "-1"), BadTimeout, "1_2", "'-1'", id="timeout-negative"),
     pytest.param(with_field(8, ""), BadTimeout, "1_2", "''", id="timeout-empty"),
     pytest.param(with_field(9, ""), MissingCallId, "1_2", "empty Call-ID", id="no-call-id"),
+    pytest.param(with_field(9, "c" * 129), BadCallId, "1_2", "129 bytes", id="call-id-long"),
     pytest.param(
         with_field(9, "", "D"), MissingCallId, "1_2", "D has an empty", id="D-no-call-id"
     ),
@@ -456,7 +475,8 @@ def test_error_reply_is_cookie_E_code_reason_or_nothing(
 def test_request_size_limit_is_inclusive() -> None:
     fits = session("S", [*WORKED_FIELDS[:9], "c" * 2000])[: MAX_REQUEST_SIZE - 1] + b" "
     assert len(fits) == MAX_REQUEST_SIZE
-    assert isinstance(parse_request(fits), SetSession)
+    with pytest.raises(BadCallId):  # refused for what it says, not for its length
+        parse_request(fits)
     with pytest.raises(RequestTooLong):
         parse_request(fits[:-1] + b"c ")
 
@@ -478,18 +498,20 @@ def test_unix_mode_error_reply_has_no_cookie() -> None:
 # --- acknowledgeable size -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("length", "expected"), [(253, True), (254, False)])
-def test_kamailio_cannot_acknowledge_an_s_longer_than_253_bytes(
-    length: int, expected: bool
-) -> None:
-    prefix = session("S", [*WORKED_FIELDS[:9], ""])[:-1]  # up to the Call-ID
-    data = prefix + b"c" * (length - len(prefix) - 1) + b" "
-    assert len(data) == length
+def test_kamailio_can_acknowledge_every_s_the_node_accepts() -> None:
+    """The longest S that parses (widest cookie, IPs, ports and timeout, longest Call-ID)
+    is exactly 253 bytes: its reply still fits the 255 bytes Kamailio reads."""
+    widest = ["100.100.100.101", "100.100.100.100", "100.100.100.100", "100.100.100.102",
+              "65000", "65000", "65002", "65000", "1234567890", "c" * MAX_CALL_ID]  # fmt: skip
+    data = session("S", widest, cookie="-2147483648_4294967295")
+    assert len(data) == MAX_ACKNOWLEDGEABLE_REQUEST == 253
     request = parse_request(data)
-    assert isinstance(request, SetSession)
-    assert acknowledgeable(request) is expected
-    assert kamailio_udp_accepts(data, reply_ok(request)) is expected
-    assert MAX_ACKNOWLEDGEABLE_REQUEST == 253
+    assert isinstance(request, SetSession) and acknowledgeable(request)
+    assert kamailio_udp_accepts(data, reply_ok(request))
+    longer = data[:-1] + b"c "
+    assert not kamailio_udp_accepts(longer, longer + b"OK")
+    with pytest.raises(BadCallId):
+        parse_request(longer)
 
 
 def test_ping_and_config_are_always_acknowledgeable() -> None:

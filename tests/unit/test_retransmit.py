@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from lrkp_tsl.errors import ConfigError
-from lrkp_tsl.retransmit import RetransmitCache
+from lrkp_tsl.retransmit import ENTRY_OVERHEAD, RetransmitCache
+
+SLOT = ENTRY_OVERHEAD + 8  # the bound counts each entry as its reply + the overhead
 
 KAMAILIO = ("10.0.0.5", 40001)
 OTHER_WORKER = ("10.0.0.5", 40002)
@@ -14,7 +16,7 @@ S_REPLY = S + b"OK"
 
 
 def test_a_resend_gets_the_stored_reply() -> None:
-    cache = RetransmitCache(max_entries=8, max_age=30.0)
+    cache = RetransmitCache(max_bytes=8 * SLOT, max_age=30.0)
     assert cache.lookup(KAMAILIO, S, now=0.0) is None
     cache.store(KAMAILIO, S, S_REPLY, now=0.0)
     for now in (1.0, 2.0, 3.0, 4.0):  # lrkproxy_retr=5, lrkproxy_tout=1
@@ -34,14 +36,14 @@ def test_a_resend_gets_the_stored_reply() -> None:
 def test_anything_but_the_same_datagram_from_the_same_sender_is_new(
     sender: tuple[str, int], datagram: bytes
 ) -> None:
-    cache = RetransmitCache(max_entries=8, max_age=30.0)
+    cache = RetransmitCache(max_bytes=8 * SLOT, max_age=30.0)
     cache.store(KAMAILIO, S, S_REPLY, now=0.0)
     assert cache.lookup(sender, datagram, now=1.0) is None
     assert cache.lookup(KAMAILIO, S, now=1.0) == S_REPLY
 
 
 def test_storing_again_replaces_the_reply() -> None:
-    cache = RetransmitCache(max_entries=8, max_age=30.0)
+    cache = RetransmitCache(max_bytes=8 * SLOT, max_age=30.0)
     cache.store(KAMAILIO, S, b"first", now=0.0)
     cache.store(KAMAILIO, S, b"second", now=1.0)
     assert cache.lookup(KAMAILIO, S, now=2.0) == b"second"
@@ -49,7 +51,7 @@ def test_storing_again_replaces_the_reply() -> None:
 
 
 def test_size_bound_evicts_the_oldest_first() -> None:
-    cache = RetransmitCache(max_entries=3, max_age=30.0)
+    cache = RetransmitCache(max_bytes=3 * SLOT, max_age=30.0)
     datagrams = [f"{n}_1 P".encode() for n in range(5)]
     for n, datagram in enumerate(datagrams):
         cache.store(KAMAILIO, datagram, b"reply %d" % n, now=float(n))
@@ -64,7 +66,7 @@ def test_size_bound_evicts_the_oldest_first() -> None:
 
 
 def test_restoring_moves_an_entry_to_the_young_end() -> None:
-    cache = RetransmitCache(max_entries=2, max_age=30.0)
+    cache = RetransmitCache(max_bytes=2 * SLOT, max_age=30.0)
     cache.store(KAMAILIO, b"1_1 P", b"a", now=0.0)
     cache.store(KAMAILIO, b"1_2 P", b"b", now=1.0)
     cache.store(KAMAILIO, b"1_1 P", b"a2", now=2.0)
@@ -79,20 +81,20 @@ def test_restoring_moves_an_entry_to_the_young_end() -> None:
 )
 def test_age_bound_with_an_injected_clock(age: float, hit: bool) -> None:
     start = 1000.0
-    cache = RetransmitCache(max_entries=8, max_age=10.0)
+    cache = RetransmitCache(max_bytes=8 * SLOT, max_age=10.0)
     cache.store(KAMAILIO, S, S_REPLY, now=start)
     assert (cache.lookup(KAMAILIO, S, now=start + age) == S_REPLY) is hit
 
 
 def test_a_hit_does_not_extend_the_age() -> None:
-    cache = RetransmitCache(max_entries=8, max_age=10.0)
+    cache = RetransmitCache(max_bytes=8 * SLOT, max_age=10.0)
     cache.store(KAMAILIO, S, S_REPLY, now=0.0)
     assert cache.lookup(KAMAILIO, S, now=9.0) == S_REPLY
     assert cache.lookup(KAMAILIO, S, now=11.0) is None
 
 
 def test_expired_entries_are_dropped_without_being_looked_up() -> None:
-    cache = RetransmitCache(max_entries=100, max_age=10.0)
+    cache = RetransmitCache(max_bytes=100 * SLOT, max_age=10.0)
     for n in range(50):
         cache.store(KAMAILIO, b"%d_1 P" % n, b"x", now=0.0)
     cache.store(KAMAILIO, S, S_REPLY, now=10.5)
@@ -102,9 +104,18 @@ def test_expired_entries_are_dropped_without_being_looked_up() -> None:
 
 
 @pytest.mark.parametrize(
-    ("max_entries", "max_age", "message"),
-    [(0, 10.0, "max_entries: 0"), (1, 0.0, "max_age: 0.0"), (1, -1.0, "max_age: -1.0")],
+    ("max_bytes", "max_age", "message"),
+    [(0, 10.0, "max_bytes: 0"), (SLOT, 0.0, "max_age: 0.0"), (SLOT, -1.0, "max_age: -1.0")],
 )
-def test_unusable_bounds_are_refused(max_entries: int, max_age: float, message: str) -> None:
+def test_unusable_bounds_are_refused(max_bytes: int, max_age: float, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        RetransmitCache(max_entries=max_entries, max_age=max_age)
+        RetransmitCache(max_bytes=max_bytes, max_age=max_age)
+
+
+def test_a_flood_of_big_unique_datagrams_stays_within_the_byte_budget() -> None:
+    cache = RetransmitCache(max_bytes=64 * 1024, max_age=30.0)
+    for n in range(10_000):
+        datagram = b"%d_1 S " % n + b"x" * 60_000  # big requests: the key keeps a digest
+        cache.store(KAMAILIO, datagram, b"%d_1 E too-long ..." % n, now=0.0)
+        assert cache.size <= 64 * 1024
+    assert cache.lookup(KAMAILIO, b"9999_1 S " + b"x" * 60_000, now=1.0) is not None
