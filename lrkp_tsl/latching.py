@@ -21,6 +21,7 @@ policy decides whose first packet counts, per leg (one party, one stream):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from enum import Enum
 from ipaddress import IPv4Address, IPv4Network
@@ -52,6 +53,12 @@ class Rule(Enum):
 
 def reachable(ip: IPv4Address, routed: Sequence[IPv4Network]) -> bool:
     """True if the node can send to `ip` as it is (see the module docstring)."""
+    return _reachable(ip, tuple(routed))
+
+
+@functools.lru_cache(maxsize=65536)
+def _reachable(ip: IPv4Address, routed: tuple[IPv4Network, ...]) -> bool:
+    # Cached: `is_global` tests a dozen networks, and parties repeat (every S asks for 4).
     if any(ip in network for network in routed):
         return True
     return ip.is_global

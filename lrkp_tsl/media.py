@@ -16,7 +16,7 @@ why every kernel key includes the sender's address and port.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from ipaddress import IPv4Address
 
@@ -34,10 +34,15 @@ class Stream(Enum):
 
 @dataclass(frozen=True, slots=True, order=True)
 class Endpoint:
-    """An IPv4 address and UDP port."""
+    """An IPv4 address and UDP port.
+
+    Its hash is computed once: endpoints key every table of the node (owners, flows,
+    conntrack keys), and IPv4Address hashes through hex(int(...)) on every call.
+    """
 
     ip: IPv4Address
     port: int
+    _hash: int = field(init=False, repr=False, compare=False)
 
     @classmethod
     def parse(cls, ip: str, port: int | str, *, what: str = "endpoint") -> Endpoint:
@@ -54,6 +59,10 @@ class Endpoint:
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
             raise MediaError(f"port {self.port} is outside 1-65535")
+        object.__setattr__(self, "_hash", hash((int(self.ip), self.port)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def offset(self, delta: int) -> Endpoint:
         return Endpoint(self.ip, self.port + delta)
@@ -112,6 +121,7 @@ class CallMedia:
     caller_relay: Endpoint  # snat_ip:snat_port — where the caller sends
     callee: Endpoint  # dnat_ip:dnat_port — the answerer's media address
     callee_relay: Endpoint  # dst_ip:dst_port — where the callee sends
+    _relays: frozenset[Endpoint] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.call_id:
@@ -125,6 +135,12 @@ class CallMedia:
                 f"shared relay port {self.caller_relay} with caller and callee both at "
                 f"{self.caller}: the kernel could not tell their packets apart"
             )
+        relays = frozenset(
+            endpoint.offset(delta)
+            for endpoint in (self.caller_relay, self.callee_relay)
+            for delta in (0, RTCP_PORT_OFFSET)
+        )
+        object.__setattr__(self, "_relays", relays)
 
     @property
     def shared_port(self) -> bool:
@@ -132,12 +148,8 @@ class CallMedia:
         return self.caller_relay == self.callee_relay
 
     def relay_endpoints(self) -> frozenset[Endpoint]:
-        """Every relay ip:port this call owns (RTP and RTCP)."""
-        return frozenset(
-            endpoint.offset(delta)
-            for endpoint in (self.caller_relay, self.callee_relay)
-            for delta in (0, RTCP_PORT_OFFSET)
-        )
+        """Every relay ip:port this call owns (RTP and RTCP); computed once."""
+        return self._relays
 
     def flows(self) -> tuple[Flow, ...]:
         """RTP and RTCP, caller-to-callee and callee-to-caller."""

@@ -45,6 +45,7 @@ read gets no reply at all in UDP mode: nobody could match it.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from dataclasses import dataclass
@@ -499,9 +500,13 @@ def _ip(name: str, value: str) -> IPv4Address:
     if not value:
         raise BadAddress(f"{name} is empty")
     try:
-        return IPv4Address(value)
+        return _parse_ip(value)
     except ValueError:
         raise BadAddress(f"{name}: {_show(value)} is not an IPv4 address") from None
+
+
+# Every S carries four addresses, mostly the node's own and a few parties': parse each once.
+_parse_ip = functools.lru_cache(maxsize=4096)(IPv4Address)
 
 
 def _port(name: str, value: str) -> int:

@@ -77,6 +77,8 @@ class Call:
     started: float
     caller: tuple[Leg, Leg]  # RTP, RTCP
     callee: tuple[Leg, Leg]
+    # The kernel view, computed once (a Call never changes; `replace` starts afresh).
+    _view: KernelView | None = field(default=None, init=False, compare=False, repr=False)
 
     @property
     def call_id(self) -> str:
@@ -87,6 +89,12 @@ class Call:
         yield from self.callee
 
     def view(self) -> KernelView:
+        if self._view is None:
+            object.__setattr__(self, "_view", self._compute_view())
+        assert self._view is not None
+        return self._view
+
+    def _compute_view(self) -> KernelView:
         flows = set()
         for a, b in zip(self.caller, self.callee, strict=True):
             if a.latched is not None and b.latched is not None:

@@ -24,6 +24,7 @@ error (an older node must not rewrite a newer one's data); lower versions are mi
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import time
@@ -100,6 +101,12 @@ class Change:
     call: StoredCall | None
 
 
+@functools.lru_cache(maxsize=65536)
+def _text(endpoint: Endpoint) -> str:
+    return str(endpoint)
+
+
+@functools.lru_cache(maxsize=65536)
 def _endpoint(text: str) -> Endpoint:
     ip, _, port = text.rpartition(":")
     return Endpoint.parse(ip, port)
@@ -177,17 +184,17 @@ class SqliteStore:
         legs: list[object] = []
         for leg in (*call.caller, *call.callee):
             legs += [
-                str(leg.sdp),
+                _text(leg.sdp),
                 leg.rule.value,
-                None if leg.latched is None else str(leg.latched),
+                None if leg.latched is None else _text(leg.latched),
             ]
         self._revision += 1
         row = [
             media.call_id,
-            str(media.caller),
-            str(media.caller_relay),
-            str(media.callee),
-            str(media.callee_relay),
+            _text(media.caller),
+            _text(media.caller_relay),
+            _text(media.callee),
+            _text(media.callee_relay),
             call.idle_timeout,
             call.started + self._offset,
             None if quiet_since is None else quiet_since + self._offset,
