@@ -9,7 +9,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: deps run test unit lint bench clean-lab
+.PHONY: deps run test unit lint bench fuzz clean-lab
 
 deps: $(STAMP)
 
@@ -43,6 +43,13 @@ bench: deps
 	PYTHONPATH=. $(VPY) bench/first_packet.py
 	PYTHONPATH=. $(VPY) bench/control_rtt.py
 	PYTHONPATH=. $(VPY) bench/throughput.py
+	PYTHONPATH=. $(VPY) bench/event_loop.py
+	PYTHONPATH=. $(VPY) bench/restart.py
+
+# The control socket fuzzed for longer than CI does, then a million random datagrams.
+fuzz: deps
+	LRKP_FUZZ_EXAMPLES=$${LRKP_FUZZ_EXAMPLES:-5000} $(VPY) -m pytest tests/netns/test_hostile.py -k fuzz $(PYTEST_ARGS)
+	PYTHONPATH=. $(VPY) bench/fuzz_flood.py
 
 clean-lab: deps
 	$(VPY) -m lrkp_tsl.lab sweep --all
