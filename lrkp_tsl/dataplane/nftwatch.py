@@ -535,9 +535,16 @@ class RulesetWatch:
             self._sock.settimeout(REPLY_TIMEOUT)
         self._dirty = False
 
-    def _exchange(self, build: Callable[[int], bytes], what: str) -> list[bytes] | None:
+    def _exchange(
+        self,
+        build: Callable[[int], bytes],
+        what: str,
+        consume: Callable[[bytes], None] | None = None,
+    ) -> list[bytes] | None:
         """Send one request, return the bodies of its replies; None if the kernel said ENOENT.
 
+        With `consume`, each body goes to it as it arrives instead of into the list (which
+        is then empty): a dump of many set elements is decoded without being held whole.
         Raises _Interrupted when a dump reports it crossed a transaction.
         """
         self._seq = (self._seq + 1) & 0xFFFFFFFF
@@ -547,7 +554,7 @@ class RulesetWatch:
                 self._drain()
             self._dirty = True
             self._sock.send(build(seq))
-            bodies, interrupted = self._replies(seq, what)
+            bodies, interrupted = self._replies(seq, what, consume)
         except TimeoutError as exc:
             raise KernelError(f"{what}: nf_tables did not answer within {REPLY_TIMEOUT} s") from exc
         except OSError as exc:
@@ -557,13 +564,20 @@ class RulesetWatch:
             raise _Interrupted
         return bodies
 
-    def _replies(self, seq: int, what: str) -> tuple[list[bytes] | None, bool]:
+    def _receive(self, what: str) -> bytes:
+        """One datagram of a reply."""
+        data, _ancdata, msg_flags, _address = self._sock.recvmsg(RECV_SIZE)
+        if msg_flags & socket.MSG_TRUNC:
+            raise KernelError(f"{what}: a reply did not fit in {RECV_SIZE} bytes")
+        return data
+
+    def _replies(
+        self, seq: int, what: str, consume: Callable[[bytes], None] | None = None
+    ) -> tuple[list[bytes] | None, bool]:
         bodies: list[bytes] = []
         interrupted = False
         while True:
-            data, _ancdata, msg_flags, _address = self._sock.recvmsg(RECV_SIZE)
-            if msg_flags & socket.MSG_TRUNC:
-                raise KernelError(f"{what}: a reply did not fit in {RECV_SIZE} bytes")
+            data = self._receive(what)
             self.bytes_received += len(data)
             for message in split_messages(data):
                 if message.seq != seq:
@@ -581,7 +595,10 @@ class RulesetWatch:
                     if code != 0:
                         raise KernelError(f"{what}: dump failed: {_strerror(code)}")
                     return bodies, interrupted
-                bodies.append(message.body)
+                if consume is None:
+                    bodies.append(message.body)
+                else:
+                    consume(message.body)
                 if not message.flags & NLM_F_MULTI:
                     return bodies, interrupted
 
