@@ -27,7 +27,7 @@ from lrkp_tsl.dataplane.ctevents import ConntrackEvents, Reaper
 from lrkp_tsl.dataplane.queue import PacketQueue, QueueRule
 from lrkp_tsl.dataplane.routes import routed_networks
 from lrkp_tsl.engine import Engine, Settings
-from lrkp_tsl.errors import ConfigError, StoreError
+from lrkp_tsl.errors import ConfigError, KernelError, StoreError
 from lrkp_tsl.lock import acquire_instance_lock
 from lrkp_tsl.protocol import NodeConfig
 from lrkp_tsl.selfheal import CHECK_INTERVAL, SelfHeal
@@ -35,6 +35,10 @@ from lrkp_tsl.server import Server, attach_queue, open_control
 from lrkp_tsl.store import FILENAME, SqliteStore
 
 log = logging.getLogger("lrkp_tsl.daemon")
+
+# Reading the kernel's maps fails when another nftables change interrupts the dump too
+# often (nftsets.py retries 8 times itself).
+RECONCILE_ATTEMPTS = 5
 
 
 def reap_interval(idle_timeout: float) -> float:
@@ -76,6 +80,40 @@ def open_store(config: Config) -> SqliteStore:
         return SqliteStore(config.state_dir / FILENAME)
     except StoreError as error:
         raise ConfigError(f"state_dir = {str(config.state_dir)!r}: {error.reason}") from None
+
+
+async def reconcile(plane: DataPlane, engine: Engine, server: Server, stop: asyncio.Event) -> None:
+    """Compare the loaded calls with the kernel while the node already serves.
+
+    The kernel's maps are read in a worker thread (the dump is kernel time, O(n^2) in the
+    number of elements: seconds at 50k calls), then compared in steps of a few thousand
+    calls, one event-loop turn each. A call changed meanwhile has put its own view back.
+    """
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    for attempt in range(1, RECONCILE_ATTEMPTS + 1):
+        try:
+            state = await loop.run_in_executor(None, plane.state)
+            break
+        except KernelError as error:
+            log.error("reading the kernel state failed (attempt %d): %s", attempt, error)
+            if attempt == RECONCILE_ATTEMPTS or stop.is_set():
+                log.error(
+                    "calls not compared with the kernel: each puts its whole state back "
+                    "when it next changes; restart the node to compare them all"
+                )
+                return
+            await asyncio.sleep(1.0)
+    read = time.monotonic()
+    for _ in engine.reconcile(state, time.monotonic()):
+        server.flush()
+        await asyncio.sleep(0)
+    server.flush()
+    log.info(
+        "kernel state read in %.3f s and reconciled in %.3f s",
+        read - started,
+        time.monotonic() - read,
+    )
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
@@ -125,8 +163,8 @@ async def _run(
     )
     engine = Engine(settings, plane, store)
     started = time.monotonic()
-    engine.restore(store.load(), plane.state(), started)
-    log.info("restore took %.3f s", time.monotonic() - started)
+    engine.load(store.load(), started)
+    log.info("store loaded in %.3f s", time.monotonic() - started)
     server = Server(engine, config)
     queue_rule = QueueRule(features.queue_path, config.queue_num, plane.nft)
 
@@ -179,6 +217,8 @@ async def _run(
         ", ".join(map(str, config.allow)),
         len(engine.table),
     )
+    reconciling = asyncio.create_task(reconcile(plane, engine, server, stop))
+    cleanup.append(("reconciliation", reconciling.cancel))
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), timeout=CHECK_INTERVAL)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network
 
@@ -63,6 +63,8 @@ HOLD_TIMEOUT = 2.0
 HOLD_MAX_PER_CALL = 64
 # How soon a failed kernel change or conntrack deletion is tried again.
 RETRY_INTERVAL = 1.0
+# Calls compared with the kernel per step of `reconcile` (one event-loop turn each).
+RECONCILE_CHUNK = 2000
 # Due calls handled per timer run: a burst (every restored call checked one idle timeout
 # after a restart) is spread over several turns of the event loop instead of stalling it.
 TIMER_BUDGET = 256
@@ -153,6 +155,7 @@ class Engine:
         self.remote_log = RateLimitedLog(log)
         self.held: dict[str, list[Held]] = {}
         self.suspect: dict[str, KernelView] = {}  # Call-ID -> what the kernel may hold too
+        self.unverified: set[str] = set()  # loaded, not yet compared with the kernel
         self.forget_pending: set[StreamKey] = set()
         self.stats: collections.Counter[str] = collections.Counter()
         self._verdicts: list[tuple[int, Verdict]] = []
@@ -445,6 +448,9 @@ class Engine:
         call_id = sync.call_id
         if call_id in self.suspect:
             self._resync(call_id)
+        if call_id in self.unverified and sync.call is not None:
+            self._verify_by_reinstall(call_id)
+        self.unverified.discard(call_id)
         old = self.table.get(call_id)
         if sync.call is None:
             self.store.delete(call_id)
@@ -534,6 +540,15 @@ class Engine:
             self.forget_pending |= keys
             self.schedule.set_earlier(RETRY, now + RETRY_INTERVAL)
 
+    def _verify_by_reinstall(self, call_id: str) -> None:
+        """A loaded call changes before `reconcile` compared it with the kernel: put its
+        whole view back first (adding what exists is a no-op), so that the change, which
+        is computed against that view, leaves the kernel right whatever it held."""
+        call = self.table.get(call_id)
+        if call is not None:
+            self.kernel.change(call_id, EMPTY, call.view())
+            self.stats["kernel.verified_by_reinstall"] += 1
+
     def _resync(self, call_id: str) -> None:
         """Make the kernel hold exactly the table's view of a suspect call.
 
@@ -578,78 +593,105 @@ class Engine:
     def restore(
         self, stored: Iterable[StoredCall], state: KernelState, now: float
     ) -> RestoreReport:
-        """Take back every stored call, and make the kernel hold exactly what they need.
-
-        - a stored call whose kernel state is complete is taken as it is (no kernel work);
-        - one whose state is partly there is repaired (stray elements deleted, the rest
-          re-added), one with nothing there is reinstalled (e.g. after a reboot or a
-          flushed ruleset): either way its media flows again, and it ends as usual;
-        - kernel flows that belong to no stored call are adopted when they form a call
-          (the store was lost, or this is the first start after an upgrade), else removed;
-        - learning endpoints that belong to no call are removed.
-        Idle clocks resume from the stored times: a call that was live is checked against
-        the kernel one idle timeout after the restart.
-        """
+        """`load`, then `reconcile` to the end: the whole startup in one call (tests)."""
+        self.load(stored, now)
         report = RestoreReport()
+        for _ in self.reconcile(state, now, report):
+            pass
+        return report
+
+    def load(self, stored: Iterable[StoredCall], now: float) -> int:
+        """Take back every stored call (startup, before the node answers anything).
+
+        Each is *unverified* until `reconcile` has compared it with the kernel, or until a
+        change touches it: that change first puts the call's whole view back in the kernel
+        (so a change computed against the stored view is right whatever the kernel held).
+        Idle clocks resume from the stored times: a call that was live is checked against
+        the kernel one idle timeout after the restart. Returns how many calls.
+        """
+        conflicts = []
         for record in sorted(stored, key=lambda r: r.call.started):
             call = record.call
-            clash = self.table.claimed(call.media)
-            for other in clash:
-                report.conflicts.append(other)
+            for other in self.table.claimed(call.media):
+                conflicts.append(other)
                 self.table.applied(Sync(other, EMPTY, None, Reason.REPLACED))
                 self.activity.drop(other)
+                self.unverified.discard(other)
                 self._delete_record(other)
             self.table.applied(Sync(call.call_id, EMPTY, call, Reason.RELAYING))
+            self.unverified.add(call.call_id)
             self.activity.quiet(
                 call.call_id, now if record.quiet_since is None else record.quiet_since
             )
-        flows_by_call: dict[str, list[InstalledFlow]] = {}
-        unowned: list[InstalledFlow] = []
-        for flow in state.flows:
-            owner = self.table.owner(flow.relay)
-            if owner is None:
-                unowned.append(flow)
-            else:
-                flows_by_call.setdefault(owner, []).append(flow)
-        stray_flows: list[InstalledFlow] = []
-        install: list[tuple[str, KernelView]] = []
         for call in self.table:
+            self._schedule_call(call)
+        if conflicts:
+            log.warning(
+                "dropped %d stored calls whose relay ports a newer stored call holds: %s",
+                len(conflicts),
+                _sample(conflicts),
+            )
+        log.info("loaded %d calls from the store", len(self.table))
+        return len(self.table)
+
+    def reconcile(
+        self, state: KernelState, now: float, report: RestoreReport | None = None
+    ) -> Iterator[int]:
+        """Make the kernel hold exactly what the loaded calls need; yields after every
+        RECONCILE_CHUNK calls, so the caller can let the event loop run in between.
+
+        `state` is a snapshot read after `load`. Calls touched since (a command, a learned
+        packet, expiry) put their own view back when first touched and are skipped here.
+        For the others, by what the snapshot holds at their relay endpoints:
+        - complete: taken as it is (no kernel work: the common restart);
+        - partly there: repaired (stray elements deleted, the view re-added); nothing
+          there (a reboot, a flushed ruleset): reinstalled. Either way media flows again.
+        Then, elements at relay endpoints no call owns: adopted when they form a call (the
+        store was lost, or this is the first start after an upgrade), else removed; so are
+        elements of touched calls that are no key of theirs, and learning endpoints that
+        belong to no call. One log line per case.
+        """
+        report = report if report is not None else RestoreReport()
+        by_relay: dict[Endpoint, list[InstalledFlow]] = {}
+        for flow in state.flows:
+            by_relay.setdefault(flow.relay, []).append(flow)
+        pending = list(self.unverified)
+        for first in range(0, len(pending), RECONCILE_CHUNK):
+            self._reconcile_calls(
+                pending[first : first + RECONCILE_CHUNK], by_relay, state, report, now
+            )
+            yield first
+        self._reconcile_strays(by_relay, state, report, now)
+        self._log_restore(report)
+
+    def _reconcile_calls(
+        self,
+        call_ids: list[str],
+        by_relay: dict[Endpoint, list[InstalledFlow]],
+        state: KernelState,
+        report: RestoreReport,
+        now: float,
+    ) -> None:
+        stray: list[InstalledFlow] = []
+        install: list[tuple[str, KernelView]] = []
+        for call_id in call_ids:
+            call = self.table.get(call_id)
+            if call is None or call_id not in self.unverified:
+                continue  # ended or touched since the snapshot
+            self.unverified.discard(call_id)
             view = call.view()
-            present = flows_by_call.get(call.call_id, [])
+            relays = call.relay_endpoints()
+            present = [f for relay in relays for f in by_relay.get(relay, ())]
             wanted = {(f.sender, f.relay, f.target, f.relay_out) for f in view.flows}
-            stray_flows += [f for f in present if _flow_tuple(f) not in wanted]
-            have_learning = state.learning & call.relay_endpoints()
+            have_learning = state.learning & relays
             if {_flow_tuple(f) for f in present} == wanted and have_learning == view.learning:
                 report.intact += 1
                 continue
-            (report.repaired if present or have_learning else report.reinstalled).append(
-                call.call_id
-            )
-            install.append((call.call_id, view))
-        adopted, orphans = rebuild(unowned, self.settings.idle_timeout, now)
-        for call in adopted:
-            if self.table.claimed(call.media) or call.call_id in self.table:
-                orphans += [f for f in unowned if f.relay in call.relay_endpoints()]
-                continue
-            try:
-                self.store.put(call, now)
-            except StoreError as error:
-                log.error("[%s] adopted call not stored: %s", call.call_id, error)
-            self.table.applied(Sync(call.call_id, EMPTY, call, Reason.ADOPTED))
-            self.activity.quiet(call.call_id, now)
-            report.adopted.append(call.call_id)
-        stray_flows += orphans
-        wanted_learning = frozenset().union(*(c.view().learning for c in self.table))
-        stray_learning = state.learning - wanted_learning
-        report.stray_flows, report.stray_learning = len(stray_flows), len(stray_learning)
-        if stray_flows or stray_learning:
-            try:
-                self.kernel.remove(stray_flows, stray_learning)
-                self._forget(stray_flows, now)
-            except KernelError as error:
-                # Strays relay nothing anyone asked for; they are retried at the next start.
-                self.stats["error.kernel"] += 1
-                log.error("stray kernel elements not removed: %s", error)
+            stray += [f for f in present if _flow_tuple(f) not in wanted]
+            (report.repaired if present or have_learning else report.reinstalled).append(call_id)
+            install.append((call_id, view))
+        if stray:
+            self._remove_strays(stray, (), now)
         if install:
             try:
                 self.kernel.install(install)
@@ -662,10 +704,54 @@ class Engine:
                 for call_id, view in install:
                     self.suspect[call_id] = _merge(self.suspect.get(call_id, EMPTY), view)
                 self.schedule.set_earlier(RETRY, now + RETRY_INTERVAL)
-        for call in self.table:
+
+    def _reconcile_strays(
+        self,
+        by_relay: dict[Endpoint, list[InstalledFlow]],
+        state: KernelState,
+        report: RestoreReport,
+        now: float,
+    ) -> None:
+        unowned: list[InstalledFlow] = []
+        stray: list[InstalledFlow] = []
+        for relay, flows in by_relay.items():
+            owner = self.table.owner(relay)
+            call = self.table.get(owner) if owner is not None else None
+            if call is None:
+                unowned += flows
+            else:  # a call touched since the snapshot: what is no key of it is stale
+                keys = call.view().keys()
+                stray += [f for f in flows if (f.sender, f.relay) not in keys]
+        adopted, orphans = rebuild(unowned, self.settings.idle_timeout, now)
+        for call in adopted:
+            if self.table.claimed(call.media) or call.call_id in self.table:
+                orphans += [f for f in unowned if f.relay in call.relay_endpoints()]
+                continue
+            try:
+                self.store.put(call, now)
+            except StoreError as error:
+                log.error("[%s] adopted call not stored: %s", call.call_id, error)
+            self.table.applied(Sync(call.call_id, EMPTY, call, Reason.ADOPTED))
+            self.activity.quiet(call.call_id, now)
             self._schedule_call(call)
-        self._log_restore(report)
-        return report
+            report.adopted.append(call.call_id)
+        stray += orphans
+        stray_learning = [e for e in state.learning if self.table.owner(e) is None]
+        report.stray_flows += len(stray)
+        report.stray_learning += len(stray_learning)
+        if stray or stray_learning:
+            self._remove_strays(stray, stray_learning, now)
+
+    def _remove_strays(
+        self, flows: list[InstalledFlow], learning: Iterable[Endpoint], now: float
+    ) -> None:
+        try:
+            self.kernel.remove(flows, learning)
+            self._forget(flows, now)
+        except KernelError as error:
+            # Strays relay nothing anyone asked for; they are retried at the next start.
+            self.stats["error.kernel"] += 1
+            log.error("stray kernel elements not removed: %s", error)
 
     def _delete_record(self, call_id: str) -> None:
         try:
@@ -677,7 +763,7 @@ class Engine:
         total = report.intact + len(report.repaired) + len(report.reinstalled)
         log.info(
             "restored %d calls from the store: %d intact in the kernel, %d repaired, "
-            "%d reinstalled",
+            "%d reinstalled (others were changed before they were checked)",
             total,
             report.intact,
             len(report.repaired),
@@ -702,12 +788,6 @@ class Engine:
                 "directory, or an upgrade); they relay where they were latched: %s",
                 len(report.adopted),
                 _sample(report.adopted),
-            )
-        if report.conflicts:
-            log.warning(
-                "dropped %d stored calls whose relay ports a newer stored call holds: %s",
-                len(report.conflicts),
-                _sample(report.conflicts),
             )
         if report.stray_flows or report.stray_learning:
             log.warning(

@@ -77,6 +77,10 @@ class Server:
         finally:
             self._flush()
 
+    def flush(self) -> None:
+        """For work done outside an entry point (startup reconciliation)."""
+        self._flush()
+
     def _flush(self) -> None:
         """Apply the engine's verdicts and re-arm its timer: after every input."""
         for packet_id, verdict in self.engine.take_verdicts():

@@ -283,6 +283,9 @@ def test_a_node_without_its_store_adopts_the_calls_it_finds_in_the_kernel(
         talk(caller, callee, 20900, b"while the node is down")
         restarted = Node(lab, "relay", *args)  # a new, empty state directory
         restarted.wait_ready(CONTROL, client)
+        deadline = time.monotonic() + 10
+        while "adopted 1 calls" not in restarted.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
         output = restarted.output()
         assert "adopted 1 calls found in the kernel with no stored record" in output
         assert "'keep@lab'" in output

@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lrkp_tsl.admission import NodeLimits
-from lrkp_tsl.engine import HOLD_TIMEOUT, RETRY_INTERVAL, Engine, Settings
+from lrkp_tsl.engine import (
+    HOLD_TIMEOUT,
+    RECONCILE_CHUNK,
+    RETRY_INTERVAL,
+    Engine,
+    RestoreReport,
+    Settings,
+)
 from lrkp_tsl.errors import KernelError
 from lrkp_tsl.kernel import EMPTY, KernelView, StreamChange, StreamEvent
 from lrkp_tsl.latching import Policy, Rule
@@ -630,3 +637,65 @@ def test_a_displaced_source_that_went_quiet_is_forgotten() -> None:
     ok(engine, s_command("new", caller="192.168.7.7:4000", cookie="1_2"), 2.0)
     engine.on_packet(2, OLD_SOURCE, CALLER_RELAY, 2.0 + 10.5)
     assert engine.take_verdicts()[-1] == (2, Verdict.ACCEPT)
+
+
+# -- serving before the kernel is reconciled ------------------------------------------------------
+
+
+def loaded(kernel: FakeKernel, store: MemoryStore, now: float) -> Engine:
+    engine = Engine(Settings(LIFETIME, IDLE, Policy.AUTO, ROUTED, NODE, LIMITS), kernel, store)
+    engine.load(store.load(), now)
+    return engine
+
+
+def test_a_call_changed_before_reconciliation_puts_its_whole_view_back() -> None:
+    engine, kernel, store = make(Policy.STRICT)
+    ok(engine, s_command("c1"))
+    kernel.flows.clear()  # a reboot: the kernel holds nothing
+    again = loaded(kernel, store, 5.0)
+    snapshot = kernel.state()
+    # 183 then 200: the update changes only the callee; its caller flows must come back too.
+    ok(again, s_command("c1", callee="10.0.1.31:6100", cookie="1_2"), 6.0)
+    agree(again, kernel)
+    report = RestoreReport()
+    for _ in again.reconcile(snapshot, 7.0, report):
+        pass
+    assert report.intact == 0 and not report.reinstalled  # it was done by the change
+    agree(again, kernel)
+
+
+def test_reconciliation_removes_stale_elements_of_a_touched_call_and_adopts_strays() -> None:
+    engine, kernel, store = make(Policy.STRICT)
+    ok(engine, s_command("c1"))
+    ok(engine, s_command("orphan", relay_port=20100, cookie="1_2"))
+    del store.records["orphan"]  # the kernel has it, the store does not
+    stale = InstalledFlow("c1", ep("10.9.9.9:9"), CALLER_RELAY, ep("10.0.1.31:6000"), CALLEE_RELAY)
+    kernel.flows[(stale.sender, stale.relay)] = (stale, "c1")
+    again = loaded(kernel, store, 5.0)
+    snapshot = kernel.state()
+    ok(again, s_command("c1", verb="D", cookie="1_3"), 6.0)  # touched (and ended)
+    report = RestoreReport()
+    for _ in again.reconcile(snapshot, 7.0, report):
+        pass
+    # c1's own four flows (already deleted by its D) are swept again with the stale one.
+    assert report.adopted == ["orphan"] and report.stray_flows == 5
+    assert (stale.sender, stale.relay) not in kernel.flows
+    agree(again, kernel)
+
+
+def test_reconciliation_runs_in_steps() -> None:
+    engine, kernel, store = make(Policy.STRICT)
+    for index in range(2 * RECONCILE_CHUNK + 5):
+        engine.table.applied(
+            engine.table.on_set(
+                CallMedia(f"c{index}", ep("10.0.0.21:4000"), ep(f"10.0.0.10:{20002 + 4 * index}"),
+                          ep("10.0.1.31:6000"), ep(f"10.0.0.10:{20000 + 4 * index}")),
+                IDLE, 0.0,
+            )[0]
+        )  # fmt: skip
+    for call in engine.table:
+        store.put(call, 0.0)
+    again = loaded(kernel, store, 1.0)
+    steps = list(again.reconcile(kernel.state(), 2.0))
+    assert len(steps) == 3
+    agree(again, kernel)
