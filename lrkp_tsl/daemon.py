@@ -105,9 +105,15 @@ async def reconcile(plane: DataPlane, engine: Engine, server: Server, stop: asyn
                 return
             await asyncio.sleep(1.0)
     read = time.monotonic()
-    for _ in engine.reconcile(state, time.monotonic()):
-        server.flush()
-        await asyncio.sleep(0)
+    if stop.is_set():
+        return
+    try:
+        for _ in engine.reconcile(state, time.monotonic()):
+            server.flush()
+            await asyncio.sleep(0)
+    except Exception:
+        server.stats["error.internal.reconcile"] += 1
+        log.exception("comparing the calls with the kernel failed; the node carries on")
     server.flush()
     log.info(
         "kernel state read in %.3f s and reconciled in %.3f s",
@@ -225,3 +231,4 @@ async def _run(
         except TimeoutError:
             server.guarded("self-healing", heal.check, time.monotonic())
     await reaping  # stop is set: it ends after the sweep in flight, if any
+    await reconciling  # ends after a read in flight: its sockets are the table's

@@ -136,3 +136,4 @@ class DataPlane:
     def close(self) -> None:
         """Release the node's sockets; the kernel state stays as it is."""
         self.conntrack.close()
+        self.nft.close()

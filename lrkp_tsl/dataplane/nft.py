@@ -20,6 +20,7 @@ from typing import Any
 import nftables
 
 from lrkp_tsl.dataplane.nftsets import SetReader
+from lrkp_tsl.dataplane.nftwatch import RulesetWatch
 from lrkp_tsl.defaults import DEFAULT_RULES
 from lrkp_tsl.errors import KernelError
 from lrkp_tsl.media import Endpoint, Flow, InstalledFlow, PortRange
@@ -32,6 +33,7 @@ FLOW_MAPS = ("dnat_to", "snat_to")
 # nftables keeps at most 128 bytes of comment per element.
 COMMENT_MAX = 128
 IDLE_POLICY = "relay_idle"
+CTA_TIMEOUT_UDP_UNREPLIED = 1
 # Elements per transaction when many calls go in at once (restart, reinstall): big enough
 # to amortise the transaction, small enough to keep one failure's blast radius bounded.
 INSTALL_BATCH = 4096
@@ -86,6 +88,10 @@ class NftTable:
         self._json = nftables.Nftables()
         self._json.set_json_output(True)
         self._text = nftables.Nftables()
+        # Read the maps and objects over netlink (nftsets.py, nftwatch.py), in this
+        # namespace whoever calls: libnftables would fetch every element to list anything.
+        self._reader = SetReader()
+        self._watch = RulesetWatch()
 
     # -- text: load, list, drop ------------------------------------------------------------
 
@@ -130,13 +136,15 @@ class NftTable:
     def idle_policy(self) -> int | None:
         """The `relay_idle` timeout in the kernel (seconds), or None if there is none.
 
-        Read as text: libnftables 1.0.6 aborts the process on a JSON list of a ct timeout.
+        Over netlink: a libnftables listing of a ct timeout fetches every set element first
+        (9 s at 50k calls), and its JSON output aborts the process (libnftables 1.0.6).
         """
-        rc, output, _error = self._text.cmd(f"list ct timeout {FAMILY} {TABLE} {IDLE_POLICY}")
-        if rc != 0:
-            return None
-        found = re.search(r"unreplied : (\d+)", str(output))
-        return int(found.group(1)) if found else None
+        policy = self._watch.ct_timeout(FAMILY, TABLE, IDLE_POLICY)
+        return None if policy is None else policy.get(CTA_TIMEOUT_UDP_UNREPLIED)
+
+    def close(self) -> None:
+        self._reader.close()
+        self._watch.close()
 
     def exists(self) -> bool:
         rc, _output, _error = self._text.cmd(f"list table {FAMILY} {TABLE}")
@@ -151,51 +159,26 @@ class NftTable:
         """`nft list table ip lrkp`, as an operator sees it."""
         return self.run_text(f"list table {FAMILY} {TABLE}", "listing table")
 
-    def _map(self, name: str) -> dict[tuple[Endpoint, Endpoint], tuple[Endpoint, str]]:
-        """A flow map read back from the kernel: (sender, relay) -> (data, comment)."""
-        rc, output, error = self._json.cmd(f"list map {FAMILY} {TABLE} {name}")
-        if rc != 0:
-            raise KernelError(f"reading map {name}: nft said: {error.strip()}")
-        elements = {}
-        for item in json.loads(output)["nftables"]:
-            for key, data in item.get("map", {}).get("elem", []):
-                comment = ""
-                if "elem" in key:
-                    comment = key["elem"].get("comment", "")
-                    key = key["elem"]["val"]
-                sender_ip, sender_port, relay_ip, relay_port = key["concat"]
-                data_ip, data_port = data["concat"]
-                elements[
-                    (
-                        Endpoint(IPv4Address(sender_ip), int(sender_port)),
-                        Endpoint(IPv4Address(relay_ip), int(relay_port)),
-                    )
-                ] = (Endpoint(IPv4Address(data_ip), int(data_port)), comment)
-        return elements
-
     def learning(self) -> frozenset[Endpoint]:
         """The relay endpoints in the `learning` set, read back from the kernel.
 
-        Read over nf_tables netlink (nftsets), in the network namespace of the calling
-        thread: the node's own, where the daemon runs.
+        Read over nf_tables netlink (nftsets), on sockets of this table's namespace.
         """
-        with SetReader() as reader:
-            return reader.read_learning(FAMILY, TABLE, "learning")
+        return self._reader.read_learning(FAMILY, TABLE, "learning")
 
     def flow_keys(self) -> list[tuple[Endpoint, Endpoint]]:
         """(sender, relay) of every flow in the table, read back from the kernel."""
-        return list(self._map("dnat_to"))
+        return [(flow.sender, flow.relay) for flow in self.installed()]
 
     def installed(self) -> list[InstalledFlow]:
         """Every flow in the kernel with its comment, for re-adoption after a restart.
 
         A flow whose two map elements disagree (one missing) is returned with the missing
         side as None, so the caller can clean it up. Read over nf_tables netlink (nftsets:
-        no libnftables cache left behind, several times faster at 100,000s of elements), in
-        the network namespace of the calling thread: the node's own, where the daemon runs.
+        no libnftables cache left behind, several times faster at 100,000s of elements), on
+        sockets of this table's namespace. One reader at a time.
         """
-        with SetReader() as reader:
-            return reader.read_flows(FAMILY, TABLE, FLOW_MAPS)
+        return self._reader.read_flows(FAMILY, TABLE, FLOW_MAPS)
 
     def counter_packets(self, name: str) -> int:
         output = self.run_text(f"list counter {FAMILY} {TABLE} {name}", f"reading {name}")

@@ -58,6 +58,7 @@ NFT_MSG_NEWRULE = 6
 NFT_MSG_GETRULE = 7
 NFT_MSG_NEWGEN = 15
 NFT_MSG_GETGEN = 16
+NFT_MSG_GETOBJ = 19
 
 # enum nft_table_attributes
 NFTA_TABLE_NAME = 1
@@ -84,6 +85,13 @@ NFTA_EXPR_NAME = 1
 NFTA_EXPR_DATA = 2
 # enum nft_gen_attributes
 NFTA_GEN_ID = 1
+
+NFTA_OBJ_TABLE = 1
+NFTA_OBJ_NAME = 2
+NFTA_OBJ_TYPE = 3
+NFTA_OBJ_DATA = 4
+NFT_OBJECT_CT_TIMEOUT = 7
+NFTA_CT_TIMEOUT_DATA = 3
 
 # Chain attributes that define what a chain does; USE and COUNTERS change on their own.
 CHAIN_DEFINING = (
@@ -170,6 +178,16 @@ def rules_request(seq: int, family: int, table: str, chain: str | None = None) -
     if chain is not None:
         attrs += attr_string(NFTA_RULE_CHAIN, chain)
     return encode_request(NFT_MSG_GETRULE, NLM_F_DUMP, seq, family, attrs)
+
+
+def object_request(seq: int, family: int, table: str, name: str, kind: int) -> bytes:
+    """One stateful object (a ct timeout policy, say): a GET, not a dump."""
+    attrs = (
+        attr_string(NFTA_OBJ_TABLE, table)
+        + attr_string(NFTA_OBJ_NAME, name)
+        + attr(NFTA_OBJ_TYPE, _U32.pack(kind))
+    )
+    return encode_request(NFT_MSG_GETOBJ, 0, seq, family, attrs)
 
 
 # -- decoding (pure: every malformed input is a KernelError) --------------------------------
@@ -516,6 +534,28 @@ class RulesetWatch:
                 if r.table == table and r.chain == chain and needle in r.content
             ]
         raise KernelError(f"{what}: the ruleset changed during each of {ATTEMPTS} reads")
+
+    def ct_timeout(self, family: str, table: str, name: str) -> dict[int, int] | None:
+        """A ct timeout policy: conntrack state number -> seconds (for UDP, 1 unreplied and
+        2 replied); None if there is no such object. libnftables would fetch every set
+        element of the table to answer this (9 s and 700 MB at 50k calls)."""
+        number = family_number(family)
+        what = f"reading ct timeout {family} {table} {name}"
+        replies = self._exchange(
+            lambda seq: object_request(seq, number, table, name, NFT_OBJECT_CT_TIMEOUT), what
+        )
+        if replies is None:
+            return None
+        if not replies:
+            raise KernelError(f"{what}: no answer")
+        data = _body_attrs(replies[0]).get(NFTA_OBJ_DATA)
+        policy = parse_attrs(data).get(NFTA_CT_TIMEOUT_DATA) if data is not None else None
+        if policy is None:
+            raise KernelError(f"{what}: no policy in the answer")
+        return {
+            state: _int({state: value}, state, _U32, what)
+            for state, value in parse_attrs(policy).items()
+        }
 
     def has_rule(self, family: str, table: str, chain: str, needle: bytes) -> bool:
         """Whether some rule of `chain` contains `needle`; False if table or chain is gone."""

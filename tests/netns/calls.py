@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
+from collections.abc import Iterator
 
-from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP
+from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_tsl.media import Endpoint
-from tests.netns.daemon import Controller, set_command
+from tests.netns.daemon import Controller, Node, set_command
 from tests.netns.helpers import Party
 
 CONTROL = (str(INTERNAL_IP), 22333)
+KAMAILIO_IP = "10.201.1.5"
+# The node most call tests run: both relay IPs, ports 20000-21999, Kamailio on the allow list.
+NODE_ARGS = (
+    "--internal-ip", str(INTERNAL_IP), "--external-ip", str(EXTERNAL_IP),
+    "--ports", "20000-21999", "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",
+    "--allow", KAMAILIO_IP, "--flush-on-exit",
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def running_node(lab: Lab, *args: str) -> Iterator[Node]:
+    """A node in the relay namespace, answering `P`; stopped, and the relay and NAT boxes'
+    conntrack cleared, at the end."""
+    node = Node(lab, "relay", *args)
+    client = Controller(lab, "sip", KAMAILIO_IP)
+    try:
+        node.wait_ready(CONTROL, client)
+        yield node
+    finally:
+        client.close()
+        node.close()
+        for box in ("nat", "nat2"):
+            lab.run(box, "conntrack", "-F", check=False)
 
 
 class Call:

@@ -259,3 +259,14 @@ def test_ten_thousand_calls_commit_and_remove(dataplane: DataPlane) -> None:
     for media in calls:
         dataplane.remove_call(media)
     assert dataplane.nft.flow_keys() == []
+
+
+def test_the_idle_timeout_policy_follows_the_config(lab: Lab, dataplane: DataPlane) -> None:
+    """Read over netlink (libnftables would list every element first); replaced only when
+    the configured value changes."""
+    assert dataplane.nft.idle_policy() == 60
+    with lab.inside("relay"):
+        dataplane.nft.load([INTERNAL_IP, EXTERNAL_IP], PORTS, 45)
+    assert dataplane.nft.idle_policy() == 45
+    listing = lab.run("relay", "nft", "list", "ct", "timeout", "ip", "lrkp", "relay_idle").stdout
+    assert "unreplied : 45, replied : 45" in listing

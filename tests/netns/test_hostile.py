@@ -25,29 +25,17 @@ from lrkp_tsl.dataplane.nft import TABLE
 from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_tsl.media import Endpoint
 from lrkp_tsl.protocol import NodeConfig
-from tests.netns.calls import CONTROL, Call, Stream, burst
+from tests.netns.calls import CONTROL, NODE_ARGS, Call, Stream, burst, running_node
 from tests.netns.daemon import Controller, Node, set_command
 from tests.netns.helpers import Peers
 
-ARGS = (
-    "--internal-ip", str(INTERNAL_IP), "--external-ip", str(EXTERNAL_IP),
-    "--ports", "20000-21999", "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",
-    "--allow", "10.201.1.5", "--flush-on-exit", "--log-level", "info",
-)  # fmt: skip
+ARGS = (*NODE_ARGS, "--log-level", "info")
 
 
 @pytest.fixture
 def node(lab: Lab) -> Iterator[Node]:
-    running = Node(lab, "relay", *ARGS)
-    client = Controller(lab, "sip", "10.201.1.5")
-    try:
-        running.wait_ready(CONTROL, client)
+    with running_node(lab, *ARGS) as running:
         yield running
-    finally:
-        client.close()
-        running.close()
-        for box in ("nat", "nat2"):
-            lab.run(box, "conntrack", "-F", check=False)
 
 
 @pytest.fixture

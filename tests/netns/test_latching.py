@@ -18,7 +18,7 @@ import pytest
 from lrkp_tsl.dataplane.nft import TABLE
 from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab, address
 from lrkp_tsl.media import Endpoint
-from tests.netns.calls import Call, burst
+from tests.netns.calls import NODE_ARGS, Call, burst, running_node
 from tests.netns.daemon import Controller, Node
 from tests.netns.helpers import Peers
 
@@ -28,21 +28,8 @@ GUARD = 5.0  # the `seen` set timeout in rules/lrkp.nft
 
 @pytest.fixture
 def node(lab: Lab) -> Iterator[Node]:
-    running = Node(
-        lab, "relay",
-        "--internal-ip", str(INTERNAL_IP), "--external-ip", str(EXTERNAL_IP),
-        "--ports", "20000-21999", "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",
-        "--allow", "10.201.1.5", "--flush-on-exit", "--log-level", "debug",
-    )  # fmt: skip
-    client = Controller(lab, "sip", "10.201.1.5")
-    try:
-        running.wait_ready(CONTROL, client)
+    with running_node(lab, *NODE_ARGS, "--log-level", "debug") as running:
         yield running
-    finally:
-        client.close()
-        running.close()
-        for box in ("nat", "nat2"):
-            lab.run(box, "conntrack", "-F", check=False)
 
 
 @pytest.fixture

@@ -138,6 +138,7 @@ def table(lab: Lab) -> Iterator[NftTable]:
             made = NftTable()
             made.load([INTERNAL_IP, EXTERNAL_IP], PORTS, 60)
         yield made
+        made.close()
     finally:
         drop_table(lab)
 

@@ -69,6 +69,7 @@ def node(lab: Lab) -> Iterator[Node]:
         yield made
     finally:
         made.watch.close()
+        made.table.close()
         clean(lab)
 
 
