@@ -458,7 +458,8 @@ def test_restore_resumes_idle_clocks_from_the_store() -> None:
     )
     again = restarted(kernel, store, 30.0)
     assert again.schedule.get(("call", "quiet")) == IDLE
-    assert again.schedule.get(("call", "busy")) == 30.0 + IDLE
+    busy = again.schedule.get(("call", "busy"))  # had media: checked within IDLE, spread
+    assert busy is not None and 30.0 + 1.0 <= busy <= 30.0 + IDLE
 
 
 def test_reinstall_puts_every_call_back_after_the_table_vanished() -> None:
