@@ -9,10 +9,30 @@ time on disk, so they survive a reboot of the host and read well in `sqlite3`.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from lrkp_tsl.session import Call
+from lrkp_tsl.latching import Rule
+from lrkp_tsl.media import RTCP_PORT_OFFSET, CallMedia, Endpoint, Stream
+from lrkp_tsl.session import Call, Leg
+
+LEGS = ("caller_rtp", "caller_rtcp", "callee_rtp", "callee_rtcp")
+LEG_FIELDS = [f"{leg}_{part}" for leg in LEGS for part in ("sdp", "rule", "latched")]
+FIELDS = [
+    "call_id",
+    "caller",
+    "caller_relay",
+    "callee",
+    "callee_relay",
+    "idle_timeout",
+    "started",
+    "quiet_since",
+    *LEG_FIELDS,
+]
+"""A call's record, field by field: the state store's columns, and what a standby node
+receives. Endpoints are `ip:port` text, times are wall-clock (Unix) seconds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,3 +55,73 @@ class Store(Protocol):
 
     def load(self) -> list[StoredCall]:
         """Every stored call."""
+
+
+@functools.lru_cache(maxsize=65536)
+def _text(endpoint: Endpoint) -> str:
+    return str(endpoint)
+
+
+@functools.lru_cache(maxsize=65536)
+def _endpoint(text: str) -> Endpoint:
+    ip, _, port = text.rpartition(":")
+    return Endpoint.parse(ip, port)
+
+
+def encode(call: Call, quiet_since: float | None, wall_offset: float) -> dict[str, object]:
+    """The record of `call` (engine times + `wall_offset` = wall-clock times)."""
+    media = call.media
+    record: dict[str, object] = {
+        "call_id": media.call_id,
+        "caller": _text(media.caller),
+        "caller_relay": _text(media.caller_relay),
+        "callee": _text(media.callee),
+        "callee_relay": _text(media.callee_relay),
+        "idle_timeout": call.idle_timeout,
+        "started": call.started + wall_offset,
+        "quiet_since": None if quiet_since is None else quiet_since + wall_offset,
+    }
+    for name, leg in zip(LEGS, (*call.caller, *call.callee), strict=True):
+        record[f"{name}_sdp"] = _text(leg.sdp)
+        record[f"{name}_rule"] = leg.rule.value
+        record[f"{name}_latched"] = None if leg.latched is None else _text(leg.latched)
+    return record
+
+
+def decode(record: Mapping[str, object], wall_offset: float) -> StoredCall:
+    """A record back into a call; MediaError, ValueError or KeyError if it is not one."""
+
+    def text(name: str) -> str:
+        return str(record[name])
+
+    media = CallMedia(
+        text("call_id"),
+        _endpoint(text("caller")),
+        _endpoint(text("caller_relay")),
+        _endpoint(text("callee")),
+        _endpoint(text("callee_relay")),
+    )
+    legs = []
+    relays = (media.caller_relay, media.caller_relay, media.callee_relay, media.callee_relay)
+    for name, relay in zip(LEGS, relays, strict=True):
+        stream = Stream.RTP if name.endswith("rtp") else Stream.RTCP
+        delta = 0 if stream is Stream.RTP else RTCP_PORT_OFFSET
+        latched = record[f"{name}_latched"]
+        legs.append(
+            Leg(
+                stream,
+                _endpoint(text(f"{name}_sdp")),
+                relay.offset(delta),
+                Rule(text(f"{name}_rule")),
+                None if latched is None else _endpoint(str(latched)),
+            )
+        )
+    quiet = record["quiet_since"]
+    call = Call(
+        media,
+        float(text("idle_timeout")),
+        float(text("started")) - wall_offset,
+        (legs[0], legs[1]),
+        (legs[2], legs[3]),
+    )
+    return StoredCall(call, None if quiet is None else float(str(quiet)) - wall_offset)

@@ -24,7 +24,6 @@ error (an older node must not rewrite a newer one's data); lower versions are mi
 
 from __future__ import annotations
 
-import functools
 import logging
 import sqlite3
 import time
@@ -34,29 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lrkp_tsl.errors import MediaError, StoreError
-from lrkp_tsl.latching import Rule
-from lrkp_tsl.media import RTCP_PORT_OFFSET, CallMedia, Endpoint, Stream
-from lrkp_tsl.records import StoredCall
-from lrkp_tsl.session import Call, Leg
+from lrkp_tsl.records import FIELDS, LEGS, StoredCall, decode, encode
+from lrkp_tsl.session import Call
 
 log = logging.getLogger("lrkp_tsl.store")
 
 FILENAME = "calls.sqlite3"
 SCHEMA_VERSION = 1
-LEGS = ("caller_rtp", "caller_rtcp", "callee_rtp", "callee_rtcp")
-LEG_COLUMNS = [f"{leg}_{part}" for leg in LEGS for part in ("sdp", "rule", "latched")]
-COLUMNS = [
-    "call_id",
-    "caller",
-    "caller_relay",
-    "callee",
-    "callee_relay",
-    "idle_timeout",
-    "started",
-    "quiet_since",
-    *LEG_COLUMNS,
-    "revision",
-]
+COLUMNS = [*FIELDS, "revision"]
 # How long a write waits for a lock someone else holds (an operator's `sqlite3` shell):
 # short, because the event loop waits with it. A write that times out is refused like a
 # kernel error, and Kamailio's retransmission tries again.
@@ -99,21 +83,6 @@ class Change:
     revision: int
     call_id: str
     call: StoredCall | None
-
-
-@functools.lru_cache(maxsize=65536)
-def _text(endpoint: Endpoint) -> str:
-    return str(endpoint)
-
-
-@functools.lru_cache(maxsize=65536)
-def _endpoint(text: str) -> Endpoint:
-    ip, _, port = text.rpartition(":")
-    return Endpoint.parse(ip, port)
-
-
-def _optional(text: str | None) -> Endpoint | None:
-    return None if text is None else _endpoint(text)
 
 
 class SqliteStore:
@@ -180,28 +149,9 @@ class SqliteStore:
     # -- the Store protocol -------------------------------------------------------------------
 
     def put(self, call: Call, quiet_since: float | None) -> None:
-        media = call.media
-        legs: list[object] = []
-        for leg in (*call.caller, *call.callee):
-            legs += [
-                _text(leg.sdp),
-                leg.rule.value,
-                None if leg.latched is None else _text(leg.latched),
-            ]
         self._revision += 1
-        row = [
-            media.call_id,
-            _text(media.caller),
-            _text(media.caller_relay),
-            _text(media.callee),
-            _text(media.callee_relay),
-            call.idle_timeout,
-            call.started + self._offset,
-            None if quiet_since is None else quiet_since + self._offset,
-            *legs,
-            self._revision,
-        ]
-        self._write(self._put_sql, row, call.call_id)
+        record = encode(call, quiet_since, self._offset)
+        self._write(self._put_sql, [*record.values(), self._revision], call.call_id)
 
     def delete(self, call_id: str) -> None:
         self._revision += 1
@@ -249,7 +199,7 @@ class SqliteStore:
         for row in rows:
             try:
                 calls.append(self._decode(row))
-            except (MediaError, ValueError, IndexError) as exc:
+            except (MediaError, ValueError, KeyError) as exc:
                 log.error("state store: call %r unreadable, skipped: %s", row[0], exc)
         return calls
 
@@ -277,37 +227,4 @@ class SqliteStore:
             raise StoreError(f"state store {self.path}: writing {call_id!r}: {exc}") from exc
 
     def _decode(self, row: tuple[object, ...]) -> StoredCall:
-        values = dict(zip(COLUMNS, row, strict=True))
-        media = CallMedia(
-            str(values["call_id"]),
-            _endpoint(str(values["caller"])),
-            _endpoint(str(values["caller_relay"])),
-            _endpoint(str(values["callee"])),
-            _endpoint(str(values["callee_relay"])),
-        )
-        legs = []
-        for name, relay in zip(
-            LEGS,
-            (media.caller_relay, media.caller_relay, media.callee_relay, media.callee_relay),
-            strict=True,
-        ):
-            stream = Stream.RTP if name.endswith("rtp") else Stream.RTCP
-            delta = 0 if stream is Stream.RTP else RTCP_PORT_OFFSET
-            legs.append(
-                Leg(
-                    stream,
-                    _endpoint(str(values[f"{name}_sdp"])),
-                    relay.offset(delta),
-                    Rule(values[f"{name}_rule"]),
-                    _optional(values[f"{name}_latched"]),  # type: ignore[arg-type]
-                )
-            )
-        quiet = values["quiet_since"]
-        call = Call(
-            media,
-            float(values["idle_timeout"]),  # type: ignore[arg-type]
-            float(values["started"]) - self._offset,  # type: ignore[arg-type]
-            (legs[0], legs[1]),
-            (legs[2], legs[3]),
-        )
-        return StoredCall(call, None if quiet is None else float(quiet) - self._offset)  # type: ignore[arg-type]
+        return decode(dict(zip(COLUMNS, row, strict=True)), self._offset)
