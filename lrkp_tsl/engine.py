@@ -137,6 +137,12 @@ def _stream_key(call: Call, key: StreamKey) -> StreamKey:
     return key
 
 
+def _spread(call: Call) -> float:
+    """1 s to one idle timeout, by Call-ID: when a call of unknown activity is checked."""
+    fraction = (zlib.crc32(call.call_id.encode()) % 1000) / 1000
+    return 1.0 + fraction * max(0.0, call.idle_timeout - 1.0)
+
+
 def _flow_tuple(flow: InstalledFlow) -> tuple[Endpoint, Endpoint, Endpoint | None, Endpoint | None]:
     return (flow.sender, flow.relay, flow.target, flow.relay_out)
 
@@ -157,6 +163,8 @@ class Engine:
         self.held: dict[str, list[Held]] = {}
         self.suspect: dict[str, KernelView] = {}  # Call-ID -> what the kernel may hold too
         self.unverified: set[str] = set()  # loaded, not yet compared with the kernel
+        # A single node is always active; in a pair, only the node holding the VIPs is.
+        self.active = True
         self.forget_pending: set[StreamKey] = set()
         self.stats: collections.Counter[str] = collections.Counter()
         self._verdicts: list[tuple[int, Verdict]] = []
@@ -179,8 +187,12 @@ class Engine:
         """One request from the controlling layer; the reply (None: nothing to send).
 
         `sender` keys the retransmission cache (the UDP address); `peer` is for logs.
-        A datagram longer than any request is dropped unread and unanswered.
+        A datagram longer than any request is dropped unread and unanswered, and so is
+        everything while this node is a standby (the active node answers).
         """
+        if not self.active:
+            self.stats["dropped.standby"] += 1
+            return None
         if len(data) > protocol.MAX_REQUEST_SIZE:
             self.stats["dropped.too_long"] += 1
             self.note_remote(now, "oversized datagrams", "dropped %d bytes from %s: longer than "
@@ -246,6 +258,10 @@ class Engine:
     def on_packet(self, packet: int, source: Endpoint, relay: Endpoint, now: float) -> None:
         """A packet to a learning relay endpoint: latch, hold or drop it; never lose it
         while its call can still use it. Its verdict comes out of `take_verdicts`."""
+        if not self.active:  # the VIPs are elsewhere: nothing to learn here
+            self.stats["packets.standby"] += 1
+            self._verdicts.append((packet, Verdict.DROP))
+            return
         until = self.displaced.get((source, relay))
         if until is not None:
             if now < until:
@@ -336,6 +352,8 @@ class Engine:
 
     def on_stream_events(self, events: Iterable[StreamEvent], now: float) -> None:
         """Conntrack entries of relayed streams started, expired or were removed."""
+        if not self.active:
+            return  # what the standby relays, if anything, ends with its next promotion
         for event in events:
             call_id = self.table.owner(event.key[1])
             call = self.table.get(call_id) if call_id is not None else None
@@ -376,7 +394,11 @@ class Engine:
             log.error("[%s] media state not stored: %s", call_id, error)
 
     def _schedule_call(self, call: Call) -> None:
-        """A call wakes at its maximum lifetime, or when it may have been idle too long."""
+        """A call wakes at its maximum lifetime, or when it may have been idle too long.
+
+        Not while standby: the active node ends calls, and the standby follows."""
+        if not self.active:
+            return
         when = call.started + self.settings.max_lifetime
         quiet = self.activity.quiet_since(call.call_id)
         if quiet is not None:
@@ -401,7 +423,7 @@ class Engine:
                     self.schedule.set(LOG_FLUSH, summary_due)
             else:
                 call = self.table.get(key)
-                if call is None:
+                if call is None or not self.active:
                     continue
                 if now >= call.started + self.settings.max_lifetime:
                     self._end(call, Reason.LIFETIME, f"{self.settings.max_lifetime:g} s", now)
@@ -444,8 +466,13 @@ class Engine:
 
     # -- applying changes ------------------------------------------------------------------------
 
-    def _commit(self, sync: Sync, now: float, origin: str) -> None:
-        """Store, kernel, table, conntrack, in that order (see the module docstring)."""
+    def _commit(
+        self, sync: Sync, now: float, origin: str, quiet_since: float | None = None
+    ) -> None:
+        """Store, kernel, table, conntrack, in that order (see the module docstring).
+
+        `quiet_since`: what to record as the call's quiet time (a replicated record's);
+        by default the engine's own."""
         call_id = sync.call_id
         if call_id in self.suspect:
             self._resync(call_id)
@@ -455,6 +482,8 @@ class Engine:
         old = self.table.get(call_id)
         if sync.call is None:
             self.store.delete(call_id)
+        elif quiet_since is not None:
+            self.store.put(sync.call, quiet_since)
         else:
             quiet = self.activity.quiet_since(call_id) if old is not None else now
             self.store.put(sync.call, quiet)
@@ -473,13 +502,16 @@ class Engine:
             self._drop_held(call_id)
             self.stats["calls.removed"] += 1
             self.stats[f"calls.removed.{sync.reason.value}"] += 1
-            calls_log.info("[%s] removed: %s", call_id, sync.describe())
+            if sync.reason is Reason.REPLICATED:
+                calls_log.debug("[%s] removed: as on the active node", call_id)
+            else:
+                calls_log.info("[%s] removed: %s", call_id, sync.describe())
             if sync.displaced:
                 self._displace(call_id, sync.displaced, now)
             return
         self.stats[f"calls.{sync.reason.value}"] += 1
-        if old is None:
-            self.activity.quiet(call_id, now)
+        if old is None or quiet_since is not None:
+            self.activity.quiet(call_id, now if quiet_since is None else quiet_since)
         self._schedule_call(sync.call)
         if sync.reason in (Reason.RELAYING, Reason.UPDATED):
             media = sync.call.media
@@ -494,6 +526,8 @@ class Engine:
                 sync.call.idle_timeout,
                 origin,
             )
+        elif sync.reason is Reason.REPLICATED:
+            calls_log.debug("[%s] replicated from the active node", call_id)
         else:
             calls_log.info("[%s] %s", call_id, sync.describe())
         self._release(call_id, sync.after)
@@ -627,10 +661,7 @@ class Engine:
                 # It had media: check it against the kernel within its idle timeout (an
                 # entry that is gone means no packet for a whole timeout), at a moment
                 # spread by its Call-ID, so that 50k restored calls are not checked at once.
-                spread = 1.0 + (zlib.crc32(call.call_id.encode()) % 1000) / 1000 * max(
-                    0.0, call.idle_timeout - 1.0
-                )
-                quiet = now - call.idle_timeout + spread
+                quiet = now - call.idle_timeout + _spread(call)
             self.activity.quiet(call.call_id, quiet)
         for call in self.table:
             self._schedule_call(call)
@@ -816,6 +847,66 @@ class Engine:
             self.schedule.set_earlier(RETRY, now + RETRY_INTERVAL)
             raise
         return len(views)
+
+    # -- an active/standby pair -----------------------------------------------------------------
+
+    def follow(self, call_id: str, record: StoredCall | None, now: float) -> None:
+        """Standby: make the call table, the kernel and the store hold what the active
+        node has for `call_id` (None: it ended there). Raises KernelError or StoreError
+        (the caller resynchronises from the active's full table)."""
+        current = self.table.get(call_id)
+        if record is None:
+            if current is not None:
+                self._commit(Sync(call_id, current.view(), None, Reason.REPLICATED), now, "peer")
+            return
+        call = record.call
+        if current == call:
+            return
+        for other in self.table.claimed(call.media):
+            old = self.table.get(other)
+            if old is not None:
+                self._commit(Sync(other, old.view(), None, Reason.REPLICATED), now, "peer")
+        before = current.view() if current is not None else EMPTY
+        quiet = now if record.quiet_since is None else record.quiet_since
+        self._commit(Sync(call_id, before, call, Reason.REPLICATED), now, "peer", quiet)
+        self.stats["replication.applied"] += 1
+
+    def follow_all(self, records: dict[str, StoredCall], now: float) -> int:
+        """Standby: the active node's whole table (at start, or after a full resync).
+        Only what differs is changed; returns how many calls changed."""
+        changed = 0
+        for call_id in [c.call_id for c in self.table if c.call_id not in records]:
+            self.follow(call_id, None, now)
+            changed += 1
+        for call_id, record in records.items():
+            if self.table.get(call_id) != record.call:
+                self.follow(call_id, record, now)
+                changed += 1
+        return changed
+
+    def promote(self, now: float) -> None:
+        """This node took the VIPs: answer commands, learn, end calls.
+
+        Its table and kernel already hold what the active had (follow); media flows as
+        soon as packets arrive here. Whether each call still has media is not known: each
+        is checked against the kernel within its idle timeout, spread as after a restart.
+        """
+        self.active = True
+        for call in self.table:
+            self.activity.quiet(call.call_id, now - call.idle_timeout + _spread(call))
+            self._schedule_call(call)
+        self.stats["pair.promoted"] += 1
+        log.warning("active: this node holds the relay addresses; %d calls", len(self.table))
+
+    def demote(self, now: float) -> None:
+        """The VIPs went elsewhere: stop answering, learning and ending calls."""
+        self.active = False
+        for call in self.table:
+            self.schedule.clear(("call", call.call_id))
+        for call_id in list(self.held):
+            self._drop_held(call_id)
+        self.stats["pair.demoted"] += 1
+        log.warning("standby: the relay addresses are elsewhere; following the active node")
 
     def shutdown(self) -> None:
         """Drop every held packet (the queue is about to close)."""

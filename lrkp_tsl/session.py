@@ -128,6 +128,7 @@ class Reason(Enum):
     IDLE = "idle"  # no media for the idle timeout
     LIFETIME = "lifetime"  # reached the maximum lifetime
     ADOPTED = "adopted"  # found in the kernel with no stored record (startup)
+    REPLICATED = "replicated"  # a standby following its active node
 
 
 @dataclass(frozen=True, slots=True)

@@ -700,3 +700,74 @@ def test_reconciliation_runs_in_steps() -> None:
     steps = list(again.reconcile(kernel.state(), 2.0))
     assert len(steps) == 3
     agree(again, kernel)
+
+
+# -- an active/standby pair -----------------------------------------------------------------------
+
+
+def pair() -> tuple[Engine, FakeKernel, MemoryStore, Engine, FakeKernel]:
+    active, active_kernel, active_store = make()
+    standby, standby_kernel, _standby_store = make()
+    standby.demote(0.0)
+    return active, active_kernel, active_store, standby, standby_kernel
+
+
+def replicate(store: MemoryStore, standby: Engine, now: float) -> None:
+    standby.follow_all(dict(store.records), now)
+
+
+def test_a_standby_answers_nothing_and_learns_nothing() -> None:
+    _active, _kernel, _store, standby, standby_kernel = pair()
+    assert send(standby, s_command("c1")) is None
+    standby.on_packet(1, NAT_SOURCE, CALLER_RELAY, 1.0)
+    assert standby.take_verdicts() == [(1, Verdict.DROP)]
+    assert standby_kernel.calls["change"] == 0
+    assert standby.stats["dropped.standby"] == 1
+
+
+def test_the_standby_holds_what_the_active_holds() -> None:
+    active, active_kernel, active_store, standby, standby_kernel = pair()
+    nat_call(active)
+    active.on_packet(1, NAT_SOURCE, CALLER_RELAY, 1.0)  # learned: replicated too
+    ok(active, s_command("c2", relay_port=20100, cookie="1_2"))
+    replicate(active_store, standby, 2.0)
+    assert standby_kernel.holds() == active_kernel.holds()
+    assert set(standby.table) == set(active.table)
+    ok(active, s_command("c2", relay_port=20100, verb="D", cookie="1_3"))
+    standby.follow("c2", None, 3.0)
+    assert standby_kernel.holds() == active_kernel.holds()
+    assert standby.next_deadline() is None  # the active ends calls, not the standby
+
+
+def test_following_a_call_that_took_live_ports_removes_the_old_one() -> None:
+    active, _kernel, active_store, standby, standby_kernel = pair()
+    ok(active, s_command("old"))
+    replicate(active_store, standby, 1.0)
+    ok(active, s_command("new", caller="10.0.0.22:4000", cookie="1_2"))
+    standby.follow("new", active_store.records["new"], 2.0)
+    assert "old" not in standby.table
+    agree(standby, standby_kernel)
+
+
+def test_a_promoted_standby_serves_learns_and_ends_calls() -> None:
+    active, _active_kernel, active_store, standby, standby_kernel = pair()
+    nat_call(active)  # the caller has not spoken yet: still learning
+    replicate(active_store, standby, 1.0)
+    standby.promote(10.0)
+    # The caller's first packet reaches the new active: learned there.
+    standby.on_packet(7, NAT_SOURCE, CALLER_RELAY, 10.5)
+    assert standby.take_verdicts() == [(7, Verdict.ACCEPT)]
+    ok(standby, s_command("c3", relay_port=20200, cookie="1_9"), 11.0)
+    deadline = standby.next_deadline()
+    assert deadline is not None and 10.0 < deadline <= 10.0 + IDLE
+    standby.on_timer(12.0 + IDLE)  # no media anywhere: both end
+    assert len(standby.table) == 0 and standby_kernel.holds() == EMPTY
+
+
+def test_a_demoted_node_stops_ending_calls() -> None:
+    engine, _kernel, _store = make(Policy.STRICT)
+    ok(engine, s_command("c1"))
+    engine.demote(1.0)
+    assert engine.next_deadline() is None
+    engine.on_timer(IDLE + 1)
+    assert "c1" in engine.table
