@@ -1,0 +1,477 @@
+"""The replication feed of an active/standby pair, through Redis. An adapter (sockets).
+
+The active node writes every change of its call table to its local Redis; that Redis is
+the master, and the standby's local Redis is its replica (`REPLICAOF`), so Redis carries
+the feed between the nodes: no protocol of our own. The standby node reads its local
+replica. On takeover the new active promotes its Redis (`REPLICAOF NO ONE`,
+`Publisher.promote`); a returning node makes its Redis a replica of the new active's
+(`Follower.follow`), which makes Redis resynchronise it fully. The pure engine never
+imports this module.
+
+Keys (records are `lrkp_tsl.records.encode` dicts, serialised as compact JSON):
+
+    lrkp:calls     hash: field = Call-ID, value = the call's record. The current table.
+    lrkp:changes   stream (XADD ... MAXLEN ~ 100000): one entry per change, fields
+                   op=put id=<Call-ID> rec=<record>   a call was added or changed
+                   op=del id=<Call-ID>                a call ended
+                   op=reset                           the hash was replaced as a whole
+
+Every change is ONE MULTI/EXEC transaction (HSET or HDEL or DEL+HSET, then XADD), so the
+hash and the stream never disagree, on the master or on a replica: Redis propagates a
+transaction to its replicas wrapped in MULTI/EXEC and applies it there atomically.
+
+Why a stream *and* a hash: the hash alone is the state but says nothing about what changed
+(a follower would have to diff 50k records); the stream alone is the changes but grows
+without end, and a follower that starts (or falls behind) would need all of it. Together a
+follower loads the hash once, then applies the stream from the ID it loaded at.
+
+A consistent snapshot on a replica (`Follower.snapshot`): MULTI, XREVRANGE COUNT 1 (the
+last stream ID), HGETALL, INFO replication, EXEC. Redis runs client commands and the
+master's replication stream on one thread, and runs both the master's transactions and
+ours whole, so the snapshot shows the state after some transaction of the master and the
+last stream ID is exactly that transaction's entry: applying every entry after it gives
+the master's table, with nothing missing or applied twice.
+
+The follower must reload the snapshot (`ReplicationGap`, raised by `Follower.changes`) when:
+- the stream was trimmed past what it has read. XREAD from an ID older than the first
+  entry gives no error, it just starts at the first entry left: `changes` checks, after
+  every XREAD, XINFO STREAM's `first-entry` against the follower's ID, and whether anything
+  was ever trimmed (`entries-added` > `length`; the publisher never XDELs). Conservative:
+  a follower whose last entry was just trimmed but not the next one reloads needlessly
+  (it is ~100,000 entries behind then, minutes at any real rate); a real gap is never missed;
+- the stream vanished, or went back (its last ID is below the follower's): another history;
+- the replica's `master_replid` is not the one the snapshot was taken under: Redis
+  replaced the replica's data (a full resynchronisation, e.g. after the pair swapped
+  roles). Redis 7.0 does not wake a blocked XREAD for that: it stays blocked through the
+  reload, and its ID may still look valid in the new history; the check after it (at the
+  latest when `block_ms` runs out) catches it. (A *master* turned replica by REPLICAOF
+  does end its blocked XREADs, with the error `UNBLOCKED force unblock from blocking
+  operation, instance state changed`.) `Follower.replication_id` gives the ID to callers.
+
+What a takeover loses: Redis replication is asynchronous. The master answers EXEC before
+the transaction reaches the replica, so the changes of the active's last moments are not
+on the standby when the active dies: its replication lag, from the end of `put` to a
+Follower on the replica returning the change, was p50 0.3 ms, p99 0.5 ms at 500 puts/s on
+the lab's veth links (tests/netns/test_replication.py). `WAIT 1 <ms>` after each change
+would make the active wait for the replica's acknowledgement (one round trip to the peer,
+on the event loop); this module does not do it.
+
+A Redis that restarted is empty (pair mode runs it without persistence): the publisher
+notices it as an error on its next write (connections are never retried silently), and
+the caller must then `reset` with its whole table, which `Publisher.needs_reset` records.
+A follower whose master lost its data sees an empty snapshot (last ID 0-0) until that reset
+arrives; a caller that would rather not drop its calls meanwhile can wait for the reset.
+
+Every call is a few round trips on a short socket timeout (the publisher runs on the
+node's event loop); errors of every kind become `ReplicationError`, naming the Redis and
+what failed. `Follower.changes` blocks in XREAD: run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from lrkp_tsl.errors import LrkpError
+
+CALLS = "lrkp:calls"
+CHANGES = "lrkp:changes"
+MAXLEN = 100_000
+"""Stream entries kept (approximately, whole radix nodes): ~200 s of changes at 500/s."""
+OPS = ("put", "del", "reset")
+ZERO_ID = "0-0"
+"""The stream ID before any entry: what `snapshot` returns for a stream never written."""
+RESET_CHUNK = 1000
+"""Records per HSET in a reset (one transaction all the same)."""
+
+
+class ReplicationError(LrkpError):
+    """Redis could not take or give a change: unreachable, timed out, read-only, bad data."""
+
+    code = "replication"
+
+
+class ReplicationGap(ReplicationError):
+    """The changes after the follower's ID are no longer all there: reload the snapshot."""
+
+    code = "replication-gap"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    stream_id: str
+    op: str  # one of OPS
+    call_id: str | None  # put, del
+    record: dict[str, object] | None  # put
+
+
+def redacted(url: str) -> str:
+    """`url` without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+
+
+def _connect(url: str, timeout: float) -> redis.Redis:
+    """A client that fails fast: no silent retry, no backoff, `timeout` on every socket op."""
+    try:
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # redis-py 8's Redis() retries ten times with backoff up to 1 s by default (a
+            # frozen Redis stalled a 50 ms-timeout ping 4.7 s); from_url happens not to, but
+            # say it: one attempt, the caller decides (`needs_reset`).
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=True,
+            protocol=2,  # the reply shapes parsed here (RESP3 would turn some into maps)
+            # No CLIENT SETINFO round trips on connect (Redis 7.0 refuses them anyway).
+            driver_info=None,
+        )
+    except (ValueError, redis.RedisError) as exc:
+        raise ReplicationError(f"bad Redis URL {redacted(url)!r}: {exc}") from None
+    # INFO as Redis sends it: redis-py's parser turns values that look like numbers into
+    # numbers, and a replication ID is 40 hex digits that may all be decimal ones.
+    client.set_response_callback("INFO", _raw)
+    return client
+
+
+def _raw(response: object, **options: object) -> object:
+    return response
+
+
+def _peer(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ReplicationError(f"peer URL {redacted(url)!r} is not redis://HOST[:PORT]")
+    try:
+        port = parts.port or 6379
+    except ValueError as exc:
+        raise ReplicationError(f"peer URL {redacted(url)!r}: {exc}") from None
+    return parts.hostname, port
+
+
+def _stream_id(text: str) -> tuple[int, int]:
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _info(text: str) -> dict[str, str]:
+    """INFO's `key:value` lines."""
+    found = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and not key.startswith("#"):
+            found[key.strip()] = value.strip()
+    return found
+
+
+def _json(text: str, what: str) -> dict[str, object]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ReplicationError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ReplicationError(f"{what} is not a JSON object")
+    return value
+
+
+class _Client:
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url
+        self.where = redacted(url)
+        self.timeout = timeout
+        self.redis = _connect(url, timeout)
+
+    def _failed(self, what: str, exc: Exception) -> ReplicationError:
+        kind = type(exc).__name__
+        reason = f"Redis {self.where}: {what} failed ({kind}: {exc})"
+        if isinstance(exc, redis.ReadOnlyError):
+            reason += "; this Redis is a replica: promote it before writing to it"
+        return ReplicationError(reason)
+
+    def _command(self, what: str, *args: object) -> Any:
+        try:
+            return self.redis.execute_command(*args)  # type: ignore[no-untyped-call]
+        except (redis.RedisError, OSError) as exc:
+            raise self._failed(what, exc) from None
+
+    def _transaction(
+        self, what: str, commands: Iterable[tuple[object, ...]], raise_on_error: bool = True
+    ) -> list[Any]:
+        """`commands` in one MULTI/EXEC; the first failing one raises, unless
+        `raise_on_error` is false: then its exception is in the list."""
+        try:
+            with self.redis.pipeline(transaction=True) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+                return pipe.execute(raise_on_error=raise_on_error)
+        except (redis.RedisError, OSError) as exc:
+            raise self._failed(what, exc) from None
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+class Publisher(_Client):
+    """The active node's side: every change of the call table, into its local Redis.
+
+    Call it from one thread (the event loop): changes must reach Redis in the order they
+    happened. A change that failed with a timeout may still be applied, late, once Redis
+    runs again (seen in the tests with a frozen Redis), even after a `reset` that followed
+    it on a new connection: the call's next change, or the next reset, puts it right.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 0.05,
+        *,
+        maxlen: int = MAXLEN,
+        reset_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(url, timeout)
+        self._trim = ("MAXLEN", "~", str(maxlen))
+        self._reset_timeout = reset_timeout
+        self.needs_reset = True
+        """True until a `reset` succeeds, and again after any error: Redis may then lack
+        changes (unreachable, restarted empty) or hold a failed one, so the caller must
+        `reset` with its table."""
+
+    def _write(self, what: str, commands: list[tuple[object, ...]]) -> None:
+        try:
+            self._transaction(what, commands)
+        except ReplicationError:
+            self.needs_reset = True
+            raise
+
+    def put(self, record: Mapping[str, object]) -> None:
+        """Insert or replace the call's record (`records.encode`)."""
+        call_id = record["call_id"]
+        if not isinstance(call_id, str):
+            raise ReplicationError(f"record's call_id is not text: {call_id!r}")
+        rec = json.dumps(record, separators=(",", ":"))
+        self._write(
+            f"put of call {call_id!r}",
+            [
+                ("HSET", CALLS, call_id, rec),
+                ("XADD", CHANGES, *self._trim, "*", "op", "put", "id", call_id, "rec", rec),
+            ],
+        )
+
+    def delete(self, call_id: str) -> None:
+        """Forget the call (no error if unknown)."""
+        self._write(
+            f"delete of call {call_id!r}",
+            [
+                ("HDEL", CALLS, call_id),
+                ("XADD", CHANGES, *self._trim, "*", "op", "del", "id", call_id),
+            ],
+        )
+
+    def reset(self, records: Iterable[Mapping[str, object]]) -> None:
+        """Replace the whole table by `records`, and tell followers to reload it.
+
+        One transaction, O(records): 0.4 s for 50k records on the dev VM (the tests), on
+        its own connection and timeout (`reset_timeout`). Used on promotion and after an
+        error (`needs_reset`). Changes made while it runs (from another thread) may be
+        overwritten by it: give it the table as of its call, and nothing concurrently.
+        """
+        fields: list[str] = []
+        for record in records:
+            call_id = record["call_id"]
+            if not isinstance(call_id, str):
+                raise ReplicationError(f"record's call_id is not text: {call_id!r}")
+            fields += (call_id, json.dumps(record, separators=(",", ":")))
+        commands: list[tuple[object, ...]] = [("DEL", CALLS)]
+        step = 2 * RESET_CHUNK
+        for start in range(0, len(fields), step):
+            commands.append(("HSET", CALLS, *fields[start : start + step]))
+        commands.append(("XADD", CHANGES, *self._trim, "*", "op", "reset"))
+        bulk = _Client(self.url, self._reset_timeout)
+        try:
+            try:
+                bulk._transaction(f"reset with {len(fields) // 2} calls", commands)
+            finally:
+                bulk.close()
+        except ReplicationError:
+            self.needs_reset = True
+            raise
+        self.needs_reset = False
+
+    def promote(self) -> None:
+        """Make this Redis a master (REPLICAOF NO ONE); it keeps its data."""
+        self._command("REPLICAOF NO ONE", "REPLICAOF", "NO", "ONE")
+
+    def size(self) -> int:
+        """How many calls Redis holds (HLEN): the active compares it with its table, so a
+        Redis restarted empty is noticed without waiting for the next change."""
+        return int(str(self._command("size of the call table", "HLEN", CALLS)))
+
+
+class Follower(_Client):
+    """The standby node's side: reads its local Redis, a replica of the active's.
+
+    The status calls are quick (`timeout`); `snapshot` is O(table) (0.7 s for 50k calls,
+    mostly JSON) and `changes` blocks in XREAD for up to `block_ms` (its socket timeout is
+    `timeout` longer): call those two from a worker thread (redis-py's connection pool
+    makes it safe to call the others meanwhile from another thread).
+    """
+
+    def __init__(self, url: str, timeout: float = 1.0) -> None:
+        super().__init__(url, timeout)
+        self._readers: dict[int, redis.Redis] = {}
+        self._replid: str | None = None
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+        super().close()
+
+    def snapshot(self) -> tuple[str, dict[str, dict[str, object]]]:
+        """The last stream ID and the whole table, as of one instant (see the module doc).
+
+        Also remembers the replica's replication ID at that instant: `changes` raises
+        `ReplicationGap` once Redis has replaced its data since.
+        """
+        last, table, info = self._transaction(
+            "snapshot",
+            [
+                ("XREVRANGE", CHANGES, "+", "-", "COUNT", "1"),
+                ("HGETALL", CALLS),
+                ("INFO", "replication"),
+            ],
+        )
+        stream_id = str(last[0][0]) if last else ZERO_ID
+        records = {
+            str(call_id): _json(str(text), f"{self.where} {CALLS}[{call_id!r}]")
+            for call_id, text in table.items()
+        }
+        self._replid = _info(str(info)).get("master_replid")
+        return stream_id, records
+
+    def _reader(self, block_ms: int) -> redis.Redis:
+        reader = self._readers.get(block_ms)
+        if reader is None:
+            reader = _connect(self.url, self.timeout + max(block_ms, 0) / 1000)
+            self._readers[block_ms] = reader
+        return reader
+
+    def changes(self, after: str, block_ms: int, count: int) -> list[Change]:
+        """Up to `count` changes after stream ID `after`, waiting up to `block_ms` for one
+        (0: do not wait; Redis's own BLOCK 0 would wait forever).
+
+        Raises ReplicationGap when the changes after `after` are not all there any more
+        (trimmed, another history, data replaced since `snapshot`): reload the snapshot.
+        """
+        block = ("BLOCK", block_ms) if block_ms > 0 else ()
+        try:
+            reply = self._reader(block_ms).execute_command(  # type: ignore[no-untyped-call]
+                "XREAD", "COUNT", count, *block, "STREAMS", CHANGES, after
+            )
+        except (redis.RedisError, OSError) as exc:
+            raise self._failed(f"XREAD after {after}", exc) from None
+        self._check_gap(after)
+        if not reply:
+            return []
+        entries = reply[CHANGES] if isinstance(reply, dict) else reply[0][1]
+        return [self._change(str(stream_id), fields) for stream_id, fields in entries]
+
+    def trimmed(self, after: str) -> bool:
+        """Whether the changes after stream ID `after` are no longer all in the stream
+        (trimmed past it, gone, or another history): then reload the snapshot. `changes`
+        checks this itself (and the replication ID) and raises ReplicationGap."""
+        return self._gap(after, replid=False) is not None
+
+    def _check_gap(self, after: str) -> None:
+        """After an XREAD from `after`: is every change after it still in the stream?
+
+        Run after the XREAD, not before: what it reads only grows (trimmed entries, a
+        replaced data set), so if nothing was missing now, nothing was at the XREAD."""
+        reason = self._gap(after, replid=True)
+        if reason is not None:
+            raise ReplicationGap(f"Redis {self.where}: {reason}: reload the snapshot")
+
+    def _gap(self, after: str, replid: bool) -> str | None:
+        what = f"gap check from {after}"
+        stream, info = self._transaction(
+            what, [("XINFO", "STREAM", CHANGES), ("INFO", "replication")], raise_on_error=False
+        )
+        if isinstance(info, Exception):
+            raise self._failed(what, info)
+        now = _info(str(info)).get("master_replid")
+        if replid and self._replid is not None and now != self._replid:
+            return (
+                f"its data was replaced since the snapshot (replication ID {self._replid} -> {now})"
+            )
+        if isinstance(stream, Exception):
+            if "no such key" not in str(stream).lower():
+                raise self._failed(what, stream)
+            return None if after == ZERO_ID else f"{CHANGES} is gone (follower at {after})"
+        if not isinstance(stream, dict):  # XINFO's flat [key, value, ...] reply
+            stream = dict(zip(stream[::2], stream[1::2], strict=True))
+        mark = _stream_id(after)
+        last = str(stream["last-generated-id"])
+        if _stream_id(last) < mark:
+            return f"{CHANGES} ends at {last}, before the follower's {after} (another history)"
+        trimmed = int(stream["entries-added"]) - int(stream["length"])
+        first = stream["first-entry"]
+        oldest = str(first[0]) if first else last
+        if trimmed > 0 and _stream_id(oldest) > mark:
+            return (
+                f"{CHANGES} was trimmed past the follower ({trimmed} entries dropped, first "
+                f"left {oldest}, follower at {after})"
+            )
+        return None
+
+    def _change(self, stream_id: str, fields: Mapping[str, str]) -> Change:
+        op = fields.get("op")
+        what = f"{self.where} {CHANGES} entry {stream_id}"
+        if op == "reset":
+            return Change(stream_id, op, None, None)
+        call_id = fields.get("id")
+        if op not in OPS or call_id is None:
+            raise ReplicationError(f"{what}: unknown change {dict(fields)!r}")
+        if op == "del":
+            return Change(stream_id, op, call_id, None)
+        rec = fields.get("rec")
+        if rec is None:
+            raise ReplicationError(f"{what}: put without a record")
+        return Change(stream_id, op, call_id, _json(rec, what))
+
+    def follow(self, peer_url: str) -> None:
+        """Make this Redis a replica of `peer_url`'s (REPLICAOF HOST PORT). Redis drops its
+        own data and copies the peer's; poll `synced` to know when it is done."""
+        host, port = _peer(peer_url)
+        self._command(f"REPLICAOF {host} {port}", "REPLICAOF", host, str(port))
+
+    def _replication(self) -> dict[str, str]:
+        return _info(str(self._command("INFO replication", "INFO", "replication")))
+
+    def synced(self) -> bool:
+        """A replica whose link to its master is up and that is neither receiving nor
+        loading a copy of the master's data."""
+        info = _info(str(self._command("INFO replication", "INFO", "replication", "persistence")))
+        return (
+            info.get("role") == "slave"
+            and info.get("master_link_status") == "up"
+            and info.get("master_sync_in_progress") == "0"
+            and info.get("loading") == "0"
+        )
+
+    def replication_id(self) -> str:
+        """The replication history this Redis's data belongs to (master_replid): when it
+        changes, Redis replaced the data (a full resynchronisation): reload the snapshot.
+        Read it before `snapshot`, not after, so no change can slip between the two."""
+        return self._replication().get("master_replid", "")
