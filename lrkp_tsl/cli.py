@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--rules", help="nftables base table file")
         cmd.add_argument("--latching", help="strict, ip, any or auto (default auto)")
         cmd.add_argument("--queue-num", type=int, help="NFQUEUE number (default 22333)")
+        cmd.add_argument("--pair-redis", metavar="URL", help="pair mode: this node's Redis")
+        cmd.add_argument(
+            "--pair-peer-redis", metavar="URL", help="pair mode: the peer node's Redis"
+        )
         cmd.add_argument(
             "--flush-on-exit",
             action="store_true",
@@ -82,6 +86,8 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "kernel.flush_on_exit": args.flush_on_exit,
         "kernel.queue_num": args.queue_num,
         "latching.policy": args.latching,
+        "pair.redis": args.pair_redis,
+        "pair.peer_redis": args.pair_peer_redis,
     }
 
 

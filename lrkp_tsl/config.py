@@ -87,6 +87,14 @@ class Config:
     flush_on_exit: bool = False
     policy: Policy = Policy.AUTO
     queue_num: int = DEFAULT_QUEUE_NUM
+    # An active/standby pair (both or neither): this node's Redis, and its peer's, from
+    # which this node's Redis replicates while this node is the standby.
+    pair_redis: str | None = None
+    pair_peer_redis: str | None = None
+
+    @property
+    def paired(self) -> bool:
+        return self.pair_redis is not None
 
     @property
     def relay_addrs(self) -> tuple[IPv4Address, ...]:
@@ -182,6 +190,23 @@ def _policy(key: str, value: Any) -> Policy:
         raise ConfigError(f"{key} = {value!r}: expected one of {names}") from None
 
 
+def _redis_url(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} = {value!r}: expected redis://HOST:PORT[/DB]")
+    if value.startswith("unix:///") and key == "pair.redis":
+        return value  # the local Redis's socket
+    scheme, sep, rest = value.partition("://")
+    host, _, port_db = rest.partition(":")
+    port_text = port_db.partition("/")[0]
+    if scheme != "redis" or not sep or not host or not port_text:
+        raise ConfigError(
+            f"{key} = {value!r}: expected redis://HOST:PORT[/DB]"
+            + (" or unix:///PATH" if key == "pair.redis" else "")
+        )
+    _port(port_text, f"{key} = {value!r}")
+    return value
+
+
 def _queue_num(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ConfigError(f"{key} = {value!r}: expected an NFQUEUE number 0-65535")
@@ -206,6 +231,8 @@ KEYS: dict[str, tuple[str, Any]] = {
     "kernel.flush_on_exit": ("flush_on_exit", _bool),
     "kernel.queue_num": ("queue_num", _queue_num),
     "latching.policy": ("policy", _policy),
+    "pair.redis": ("pair_redis", _redis_url),
+    "pair.peer_redis": ("pair_peer_redis", _redis_url),
 }
 
 
@@ -236,6 +263,12 @@ def from_mapping(values: dict[str, Any], *, source: str = "config") -> Config:
         )
     fields.setdefault("external_ip", fields["internal_ip"])
     config = Config(**fields)
+    if (config.pair_redis is None) != (config.pair_peer_redis is None):
+        raise ConfigError(
+            f"{source}: pair.redis and pair.peer_redis go together: a node of an "
+            "active/standby pair needs its own Redis and its peer's (see the README, "
+            "'An active/standby pair'); set both, or neither for a single node"
+        )
     for address in config.control:
         on_relay_ip = address.host in ("0.0.0.0", *map(str, config.relay_addrs))
         if address.scheme == "udp" and on_relay_ip and address.port in config.ports:

@@ -14,6 +14,7 @@ Startup order matters, and each step says why:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -29,7 +30,10 @@ from lrkp_tsl.dataplane.routes import routed_networks
 from lrkp_tsl.engine import Engine, Settings
 from lrkp_tsl.errors import ConfigError, KernelError, StoreError
 from lrkp_tsl.lock import acquire_instance_lock
+from lrkp_tsl.pair import ROLE_INTERVAL, Following, ReplicatedStore, RoleWatch
 from lrkp_tsl.protocol import NodeConfig
+from lrkp_tsl.records import Store, StoredCall
+from lrkp_tsl.replication import Follower, Publisher
 from lrkp_tsl.selfheal import CHECK_INTERVAL, SelfHeal
 from lrkp_tsl.server import Server, attach_queue, open_control
 from lrkp_tsl.store import FILENAME, SqliteStore
@@ -122,6 +126,49 @@ async def reconcile(plane: DataPlane, engine: Engine, server: Server, stop: asyn
     )
 
 
+async def run_pair(
+    config: Config,
+    engine: Engine,
+    replicated: ReplicatedStore,
+    server: Server,
+    wall_offset: float,
+    stop: asyncio.Event,
+    cleanup: list[tuple[str, Callable[[], Any]]],
+) -> None:
+    """Watch the VIPs; follow the active node while this one is standby (pair.py)."""
+    assert config.pair_redis is not None and config.pair_peer_redis is not None
+    loop = asyncio.get_running_loop()
+
+    def apply_all(records: dict[str, StoredCall]) -> None:
+        if engine.active:
+            return  # promoted meanwhile: its own table is the truth now
+        ok, changed = server.guarded("follow", engine.follow_all, records, time.monotonic())
+        if not ok:
+            following.resync.set()
+        else:
+            log.info("following: the active node's table loaded (%s calls changed)", changed)
+
+    def apply(batch: list[tuple[str, StoredCall | None]]) -> None:
+        if engine.active:
+            return
+        now = time.monotonic()
+        for call_id, record in batch:
+            ok, _ = server.guarded("follow", engine.follow, call_id, record, now)
+            if not ok:
+                following.resync.set()
+                return
+
+    following = Following(Follower(config.pair_redis), apply_all, apply, wall_offset, loop)
+    cleanup.append(("following", following.join))
+    role = RoleWatch(
+        tuple(config.relay_addrs), engine, replicated, following, config.pair_peer_redis
+    )
+    while not stop.is_set():
+        server.guarded("role", role.check)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=ROLE_INTERVAL)
+
+
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     """Run the node until `stop` is set (SIGTERM/SIGINT set it)."""
     loop = asyncio.get_running_loop()
@@ -167,7 +214,20 @@ async def _run(
         node_config(config),
         NodeLimits(frozenset(config.relay_addrs), config.ports),
     )
-    engine = Engine(settings, plane, store)
+    engine_store: Store = store
+    replicated: ReplicatedStore | None = None
+    if config.pair_redis is not None:
+        # The engine is created below; the store asks it for its role when writing.
+        replicated = ReplicatedStore(
+            store,
+            Publisher(config.pair_redis),
+            lambda: engine.active,
+            lambda key: engine.stats.update((key,)),
+        )
+        engine_store = replicated
+    engine = Engine(settings, plane, engine_store)
+    if config.paired:
+        engine.active = False  # until this node holds the VIPs (RoleWatch)
     started = time.monotonic()
     engine.load(store.load(), started)
     log.info("store loaded in %.3f s", time.monotonic() - started)
@@ -195,7 +255,7 @@ async def _run(
     cleanup.append(("events reader", lambda: loop.remove_reader(events.fileno())))
     for address in config.control:
         try:
-            listener = await open_control(address, server)
+            listener = await open_control(address, server, freebind=config.paired)
         except OSError as exc:
             raise ConfigError(
                 f"control = {str(address)!r}: cannot listen: {exc.strerror}"
@@ -225,6 +285,11 @@ async def _run(
     )
     reconciling = asyncio.create_task(reconcile(plane, engine, server, stop))
     cleanup.append(("reconciliation", reconciling.cancel))
+    if replicated is not None and config.pair_peer_redis is not None:
+        pairing = asyncio.create_task(
+            run_pair(config, engine, replicated, server, store.wall_offset, stop, cleanup)
+        )
+        cleanup.append(("pair", pairing.cancel))
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), timeout=CHECK_INTERVAL)

@@ -27,6 +27,7 @@ from lrkp_tsl import protocol
 from lrkp_tsl.config import Config, ControlAddress
 from lrkp_tsl.dataplane.ctevents import ConntrackEvents
 from lrkp_tsl.dataplane.queue import PacketQueue
+from lrkp_tsl.dataplane.role import freebind_udp_socket
 from lrkp_tsl.engine import Engine
 from lrkp_tsl.session import Verdict
 
@@ -194,10 +195,19 @@ class UdpControl(asyncio.DatagramProtocol):
 
 
 async def open_control(
-    address: ControlAddress, server: Server
+    address: ControlAddress, server: Server, *, freebind: bool = False
 ) -> asyncio.AbstractServer | asyncio.BaseTransport:
-    """Start listening on `address`; the returned object's close() stops it."""
+    """Start listening on `address`; the returned object's close() stops it.
+
+    `freebind`: bind even if the address is not on this host yet (a pair's VIP: the
+    standby listens too, and answers once the VIP, and with it the traffic, moves here).
+    """
     loop = asyncio.get_running_loop()
+    if address.scheme == "udp" and freebind:
+        transport, _protocol = await loop.create_datagram_endpoint(
+            lambda: UdpControl(server), sock=freebind_udp_socket(address.host, address.port)
+        )
+        return transport
     if address.scheme in ("udp", "udp6"):
         transport, _protocol = await loop.create_datagram_endpoint(
             lambda: UdpControl(server), local_addr=(address.host, address.port)

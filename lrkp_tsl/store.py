@@ -143,6 +143,11 @@ class SqliteStore:
             raise
         self._db.execute("COMMIT")
 
+    @property
+    def wall_offset(self) -> float:
+        """Wall-clock time minus the engine's monotonic clock, as this store converts."""
+        return self._offset
+
     def close(self) -> None:
         self._db.close()
 

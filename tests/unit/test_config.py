@@ -76,3 +76,14 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("internal_ip = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load(bad, {})
+
+
+def test_a_pair_needs_both_redis_urls_and_checks_them() -> None:
+    config = from_mapping({"internal_ip": "10.0.0.1", "pair.redis": "redis://127.0.0.1:6379",
+                           "pair.peer_redis": "redis://10.0.0.2:6379/0"})  # fmt: skip
+    assert config.paired and config.pair_peer_redis == "redis://10.0.0.2:6379/0"
+    with pytest.raises(ConfigError, match="go together"):
+        from_mapping({"internal_ip": "10.0.0.1", "pair.redis": "redis://127.0.0.1:6379"})
+    with pytest.raises(ConfigError, match="expected redis://HOST:PORT"):
+        from_mapping({"internal_ip": "10.0.0.1", "pair.redis": "http://x",
+                      "pair.peer_redis": "redis://h:1"})  # fmt: skip

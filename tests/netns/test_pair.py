@@ -1,0 +1,218 @@
+"""An active/standby pair keeps live calls through the loss of a node.
+
+relay (10.201.1.1) and relay2 (10.201.1.2) share the VIPs 10.201.1.100 (internal) and
+10.201.2.100 (external) with keepalived (VRRPv3, advert 0.1 s, nopreempt); each runs its
+own redis-server and node. The node on relay holds the VIPs first: it is active, and the
+node on relay2 follows it through Redis. Kamailio (Debian's, lrkproxy.so) points at the
+control VIP. The failure: SIGKILL the active's daemon and keepalived, and take its links
+down, mid-call.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lrkp_tsl.dataplane.nft import TABLE
+from lrkp_tsl.lab import Lab
+from lrkp_tsl.media import Endpoint
+from lrkp_tsl.pairlab import EXTERNAL_VIP, INTERNAL_VIP, Pair
+from tests.e2e.harness import Sdp, call, kamailio
+from tests.netns.calls import Stream, burst
+from tests.netns.daemon import Controller, Node, set_command
+from tests.netns.helpers import Peers
+from tests.netns.redis_helpers import RedisServer
+
+CONTROL = (str(INTERNAL_VIP), 22333)
+IDLE = 5.0
+RATE = 50  # packets per second each way
+HOSTS = {"relay": "10.201.1.1", "relay2": "10.201.1.2"}
+
+
+def node_args(redis: RedisServer, peer: RedisServer) -> tuple[str, ...]:
+    return (
+        "--internal-ip", str(INTERNAL_VIP), "--external-ip", str(EXTERNAL_VIP),
+        "--ports", "20000-21999", "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",
+        "--allow", "10.201.1.5", "--idle-timeout", str(IDLE), "--log-level", "debug",
+        "--pair-redis", redis.url, "--pair-peer-redis", peer.tcp_url,
+    )  # fmt: skip
+
+
+def wait_log(node: Node, text: str, timeout: float) -> float:
+    """Seconds until `text` is in the node's log."""
+    started = time.monotonic()
+    while text not in node.output():
+        assert node.proc.poll() is None, f"node exited:\n{node.output()}"
+        assert time.monotonic() - started < timeout, f"{text!r} not logged:\n{node.output()}"
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def flows(lab: Lab, host: str) -> set[tuple[str, str]]:
+    """The (key, data) of every element of the host's dnat_to map."""
+    listing = lab.run(host, "nft", "-j", "list", "map", "ip", TABLE, "dnat_to").stdout
+    found = set()
+    for item in json.loads(listing)["nftables"]:
+        for key, data in item.get("map", {}).get("elem", []):
+            value = key["elem"]["val"] if "elem" in key else key
+            found.add((json.dumps(value["concat"]), json.dumps(data["concat"])))
+    return found
+
+
+def wait_same_flows(lab: Lab, timeout: float) -> float:
+    started = time.monotonic()
+    while flows(lab, "relay") != flows(lab, "relay2"):
+        assert time.monotonic() - started < timeout, "the standby's maps differ"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+@dataclass
+class Members:
+    lab: Lab
+    keepalived: Pair
+    redis: dict[str, RedisServer]
+    nodes: dict[str, Node]
+    started: list[Node]
+
+    def start_node(self, host: str, state: Path | None = None) -> Node:
+        peer = "relay2" if host == "relay" else "relay"
+        node = Node(self.lab, host, *node_args(self.redis[host], self.redis[peer]), state=state)
+        self.nodes[host] = node
+        self.started.append(node)
+        wait_log(node, "node up", 20)
+        return node
+
+
+@pytest.fixture
+def members(lab: Lab) -> Iterator[Members]:
+    redis = {host: RedisServer(lab, host, ip) for host, ip in HOSTS.items()}
+    pair = Pair(lab)
+    made = Members(lab, pair, redis, {}, [])
+    try:
+        for server in redis.values():
+            server.start()
+        pair.start(first="relay")
+        active = made.start_node("relay")
+        wait_log(active, "active: this node holds the relay addresses", 5)
+        standby = made.start_node("relay2")
+        wait_log(standby, "following: the active node's table loaded", 10)
+        yield made
+    finally:
+        for node in made.started:
+            node.stop(signal.SIGKILL)
+        pair.close()
+        for server in redis.values():
+            server.stop()
+            server.remove()
+        for host in (*HOSTS, "nat"):
+            lab.run(host, "nft", "delete", "table", "ip", TABLE, check=False)
+            lab.run(host, "iptables-nft", "-t", "raw", "-F", check=False)
+            lab.run(host, "conntrack", "-F", check=False)
+
+
+def endpoint(sdp: Sdp) -> Endpoint:
+    return Endpoint.parse(*sdp.endpoint)
+
+
+def take_over(members: Members) -> float:
+    """Kill the active node as a crash would; seconds until relay2 holds the VIPs."""
+    members.nodes["relay"].proc.send_signal(signal.SIGKILL)
+    members.keepalived.crash("relay")
+    return members.keepalived.wait_holder("relay2", 2.0)
+
+
+def test_a_call_survives_the_loss_of_the_active_node(
+    lab: Lab, members: Members, peers: Peers, tmp_path: Path
+) -> None:
+    with (
+        kamailio(lab, tmp_path / "kam", [f"udp:{CONTROL[0]}:{CONTROL[1]}"]),
+        call(lab, tmp_path / "call", caller="c", callee="b", pause_ms=25000) as made,
+    ):
+        caller_sdp, callee_sdp = made.wait_answered()
+        caller = peers("c", made.caller_rtp[1])
+        callee = peers("b", made.callee_rtp[1])
+        to_a, to_b = endpoint(caller_sdp), endpoint(callee_sdp)
+        assert to_a.ip == INTERNAL_VIP and to_b.ip == INTERNAL_VIP
+        burst(caller, to_a, callee, to_b, 1, b"hello")  # the NAT'd caller is learned...
+        wait_same_flows(lab, 2.0)  # ...and the standby holds its learned flows too
+        forward = Stream(caller, to_a, callee, b"A", RATE).start()
+        backward = Stream(callee, to_b, caller, b"B", RATE).start()
+        time.sleep(1.0)
+        take_over(members)
+        time.sleep(2.0)
+        forward.stop()
+        backward.stop()
+        for stream in (forward, backward):
+            gap = stream.longest_gap()
+            print(
+                f"{stream.tag!r}: gap {gap:.3f} s, lost {len(stream.lost())} of {len(stream.sent)}"
+            )
+            assert gap < 1.0, f"media resumed after {gap:.3f} s"
+            assert len(stream.lost()) <= gap * RATE + 2, (len(stream.lost()), gap)
+            assert stream.foreign == []
+        assert forward.sources == {to_b} and backward.sources == {to_a}  # the same relay
+        new_active = members.nodes["relay2"]
+        wait_log(new_active, "active: this node holds the relay addresses", 2.0)
+
+        # A new call through Kamailio is set up and relayed by the new active node.
+        with call(lab, tmp_path / "call2", caller="a", callee="x", caller_rtp_port=30100,
+                  callee_rtp_port=32100, pause_ms=1000) as second:  # fmt: skip
+            sdp_a, sdp_x = second.wait_answered()
+            party_a = peers("a", second.caller_rtp[1])
+            party_x = peers("x", second.callee_rtp[1])
+            burst(party_a, endpoint(sdp_a), party_x, endpoint(sdp_x), 3, b"A2")
+            burst(party_x, endpoint(sdp_x), party_a, endpoint(sdp_a), 3, b"B2")
+            second.wait_done()
+        assert f"[{second.call_id}] relaying" in new_active.output()
+
+        # The call from before the takeover is managed: D (Kamailio 5.7+) removes it.
+        stand_in = Controller(lab, "sip", "10.201.1.5")
+        try:
+            # As Kamailio 5.7+ sends it for a call it knows only by Call-ID.
+            body = ("D " + " " * 8 + f"60 {made.call_id} ").encode()
+            assert stand_in.command(body, CONTROL) == body + b"OK"
+        finally:
+            stand_in.close()
+        caller.send(to_a, b"after D")
+        callee.expect_nothing()
+
+    # The old active comes back (links, keepalived, node): standby, in sync with the active.
+    members.keepalived.recover("relay")
+    returning = members.start_node("relay", state=members.nodes["relay"].state)
+    synced = wait_log(returning, "following: the active node's table loaded", 5.0)
+    assert wait_same_flows(lab, 1.0) < 1.0
+    assert members.keepalived.wait_holder("relay2", 0.1) >= 0  # nopreempt: it stays backup
+    assert "active: this node holds" not in returning.output().split("node up")[-1]
+    print(f"returning node in sync {synced:.3f} s after its start")
+
+
+def test_a_thousand_live_calls_relay_after_a_takeover(
+    lab: Lab, members: Members, peers: Peers
+) -> None:
+    stand_in = Controller(lab, "sip", "10.201.1.5")
+    try:
+        for index in range(1000):
+            port = 20000 + 2 * index  # gt=1: one relay endpoint per call
+            body = set_command("S", "10.201.1.10", str(INTERNAL_VIP), str(INTERNAL_VIP),
+                               "10.201.1.11", 4000, port, port, 6000,
+                               f"many-{index}@lab")  # fmt: skip
+            assert stand_in.command(body, CONTROL) == body + b"OK"
+    finally:
+        stand_in.close()
+    wait_same_flows(lab, 5.0)
+    assert len(flows(lab, "relay2")) == 4000
+    take_over(members)
+    caller, callee = peers("a", 4000), peers("b", 6000)
+    for index in range(0, 1000, 20):  # a sample of 50 calls
+        relay = Endpoint(INTERNAL_VIP, 20000 + 2 * index)
+        caller.send(relay, b"call-%d" % index)
+        assert callee.expect(b"call-%d" % index) == relay
+    # Calls from before the takeover still end by themselves (no media for IDLE).
+    wait_log(members.nodes["relay2"], "removed: no media for 5 s", IDLE + 15)
