@@ -45,6 +45,7 @@ bench: deps
 	PYTHONPATH=. $(VPY) bench/throughput.py
 	PYTHONPATH=. $(VPY) bench/event_loop.py
 	PYTHONPATH=. $(VPY) bench/restart.py
+	PYTHONPATH=. $(VPY) bench/pair.py
 
 # The control socket fuzzed for longer than CI does, then a million random datagrams.
 fuzz: deps

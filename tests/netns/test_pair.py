@@ -124,8 +124,9 @@ def endpoint(sdp: Sdp) -> Endpoint:
 def take_over(members: Members) -> float:
     """Kill the active node as a crash would; seconds until relay2 holds the VIPs."""
     members.nodes["relay"].proc.send_signal(signal.SIGKILL)
+    crashed = time.monotonic()
     members.keepalived.crash("relay")
-    return members.keepalived.wait_holder("relay2", 2.0)
+    return members.keepalived.wait_holder("relay2", 2.0) - crashed
 
 
 def test_a_call_survives_the_loss_of_the_active_node(
@@ -188,7 +189,7 @@ def test_a_call_survives_the_loss_of_the_active_node(
     returning = members.start_node("relay", state=members.nodes["relay"].state)
     synced = wait_log(returning, "following: the active node's table loaded", 5.0)
     assert wait_same_flows(lab, 1.0) < 1.0
-    assert members.keepalived.wait_holder("relay2", 0.1) >= 0  # nopreempt: it stays backup
+    members.keepalived.wait_holder("relay2", 0.1)  # nopreempt: relay stays backup
     assert "active: this node holds" not in returning.output().split("node up")[-1]
     print(f"returning node in sync {synced:.3f} s after its start")
 
