@@ -41,6 +41,8 @@ FOLLOW_BATCH = 1000
 # How often the active compares the size of the table in Redis with its own (a Redis
 # restarted empty, or changes lost to a timeout, are republished at once).
 CONSISTENCY_INTERVAL = 2.0
+# A standby whose Redis cannot sync with the active's says so this often.
+NOT_SYNCED_WARNING = 10.0
 
 
 class ReplicatedStore:
@@ -172,9 +174,18 @@ class Following:
                 stop.wait(1.0)
 
     def _follow_once(self, stop: threading.Event) -> None:
+        waiting = time.monotonic()
+        warned = waiting
         while not self.follower.synced():
             if stop.wait(0.05):
                 return
+            if time.monotonic() - warned >= NOT_SYNCED_WARNING:
+                warned = time.monotonic()
+                log.warning(
+                    "following: this node's Redis has not been in sync with the active's "
+                    "for %.0f s (is the peer's redis-server reachable, at its real address?)",
+                    warned - waiting,
+                )
         last, table = self.follower.snapshot()
         records = {call_id: self._decode(record) for call_id, record in table.items()}
         self.loop.call_soon_threadsafe(
