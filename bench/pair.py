@@ -30,20 +30,13 @@ from pathlib import Path
 
 from lrkp_tsl.lab import Lab
 from lrkp_tsl.media import Endpoint
-from lrkp_tsl.pairlab import INTERNAL_VIP, Pair
+from lrkp_tsl.pairlab import INTERNAL_VIP
 from tests.netns.calls import Stream, burst
 from tests.netns.daemon import Controller, Node, set_command
 from tests.netns.helpers import Peers
-from tests.netns.redis_helpers import RedisServer
-from tests.netns.test_pair import CONTROL, HOSTS, RATE, node_args, wait_log
+from tests.netns.test_pair import CONTROL, RATE, Members, running_pair, wait_log
 
 OTHER = {"relay": "relay2", "relay2": "relay"}
-
-
-def start_node(lab: Lab, host: str, redis: dict[str, RedisServer], state: Path | None) -> Node:
-    node = Node(lab, host, *node_args(redis[host], redis[OTHER[host]]), state=state)
-    wait_log(node, "node up", 20)
-    return node
 
 
 def s_body(index: int, verb: str = "S") -> bytes:
@@ -52,11 +45,9 @@ def s_body(index: int, verb: str = "S") -> bytes:
                        "10.201.1.11", 4000, port, port, 6000, f"lag-{index}@bench")  # fmt: skip
 
 
-def takeover_run(
-    lab: Lab, pair: Pair, nodes: dict[str, Node], redis: dict[str, RedisServer],
-    active: str, run: int,
-) -> dict[str, float]:  # fmt: skip
+def takeover_run(lab: Lab, members: Members, active: str, run: int) -> dict[str, float]:
     standby = OTHER[active]
+    pair, nodes = members.keepalived, members.nodes
     with Peers(lab) as peers:
         client = Controller(lab, "sip", "10.201.1.5")
         caller, callee = peers("c", 4000 + run), peers("b", 6000 + run)
@@ -81,8 +72,8 @@ def takeover_run(
             stream.stop()
     nodes[active].stop(signal.SIGKILL)
     pair.recover(active)
-    nodes[active] = start_node(lab, active, redis, nodes[active].state)
-    wait_log(nodes[active], "following: the active node's table loaded", 10)
+    returning = members.start_node(active, state=nodes[active].state)
+    wait_log(returning, "following: the active node's table loaded", 10)
     return {
         "vips_moved_s": vips,
         "gap_ab_s": streams[0].longest_gap(),
@@ -153,38 +144,17 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench: needs root (network namespaces)", file=sys.stderr)
         return 1
-    with Lab() as lab:
-        redis = {host: RedisServer(lab, host, ip) for host, ip in HOSTS.items()}
-        pair = Pair(lab)
-        nodes: dict[str, Node] = {}
-        try:
-            for server in redis.values():
-                server.start()
-            pair.start(first="relay")
-            nodes["relay"] = start_node(lab, "relay", redis, None)
-            wait_log(nodes["relay"], "active: this node holds", 5)
-            nodes["relay2"] = start_node(lab, "relay2", redis, None)
-            wait_log(nodes["relay2"], "following: the active node's table loaded", 10)
-            runs = []
-            active = "relay"
-            for run in range(args.runs):
-                result = takeover_run(lab, pair, nodes, redis, active, run)
-                runs.append(result)
-                print(f"takeover {run + 1}: {active} -> {OTHER[active]}: " + ", ".join(
-                    f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in result.items()))  # fmt: skip
-                active = OTHER[active]
-            lag = replication_lag(lab, nodes[OTHER[active]], args.rate, args.seconds)
-        finally:
-            for node in nodes.values():
-                node.stop(signal.SIGKILL)
-            pair.close()
-            for server in redis.values():
-                server.stop()
-                server.remove()
-            for host in (*HOSTS, "nat"):
-                lab.run(host, "nft", "delete", "table", "ip", "lrkp", check=False)
-                lab.run(host, "iptables-nft", "-t", "raw", "-F", check=False)
+    with Lab() as lab, running_pair(lab) as members:
+        runs = []
+        active = "relay"
+        for run in range(args.runs):
+            result = takeover_run(lab, members, active, run)
+            runs.append(result)
+            print(f"takeover {run + 1}: {active} -> {OTHER[active]}: " + ", ".join(
+                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in result.items()))  # fmt: skip
+            active = OTHER[active]
+        lag = replication_lag(lab, members.nodes[OTHER[active]], args.rate, args.seconds)
     gaps = sorted(max(r["gap_ab_s"], r["gap_ba_s"]) for r in runs)
     lost = sorted(max(r["lost_ab"], r["lost_ba"]) for r in runs)
     summary = {

@@ -10,6 +10,7 @@ down, mid-call.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -90,8 +91,10 @@ class Members:
         return node
 
 
-@pytest.fixture
-def members(lab: Lab) -> Iterator[Members]:
+@contextlib.contextmanager
+def running_pair(lab: Lab) -> Iterator[Members]:
+    """Both Redis servers, keepalived (relay first: it holds the VIPs) and both nodes; all
+    stopped, and the namespaces cleared, at the end."""
     redis = {host: RedisServer(lab, host, ip) for host, ip in HOSTS.items()}
     pair = Pair(lab)
     made = Members(lab, pair, redis, {}, [])
@@ -115,6 +118,12 @@ def members(lab: Lab) -> Iterator[Members]:
             lab.run(host, "nft", "delete", "table", "ip", TABLE, check=False)
             lab.run(host, "iptables-nft", "-t", "raw", "-F", check=False)
             lab.run(host, "conntrack", "-F", check=False)
+
+
+@pytest.fixture
+def members(lab: Lab) -> Iterator[Members]:
+    with running_pair(lab) as made:
+        yield made
 
 
 def endpoint(sdp: Sdp) -> Endpoint:
