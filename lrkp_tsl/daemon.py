@@ -135,22 +135,41 @@ async def run_pair(
     stop: asyncio.Event,
     cleanup: list[tuple[str, Callable[[], Any]]],
 ) -> None:
-    """Watch the VIPs; follow the active node while this one is standby (pair.py)."""
+    """Watch the VIPs; follow the active node while this one is standby (pair.py).
+
+    What the following thread reads is applied in order by one task (`applying`): a whole
+    table in steps, one event-loop turn each, so the role check keeps running meanwhile.
+    """
     assert config.pair_redis is not None and config.pair_peer_redis is not None
     loop = asyncio.get_running_loop()
+    pending: asyncio.Queue[dict[str, StoredCall] | list[tuple[str, StoredCall | None]]]
+    pending = asyncio.Queue()
 
-    def apply_all(records: dict[str, StoredCall]) -> None:
-        if engine.active:
-            return  # promoted meanwhile: its own table is the truth now
-        ok, changed = server.guarded("follow", engine.follow_all, records, time.monotonic())
-        if not ok:
-            following.resync.set()
-        else:
-            log.info("following: the active node's table loaded (%s calls changed)", changed)
+    async def applying() -> None:
+        while True:
+            item = await pending.get()
+            if engine.active:
+                continue  # promoted meanwhile: its own table is the truth now
+            if isinstance(item, dict):
+                await apply_all(item)
+            else:
+                apply(item)
+
+    async def apply_all(records: dict[str, StoredCall]) -> None:
+        changed = 0
+        steps = engine.follow_all_steps(records, time.monotonic())
+        while not engine.active:
+            ok, step = server.guarded("follow", next, steps, None)
+            if not ok:
+                following.resync.set()
+                return
+            if step is None:
+                log.info("following: the active node's table loaded (%d calls changed)", changed)
+                return
+            changed = step
+            await asyncio.sleep(0)
 
     def apply(batch: list[tuple[str, StoredCall | None]]) -> None:
-        if engine.active:
-            return
         now = time.monotonic()
         for call_id, record in batch:
             ok, _ = server.guarded("follow", engine.follow, call_id, record, now)
@@ -158,8 +177,12 @@ async def run_pair(
                 following.resync.set()
                 return
 
-    following = Following(Follower(config.pair_redis), apply_all, apply, wall_offset, loop)
+    following = Following(
+        Follower(config.pair_redis), pending.put_nowait, pending.put_nowait, wall_offset, loop
+    )
     cleanup.append(("following", following.join))
+    applier = asyncio.create_task(applying())
+    cleanup.append(("following applier", applier.cancel))
     role = RoleWatch(
         tuple(config.relay_addrs), engine, replicated, following, config.pair_peer_redis
     )

@@ -875,14 +875,28 @@ class Engine:
         """Standby: the active node's whole table (at start, or after a full resync).
         Only what differs is changed; returns how many calls changed."""
         changed = 0
-        for call_id in [c.call_id for c in self.table if c.call_id not in records]:
+        for step in self.follow_all_steps(records, now):
+            changed = step
+        return changed
+
+    def follow_all_steps(self, records: dict[str, StoredCall], now: float) -> Iterator[int]:
+        """`follow_all` in steps of RECONCILE_CHUNK changes; yields how many so far, so the
+        caller lets the event loop run in between (a joining standby with 50k calls to add
+        must still notice a takeover)."""
+        gone = [c.call_id for c in self.table if c.call_id not in records]
+        differ = [i for i, record in records.items() if self.table.get(i) != record.call]
+        changed = 0
+        for call_id in gone:
             self.follow(call_id, None, now)
             changed += 1
-        for call_id, record in records.items():
-            if self.table.get(call_id) != record.call:
-                self.follow(call_id, record, now)
-                changed += 1
-        return changed
+            if changed % RECONCILE_CHUNK == 0:
+                yield changed
+        for call_id in differ:
+            self.follow(call_id, records[call_id], now)
+            changed += 1
+            if changed % RECONCILE_CHUNK == 0:
+                yield changed
+        yield changed
 
     def promote(self, now: float) -> None:
         """This node took the VIPs: answer commands, learn, end calls.

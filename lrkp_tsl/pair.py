@@ -93,9 +93,11 @@ class ReplicatedStore:
         log.info("replication: published the whole table (%d calls)", len(records))
 
     def check(self, calls: int) -> None:
-        """Active: republish everything if Redis missed changes or lost its table."""
+        """Active: republish everything if Redis missed changes or lost its table. The
+        quick size query first (short timeout): a hung Redis costs that, not a reset's."""
         try:
-            if not self.publisher.needs_reset and self.publisher.size() != calls:
+            size = self.publisher.size()
+            if not self.publisher.needs_reset and size != calls:
                 log.warning("replication: Redis holds a different table; republishing")
                 self.publisher.needs_reset = True
             if self.publisher.needs_reset:
@@ -105,9 +107,13 @@ class ReplicatedStore:
             self._failed(error)
 
     def _publish(self, write: Callable[[], None]) -> None:
+        """One change to Redis, unless Redis needs the whole table anyway: then the next
+        `check` (within CONSISTENCY_INTERVAL) publishes it. Never on a command's path: a
+        hung Redis would hold every command for the reset's timeout."""
+        if self.publisher.needs_reset:
+            self.count("replication.deferred")
+            return
         try:
-            if self.publisher.needs_reset:
-                self.publish_all()
             write()
             self._failing = False
         except ReplicationError as error:

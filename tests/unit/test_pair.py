@@ -76,7 +76,9 @@ def test_the_active_publishes_and_a_standby_does_not(tmp_path: Path) -> None:
     replicated.put(call("c1", 20000), None)
     assert publisher.table == {} and len(replicated.load()) == 1
     active[0] = True
-    replicated.put(call("c2", 20100), None)  # first write: the whole table, then the change
+    replicated.put(call("c2", 20100), None)  # Redis needs the whole table: deferred...
+    assert publisher.table == {}
+    replicated.check(calls=2)  # ...to the periodic check, never on a command's path
     assert set(publisher.table) == {"c1", "c2"} and publisher.resets == 1
     replicated.delete("c1")
     assert set(publisher.table) == {"c2"}
@@ -84,11 +86,12 @@ def test_the_active_publishes_and_a_standby_does_not(tmp_path: Path) -> None:
 
 def test_a_redis_outage_never_fails_a_command_and_is_made_good(tmp_path: Path) -> None:
     replicated, publisher, counted = store(tmp_path, [True])
+    replicated.check(calls=0)
     replicated.put(call("c1", 20000), None)
     publisher.down = True
     replicated.put(call("c2", 20100), None)  # no exception: the command succeeds
-    replicated.delete("c1")
-    assert counted == ["error.replication", "error.replication"]
+    replicated.delete("c1")  # Redis needs the whole table now: not retried per command
+    assert counted == ["error.replication", "replication.deferred"]
     assert [s.call.call_id for s in replicated.load()] == ["c2"]
     publisher.down = False
     replicated.check(calls=1)  # the periodic check republishes what Redis missed
@@ -97,6 +100,7 @@ def test_a_redis_outage_never_fails_a_command_and_is_made_good(tmp_path: Path) -
 
 def test_a_redis_restarted_empty_is_refilled_by_the_check(tmp_path: Path) -> None:
     replicated, publisher, _ = store(tmp_path, [True])
+    replicated.check(calls=0)
     replicated.put(call("c1", 20000), None)
     publisher.table.clear()  # Redis restarted without persistence
     replicated.check(calls=1)
