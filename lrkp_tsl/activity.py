@@ -34,9 +34,6 @@ class Activity:
         """Since when the call has had no live stream; None while it has one."""
         return self._quiet.get(call_id)
 
-    def live_keys(self, call_id: str) -> frozenset[StreamKey]:
-        return frozenset(self._live.get(call_id, ()))
-
     def quiet(self, call_id: str, since: float) -> None:
         """Treat the call as quiet since `since` (a new call, or one whose state is
         unknown: restored after a restart, or after lost events)."""

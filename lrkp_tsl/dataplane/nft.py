@@ -241,10 +241,6 @@ class NftTable:
         self.transaction(additions, what)
         return missing
 
-    def remove(self, call_id: str, flows: Sequence[Flow | InstalledFlow]) -> int:
-        """Remove `flows`; returns how many elements were already missing."""
-        return self.change(call_id, delete=flows)
-
     def install(self, calls: Iterable[tuple[str, Iterable[Flow], Iterable[Endpoint]]]) -> None:
         """Add the flows and learning endpoints of many calls, INSTALL_BATCH elements per
         transaction. Adding an element that exists with the same data changes nothing."""
