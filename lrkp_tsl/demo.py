@@ -106,6 +106,7 @@ class CallState:
     latched: dict[Endpoint, Endpoint] = field(default_factory=dict)  # relay -> sender
     learning: set[Endpoint] = field(default_factory=set)
     node_said: str = ""  # the node's "removed: ..." reason
+    node_summary: str = ""  # what else the node logged about the call as it ended
     error: str = ""
 
     @property
@@ -296,9 +297,11 @@ def start_node(lab: Lab) -> Node:
     return node
 
 
-def removals(output: str) -> dict[str, str]:
-    """Call-ID -> why the node removed it, from the node's log."""
-    return dict(re.findall(r"\[([^\]]+)\] removed: (.*)$", output, re.MULTILINE))
+def removals(output: str) -> dict[str, tuple[str, str]]:
+    """Call-ID -> (why the node removed it, the rest of its line: the node's own summary of
+    the call where it logs one), from the node's log."""
+    found = re.findall(r"\[([^\]]+)\] removed: ([^;\n]*)(?:; ([^\n]*))?$", output, re.MULTILINE)
+    return {call_id: (why, rest) for call_id, why, rest in found}
 
 
 def run_story(lab: Lab, workdir: Path, node: Node, plans: list[Plan], board: Board) -> None:
@@ -339,7 +342,7 @@ def run_story(lab: Lab, workdir: Path, node: Node, plans: list[Plan], board: Boa
                 said = removals(node.output())
                 for state in calls:
                     if state.state == "hung up" and state.call_id in said:
-                        state.node_said = said[state.call_id]
+                        state.node_said, state.node_summary = said[state.call_id]
                         state.removed_at = now
                         state.state = "removed"
                         board.event(state, "removed by the node")

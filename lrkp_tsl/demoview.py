@@ -196,6 +196,8 @@ def _ending(call: CallState) -> list[str]:
             f"             the node removed it {call.removed_at - call.hung_up_at:.1f} s later: "
             f"{call.node_said} (Kamailio 5.6 sends no D)"
         )
+    if call.node_summary:
+        lines.append(f"  node said  {call.node_summary}")
     return lines
 
 
