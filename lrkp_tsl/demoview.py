@@ -60,6 +60,7 @@ class Board:
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
         if not self.live:
+            self.console.print(Text.from_markup(INTRO), soft_wrap=True)
             self.console.print(Text("calls placed; one line per event (no terminal for a view)"))
             yield
             return
