@@ -78,7 +78,14 @@ class Board:
 
     def _render(self) -> Group:
         table = Table(expand=True, title="calls", title_justify="left")
-        for column in ("#", "call", "state", "caller -> callee", "callee -> caller", "latched"):
+        for column in (
+            "#",
+            "call",
+            "state",
+            "caller -> callee\n[dim]received/sent[/dim]",
+            "callee -> caller\n[dim]received/sent[/dim]",
+            "latched: sender -> relay port",
+        ):
             table.add_column(column, no_wrap=column in ("#", "state"))
         for call in self.calls:
             table.add_row(
@@ -92,12 +99,11 @@ class Board:
         live = sum(1 for c in self.calls if c.state in ("talking", "hung up"))
         kernel = self.kernel
         lines = Text.from_markup(
-            f"calls live in the node: [b]{live}[/b]    "
-            f"packets relayed by the kernel (conntrack): [b green]"
-            f"{kernel.relayed if kernel else 0}[/b green]    "
-            f"seen by userspace (NFQUEUE, nft counter `queued`): [b yellow]"
-            f"{kernel.queued if kernel else 0}[/b yellow]    "
-            f"dropped, no call: {kernel.dropped if kernel else 0}"
+            f"calls live in the node: [b]{live}[/b]    packets relayed by the kernel "
+            f"(conntrack counters): [b green]{kernel.relayed if kernel else 0}[/b green]\n"
+            f"of which first went up to the node (NFQUEUE, `queued`): [b yellow]"
+            f"{kernel.queued if kernel else 0}[/b yellow]    dropped, no call "
+            f"(`unknown_dropped`): {kernel.dropped if kernel else 0}"
         )
         bar = ProgressBar(total=self.total, completed=min(self.elapsed, self.total))
         return Group(
@@ -121,7 +127,9 @@ def _latched(call: CallState) -> str:
     for who, relay in ((call.plan.caller, call.relays[0]), (call.plan.callee, call.relays[1])):
         sender = call.latched.get(relay)
         if sender is not None:
-            parts.append(f"{who} {sender} -> {relay}")
+            learned = call.sdp is not None and sender not in call.sdp
+            note = " [yellow](learned: NAT)[/yellow]" if learned else ""
+            parts.append(f"{who} {sender} -> :{relay.port}{note}")
         elif relay in call.learning:
             parts.append(f"{who} learning on {relay}")
     return "\n".join(parts) or "-"
