@@ -297,6 +297,24 @@ def start_node(lab: Lab) -> Node:
     return node
 
 
+NODE_EVENTS = {
+    "relaying": "Kamailio sent S; the node committed it to the kernel: {}",
+    "learned": "the node learned where a party behind NAT really is, from its first packet: {}",
+    "relearned": "the node re-latched (NAT rebinding): {}",
+}
+
+
+def narrate(output: str, calls: list[CallState], board: Board, told: set[str]) -> None:
+    """The node's own log lines about the demo's calls, shown as events once each."""
+    by_id = {call.call_id: call for call in calls if call.call_id}
+    for line in output.splitlines():
+        found = re.search(r"\[([^\]]+)\] (relaying|learned|relearned):? (.*)$", line)
+        if found and line not in told and found.group(1) in by_id:
+            told.add(line)
+            text = NODE_EVENTS[found.group(2)].format(found.group(3).split(", idle")[0])
+            board.event(by_id[found.group(1)], text)
+
+
 def removals(output: str) -> dict[str, tuple[str, str]]:
     """Call-ID -> (why the node removed it, the rest of its line: the node's own summary of
     the call where it logs one), from the node's log."""
@@ -312,6 +330,7 @@ def run_story(lab: Lab, workdir: Path, node: Node, plans: list[Plan], board: Boa
     with lab.inside(RELAY):
         conntrack, reader = ConntrackTable(), SetReader()
     running: list[Running] = []
+    told: set[str] = set()  # node log lines already shown as events
     waiting = list(zip(plans, calls, strict=True))
     begin = time.monotonic()
     next_poll = next_kernel = begin
@@ -339,13 +358,15 @@ def run_story(lab: Lab, workdir: Path, node: Node, plans: list[Plan], board: Boa
                     ):
                         call.close()
                         running.remove(call)
-                said = removals(node.output())
+                output = node.output()
+                narrate(output, calls, board, told)
+                said = removals(output)
                 for state in calls:
                     if state.state == "hung up" and state.call_id in said:
                         state.node_said, state.node_summary = said[state.call_id]
                         state.removed_at = now
                         state.state = "removed"
-                        board.event(state, "removed by the node")
+                        board.event(state, f"the node removed it: {state.node_said}")
                     elif state.state == "hung up" and now - (state.hung_up_at or now) > IDLE + 10:
                         state.state = "failed"
                         state.error = "the node never removed it"
