@@ -405,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     if (problem := preflight()) is not None:
         print(problem, file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # even if started with SIGINT ignored
+        signal.signal(signum, _interrupt)
     plans = story(args.short)
     board = Board(live=not args.plain, total=plans[-1].start + plans[-1].talk + IDLE + 3)
     workdir = Path(tempfile.mkdtemp(prefix="lrkp-demo-"))
@@ -414,24 +415,27 @@ def main(argv: list[str] | None = None) -> int:
         with Lab() as lab:
             board.say(f"lab {lab.tag}: namespaces built (relay, sip, phones a b c x m, NAT box)")
             node = start_node(lab)
-            board.say(
-                f"node up in `relay`: internal {address(RELAY, 'int')}, external "
-                f"{address(RELAY, 'ext')}, relay ports {PORTS}, idle timeout {IDLE:g} s"
-            )
-            with harness.kamailio(lab, workdir / "kamailio", [CONTROL]):
-                board.say("Kamailio 5.6 up in `sip` (examples/kamailio.cfg, lrkproxy -> node)")
-                with board.running():
-                    run_story(lab, workdir, node, plans, board)
-            node.stop()
+            try:  # the node stops cleanly (flushing its state) before the lab goes
+                board.say(
+                    f"node up in `relay`: internal {address(RELAY, 'int')}, external "
+                    f"{address(RELAY, 'ext')}, relay ports {PORTS}, idle timeout {IDLE:g} s"
+                )
+                with harness.kamailio(lab, workdir / "kamailio", [CONTROL]):
+                    board.say("Kamailio 5.6 up in `sip` (examples/kamailio.cfg, lrkproxy -> node)")
+                    with board.running():
+                        run_story(lab, workdir, node, plans, board)
+            finally:
+                node.stop()
         calls = board.calls
         render_summary(board, calls, node.output() if node else "")
         return 0 if calls and all(c.both_ways and c.state == "removed" for c in calls) else 1
     except KeyboardInterrupt:
         print("\ninterrupted: the lab is torn down", file=sys.stderr)
         return 130
+    except (RuntimeError, TimeoutError) as error:  # a part of the lab did not come up
+        print(f"make run: {error}\nthe lab is torn down", file=sys.stderr)
+        return 1
     finally:
-        if node is not None:
-            node.stop()
         shutil.rmtree(workdir, ignore_errors=True)
         if node is not None:
             shutil.rmtree(node.state, ignore_errors=True)
