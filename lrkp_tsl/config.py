@@ -368,7 +368,7 @@ def read(path: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
 def _shown(value: Any) -> str:
     """A value as an operator writes it in the file (not a Python repr)."""
     if value is None:
-        return "(not set)"
+        return "none"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, Policy):
