@@ -95,7 +95,7 @@ def _prefixed(stats: dict[str, int], prefix: str) -> Iterator[tuple[str, int]]:
 
 
 def _label(text: str) -> str:
-    return text.replace("-", "_")
+    return text.replace("-", "_").replace(".", "_")
 
 
 # Latching outcomes: the engine's `packets.<event>` keys (session.PacketEvent, and what the

@@ -4,7 +4,9 @@ with prometheus_client's own parser; and the command-latency histogram."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -108,3 +110,15 @@ def test_a_scrape_reads_the_engine_on_the_loop_thread() -> None:
 
     assert asyncio.run(main()).calls == 3
     assert seen == [threading.main_thread().ident]
+
+
+def test_docs_describe_every_metric_and_no_other() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    documented = set(re.findall(r"^\| `(lrkp_[a-z_]+)` \|", doc, re.MULTILINE))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(snapshot, lambda: {"relayed": (1, 1)}))
+    exposed = {family.name for family in registry.collect()}
+    # prometheus_client names a counter family without its _total suffix
+    types = {family.name: family.type for family in registry.collect()}
+    exposed = {name + ("_total" if types[name] == "counter" else "") for name in exposed}
+    assert documented == exposed
