@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -33,14 +31,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from lrkp_tsl.engine import Engine
 from lrkp_tsl.latency import Latency
-
-log = logging.getLogger("lrkp_tsl.metrics")
 
 PREFIX = "lrkp"
 # How long a scrape waits for the event loop before it fails (a stalled loop is news).
 LOOP_TIMEOUT = 5.0
-# nft counters of rules/lrkp.nft: name -> (metric, label value).
+# Drop counters of rules/lrkp.nft: nft counter name -> `reason` label.
 KERNEL_DROPS = {
     "unknown_dropped": "unknown",
     "displaced_dropped": "displaced",
@@ -61,7 +58,7 @@ class Snapshot:
     latency: Latency
 
 
-def take_snapshot(engine: Any, latency: Latency, ports_total: int) -> Snapshot:
+def take_snapshot(engine: Engine, latency: Latency, ports_total: int) -> Snapshot:
     """On the event loop only: O(stats keys + calls holding a first packet)."""
     return Snapshot(
         dict(engine.stats),
@@ -271,7 +268,7 @@ class Exporter:
     def __init__(
         self,
         listen: tuple[str, int],
-        engine: Any,
+        engine: Engine,
         latency: Latency,
         ports_total: int,
         loop: asyncio.AbstractEventLoop,
