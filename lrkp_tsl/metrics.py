@@ -29,6 +29,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from lrkp_tsl.engine import Engine
@@ -285,6 +286,7 @@ class Exporter:
         )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
+        ProcessCollector(registry=self.registry)  # process_*: CPU, memory, descriptors
         host, port = listen
         try:
             self._server, self._thread = start_http_server(port, host, self.registry)

@@ -64,6 +64,7 @@ def test_metrics_follow_a_call_from_set_up_to_delete(
     assert value(before, "lrkp_sessions") == 0
     assert value(before, "lrkp_ports_free") == 2000 and value(before, "lrkp_ports_used") == 0
     assert value(before, "lrkp_kernel_table_present") == 1
+    assert value(before, "process_resident_memory_bytes") > 0
     # The caller is behind NAT: its address is learned from its first packet.
     caller, callee = peers("c", 4900), peers("b", 6900)
     call = Call(kamailio, caller, callee, 21000, "metrics@lab")
