@@ -12,6 +12,7 @@ PACKAGES=(
   kamailio sip-tester                       # the controlling layer and SIP peer for e2e tests
   redis-server                              # pair mode: the call table's replication feed
   keepalived                                # pair mode: VRRP moves the relay and control VIPs
+  systemd                                   # systemd-analyze verify checks packaging/lrkp-tsl.service
 )
 # redis-server: on a host running systemd, Debian starts and enables its own instance
 # (127.0.0.1:6379, /var/lib/redis) at install. It is left alone here: on a pair node it is
