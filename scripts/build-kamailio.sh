@@ -82,8 +82,9 @@ done
 
 log "building $(basename "$tarball") into $prefix (modules: $MODULES)"
 start=$(date +%s)
-rm -rf "$prefix"
-work=$(mktemp -d "$cache/build.XXXXXX")
+# Under the lock, anything left by an earlier, killed build of this tarball is garbage.
+rm -rf "$prefix" "$prefix".build.*
+work=$(mktemp -d "$prefix.build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 tar -xJf "$tarball" -C "$work"
 top=$(find "$work" -mindepth 1 -maxdepth 1 -type d | head -n 1)
