@@ -111,7 +111,12 @@ def test_bye_sends_d_and_the_kernel_state_is_gone_at_once(
 
 
 @pytest.mark.parametrize(
-    ("uac", "uas"), [("uac_cancel.xml", "uas_cancel.xml"), ("uac_486.xml", "uas_486.xml")]
+    ("uac", "uas"),
+    [
+        ("uac_cancel.xml", "uas_cancel.xml"),  # CANCEL before the answer
+        ("uac_486.xml", "uas_486.xml"),  # a failure reply
+        ("uac_408.xml", "uas_silent.xml"),  # no reply at all: tm's 408, the failure route
+    ],
 )
 def test_d_for_a_call_that_never_got_its_s_changes_nothing(
     lab: Lab, node: Node, kamailio6: KamailioBuild, tmp_path: Path, uac: str, uas: str
