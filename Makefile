@@ -31,10 +31,11 @@ test: deps kamailio
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # Kamailio 6.x for the e2e suite: built once per machine into a cache outside the clone,
-# keyed by the source tarball's hash (docs/kamailio.md). No tarball: the 6.x tests skip,
-# except in CI (CI=true), where that is an error.
+# keyed by the source tarball's hash (docs/kamailio.md). No tarball: a loud warning, and the
+# 6.x tests skip with that reason (set LRKP_KAMAILIO_SRC); a failed build is always an error.
 kamailio: deps
-	@scripts/build-kamailio.sh >/dev/null || { rc=$$?; [ $$rc -eq 3 ] && [ -z "$$CI" ] || exit $$rc; }
+	@scripts/build-kamailio.sh >/dev/null || { rc=$$?; [ $$rc -eq 3 ] || exit $$rc; \
+	  echo "WARNING: no Kamailio 6.x source tarball; the 6.x e2e tests will SKIP (set LRKP_KAMAILIO_SRC)" >&2; }
 
 unit: deps
 	$(VPY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -10,7 +10,8 @@
 # and is redone from scratch. A second caller waits on a lock instead of building twice.
 #
 # Source: $LRKP_KAMAILIO_SRC, a kamailio-*.tar.xz or a directory holding one; default
-# ../shared/vendor/kamailio next to the main clone (found through git, so worktrees work too).
+# ../shared/vendor/kamailio next to the clone, or next to the main clone (found through git,
+# so worktrees work too), or /work/shared/vendor/kamailio.
 #
 # Output: the install prefix on stdout (bin in sbin/, modules under lib*/kamailio/modules/);
 # progress on stderr. Exit 3: no tarball found (the caller decides: skip locally, fail in CI).
@@ -26,11 +27,16 @@ default_src() {
   # The main clone's parent holds shared/; for a worktree, git's common dir names the main clone.
   local common
   common=$(git -C "$repo" rev-parse --path-format=absolute --git-common-dir 2>/dev/null || true)
-  if [ -n "$common" ] && [ -d "$(dirname "$common")/../shared/vendor/kamailio" ]; then
-    echo "$(dirname "$common")/../shared/vendor/kamailio"
-  else
-    echo "$repo/../shared/vendor/kamailio"
-  fi
+  # A clone elsewhere (CI clones into a scratch directory) falls back to the workplace's copy.
+  local candidate
+  for candidate in "$repo/../shared/vendor/kamailio" \
+    ${common:+"$(dirname "$common")/../shared/vendor/kamailio"} /work/shared/vendor/kamailio; do
+    if [ -d "$candidate" ]; then
+      echo "$candidate"
+      return
+    fi
+  done
+  echo "$repo/../shared/vendor/kamailio"
 }
 
 src=${LRKP_KAMAILIO_SRC:-$(default_src)}
