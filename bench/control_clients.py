@@ -66,8 +66,18 @@ def fill(client: Controller, first: int, last: int) -> None:
         pending.discard(cookie)
 
 
-def pairs(lab: Lab, clients: int, base: int, seconds: float) -> tuple[float, list[float]]:
-    """`clients` closed loops of S then D for `seconds`: pairs/s, and every S round trip."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (the node's own cost, whatever the noise
+    of other processes on the machine does to wall-clock rates)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pairs(
+    lab: Lab, clients: int, base: int, seconds: float, pid: int
+) -> tuple[float, list[float], float]:
+    """`clients` closed loops of S then D for `seconds`: pairs/s, every S round trip, and
+    the node's CPU time per pair (µs)."""
     controllers = [Controller(lab, "relay", "127.0.0.1") for _ in range(clients)]
     counts = [0] * clients
     rtts: list[list[float]] = [[] for _ in range(clients)]
@@ -92,13 +102,16 @@ def pairs(lab: Lab, clients: int, base: int, seconds: float) -> tuple[float, lis
     time.sleep(0.5)  # warm-up, not counted
     warm = sum(counts)
     mid = time.perf_counter()
+    cpu = cpu_seconds(pid)
     for thread in threads:
         thread.join()
     total = sum(counts) - warm
+    cpu = cpu_seconds(pid) - cpu
     del began
     for client in controllers:
         client.close()
-    return total / (time.perf_counter() - mid), [r for per in rtts for r in per]
+    rate = total / (time.perf_counter() - mid)
+    return rate, [r for per in rtts for r in per], 1e6 * cpu / max(1, total)
 
 
 def main() -> int:
@@ -142,8 +155,9 @@ def main() -> int:
                     "s_rtt_p99_ms": 1000 * ordered[int(0.99 * len(ordered))],
                 }
                 for count in client_counts:
-                    rate, _ = pairs(lab, count, base, args.seconds)
+                    rate, _, cpu = pairs(lab, count, base, args.seconds, node.proc.pid)
                     row[f"pairs_per_s_{count}_clients"] = rate
+                    row[f"node_cpu_us_per_pair_{count}_clients"] = cpu
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         finally:

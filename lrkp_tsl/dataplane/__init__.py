@@ -14,10 +14,11 @@ from pathlib import Path
 
 from lrkp_tsl.dataplane import sysctl
 from lrkp_tsl.dataplane.conntrack import ConntrackTable
-from lrkp_tsl.dataplane.nft import NftTable
+from lrkp_tsl.dataplane.nft import ElementChange, NftTable
 from lrkp_tsl.dataplane.probe import KernelFeatures, probe_kernel
 from lrkp_tsl.defaults import DEFAULT_RULES
-from lrkp_tsl.kernel import KernelState, KernelView, StreamKey
+from lrkp_tsl.errors import KernelError
+from lrkp_tsl.kernel import KernelChange, KernelState, KernelView, StreamKey
 from lrkp_tsl.media import CallMedia, Endpoint, InstalledFlow, PortRange
 
 log = logging.getLogger("lrkp_tsl.dataplane")
@@ -72,6 +73,21 @@ class DataPlane:
             learn=after.learning - before.learning,
             unlearn=before.learning - after.learning,
             displace=displace,
+        )
+
+    def change_many(self, changes: Sequence[KernelChange]) -> list[KernelError | None]:
+        return self.nft.change_many(
+            [
+                ElementChange(
+                    call_id,
+                    add=after.flows - before.flows,
+                    delete=before.flows - after.flows,
+                    learn=after.learning - before.learning,
+                    unlearn=before.learning - after.learning,
+                    displace=displace,
+                )
+                for call_id, before, after, displace in changes
+            ]
         )
 
     def install(self, views: Iterable[tuple[str, KernelView]]) -> None:

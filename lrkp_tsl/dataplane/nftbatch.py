@@ -79,23 +79,36 @@ def _nested(kind: int, payload: bytes) -> bytes:
     return attr(kind | NLA_F_NESTED, payload)
 
 
-def _value(kind: int, raw: bytes) -> bytes:
-    return _nested(kind, attr(NFTA_DATA_VALUE, raw))
-
-
 def comment_udata(comment: str) -> bytes:
     text = comment.encode()[:254] + b"\0"
     return bytes((NFTNL_UDATA_SET_ELEM_COMMENT, len(text))) + text
 
 
-def element(key: bytes, data: bytes | None = None, comment: str | None = None) -> bytes:
-    """One NFTA_LIST_ELEM: key, data (maps), comment."""
-    body = _value(NFTA_SET_ELEM_KEY, key)
+_HEADER = struct.Struct("=HH")
+
+
+def _value_head(kind: int, size: int) -> bytes:
+    """The 8 header bytes of `kind { NFTA_DATA_VALUE (size bytes) }` (size a multiple of 4)."""
+    return _HEADER.pack(8 + size, kind | NLA_F_NESTED) + _HEADER.pack(4 + size, NFTA_DATA_VALUE)
+
+
+_KEY_HEADS = {size: _value_head(NFTA_SET_ELEM_KEY, size) for size in (8, 16)}
+_DATA_HEADS = {size: _value_head(NFTA_SET_ELEM_DATA, size) for size in (8, 16)}
+
+
+def comment_attr(comment: str) -> bytes:
+    """NFTA_SET_ELEM_USERDATA holding `comment` ("" for none): encoded once per call."""
+    return attr(NFTA_SET_ELEM_USERDATA, comment_udata(comment)) if comment else b""
+
+
+def element(key: bytes, data: bytes | None = None, note: bytes = b"") -> bytes:
+    """One NFTA_LIST_ELEM: key, data (maps), `note` (a `comment_attr`). Keys and data are
+    8 or 16 bytes (the node's concatenations), so their headers are precomputed."""
+    body = _KEY_HEADS[len(key)] + key
     if data is not None:
-        body += _value(NFTA_SET_ELEM_DATA, data)
-    if comment:
-        body += attr(NFTA_SET_ELEM_USERDATA, comment_udata(comment))
-    return _nested(NFTA_LIST_ELEM, body)
+        body += _DATA_HEADS[len(data)] + data
+    body += note
+    return _HEADER.pack(4 + len(body), NFTA_LIST_ELEM | NLA_F_NESTED) + body
 
 
 @dataclass(slots=True)
@@ -268,15 +281,16 @@ def call_changes(
             messages.append(Message(owner, NFT_MSG_DELSETELEM, name, element(key), True))
     for key in unlearn:
         messages.append(Message(owner, NFT_MSG_DELSETELEM, "learning", element(key), True))
+    note = comment_attr(comment)
     dnat = b""
     snat = b""
     for key, target, relay_out in add:
-        dnat += element(key, target, comment)
-        snat += element(key, relay_out, comment)
+        dnat += element(key, target, note)
+        snat += element(key, relay_out, note)
     if dnat:
         messages.append(Message(owner, NFT_MSG_NEWSETELEM, "dnat_to", dnat))
         messages.append(Message(owner, NFT_MSG_NEWSETELEM, "snat_to", snat))
-    learning = b"".join(element(key, None, comment) for key in learn)
+    learning = b"".join(element(key, None, note) for key in learn)
     if learning:
         messages.append(Message(owner, NFT_MSG_NEWSETELEM, "learning", learning))
     displaced = b"".join(element(key) for key in displace)
