@@ -766,12 +766,23 @@ class Engine:
 
         Deletes everything the kernel may hold beyond that view (missing is fine) and
         re-adds the whole view (adding what exists is a no-op); raises KernelError if the
-        kernel still refuses, leaving the call suspect.
+        kernel still refuses, leaving the call suspect. What another call has committed
+        since at the same keys (it took the relay ports this change failed to take) is its
+        own, and is left alone.
         """
         extra = self.suspect[call_id]
         call = self.table.get(call_id)
         desired = call.view() if call is not None else EMPTY
-        stray = KernelView(extra.flows - desired.flows, extra.learning - desired.learning)
+        stray = KernelView(
+            frozenset(
+                f
+                for f in extra.flows - desired.flows
+                if not self._held_by_other(call_id, f.relay, (f.sender, f.relay))
+            ),
+            frozenset(
+                e for e in extra.learning - desired.learning if not self._held_by_other(call_id, e)
+            ),
+        )
         try:
             self.kernel.change(call_id, stray, desired)
         except KernelError:
@@ -782,6 +793,18 @@ class Engine:
         log.warning("[%s] kernel state resynchronised with the call table", call_id)
         keys = {(flow.sender, flow.relay) for flow in extra.flows | desired.flows}
         self.forget_pending |= keys
+
+    def _held_by_other(self, call_id: str, relay: Endpoint, key: StreamKey | None = None) -> bool:
+        """Whether another call's view holds this learning endpoint (key None) or flow key."""
+        owner = self.table.owner(relay)
+        other = self.table.get(owner) if owner is not None and owner != call_id else None
+        if other is None:
+            return False
+        view = other.view()
+        if key is None:
+            return relay in view.learning
+        streams = view.keys()  # a method of KernelView, not a dict's
+        return key in streams
 
     def _retry(self, now: float) -> None:
         for call_id in list(self.suspect):
