@@ -25,8 +25,9 @@ REFUSED = 2  # the call whose flow key the kernel already holds with other data
 
 def s_body(caller: Party, callee: Party, port: int, call_id: str, verb: str = "S") -> bytes:
     relay = str(INTERNAL_IP)
-    return set_command(verb, str(caller.endpoint.ip), relay, relay, str(callee.endpoint.ip),
-                       caller.endpoint.port, port, port + 2, callee.endpoint.port, call_id)  # fmt: skip
+    a, b = caller.endpoint, callee.endpoint
+    return set_command(verb, str(a.ip), relay, relay, str(b.ip), a.port, port, port + 2, b.port,
+                       call_id)  # fmt: skip
 
 
 @contextlib.contextmanager
