@@ -256,12 +256,6 @@ class NftTable:
                 commands, size = [], 0
         self.transaction(commands, f"installing {size} elements")
 
-    def is_seen(self, sender: Endpoint, relay: Endpoint) -> bool:
-        """True if the flow carried a packet within the guard interval (set `seen`)."""
-        key = f"{sender.ip} . {sender.port} . {relay.ip} . {relay.port}"
-        rc, _output, _error = self._text.cmd(f"get element {FAMILY} {TABLE} seen {{ {key} }}")
-        return bool(rc == 0)
-
 
 def endpoint_commands(
     verb: str, name: str, endpoints: Iterable[Endpoint], comment: str | None = None
