@@ -26,7 +26,7 @@ from netfilterqueue import Packet
 from lrkp_tsl import protocol
 from lrkp_tsl.config import Config, ControlAddress
 from lrkp_tsl.dataplane.ctevents import ConntrackEvents
-from lrkp_tsl.dataplane.queue import PacketQueue
+from lrkp_tsl.dataplane.queue import PacketQueue, unmarked
 from lrkp_tsl.dataplane.role import freebind_udp_socket
 from lrkp_tsl.engine import Engine
 from lrkp_tsl.session import Verdict
@@ -91,6 +91,7 @@ class Server:
                 continue
             try:
                 if verdict is Verdict.ACCEPT:
+                    packet.set_mark(unmarked(packet.get_mark()))
                     packet.accept()
                 else:
                     packet.drop()
