@@ -40,6 +40,9 @@ CTA_TIMEOUT_UDP_UNREPLIED = 1
 # Elements per transaction when many calls go in at once (restart, reinstall): big enough
 # to amortise the transaction, small enough to keep one failure's blast radius bounded.
 INSTALL_BATCH = 4096
+# Chains and sets of earlier releases' rules: the `unmark` chain (the node now clears the
+# queue mark in its verdict) and the `seen` set (silence is read from conntrack now).
+OBSOLETE = ((nftbatch.NFT_MSG_DELCHAIN, "unmark"), (nftbatch.NFT_MSG_DELSET, "seen"))
 _POLICY = re.compile(r"policy = \{[^}]*\}")
 
 
@@ -136,6 +139,14 @@ class NftTable:
             f"add element {FAMILY} {TABLE} relay_ports {{ {ports.start}-{ports.end} }}",
         ]
         self.run_text("\n".join(batch), f"loading {self.rules_path}")
+        self._drop_obsolete()
+
+    def _drop_obsolete(self) -> None:
+        """Remove what older rules files declared and this one no longer does (a reload keeps
+        chains and sets): an empty base chain would still cost every packet a hook."""
+        for msg_type, name in OBSOLETE:
+            if nftbatch.delete_object(self._batch, msg_type, name):
+                log.info("removed %s from table %s %s (no longer used)", name, FAMILY, TABLE)
 
     def idle_policy(self) -> int | None:
         """The `relay_idle` timeout in the kernel (seconds), or None if there is none.

@@ -131,9 +131,11 @@ class Changes:
 
 
 def encode_batch(
-    family: int, table: str, messages: Sequence[Message], seq: int
+    family: int, table: str, messages: Sequence[Message], seq: int, *, raw: bool = False
 ) -> tuple[bytes, dict[int, Message]]:
-    """BATCH_BEGIN, the messages, BATCH_END; and the message of each sequence number."""
+    """BATCH_BEGIN, the messages, BATCH_END; and the message of each sequence number.
+
+    `raw`: each message's `elements` are its whole attributes (not a set element list)."""
     parts: list[bytes] = []
     by_seq: dict[int, Message] = {}
     table_attr = attr_string(NFTA_SET_ELEM_LIST_TABLE, table)
@@ -150,7 +152,9 @@ def encode_batch(
         number += 1
         by_seq[number] = message
         attrs = (
-            table_attr
+            message.elements
+            if raw
+            else table_attr
             + attr_string(NFTA_SET_ELEM_LIST_SET, message.set_name)
             + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, message.elements)
         )
@@ -187,7 +191,9 @@ class BatchSocket:
             except BlockingIOError:
                 return data
 
-    def send(self, messages: Sequence[Message]) -> dict[int, list[tuple[Message | None, int]]]:
+    def send(
+        self, messages: Sequence[Message], *, raw: bool = False
+    ) -> dict[int, list[tuple[Message | None, int]]]:
         """Send one batch; the errors per owner, (message or None for the batch, -errno).
 
         An empty result means the batch committed. The kernel handles the whole batch
@@ -195,7 +201,7 @@ class BatchSocket:
         """
         self._drain()  # nothing of an earlier batch may be taken for this one's
         seq = self._seq + 1
-        data, by_seq = encode_batch(self.family, self.table, messages, seq)
+        data, by_seq = encode_batch(self.family, self.table, messages, seq, raw=raw)
         self._seq = (seq + len(messages) + 1) & 0x7FFFFFFF
         try:
             self._sock.sendmsg([data])
@@ -213,6 +219,25 @@ class BatchSocket:
                 owner = message.owner if message is not None else -1
                 errors.setdefault(owner, []).append((message, code))
         return errors
+
+
+NFT_MSG_DELCHAIN = 5
+NFT_MSG_DELSET = 11
+# NFTA_CHAIN_TABLE / NFTA_SET_TABLE, NFTA_CHAIN_NAME / NFTA_SET_NAME
+_OBJECT_NAMES = {NFT_MSG_DELCHAIN: (1, 3), NFT_MSG_DELSET: (1, 2)}
+
+
+def delete_object(sock: BatchSocket, msg_type: int, name: str) -> bool:
+    """Delete one chain (NFT_MSG_DELCHAIN) or set (NFT_MSG_DELSET) of the socket's table,
+    alone in its transaction; False if it did not exist. For what an older release's
+    rules file had and a reload (`flush table` keeps chains and sets) would leave behind."""
+    table_attr, name_attr = _OBJECT_NAMES[msg_type]
+    attrs = attr_string(table_attr, sock.table) + attr_string(name_attr, name)
+    errors = sock.send([Message(0, msg_type, "", attrs, deletion=True)], raw=True)
+    codes = [code for errs in errors.values() for _m, code in errs]
+    if any(code != -errno.ENOENT for code in codes):
+        raise KernelError(f"deleting {name}: nft said: {', '.join(map(strerror, codes))}")
+    return not codes
 
 
 def strerror(code: int) -> str:

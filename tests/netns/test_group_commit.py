@@ -82,7 +82,7 @@ def test_concurrent_sets_commit_together_and_a_refused_one_refuses_only_itself(l
             bodies = [s_body(callers[n], callees[n], ports[n], f"group-{n}@lab")
                       for n in range(WORKERS)]  # fmt: skip
             # Someone else's element at the refused call's caller flow key, with other data:
-            # the kernel refuses (EBUSY) any transaction that adds this key for that call.
+            # the kernel refuses (EEXIST) any transaction that adds this key for that call.
             caller = callers[REFUSED].endpoint
             key = f"{caller.ip} . {caller.port} . {INTERNAL_IP} . {ports[REFUSED] + 2}"
             element = f"ip lrkp dnat_to {{ {key} : 10.201.9.9 . 9 }}"
