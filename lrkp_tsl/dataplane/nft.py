@@ -52,7 +52,12 @@ def element_comment(call_id: str) -> str:
     The comment is for operators reading `nft list table ip lrkp`; the node's own records
     keep the exact Call-ID.
     """
-    text = "".join(c if c.isprintable() and c not in '"\\' else "_" for c in call_id)
+    if call_id.isprintable() and '"' not in call_id and "\\" not in call_id:
+        text = call_id  # the usual Call-ID: nothing to replace (per-command hot path)
+    else:
+        text = "".join(c if c.isprintable() and c not in '"\\' else "_" for c in call_id)
+    if text.isascii() and len(text) <= COMMENT_MAX:
+        return text
     return text.encode()[:COMMENT_MAX].decode(errors="ignore")
 
 

@@ -24,6 +24,7 @@ port(2) pad(2); endpoint ip(4) port(2) pad(2); the comment is libnftnl's user da
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import struct
@@ -70,6 +71,7 @@ _PORT = struct.Struct(">H2x")
 _BEGIN_RES_ID = struct.Struct(">H")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def endpoint_bytes(endpoint: Endpoint) -> bytes:
     """ip(4) port(2) pad(2): one `ipv4_addr . inet_service` in nf_tables registers."""
     return endpoint.ip.packed + _PORT.pack(endpoint.port)
