@@ -6,7 +6,7 @@ is one such worker: its own socket, a closed loop of `S` then `D` on calls of it
 node is filled to each size first (pipelined, not measured). Runs as root in a lab, the
 real daemon in the relay namespace, controlled over loopback.
 
-    .venv/bin/python bench/control_clients.py [--sizes 1000,10000] [--clients 1,4]
+    .venv/bin/python bench/control_clients.py [--sizes 1000,10000,24000] [--clients 1,4]
 """
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ CONTROL = ("127.0.0.1", 22333)
 PORTS = (1024, 65535)
 CALLS_PER_IP = (PORTS[1] - PORTS[0] + 1) // 4
 FILL_WINDOW = 64
+# Call indices: the node is filled from 0 up; each client cycles through SPAN calls of its
+# own at the top of the range (at most MAX_CLIENTS clients), so both never meet.
+MAX_CALLS = 2 * CALLS_PER_IP
+SPAN = 1000
+MAX_CLIENTS = 8
+MAX_FILL = MAX_CALLS - SPAN * MAX_CLIENTS
 
 
 def s_body(index: int, verb: str = "S") -> bytes:
@@ -73,9 +79,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def pairs(
-    lab: Lab, clients: int, base: int, seconds: float, pid: int
-) -> tuple[float, list[float], float]:
+def client_base(n: int) -> int:
+    return MAX_CALLS - SPAN * (n + 1)
+
+
+def pairs(lab: Lab, clients: int, seconds: float, pid: int) -> tuple[float, list[float], float]:
     """`clients` closed loops of S then D for `seconds`: pairs/s, every S round trip, and
     the node's CPU time per pair (µs)."""
     controllers = [Controller(lab, "relay", "127.0.0.1") for _ in range(clients)]
@@ -86,13 +94,13 @@ def pairs(
 
     def loop(n: int) -> None:
         client = controllers[n]
-        index = base + n * 4000
+        base = client_base(n)
         start.wait()
         while time.perf_counter() < stop:
+            index = base + counts[n] % SPAN
             rtts[n].append(exchange(client, s_body(index)))
             exchange(client, s_body(index, "D"))
             counts[n] += 1
-            index = base + n * 4000 + (index - base - n * 4000 + 1) % 4000
 
     threads = [threading.Thread(target=loop, args=(n,)) for n in range(clients)]
     for thread in threads:
@@ -127,6 +135,10 @@ def main() -> int:
         return 1
     sizes = sorted(int(s) for s in args.sizes.split(","))
     client_counts = [int(c) for c in args.clients.split(",")]
+    if max(sizes) > MAX_FILL or max(client_counts) > MAX_CLIENTS:
+        print(f"bench: at most {MAX_FILL} live calls and {MAX_CLIENTS} clients (two relay "
+              "IPs, 4 ports per call)", file=sys.stderr)  # fmt: skip
+        return 1
     rows = []
     with Lab() as lab:
         node = Node(lab, "relay", "--internal-ip", str(INTERNAL_IP), "--external-ip",
@@ -137,8 +149,7 @@ def main() -> int:
         try:
             node.wait_ready(CONTROL, client)
             live = 0
-            # Measured calls live above every fill index.
-            base = max(sizes) + 1000
+            base = client_base(0)
             for size in sizes:
                 fill(client, live, size)
                 live = size
@@ -146,8 +157,8 @@ def main() -> int:
                     client.sock.recv(4096)
                 rtt = []
                 for i in range(args.sample):
-                    rtt.append(exchange(client, s_body(base + i)))
-                    exchange(client, s_body(base + i, "D"))
+                    rtt.append(exchange(client, s_body(base + i % SPAN)))
+                    exchange(client, s_body(base + i % SPAN, "D"))
                 ordered = sorted(rtt)
                 row: dict[str, float] = {
                     "live": size,
@@ -155,7 +166,7 @@ def main() -> int:
                     "s_rtt_p99_ms": 1000 * ordered[int(0.99 * len(ordered))],
                 }
                 for count in client_counts:
-                    rate, _, cpu = pairs(lab, count, base, args.seconds, node.proc.pid)
+                    rate, _, cpu = pairs(lab, count, args.seconds, node.proc.pid)
                     row[f"pairs_per_s_{count}_clients"] = rate
                     row[f"node_cpu_us_per_pair_{count}_clients"] = cpu
                 rows.append(row)
