@@ -64,6 +64,8 @@ NFTA_DATA_VALUE = 1
 NFTNL_UDATA_SET_ELEM_COMMENT = 0
 
 RECV_SIZE = 1 << 16
+RCVBUF = 4 << 20
+SO_RCVBUFFORCE = 33  # linux/asm-generic/socket.h (not in Python's socket module)
 # A batch that keeps failing for a new reason on every attempt is given up (bounds a bug).
 MAX_ROUNDS = 8
 
@@ -180,7 +182,16 @@ class BatchSocket:
         except OSError as exc:
             raise KernelError(f"cannot open an nf_tables netlink socket: {exc}") from exc
         self._sock.setblocking(False)
+        # Room for the error replies of a whole group (each quotes its request); as root,
+        # past rmem_max. If they still overflow, `send` reports the batch as not committed.
+        for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, option, RCVBUF)
+                break
+            except OSError:
+                continue
         self._seq = 0
+        self._overflowed = False
 
     def close(self) -> None:
         self._sock.close()
@@ -192,6 +203,10 @@ class BatchSocket:
                 data.append(self._sock.recv(RECV_SIZE))
             except BlockingIOError:
                 return data
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self._overflowed = True  # replies were lost; the rest is still read
 
     def send(
         self, messages: Sequence[Message], *, raw: bool = False
@@ -210,7 +225,14 @@ class BatchSocket:
         except OSError as exc:
             raise KernelError(f"sending an nf_tables batch: {exc}") from exc
         errors: dict[int, list[tuple[Message | None, int]]] = {}
-        for datagram in self._drain():
+        self._overflowed = False
+        replies = self._drain()
+        if self._overflowed:
+            # Error replies were lost: there were errors, so nf_tables aborted the batch,
+            # but which message caused them is unknown. Not pinned on anyone: `commit`
+            # sends each call alone.
+            errors[-1] = [(None, -errno.ENOBUFS)]
+        for datagram in replies:
             for reply in split_messages(datagram):
                 if reply.type != NLMSG_ERROR:
                     continue

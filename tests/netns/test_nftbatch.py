@@ -3,11 +3,13 @@ reload over an older release's table."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
 from lrkp_tsl.dataplane import DataPlane
 from lrkp_tsl.dataplane.nft import ElementChange
+from lrkp_tsl.errors import KernelError
 from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_tsl.media import CallMedia, Endpoint
 from tests.netns.helpers import PORTS, Peers
@@ -79,3 +81,29 @@ def test_reload_over_an_older_table_drops_its_obsolete_chain_and_set(
     assert callee.expect(b"still") == call.callee_relay
     with lab.inside("relay"):
         dataplane.load([INTERNAL_IP, EXTERNAL_IP], PORTS, 60)  # nothing obsolete: fine
+
+
+def test_lost_error_replies_never_pass_for_a_commit(
+    lab: Lab, dataplane: DataPlane, peers: Peers
+) -> None:
+    """Error replies that overflow the socket (each quotes its request) are lost: the batch
+    was aborted, so no call may be reported committed."""
+    callee = peers("b", 6400).endpoint
+    calls = [media(40 + n, Endpoint.parse("10.201.1.10", 4400 + n), callee) for n in range(2)]
+    ghosts = [
+        f
+        for n in range(60)
+        for f in media(60 + n, Endpoint.parse("10.201.1.98", 1000 + n), callee).flows()
+    ]
+    changes = [ElementChange(c.call_id, add=c.flows(), delete=ghosts) for c in calls]
+    sock = dataplane.nft._batch._sock
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # the kernel's minimum
+    results = dataplane.nft.change_many(changes)
+    assert all(isinstance(r, KernelError) and "ENOBUFS" in str(r) for r in results), results
+    installed = {(f.sender, f.relay) for f in dataplane.nft.installed()}
+    assert not installed & {(f.sender, f.relay) for c in calls for f in c.flows()}
+    # With room for the replies, the same changes commit (the deletions counted as gone).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    changes = [ElementChange(c.call_id, add=c.flows(), delete=ghosts) for c in calls]
+    assert dataplane.nft.change_many(changes) == [None, None]
+    assert changes[0].missing == changes[1].missing == 2 * len(ghosts)
