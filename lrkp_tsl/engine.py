@@ -21,11 +21,14 @@ retry timer until it succeeds. So the call table and the kernel always agree aga
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import zlib
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network
+from typing import cast
 
 from lrkp_tsl import admission, protocol
 from lrkp_tsl.activity import Activity
@@ -34,7 +37,14 @@ from lrkp_tsl.errors import KernelError, StoreError
 from lrkp_tsl.kernel import EMPTY, Kernel, KernelState, KernelView, StreamEvent, StreamKey
 from lrkp_tsl.latching import Policy
 from lrkp_tsl.media import Endpoint, Flow, InstalledFlow, PortRange
-from lrkp_tsl.protocol import GetConfig, NodeConfig, Ping, ProtocolError, SetSession
+from lrkp_tsl.protocol import (
+    DeleteSession,
+    GetConfig,
+    NodeConfig,
+    Ping,
+    ProtocolError,
+    SetSession,
+)
 from lrkp_tsl.ratelog import RateLimitedLog
 from lrkp_tsl.records import Store, StoredCall
 from lrkp_tsl.retransmit import RetransmitCache
@@ -70,6 +80,12 @@ RECONCILE_CHUNK = 2000
 # after a restart) is spread over several turns of the event loop instead of stalling it.
 TIMER_BUDGET = 256
 
+# Commands applied in one kernel transaction at most (bounds one batch's netlink message).
+GROUP_MAX = 32
+
+Datagram = tuple[bytes, Hashable, str, bool]
+"""(data, sender: the retransmission cache key, peer: for logs, with_cookie)."""
+
 TimerKey = tuple[str, str]  # ("call" | "held" | "retry" | "log", Call-ID or "")
 RETRY: TimerKey = ("retry", "")
 LOG_FLUSH: TimerKey = ("log", "")
@@ -97,6 +113,21 @@ class Held:
     sender: Endpoint
     relay: Endpoint
     since: float
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One `S` or `D` of a batch of datagrams, on its way through `on_datagrams`."""
+
+    index: int
+    request: SetSession | DeleteSession
+    sender: Hashable
+    data: bytes
+    peer: str
+    with_cookie: bool
+    actions: list[Sync] = field(default_factory=list)
+    old: Call | None = None
+    error: KernelError | StoreError | None = None
 
 
 @dataclass(slots=True)
@@ -195,44 +226,89 @@ class Engine:
         A datagram longer than any request is dropped unread and unanswered, and so is
         everything while this node is a standby (the active node answers).
         """
+        return self.on_datagrams([(data, sender, peer, with_cookie)], now)[0]
+
+    def on_datagrams(self, datagrams: Sequence[Datagram], now: float) -> list[bytes | None]:
+        """Requests that arrived together -> their replies, in order (group commit).
+
+        `S` and `D` commands whose calls and relay endpoints are disjoint are applied
+        together: each goes to the store, then all of them to the kernel in one
+        transaction (`Kernel.change_many`), then each to the call table; so every `OK` still
+        follows its own kernel commit. A command that fails is refused alone: the others
+        are committed without it. A command touching what an earlier one of the batch
+        touched (the same Call-ID or relay endpoint), or taking ports from another call,
+        waits until the commands before it are applied, as if they had arrived one by one.
+        """
+        replies: list[bytes | None] = [None] * len(datagrams)
+        group: list[_Pending] = []
+        touched: set[Hashable] = set()
+        for index, (data, sender, peer, with_cookie) in enumerate(datagrams):
+            early, request = self._receive(data, sender, peer, now, with_cookie)
+            if request is None:
+                replies[index] = early
+                continue
+            item = _Pending(index, request, sender, data, peer, with_cookie)
+            keys = self._decide(item, now)
+            if keys & touched:
+                self._commit_group(group, replies, now)
+                group, touched = [], set()
+                keys = self._decide(item, now)
+            if not item.actions:  # nothing to change (a repeated S, a D of no call)
+                replies[index] = self._reply(item, now)
+                continue
+            if len(item.actions) == 1 and len(group) < GROUP_MAX:
+                group.append(item)
+                touched |= keys
+                continue
+            # Several changes (ports taken from other calls): applied on its own, in order.
+            self._commit_group(group, replies, now)
+            group, touched = [], set()
+            self._apply_alone(item, now)
+            replies[index] = self._reply(item, now)
+        self._commit_group(group, replies, now)
+        return replies
+
+    def _receive(
+        self, data: bytes, sender: Hashable, peer: str, now: float, with_cookie: bool
+    ) -> tuple[bytes | None, SetSession | DeleteSession | None]:
+        """(reply, None) for a datagram answered without a change; else (None, request)."""
         if not self.active:
             self.stats["dropped.standby"] += 1
-            return None
+            return None, None
         if len(data) > protocol.MAX_REQUEST_SIZE:
             self.stats["dropped.too_long"] += 1
             self.note_remote(now, "oversized datagrams", "dropped %d bytes from %s: longer than "
                          "any request", len(data), peer)  # fmt: skip
-            return None
+            return None, None
         if with_cookie:
             cached = self.cache.lookup(sender, data, now)
             if cached is not None:
                 self.stats["retransmissions"] += 1
                 log.debug("retransmission from %s answered from cache", peer)
-                return cached
-        reply, final = self._handle(data, peer, now, with_cookie)
-        if reply is not None and final and with_cookie:
+                return cached, None
+        reply, request = self._parse(data, peer, now, with_cookie)
+        if request is None and reply is not None and with_cookie:
             self.cache.store(sender, data, reply, now)
-        return reply
+        return reply, request
 
-    def _handle(
+    def _parse(
         self, data: bytes, peer: str, now: float, with_cookie: bool
-    ) -> tuple[bytes | None, bool]:
-        """The reply, and whether it is final: a refusal caused by the kernel or the store
-        is not, so Kamailio's retransmission of the command tries it again."""
+    ) -> tuple[bytes | None, SetSession | DeleteSession | None]:
+        """The reply to a request that changes nothing (final), or the request to apply."""
         try:
             request = protocol.parse_request(data, with_cookie=with_cookie)
         except ProtocolError as error:
             self.stats[f"error.{error.code}"] += 1
             self.stats["command.unparsed.error"] += 1
             self.note_remote(now, "bad requests", "bad request from %s: %s", peer, error)
-            return protocol.reply_error(error), True
+            return protocol.reply_error(error), None
         self.stats[f"request.{type(request).__name__}"] += 1
         if isinstance(request, Ping):
             self.stats["command.ping.ok"] += 1
-            return protocol.reply_pong(request), True
+            return protocol.reply_pong(request), None
         if isinstance(request, GetConfig):
             self.stats["command.config.ok"] += 1
-            return protocol.reply_config(request, self.node_config()), True
+            return protocol.reply_config(request, self.node_config()), None
         if isinstance(request, SetSession):
             try:
                 admission.check(request.media, self.settings.limits)
@@ -241,7 +317,7 @@ class Engine:
                 self.stats["command.set.refused"] += 1
                 self.note_remote(now, "refused commands", "[%s] S from %s refused: %s",
                              request.media.call_id, peer, refusal.reason)  # fmt: skip
-                return protocol.reply_refused(request, refusal.code, refusal.reason), True
+                return protocol.reply_refused(request, refusal.code, refusal.reason), None
         if not protocol.acknowledgeable(request):
             log.warning(
                 "%s from %s is %d bytes: Kamailio cannot accept a reply that long",
@@ -249,20 +325,92 @@ class Engine:
                 peer,
                 len(request.raw),
             )
+        return None, request
+
+    def _decide(self, item: _Pending, now: float) -> set[Hashable]:
+        """The request's changes (into `item.actions`), and what they touch: Call-IDs and
+        relay endpoints, which a later command of the same batch must not share."""
+        request = item.request
+        keys: set[Hashable] = set()
+        if isinstance(request, SetSession):
+            item.actions = self.table.on_set(request.media, self.settings.idle_timeout, now)
+            keys.add(request.media.call_id)
+            keys.update(request.media.relay_endpoints())
+        else:
+            item.actions = self.table.on_delete(request.call_id)
+            keys.add(request.call_id)
+        for action in item.actions:
+            keys.add(action.call_id)
+            for view in (action.before, action.after):
+                keys.update(view.learning)
+                for flow in view.flows:
+                    keys.add(flow.relay)
+                    keys.add(flow.relay_out)
+        return keys
+
+    def _apply_alone(self, item: _Pending, now: float) -> None:
         try:
-            if isinstance(request, SetSession):
-                actions = self.table.on_set(request.media, self.settings.idle_timeout, now)
-            else:
-                actions = self.table.on_delete(request.call_id)
-            for action in actions:
-                self._commit(action, now, peer)
+            for action in item.actions:
+                self._commit(action, now, item.peer)
         except (KernelError, StoreError) as error:
-            self.stats[f"error.{error.code}"] += 1
+            item.error = error
+
+    def _commit_group(self, group: list[_Pending], replies: list[bytes | None], now: float) -> None:
+        """Store each, the kernel once for all, then table and conntrack for each."""
+        if not group:
+            return
+        ready: list[_Pending] = []
+        try:
+            with self._store_group():
+                for item in group:
+                    try:
+                        item.old = self._prepare(item.actions[0], now)
+                        ready.append(item)
+                    except (KernelError, StoreError) as error:
+                        item.error = error
+        except StoreError as error:  # the group's commit: none of its writes is durable
+            for item in ready:
+                item.error = error
+            ready = []
+        if ready:
+            self.stats["kernel.group_commits"] += 1
+            self.stats["kernel.group_commands"] += len(ready)
+            syncs = [item.actions[0] for item in ready]
+            results = self.kernel.change_many(
+                [(sync.call_id, sync.before, sync.after, sync.displaced) for sync in syncs]
+            )
+            forget: set[Flow | InstalledFlow] = set()
+            for item, sync, refused in zip(ready, syncs, results, strict=True):
+                if refused is not None:
+                    self._refused(sync, item.old, now)
+                    item.error = refused
+                    continue
+                self._finish(sync, now, item.peer, item.old, None, forget)
+            self._forget(forget, now)
+        for item in group:
+            replies[item.index] = self._reply(item, now)
+
+    def _store_group(self) -> contextlib.AbstractContextManager[None]:
+        """One store transaction for a group's writes, if the store offers it (SqliteStore
+        does: `group`); else each write on its own."""
+        group = getattr(self.store, "group", None)
+        return cast(contextlib.AbstractContextManager[None], group()) if group else nullcontext()
+
+    def _reply(self, item: _Pending, now: float) -> bytes:
+        """OK, or the refusal of a change the kernel or the store did not take (not final:
+        Kamailio's retransmission tries it again)."""
+        request = item.request
+        failure = item.error
+        if failure is not None:
+            self.stats[f"error.{failure.code}"] += 1
             self.stats[f"command.{_command(request)}.failed"] += 1
-            log.error("%s from %s not applied: %s", type(request).__name__, peer, error)
-            return protocol.reply_refused(request, error.code, error.reason), False
+            log.error("%s from %s not applied: %s", type(request).__name__, item.peer, failure)
+            return protocol.reply_refused(request, failure.code, failure.reason)
         self.stats[f"command.{_command(request)}.ok"] += 1
-        return protocol.reply_ok(request), True
+        reply = protocol.reply_ok(request)
+        if item.with_cookie:
+            self.cache.store(item.sender, item.data, reply, now)
+        return reply
 
     # -- first packets -------------------------------------------------------------------------
 
@@ -484,6 +632,17 @@ class Engine:
 
         `quiet_since`: what to record as the call's quiet time (a replicated record's);
         by default the engine's own."""
+        old = self._prepare(sync, now, quiet_since)
+        try:
+            self.kernel.change(sync.call_id, sync.before, sync.after, sync.displaced)
+        except KernelError:
+            self._refused(sync, old, now)
+            raise
+        self._finish(sync, now, origin, old, quiet_since)
+
+    def _prepare(self, sync: Sync, now: float, quiet_since: float | None = None) -> Call | None:
+        """Before the kernel: a suspect or unverified call made whole, then the store.
+        Returns the call as the table holds it (None: new)."""
         call_id = sync.call_id
         if call_id in self.suspect:
             self._resync(call_id)
@@ -498,15 +657,33 @@ class Engine:
         else:
             quiet = self.activity.quiet_since(call_id) if old is not None else now
             self.store.put(sync.call, quiet)
-        try:
-            self.kernel.change(call_id, sync.before, sync.after, sync.displaced)
-        except KernelError:
-            self.suspect[call_id] = _merge(self.suspect.get(call_id, EMPTY), sync.after)
-            self.schedule.set_earlier(RETRY, now + RETRY_INTERVAL)
-            self._restore_record(call_id, old)
-            raise
+        return old
+
+    def _refused(self, sync: Sync, old: Call | None, now: float) -> None:
+        """The kernel refused the change: the call is suspect, its record put back."""
+        call_id = sync.call_id
+        self.suspect[call_id] = _merge(self.suspect.get(call_id, EMPTY), sync.after)
+        self.schedule.set_earlier(RETRY, now + RETRY_INTERVAL)
+        self._restore_record(call_id, old)
+
+    def _finish(
+        self,
+        sync: Sync,
+        now: float,
+        origin: str,
+        old: Call | None,
+        quiet_since: float | None = None,
+        forget: set[Flow | InstalledFlow] | None = None,
+    ) -> None:
+        """After the kernel committed: the table, conntrack entries of changed flows
+        (into `forget` if given, for the caller to delete at once), activity, logs."""
+        call_id = sync.call_id
         self.table.applied(sync)
-        self._forget((sync.before.flows ^ sync.after.flows), now)
+        changed = sync.before.flows ^ sync.after.flows
+        if forget is None:
+            self._forget(changed, now)
+        else:
+            forget |= changed
         if sync.call is None:
             self.activity.drop(call_id)
             self.schedule.clear(("call", call_id))
@@ -600,12 +777,23 @@ class Engine:
 
         Deletes everything the kernel may hold beyond that view (missing is fine) and
         re-adds the whole view (adding what exists is a no-op); raises KernelError if the
-        kernel still refuses, leaving the call suspect.
+        kernel still refuses, leaving the call suspect. What another call has committed
+        since at the same keys (it took the relay ports this change failed to take) is its
+        own, and is left alone.
         """
         extra = self.suspect[call_id]
         call = self.table.get(call_id)
         desired = call.view() if call is not None else EMPTY
-        stray = KernelView(extra.flows - desired.flows, extra.learning - desired.learning)
+        stray = KernelView(
+            frozenset(
+                f
+                for f in extra.flows - desired.flows
+                if not self._held_by_other(call_id, f.relay, (f.sender, f.relay))
+            ),
+            frozenset(
+                e for e in extra.learning - desired.learning if not self._held_by_other(call_id, e)
+            ),
+        )
         try:
             self.kernel.change(call_id, stray, desired)
         except KernelError:
@@ -616,6 +804,18 @@ class Engine:
         log.warning("[%s] kernel state resynchronised with the call table", call_id)
         keys = {(flow.sender, flow.relay) for flow in extra.flows | desired.flows}
         self.forget_pending |= keys
+
+    def _held_by_other(self, call_id: str, relay: Endpoint, key: StreamKey | None = None) -> bool:
+        """Whether another call's view holds this learning endpoint (key None) or flow key."""
+        owner = self.table.owner(relay)
+        other = self.table.get(owner) if owner is not None and owner != call_id else None
+        if other is None:
+            return False
+        view = other.view()
+        if key is None:
+            return relay in view.learning
+        streams = view.keys()  # a method of KernelView, not a dict's
+        return key in streams
 
     def _retry(self, now: float) -> None:
         for call_id in list(self.suspect):

@@ -8,11 +8,12 @@ without root.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from lrkp_tsl.errors import KernelError
 from lrkp_tsl.media import Endpoint, Flow, InstalledFlow
 
 StreamKey = tuple[Endpoint, Endpoint]
@@ -34,6 +35,9 @@ class KernelView:
 
 
 EMPTY = KernelView()
+
+KernelChange = tuple[str, KernelView, KernelView, Iterable["StreamKey"]]
+"""(Call-ID, before, after, displace): the arguments of one `Kernel.change`."""
 
 
 class StreamChange(Enum):
@@ -75,6 +79,12 @@ class Kernel(Protocol):
         Deleting what is already gone is not an error. `displace`: (source, relay) pairs
         the kernel drops from now on while they keep sending (port reuse; see Sync).
         """
+
+    def change_many(self, changes: Sequence[KernelChange]) -> list[KernelError | None]:
+        """Several calls' `change`s, in as few nftables transactions as possible (group
+        commit); per change, None if it is committed or the error that refused it. One
+        refused change never refuses the others (they are committed without it); a refused
+        change leaves its call's elements as `change` does when it raises."""
 
     def install(self, views: Iterable[tuple[str, KernelView]]) -> None:
         """Add many calls' views (Call-ID, view) in few, large transactions: a restart after

@@ -26,11 +26,12 @@ from netfilterqueue import Packet
 from lrkp_tsl import protocol
 from lrkp_tsl.config import Config, ControlAddress
 from lrkp_tsl.dataplane.ctevents import ConntrackEvents
-from lrkp_tsl.dataplane.queue import PacketQueue
+from lrkp_tsl.dataplane.queue import PacketQueue, unmarked
 from lrkp_tsl.dataplane.role import freebind_udp_socket
 from lrkp_tsl.engine import Engine
 from lrkp_tsl.latency import Latency
 from lrkp_tsl.session import Verdict
+from lrkp_tsl.udpbatch import UdpBatchControl, udp_socket
 
 log = logging.getLogger("lrkp_tsl.server")
 
@@ -93,6 +94,7 @@ class Server:
             self.stats[f"queue.verdict.{verdict.value}"] += 1
             try:
                 if verdict is Verdict.ACCEPT:
+                    packet.set_mark(unmarked(packet.get_mark()))
                     packet.accept()
                 else:
                     packet.drop()
@@ -132,6 +134,30 @@ class Server:
         )
         self.latency.observe(time.perf_counter() - started)
         return cast(bytes | None, reply)
+
+    def datagrams(self, batch: list[tuple[bytes, tuple[Any, ...]]]) -> list[bytes | None]:
+        """Datagrams read together from one UDP socket -> their replies (group commit)."""
+        items = [(data, addr, f"{addr[0]}:{addr[1]}", True) for data, addr in batch]
+        _ok, replies = self.guarded(
+            "control", lambda: self.engine.on_datagrams(items, self.clock())
+        )
+        return cast(list[bytes | None], replies) if replies is not None else [None] * len(batch)
+
+    def accept_from(self, data: bytes, addr: tuple[Any, ...]) -> bool:
+        """The allow-list: False (counted, logged) for a sender not in it."""
+        host = str(addr[0])
+        if self.allowed(host):
+            return True
+        self.stats["dropped.not_allowed"] += 1
+        self.engine.note_remote(
+            self.clock(),
+            "datagrams from senders not in the allow list",
+            "dropped %d bytes from %s:%s: not in the allow list",
+            len(data),
+            host,
+            addr[1],
+        )
+        return False
 
     def allowed(self, host: str) -> bool:
         try:
@@ -201,23 +227,22 @@ class UdpControl(asyncio.DatagramProtocol):
 
 async def open_control(
     address: ControlAddress, server: Server, *, freebind: bool = False
-) -> asyncio.AbstractServer | asyncio.BaseTransport:
+) -> asyncio.AbstractServer | asyncio.BaseTransport | UdpBatchControl:
     """Start listening on `address`; the returned object's close() stops it.
 
     `freebind`: bind even if the address is not on this host yet (a pair's VIP: the
     standby listens too, and answers once the VIP, and with it the traffic, moves here).
     """
     loop = asyncio.get_running_loop()
-    if address.scheme == "udp" and freebind:
-        transport, _protocol = await loop.create_datagram_endpoint(
-            lambda: UdpControl(server), sock=freebind_udp_socket(address.host, address.port)
-        )
-        return transport
     if address.scheme in ("udp", "udp6"):
-        transport, _protocol = await loop.create_datagram_endpoint(
-            lambda: UdpControl(server), local_addr=(address.host, address.port)
-        )
-        return transport
+        # Read in batches, so that commands arriving together commit together (udpbatch).
+        if address.scheme == "udp" and freebind:
+            sock = freebind_udp_socket(address.host, address.port)
+        else:
+            sock = udp_socket(address.scheme, address.host, address.port)
+        control = UdpBatchControl(server, sock)
+        control.start(loop)
+        return control
     path = Path(address.path)
     if path.is_socket():
         path.unlink()  # left by a previous run; a live node would hold the instance lock

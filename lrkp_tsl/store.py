@@ -135,6 +135,16 @@ class SqliteStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
+        if self._db.in_transaction:  # inside `group`: a savepoint, so a failure is local
+            self._db.execute("SAVEPOINT one")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK TO one")
+                self._db.execute("RELEASE one")
+                raise
+            self._db.execute("RELEASE one")
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -142,6 +152,31 @@ class SqliteStore:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    @contextmanager
+    def group(self) -> Iterator[None]:
+        """The writes inside share one SQLite transaction: one WAL commit for a batch of
+        commands (group commit) instead of one each. A write that fails fails alone (each
+        is its own statement or savepoint); if the commit itself fails, StoreError: none of
+        the writes is durable. If the transaction cannot start (an operator's shell holds
+        the lock), the writes go one by one, each with its own result."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            log.debug("state store: no group transaction (%s); writing one by one", exc)
+            yield
+            return
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise StoreError(f"state store {self.path}: committing a group: {exc}") from exc
 
     @property
     def wall_offset(self) -> float:

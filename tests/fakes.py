@@ -9,10 +9,10 @@ happen on demand, which the real kernel does not do.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from lrkp_tsl.errors import KernelError, StoreError
-from lrkp_tsl.kernel import KernelState, KernelView, StreamKey
+from lrkp_tsl.kernel import KernelChange, KernelState, KernelView, StreamKey
 from lrkp_tsl.media import Endpoint, Flow, InstalledFlow
 from lrkp_tsl.records import StoredCall
 from lrkp_tsl.session import Call
@@ -35,6 +35,8 @@ class FakeKernel:
         self.calls: collections.Counter[str] = collections.Counter()
         self._failures: collections.Counter[str] = collections.Counter()
         self.fail_after_deletions = False
+        self.failing_calls: set[str] = set()
+        self.batches: list[list[str]] = []  # Call-IDs of each change_many, in order
 
     def fail_next(self, method: str, times: int = 1) -> None:
         self._failures[method] += times
@@ -42,6 +44,7 @@ class FakeKernel:
     def clear_failures(self) -> None:
         self._failures.clear()
         self.fail_after_deletions = False
+        self.failing_calls.clear()
 
     def _enter(self, method: str) -> None:
         self.calls[method] += 1
@@ -59,6 +62,8 @@ class FakeKernel:
         displace: Iterable[StreamKey] = (),
     ) -> None:
         self._enter("change")
+        if call_id in self.failing_calls:
+            raise KernelError(f"injected failure of call {call_id}")
         for flow in before.flows - after.flows:
             self.flows.pop((flow.sender, flow.relay), None)
         for endpoint in before.learning - after.learning:
@@ -71,6 +76,23 @@ class FakeKernel:
         for endpoint in after.learning - before.learning:
             self.learning[endpoint] = call_id
         self.displaced |= set(displace)
+
+    def change_many(self, changes: Sequence[KernelChange]) -> list[KernelError | None]:
+        """Each change as `change` would make it; a failure refuses that change only.
+
+        `fail_call(call_id)` makes the changes of that call fail (inside a batch or not)."""
+        self.batches.append([call_id for call_id, *_ in changes])
+        results: list[KernelError | None] = []
+        for call_id, before, after, displace in changes:
+            try:
+                self.change(call_id, before, after, displace)
+                results.append(None)
+            except KernelError as error:
+                results.append(error)
+        return results
+
+    def fail_call(self, call_id: str) -> None:
+        self.failing_calls.add(call_id)
 
     def install(self, views: Iterable[tuple[str, KernelView]]) -> None:
         self._enter("install")

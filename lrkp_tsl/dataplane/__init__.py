@@ -14,10 +14,12 @@ from pathlib import Path
 
 from lrkp_tsl.dataplane import sysctl
 from lrkp_tsl.dataplane.conntrack import ConntrackTable
-from lrkp_tsl.dataplane.nft import NftTable
+from lrkp_tsl.dataplane.nft import ElementChange, NftTable
 from lrkp_tsl.dataplane.probe import KernelFeatures, probe_kernel
+from lrkp_tsl.dataplane.silence import SilenceWatch
 from lrkp_tsl.defaults import DEFAULT_RULES
-from lrkp_tsl.kernel import KernelState, KernelView, StreamKey
+from lrkp_tsl.errors import KernelError
+from lrkp_tsl.kernel import KernelChange, KernelState, KernelView, StreamKey
 from lrkp_tsl.media import CallMedia, Endpoint, InstalledFlow, PortRange
 
 log = logging.getLogger("lrkp_tsl.dataplane")
@@ -34,6 +36,7 @@ class DataPlane:
     def __init__(self, rules_path: Path = DEFAULT_RULES) -> None:
         self.nft = NftTable(rules_path)
         self.conntrack = ConntrackTable()
+        self.silence = SilenceWatch(self.conntrack.lookup, 60.0)
         self.features: KernelFeatures | None = None
 
     def start(
@@ -48,6 +51,7 @@ class DataPlane:
 
     def load(self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle: float) -> None:
         self.nft.load(relay_addrs, ports, idle)
+        self.silence.idle_timeout = max(1, round(idle))  # as the ct timeout policy holds it
         log.info(
             "table ip lrkp loaded from %s: relay addresses %s, ports %s, idle timeout %g s",
             self.nft.rules_path,
@@ -74,6 +78,21 @@ class DataPlane:
             displace=displace,
         )
 
+    def change_many(self, changes: Sequence[KernelChange]) -> list[KernelError | None]:
+        return self.nft.change_many(
+            [
+                ElementChange(
+                    call_id,
+                    add=after.flows - before.flows,
+                    delete=before.flows - after.flows,
+                    learn=after.learning - before.learning,
+                    unlearn=before.learning - after.learning,
+                    displace=displace,
+                )
+                for call_id, before, after, displace in changes
+            ]
+        )
+
     def install(self, views: Iterable[tuple[str, KernelView]]) -> None:
         self.nft.install((call_id, view.flows, view.learning) for call_id, view in views)
 
@@ -87,7 +106,7 @@ class DataPlane:
         return self.conntrack.alive(keys)
 
     def is_seen(self, sender: Endpoint, relay: Endpoint) -> bool:
-        return self.nft.is_seen(sender, relay)
+        return self.silence.is_seen(sender, relay)
 
     def state(self) -> KernelState:
         return KernelState(tuple(self.nft.installed()), self.nft.learning())

@@ -261,6 +261,40 @@ class ConntrackTable:
         if refused:
             raise KernelError(f"conntrack get refused: {errno.errorcode.get(-refused, refused)}")
 
+    def lookup(self, sender: Endpoint, relay: Endpoint) -> tuple[ConntrackEntry, float] | None:
+        """The entry with the tuple sender -> relay in either direction, and the seconds
+        left before it expires (whole seconds, rounded down); None if there is none."""
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        seq = self._seq
+        try:
+            self._drain()
+            self._sock.send(encode_get(sender, relay, seq))
+            found = None
+            while True:
+                # The kernel answers inside `send`: the entry (if any), then the ack.
+                size = self._sock.recv_into(self._buffer, 0, socket.MSG_DONTWAIT)
+                data = bytes(memoryview(self._buffer)[:size])
+                offset = 0
+                while offset + _NLMSGHDR.size <= size:
+                    length, msg_type, _flags, got, _pid = _NLMSGHDR.unpack_from(data, offset)
+                    end = min(offset + length, size)
+                    if got == seq and msg_type == _CT_NEW:
+                        entry = decode_entry(data[offset:end])
+                        if entry is not None:
+                            found = (entry, _timeout(data, offset, end))
+                    elif got == seq and msg_type == NLMSG_ERROR:
+                        (error,) = _NLMSGERR.unpack_from(data, offset + _NLMSGHDR.size)
+                        if error not in (0, -errno.ENOENT):
+                            raise KernelError(
+                                f"conntrack get refused: {errno.errorcode.get(-error, error)}"
+                            )
+                        return found
+                    offset += max((length + 3) & ~3, _NLMSGHDR.size)
+        except BlockingIOError:
+            raise KernelError("conntrack get: the reply was lost") from None
+        except OSError as exc:
+            raise KernelError(f"conntrack get failed: {exc}") from exc
+
     def entries(self) -> list[ConntrackEntry]:
         """Every UDP entry of the namespace, with counters where accounting is on.
 

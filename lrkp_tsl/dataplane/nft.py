@@ -19,6 +19,8 @@ from typing import Any
 
 import nftables
 
+from lrkp_tsl.dataplane import nftbatch
+from lrkp_tsl.dataplane.nftbatch import endpoint_bytes
 from lrkp_tsl.dataplane.nftsets import SetReader
 from lrkp_tsl.dataplane.nftwatch import RulesetWatch
 from lrkp_tsl.defaults import DEFAULT_RULES
@@ -28,6 +30,7 @@ from lrkp_tsl.media import Endpoint, Flow, InstalledFlow, PortRange
 log = logging.getLogger("lrkp_tsl.dataplane.nft")
 
 FAMILY = "ip"
+FAMILY_NUMBER = 2  # AF_INET: nf_tables' "ip" family
 TABLE = "lrkp"
 FLOW_MAPS = ("dnat_to", "snat_to")
 # nftables keeps at most 128 bytes of comment per element.
@@ -37,6 +40,9 @@ CTA_TIMEOUT_UDP_UNREPLIED = 1
 # Elements per transaction when many calls go in at once (restart, reinstall): big enough
 # to amortise the transaction, small enough to keep one failure's blast radius bounded.
 INSTALL_BATCH = 4096
+# Chains and sets of earlier releases' rules: the `unmark` chain (the node now clears the
+# queue mark in its verdict) and the `seen` set (silence is read from conntrack now).
+OBSOLETE = ((nftbatch.NFT_MSG_DELCHAIN, "unmark"), (nftbatch.NFT_MSG_DELSET, "seen"))
 _POLICY = re.compile(r"policy = \{[^}]*\}")
 
 
@@ -46,7 +52,12 @@ def element_comment(call_id: str) -> str:
     The comment is for operators reading `nft list table ip lrkp`; the node's own records
     keep the exact Call-ID.
     """
-    text = "".join(c if c.isprintable() and c not in '"\\' else "_" for c in call_id)
+    if call_id.isprintable() and '"' not in call_id and "\\" not in call_id:
+        text = call_id  # the usual Call-ID: nothing to replace (per-command hot path)
+    else:
+        text = "".join(c if c.isprintable() and c not in '"\\' else "_" for c in call_id)
+    if text.isascii() and len(text) <= COMMENT_MAX:
+        return text
     return text.encode()[:COMMENT_MAX].decode(errors="ignore")
 
 
@@ -92,6 +103,7 @@ class NftTable:
         # namespace whoever calls: libnftables would fetch every element to list anything.
         self._reader = SetReader()
         self._watch = RulesetWatch()
+        self._batch = nftbatch.BatchSocket(FAMILY_NUMBER, TABLE)
 
     # -- text: load, list, drop ------------------------------------------------------------
 
@@ -132,6 +144,14 @@ class NftTable:
             f"add element {FAMILY} {TABLE} relay_ports {{ {ports.start}-{ports.end} }}",
         ]
         self.run_text("\n".join(batch), f"loading {self.rules_path}")
+        self._drop_obsolete()
+
+    def _drop_obsolete(self) -> None:
+        """Remove what older rules files declared and this one no longer does (a reload keeps
+        chains and sets): an empty base chain would still cost every packet a hook."""
+        for msg_type, name in OBSOLETE:
+            if nftbatch.delete_object(self._batch, msg_type, name):
+                log.info("removed %s from table %s %s (no longer used)", name, FAMILY, TABLE)
 
     def idle_policy(self) -> int | None:
         """The `relay_idle` timeout in the kernel (seconds), or None if there is none.
@@ -145,6 +165,7 @@ class NftTable:
     def close(self) -> None:
         self._reader.close()
         self._watch.close()
+        self._batch.close()
 
     def exists(self) -> bool:
         rc, _output, _error = self._text.cmd(f"list table {FAMILY} {TABLE}")
@@ -209,37 +230,32 @@ class NftTable:
     ) -> int:
         """Delete, then add, flows and learning endpoints of one call in one transaction.
 
-        Deletion is idempotent: if the batch fails because something to delete is already
-        gone (an operator, or an earlier failure), each deletion is retried on its own,
-        the missing ones are counted (and returned), and the additions are committed
-        atomically after.
+        Deletion is idempotent: an element to delete that is already gone (an operator, or
+        an earlier failure) is counted (and the count returned), and the rest is committed
+        atomically without it. Encoded as netlink directly (nftbatch.py).
         """
-        add, delete, learn, unlearn = list(add), list(delete), list(learn), list(unlearn)
-        what = f"change of call {call_id!r} (+{len(add)}/-{len(delete)} flows)"
-        deletions = delete_commands(delete) + endpoint_commands("delete", "learning", unlearn)
-        additions = (
-            add_commands(call_id, add)
-            + endpoint_commands("add", "learning", learn, element_comment(call_id))
-            + key_commands("add", "displaced", displace)
-        )
-        try:
-            self.transaction(deletions + additions, what)
-            return 0
-        except KernelError as exc:
-            if not deletions or not _missing(exc):
-                raise
-        missing = 0
-        for command in deletions:
-            for single in _split(command):
-                try:
-                    self.transaction([single], what)
-                except KernelError as exc:
-                    if not _missing(exc):
-                        raise
-                    missing += 1
-        log.warning("%s: %d elements to delete were already gone", what, missing)
-        self.transaction(additions, what)
-        return missing
+        change = ElementChange(call_id, add, delete, learn, unlearn, displace)
+        (error,) = self.change_many([change])
+        if error is not None:
+            raise error
+        return change.missing
+
+    def change_many(self, changes: Sequence[ElementChange]) -> list[KernelError | None]:
+        """Several calls' changes in as few transactions as possible (group commit).
+
+        Per change, None (committed) or its error; one refused change never refuses the
+        others (nftbatch.commit). Each change's `missing` says how many of its deletions
+        found nothing to delete.
+        """
+        encoded = [c.encode(i) for i, c in enumerate(changes)]
+        what = [c.describe() for c in changes]
+        results = nftbatch.commit(self._batch, encoded, what)
+        for change, done in zip(changes, encoded, strict=True):
+            change.missing = done.missing
+            if done.missing:
+                log.warning("%s: %d elements to delete were already gone", change.describe(),
+                            done.missing)  # fmt: skip
+        return results
 
     def install(self, calls: Iterable[tuple[str, Iterable[Flow], Iterable[Endpoint]]]) -> None:
         """Add the flows and learning endpoints of many calls, INSTALL_BATCH elements per
@@ -256,34 +272,6 @@ class NftTable:
                 commands, size = [], 0
         self.transaction(commands, f"installing {size} elements")
 
-    def is_seen(self, sender: Endpoint, relay: Endpoint) -> bool:
-        """True if the flow carried a packet within the guard interval (set `seen`)."""
-        key = f"{sender.ip} . {sender.port} . {relay.ip} . {relay.port}"
-        rc, _output, _error = self._text.cmd(f"get element {FAMILY} {TABLE} seen {{ {key} }}")
-        return bool(rc == 0)
-
-
-def _missing(error: KernelError) -> bool:
-    return "No such file or directory" in error.reason
-
-
-def _split(command: dict[str, Any]) -> list[dict[str, Any]]:
-    """One command per element of a batched element command."""
-    verb, body = next(iter(command.items()))
-    element = body["element"]
-    return [{verb: {"element": {**element, "elem": [item]}}} for item in element["elem"]]
-
-
-def key_commands(
-    verb: str, name: str, keys: Iterable[tuple[Endpoint, Endpoint]]
-) -> list[dict[str, Any]]:
-    """Add or delete (sender ip . port . relay ip . port) elements of a set."""
-    elems = [
-        {"concat": [str(sender.ip), sender.port, str(relay.ip), relay.port]}
-        for sender, relay in keys
-    ]
-    return [_element(verb, name, elems)] if elems else []
-
 
 def endpoint_commands(
     verb: str, name: str, endpoints: Iterable[Endpoint], comment: str | None = None
@@ -294,3 +282,46 @@ def endpoint_commands(
         key: dict[str, Any] = {"concat": [str(endpoint.ip), endpoint.port]}
         elems.append({"elem": {"val": key, "comment": comment}} if comment else key)
     return [_element(verb, name, elems)] if elems else []
+
+
+class ElementChange:
+    """One call's element changes, as `NftTable.change_many` takes them."""
+
+    __slots__ = ("add", "call_id", "delete", "displace", "learn", "missing", "unlearn")
+
+    def __init__(
+        self,
+        call_id: str,
+        add: Iterable[Flow] = (),
+        delete: Iterable[Flow | InstalledFlow] = (),
+        learn: Iterable[Endpoint] = (),
+        unlearn: Iterable[Endpoint] = (),
+        displace: Iterable[tuple[Endpoint, Endpoint]] = (),
+    ) -> None:
+        self.call_id = call_id
+        self.add = list(add)
+        self.delete = list(delete)
+        self.learn = list(learn)
+        self.unlearn = list(unlearn)
+        self.displace = list(displace)
+        self.missing = 0
+
+    def describe(self) -> str:
+        return f"change of call {self.call_id!r} (+{len(self.add)}/-{len(self.delete)} flows)"
+
+    def encode(self, owner: int) -> nftbatch.Changes:
+        def key(sender: Endpoint, relay: Endpoint) -> bytes:
+            return endpoint_bytes(sender) + endpoint_bytes(relay)
+
+        return nftbatch.call_changes(
+            owner,
+            element_comment(self.call_id),
+            add=[
+                (key(f.sender, f.relay), endpoint_bytes(f.target), endpoint_bytes(f.relay_out))
+                for f in self.add
+            ],
+            delete=[key(f.sender, f.relay) for f in self.delete],
+            learn=[endpoint_bytes(e) for e in self.learn],
+            unlearn=[endpoint_bytes(e) for e in self.unlearn],
+            displace=[key(s, r) for s, r in self.displace],
+        )

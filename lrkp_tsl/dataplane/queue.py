@@ -36,6 +36,14 @@ log = logging.getLogger("lrkp_tsl.dataplane.queue")
 
 # Must match `meta mark set meta mark | ...` in rules/lrkp.nft (a unit test checks).
 QUEUE_MARK = 0x00200000
+
+
+def unmarked(mark: int) -> int:
+    """The packet mark without the queue's bit: what an accepted packet leaves with, so the
+    mark never leaks into routing (the table has no chain after the queue to clear it)."""
+    return mark & ~QUEUE_MARK & 0xFFFFFFFF
+
+
 QUEUE_MAXLEN = 1024
 XT_COMMENT = "lrkp-tsl first packets"
 IPPROTO_UDP = 17

@@ -227,7 +227,7 @@ BREAKAGES = {
         False,
     ),
     "rule replaced in place": Breakage(
-        "nft replace rule ip lrkp unmark handle {unmark_handle} meta mark set 0", False, True, False
+        "nft replace rule ip lrkp nat_post handle {rule_handle} meta mark set 0", False, True, False
     ),
     # What the node itself does on a reload from scratch: the rule handles come back the same.
     "table deleted and reloaded identically": Breakage(
@@ -244,9 +244,9 @@ def test_each_breakage_is_detected(node: Node, name: str, tmp_path: Path) -> Non
     assert before is not None and node.has_queue_rule()
     listing = tmp_path / "lrkp.nft"
     listing.write_text(node.table.listing())
-    (unmark_handle,) = node.watch.matching_rules("ip", "lrkp", "unmark", b"")
+    (rule_handle,) = node.watch.matching_rules("ip", "lrkp", "nat_post", b"")
     command = breakage.command.replace("{listing}", str(listing))
-    node.shell(command.replace("{unmark_handle}", str(unmark_handle)))
+    node.shell(command.replace("{rule_handle}", str(rule_handle)))
 
     after = node.fingerprint()
     assert node.watch.generation() != generation
