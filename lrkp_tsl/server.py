@@ -138,9 +138,14 @@ class Server:
     def datagrams(self, batch: list[tuple[bytes, tuple[Any, ...]]]) -> list[bytes | None]:
         """Datagrams read together from one UDP socket -> their replies (group commit)."""
         items = [(data, addr, f"{addr[0]}:{addr[1]}", True) for data, addr in batch]
+        started = time.perf_counter()
         _ok, replies = self.guarded(
             "control", lambda: self.engine.on_datagrams(items, self.clock())
         )
+        # Each command of a group waited for the whole group: that is its answer time.
+        elapsed = time.perf_counter() - started
+        for _ in batch:
+            self.latency.observe(elapsed)
         return cast(list[bytes | None], replies) if replies is not None else [None] * len(batch)
 
     def accept_from(self, data: bytes, addr: tuple[Any, ...]) -> bool:
@@ -195,34 +200,6 @@ class Server:
             with contextlib.suppress(Exception):
                 packet.drop()
         self.packets.clear()
-
-
-class UdpControl(asyncio.DatagramProtocol):
-    """udp:/udp6: listeners: allow-list, then the engine."""
-
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, ...]) -> None:
-        host = str(addr[0])
-        if not self.server.allowed(host):
-            self.server.stats["dropped.not_allowed"] += 1
-            self.server.engine.note_remote(
-                self.server.clock(),
-                "datagrams from senders not in the allow list",
-                "dropped %d bytes from %s:%s: not in the allow list",
-                len(data),
-                host,
-                addr[1],
-            )
-            return
-        reply = self.server.datagram(data, addr)
-        if reply is not None and self.transport is not None:
-            self.transport.sendto(reply, addr)
 
 
 async def open_control(
