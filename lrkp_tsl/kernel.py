@@ -45,9 +45,23 @@ class StreamChange(Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class Counters:
+    """A conntrack entry's packets and bytes (IP bytes, as conntrack counts them) in its
+    original direction (sent by its first sender) and in its reply direction."""
+
+    packets_orig: int = 0
+    bytes_orig: int = 0
+    packets_reply: int = 0
+    bytes_reply: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class StreamEvent:
     change: StreamChange
     key: StreamKey
+    # What the entry carried, on EXPIRED/REMOVED (the DESTROY event has them while
+    # nf_conntrack_acct is on); None otherwise.
+    counters: Counters | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +104,10 @@ class Kernel(Protocol):
 
     def alive(self, keys: Iterable[StreamKey]) -> Mapping[StreamKey, float]:
         """The entries among `keys` that exist, with the seconds left before they expire."""
+
+    def counters(self, keys: Iterable[StreamKey]) -> Mapping[StreamKey, Counters]:
+        """The live entries found by `keys` (either direction), by their original tuple,
+        with their counters: read just before a call's entries are deleted."""
 
     def is_seen(self, sender: Endpoint, relay: Endpoint) -> bool:
         """True if the flow carried a packet within the NAT-rebinding guard interval."""

@@ -17,7 +17,7 @@ from lrkp_tsl.dataplane.conntrack import ConntrackTable
 from lrkp_tsl.dataplane.nft import NftTable
 from lrkp_tsl.dataplane.probe import KernelFeatures, probe_kernel
 from lrkp_tsl.defaults import DEFAULT_RULES
-from lrkp_tsl.kernel import KernelState, KernelView, StreamKey
+from lrkp_tsl.kernel import Counters, KernelState, KernelView, StreamKey
 from lrkp_tsl.media import CallMedia, Endpoint, InstalledFlow, PortRange
 
 log = logging.getLogger("lrkp_tsl.dataplane")
@@ -85,6 +85,9 @@ class DataPlane:
 
     def alive(self, keys: Iterable[StreamKey]) -> Mapping[StreamKey, float]:
         return self.conntrack.alive(keys)
+
+    def counters(self, keys: Iterable[StreamKey]) -> Mapping[StreamKey, Counters]:
+        return self.conntrack.counters(keys)
 
     def is_seen(self, sender: Endpoint, relay: Endpoint) -> bool:
         return self.nft.is_seen(sender, relay)
