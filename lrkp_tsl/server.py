@@ -191,7 +191,20 @@ class UdpControl(asyncio.DatagramProtocol):
             return
         reply = self.server.datagram(data, addr)
         if reply is not None and self.transport is not None:
-            self.transport.sendto(reply, addr)
+            if reply:
+                self.transport.sendto(reply, addr)
+            else:
+                self._send_empty(addr)
+
+    def _send_empty(self, addr: tuple[str | Any, ...]) -> None:
+        """A zero-length datagram (a draining node's answer to P: lrkproxy's recv reads 0
+        and disables the node at once), which asyncio's sendto would silently skip."""
+        assert self.transport is not None
+        try:
+            with self.transport.get_extra_info("socket").dup() as sock:
+                sock.sendto(b"", addr)
+        except OSError as exc:
+            log.debug("empty reply to %s not sent: %s", addr, exc)
 
 
 async def open_control(
