@@ -67,7 +67,10 @@ def request(address: str, message: dict[str, Any], timeout: float) -> Iterator[d
             ) from None
         except PermissionError:
             raise Unreachable(f"not allowed to connect to {where}: run as root") from None
-        sock.sendall(json.dumps(message).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps(message).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before reading the request: its answer is waiting
         with sock.makefile("rb") as lines:
             for line in lines:
                 reply = json.loads(line)

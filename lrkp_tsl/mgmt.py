@@ -181,13 +181,12 @@ class Management:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            sock = writer.get_extra_info("socket")
-            allowed, uid = _peer_allowed(sock)
+            line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
+            allowed, uid = _peer_allowed(writer.get_extra_info("socket"))
             if not allowed:
                 self.engine.stats["mgmt.refused"] += 1
                 await self._send(writer, _failure("forbidden", f"uid {uid} is not root"))
                 return
-            line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
             try:
                 request = json.loads(line)
                 command = request["cmd"]

@@ -168,3 +168,13 @@ def test_no_node_running_one_clear_line_and_exit_1(lab: Lab) -> None:
     assert out == ""
     assert len(err.strip().splitlines()) == 1, err
     assert "no node is listening on @lrkp-tsl" in err and "Traceback" not in err
+
+
+def test_only_root_may_use_the_management_socket(lab: Lab) -> None:
+    with running_node(lab, *NODE_ARGS):
+        as_nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+        result = lab.run("relay", *as_nobody, *CTL, "sessions", check=False)
+        assert result.returncode == 4, result.stderr
+        assert "uid 65534 is not root" in result.stderr
+        code, _out, err = ctl(lab, "sessions")
+        assert code == 0, err
