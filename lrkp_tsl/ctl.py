@@ -14,6 +14,7 @@ usage or configuration; 3 no such call; 4 the node refused or failed the command
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -67,10 +68,9 @@ def request(address: str, message: dict[str, Any], timeout: float) -> Iterator[d
             ) from None
         except PermissionError:
             raise Unreachable(f"not allowed to connect to {where}: run as root") from None
-        try:
+        # Refused before the request was read? Then its answer is waiting: read it.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(json.dumps(message).encode() + b"\n")
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused before reading the request: its answer is waiting
         with sock.makefile("rb") as lines:
             for line in lines:
                 reply = json.loads(line)
