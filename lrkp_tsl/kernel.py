@@ -9,7 +9,7 @@ without root.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
@@ -60,8 +60,8 @@ class StreamEvent:
     change: StreamChange
     key: StreamKey
     # What the entry carried, on EXPIRED/REMOVED (the DESTROY event has them while
-    # nf_conntrack_acct is on); None otherwise.
-    counters: Counters | None = None
+    # nf_conntrack_acct is on); None otherwise. Not part of the event's identity.
+    counters: Counters | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
