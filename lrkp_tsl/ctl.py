@@ -196,7 +196,7 @@ def show_kernel(result: dict[str, Any]) -> str:
         return "yes" if flag else "NO"
 
     lines = [
-        f"table {result['table']}: {'present' if result['table'] else 'MISSING'}",
+        f"table {result['table']}: {'present' if result['table_present'] else 'MISSING'}",
         f"first-packet queue: {result['queue_path']} (queue {result['queue_num']}), "
         f"rule {'present' if result['queue_rule'] else 'MISSING'}",
         f"idle timeout policy relay_idle: {result['idle_policy']} s",

@@ -328,7 +328,7 @@ class Management:
                 value = None
             sysctls[name] = {"value": value, "wanted": wanted, "why": why}
         return {
-            "table": table,
+            "table_present": table,
             "queue_rule": queue_rule,
             "idle_policy": None if policy is None else policy.get(1),
             "counters": counters,
@@ -434,8 +434,8 @@ class Management:
                     "call_id": owner,
                     "legs": legs,
                     "explained": (
-                        f"call {owner!r}: first packets to this relay endpoint go to the node "
-                        f"to learn {', '.join(legs) or 'its parties'}"
+                        f"call {owner!r}: packets from unknown sources to this relay endpoint "
+                        f"go to the node, which latches {', '.join(legs) or 'its parties'}"
                         if owner
                         else "belongs to no call (stale)"
                     ),

@@ -130,7 +130,7 @@ def test_sessions_show_counters_grow_delete_stops_media_and_summary_matches(
             code, text, err = ctl(lab, "kernel", "--json")
             assert code == 0, err
             kernel = json.loads(text)
-            assert kernel["table"] is True and kernel["queue_rule"] is True
+            assert kernel["table_present"] is True and kernel["queue_rule"] is True
             assert kernel["sysctls"]["net.netfilter.nf_conntrack_acct"]["value"] == "1"
         finally:
             kamailio.close()
