@@ -57,8 +57,9 @@ log = logging.getLogger("lrkp_tsl.mgmt")
 
 DEFAULT_SOCKET = "@lrkp-tsl"
 ENV_SOCKET = "LRKP_CTL_SOCKET"
-# Rows per event-loop turn when a listing is built.
-CHUNK = 1000
+# Rows per event-loop turn when a listing is built: ~6 ms of work (measured: 1,000 rows
+# built and encoded in ~27 ms).
+CHUNK = 200
 REQUEST_LIMIT = 65536
 READ_TIMEOUT = 5.0
 _PEERCRED = struct.Struct("3i")
@@ -414,7 +415,9 @@ class Management:
                     }
                 }
             await asyncio.sleep(0)
-        for relay in read["learning"]:
+        for count, relay in enumerate(read["learning"], 1):
+            if count % CHUNK == 0:
+                await asyncio.sleep(0)
             owner = table.owner(relay)
             call = table.get(owner) if owner is not None else None
             legs = (
@@ -441,7 +444,9 @@ class Management:
                     ),
                 }
             }
-        for source, relay in read["displaced"]:
+        for count, (source, relay) in enumerate(read["displaced"], 1):
+            if count % CHUNK == 0:
+                await asyncio.sleep(0)
             owner = table.owner(relay)
             yield {
                 "item": {
