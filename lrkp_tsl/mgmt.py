@@ -287,6 +287,10 @@ class Management:
 
     async def _delete(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         call = self._call(request)
+        if not self.engine.active:
+            raise CommandError(
+                "standby", "this node is a standby: delete the call on the active node"
+            )
         try:
             self.engine.delete(call.call_id, self.clock())
         finally:

@@ -178,3 +178,23 @@ def test_only_root_may_use_the_management_socket(lab: Lab) -> None:
         assert "uid 65534 is not root" in result.stderr
         code, _out, err = ctl(lab, "sessions")
         assert code == 0, err
+
+
+def test_json_logs_carry_the_call_summary(lab: Lab, peers: Peers) -> None:
+    with running_node(lab, *NODE_ARGS, "--log-format", "json") as node:
+        kamailio = Controller(lab, "sip", KAMAILIO_IP)
+        try:
+            caller, callee = peers("a", 4340), peers("b", 6340)
+            call = Call(kamailio, caller, callee, 20340, "ctl-json@lab")
+            burst(caller, call.caller_relay, callee, call.callee_relay, 4, b"j")
+            call.delete(kamailio)
+        finally:
+            kamailio.close()
+    output = node.output().splitlines()
+    lines = [json.loads(line) for line in output]  # every line is one JSON object
+    (ended,) = [line for line in lines if line.get("event") == "call_ended"]
+    assert ended["call_id"] == "ctl-json@lab" and ended["reason"] == "deleted"
+    assert ended["caller_to_callee_packets"] == 4
+    assert ended["caller_to_callee_bytes"] == sum(len(b"j-%d" % n) + HEADERS for n in range(4))
+    assert ended["callee_to_caller_packets"] == 0
+    assert ended["caller_learned"] == [str(caller.endpoint), str(caller.endpoint.offset(1))]
