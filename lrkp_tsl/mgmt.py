@@ -313,18 +313,14 @@ class Management:
 
     def _kernel_state(self) -> dict[str, Any]:
         """Worker thread: what the kernel holds for the node, read on fresh sockets."""
+        counters: dict[str, int | None] = {}
         with RulesetWatch() as watch:
             table = watch.fingerprint(FAMILY, TABLE) is not None
             queue_rule = table and self.queue_rule.present(watch)
             policy = watch.ct_timeout(FAMILY, TABLE, "relay_idle") if table else None
-        nft = nftables.Nftables()
-        counters: dict[str, int | None] = {}
-        for name in ("unknown_dropped", "displaced_dropped", "queued", "queue_overlimit"):
-            rc, output, _error = nft.cmd(f"list counter {FAMILY} {TABLE} {name}")
-            words = str(output).split()
-            counters[name] = (
-                int(words[words.index("packets") + 1]) if rc == 0 and "packets" in words else None
-            )
+            for name in ("unknown_dropped", "displaced_dropped", "queued", "queue_overlimit"):
+                found = watch.counter(FAMILY, TABLE, name) if table else None
+                counters[name] = None if found is None else found[0]
         sysctls = {}
         for name, (wanted, why) in sysctl.REQUIRED.items():
             try:

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from lrkp_tsl.lab import Lab
+from lrkp_tsl.media import Endpoint
 from tests.netns.calls import KAMAILIO_IP, NODE_ARGS, Call, Stream, burst, running_node
 from tests.netns.daemon import Controller
 from tests.netns.helpers import Peers
@@ -127,10 +128,15 @@ def test_sessions_show_counters_grow_delete_stops_media_and_summary_matches(
             stats = json.loads(text)
             assert stats["counters"]["calls.removed.operator"] == 1
             assert stats["counters"]["calls.removed.deleted"] == 1
+            caller.send(Endpoint(call.caller_relay.ip, 21000), b"nobody-here")  # no call
+            time.sleep(0.2)
             code, text, err = ctl(lab, "kernel", "--json")
             assert code == 0, err
             kernel = json.loads(text)
             assert kernel["table_present"] is True and kernel["queue_rule"] is True
+            listed = lab.run("relay", "nft", "list", "counter", "ip", "lrkp", "unknown_dropped")
+            packets = int(re.search(r"packets (\d+)", listed.stdout).group(1))  # type: ignore[union-attr]
+            assert kernel["counters"]["unknown_dropped"] == packets >= 1
             assert kernel["sysctls"]["net.netfilter.nf_conntrack_acct"]["value"] == "1"
         finally:
             kamailio.close()
