@@ -89,6 +89,8 @@ def main() -> int:
             runs = []
             for command in (
                 ("sessions", "--json"),
+                ("sessions", "--json"),
+                ("sessions", "--json"),
                 ("ruleset", "--json"),
                 ("stats",),
                 ("show", "bench-0@ctl"),

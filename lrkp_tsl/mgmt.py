@@ -39,7 +39,7 @@ import nftables
 from lrkp_tsl import __version__
 from lrkp_tsl.config import Config
 from lrkp_tsl.dataplane import DataPlane, sysctl
-from lrkp_tsl.dataplane.conntrack import ConntrackTable
+from lrkp_tsl.dataplane.conntrack import ConntrackTable, raw_key
 from lrkp_tsl.dataplane.nft import FAMILY, FLOW_MAPS, TABLE
 from lrkp_tsl.dataplane.nftsets import ENDPOINT_SIZE, FLOW_KEY_SIZE, Endpoints, SetReader
 from lrkp_tsl.dataplane.nftwatch import RulesetWatch
@@ -237,11 +237,11 @@ class Management:
             }
         )
 
-    def _dump(self) -> dict[StreamKey, tuple[Counters, float]]:
-        """Worker thread: every UDP conntrack entry of the node's namespace."""
+    def _dump(self) -> dict[bytes, tuple[int, int, int, int, int]]:
+        """Worker thread: every UDP conntrack entry of the node's namespace (raw_key)."""
         if self._conntrack is None:
             self._conntrack = ConntrackTable()
-        return {key: (counters, left) for key, counters, left in self._conntrack.stream_counters()}
+        return self._conntrack.stream_counters()
 
     async def _sessions(self, _request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         dump = await self._in_worker(self._dump)
@@ -251,8 +251,12 @@ class Management:
             for call in calls[first : first + CHUNK]:
                 if call.call_id not in self.engine.table:
                     continue  # ended while the listing was built
+                mine = {}
                 keys = call.view().keys()
-                mine = {key: dump[key] for key in keys if key in dump}
+                for key in keys:
+                    raw = dump.get(raw_key(key))
+                    if raw is not None:
+                        mine[key] = (Counters(*raw[:4]), float(raw[4]))
                 yield {"item": session_row(self.engine, call, mine, now)}
             await asyncio.sleep(0)
         yield _result({"calls": len(calls)})

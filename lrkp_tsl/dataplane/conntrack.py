@@ -247,15 +247,30 @@ class ConntrackTable:
             self._get(pending, found, _decode_stream)
         return {got[0]: got[1] for got in found.values() if got is not None}
 
-    def stream_counters(self) -> list[tuple[StreamKey, Counters, float]]:
-        """Every UDP entry of the namespace: (original tuple, counters, seconds left).
-        A whole-table dump: for on-demand listings, run in a worker thread with its own
-        ConntrackTable (never on the event loop)."""
-        found: list[tuple[StreamKey, Counters, float]] = []
+    def stream_counters(self) -> dict[bytes, tuple[int, int, int, int, int]]:
+        """Every UDP entry of the namespace, by `raw_key` of its original tuple:
+        (packets_orig, bytes_orig, packets_reply, bytes_reply, seconds left).
+
+        A whole-table dump, for on-demand listings: run it in a worker thread with its own
+        ConntrackTable, never on the event loop. Keys are bytes and values tuples of ints
+        on purpose: 50k entries as Endpoint objects would hand the cyclic GC hundreds of
+        thousands of objects to track, and a full collection stalls the event loop.
+        """
+        found: dict[bytes, tuple[int, int, int, int, int]] = {}
         for message in self._dump():
-            got = _decode_stream(message, 0, len(message))
-            if got is not None:
-                found.append(got)
+            attrs = _attrs(message, _NLMSGHDR.size + 4, len(message))
+            span = attrs.get(CTA_TUPLE_ORIG)
+            key = _raw_tuple(message, span) if span is not None else None
+            if key is None:
+                continue
+            counters = decode_counters(message, attrs) or Counters()
+            found[key] = (
+                counters.packets_orig,
+                counters.bytes_orig,
+                counters.packets_reply,
+                counters.bytes_reply,
+                int(_timeout(message, 0, len(message))),
+            )
         return found
 
     def _get(
@@ -369,6 +384,36 @@ def _field(data: bytes, attrs: dict[int, tuple[int, int]], kind: int, size: int)
     if span is None or span[1] - span[0] < size:
         return None
     return data[span[0] : span[0] + size]
+
+
+def raw_key(key: StreamKey) -> bytes:
+    """A (sender, relay) key as `stream_counters` keys it: IPs and big-endian ports."""
+    sender, relay = key
+    return (
+        sender.ip.packed
+        + sender.port.to_bytes(2, "big")
+        + relay.ip.packed
+        + relay.port.to_bytes(2, "big")
+    )
+
+
+def _raw_tuple(data: bytes, span: tuple[int, int]) -> bytes | None:
+    """`raw_key` of a CTA_TUPLE_* if it is IPv4 UDP, without building objects."""
+    parts = _attrs(data, *span)
+    if CTA_TUPLE_IP not in parts or CTA_TUPLE_PROTO not in parts:
+        return None
+    ip = _attrs(data, *parts[CTA_TUPLE_IP])
+    proto = _attrs(data, *parts[CTA_TUPLE_PROTO])
+    number = _field(data, proto, CTA_PROTO_NUM, 1)
+    if number is None or number[0] != IPPROTO_UDP:
+        return None
+    src = _field(data, ip, CTA_IP_V4_SRC, 4)
+    dst = _field(data, ip, CTA_IP_V4_DST, 4)
+    sport = _field(data, proto, CTA_PROTO_SRC_PORT, 2)
+    dport = _field(data, proto, CTA_PROTO_DST_PORT, 2)
+    if src is None or dst is None or sport is None or dport is None:
+        return None
+    return src + sport + dst + dport
 
 
 def _tuple(data: bytes, span: tuple[int, int]) -> tuple[Endpoint, Endpoint, int] | None:
