@@ -143,3 +143,41 @@ def test_operator_keys_defaults() -> None:
         {"internal_ip": "10.0.0.1", "ctl_socket": "/run/lrkp.sock", "log_format": "JSON"}
     )
     assert (loaded.ctl_socket, loaded.log_format) == ("/run/lrkp.sock", "json")
+
+
+def test_conntrack_counters_and_raw_keys_read_pyroute2_encoded_entries() -> None:
+    """Bytes as well as packets, each way; the raw key is the original tuple's."""
+    import socket
+
+    from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, nfct_msg
+
+    from lrkp_tsl.dataplane.conntrack import (
+        _NLMSGHDR,
+        CTA_TUPLE_ORIG,
+        _attrs,
+        _decode_stream,
+        _raw_tuple,
+        raw_key,
+    )
+
+    message = nfct_msg()
+    message["nfgen_family"] = socket.AF_INET
+    message["header"]["type"] = NFNL_SUBSYS_CTNETLINK << 8
+    orig = NFCTAttrTuple(saddr="10.0.0.21", daddr="10.0.0.10", sport=4000, dport=20002, proto=17)
+    message["attrs"] = [
+        ["CTA_TUPLE_ORIG", {"attrs": orig.attrs()}],
+        ["CTA_COUNTERS_ORIG", {"attrs": [["CTA_COUNTERS_PACKETS", 3], ["CTA_COUNTERS_BYTES", 99]]}],
+        [
+            "CTA_COUNTERS_REPLY",
+            {"attrs": [["CTA_COUNTERS_PACKETS", 5], ["CTA_COUNTERS_BYTES", 190]]},
+        ],
+        ["CTA_TIMEOUT", 42],
+    ]
+    message.encode()
+    data = bytes(message.data)
+    key = (ep("10.0.0.21:4000"), ep("10.0.0.10:20002"))
+    decoded = _decode_stream(data, 0, len(data))
+    assert decoded == (key, Counters(3, 99, 5, 190), 42.0)
+    span = _attrs(data, _NLMSGHDR.size + 4, len(data))[CTA_TUPLE_ORIG]
+    assert _raw_tuple(data, span) == raw_key(key)
