@@ -31,6 +31,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +42,20 @@ from lrkp_tsl.config import Config
 from lrkp_tsl.dataplane import DataPlane, sysctl
 from lrkp_tsl.dataplane.conntrack import ConntrackTable, raw_key
 from lrkp_tsl.dataplane.nft import FAMILY, FLOW_MAPS, TABLE
-from lrkp_tsl.dataplane.nftsets import ENDPOINT_SIZE, FLOW_KEY_SIZE, Endpoints, SetReader
+from lrkp_tsl.dataplane.nftsets import (
+    ENDPOINT_SIZE,
+    FLOW_KEY_SIZE,
+    SetElements,
+    SetReader,
+    element_comment,
+)
 from lrkp_tsl.dataplane.nftwatch import RulesetWatch
 from lrkp_tsl.dataplane.queue import QueueRule
 from lrkp_tsl.engine import Engine
 from lrkp_tsl.errors import KernelError, StoreError
 from lrkp_tsl.kernel import Counters, StreamKey
 from lrkp_tsl.latching import Rule
-from lrkp_tsl.media import Endpoint, InstalledFlow
+from lrkp_tsl.media import Endpoint
 from lrkp_tsl.server import Server
 from lrkp_tsl.session import Call, Leg
 from lrkp_tsl.traffic import leg_of
@@ -369,59 +376,67 @@ class Management:
         rc, output, error = nft.cmd(f"list table {FAMILY} {TABLE}")
         if rc != 0:
             raise KernelError(f"nft list table {FAMILY} {TABLE}: {str(error).strip()}")
+        # Raw bytes, not objects: 100,000s of elements as Endpoints would hand the cyclic
+        # GC that many objects to track, and a full collection stalls the event loop.
+        # Elements are decoded a chunk at a time in `_ruleset`, and die young.
         with SetReader() as reader:
-            flows = reader.read_flows(FAMILY, TABLE, FLOW_MAPS)
+            dnat, snat = (
+                reader.elements(FAMILY, TABLE, name, FLOW_KEY_SIZE, ENDPOINT_SIZE)
+                for name in FLOW_MAPS
+            )
             learning = reader.elements(FAMILY, TABLE, "learning", ENDPOINT_SIZE)
             displaced = reader.elements(FAMILY, TABLE, "displaced", FLOW_KEY_SIZE)
             seen = reader.elements(FAMILY, TABLE, "seen", FLOW_KEY_SIZE)
-        endpoints = Endpoints()
-
-        def endpoint(raw: bytes) -> Endpoint:
-            return endpoints.cache.get(raw) or endpoints.new(raw)
-
+        keys = list(dnat.values) + [key for key in snat.values if key not in dnat.values]
         return {
             "rules": str(output),
-            "flows": flows,
-            "learning": [endpoint(key) for key in learning.values],
-            "displaced": [(endpoint(k[:8]), endpoint(k[8:])) for k in displaced.values],
-            "seen": {(endpoint(k[:8]), endpoint(k[8:])) for k in seen.values},
+            "keys": keys,
+            "dnat": dnat,
+            "snat": snat,
+            "learning": list(learning.values),
+            "displaced": list(displaced.values),
+            "seen": seen.values,
         }
 
     async def _ruleset(self, _request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         read = await self._in_worker(self._read_ruleset)
         table = self.engine.table
         yield {"item": {"kind": "rules", "text": read["rules"]}}
-        flows: list[InstalledFlow] = read["flows"]
-        for first in range(0, len(flows), CHUNK):
-            for flow in flows[first : first + CHUNK]:
-                owner = table.owner(flow.relay)
+        keys: list[bytes] = read["keys"]
+        dnat: SetElements = read["dnat"]
+        snat: SetElements = read["snat"]
+        for first in range(0, len(keys), CHUNK):
+            for raw in keys[first : first + CHUNK]:
+                sender, relay = _endpoint(raw[:8]), _endpoint(raw[8:])
+                target, relay_out = dnat.values.get(raw), snat.values.get(raw)
+                udata = dnat.userdata.get(raw) or snat.userdata.get(raw)
+                owner = table.owner(relay)
                 call = table.get(owner) if owner is not None else None
-                found = leg_of(call, (flow.sender, flow.relay)) if call is not None else None
+                found = leg_of(call, (sender, relay)) if call is not None else None
                 yield {
                     "item": {
                         "kind": "flow",
                         "maps": [
                             name
-                            for name, value in zip(
-                                FLOW_MAPS, (flow.target, flow.relay_out), strict=True
-                            )
-                            if value
+                            for name, value in zip(FLOW_MAPS, (target, relay_out), strict=True)
+                            if value is not None
                         ],
-                        "key": f"{flow.sender} . {flow.relay}",
-                        "dnat_to": str(flow.target) if flow.target else None,
-                        "snat_to": str(flow.relay_out) if flow.relay_out else None,
-                        "comment": flow.comment,
+                        "key": f"{sender} . {relay}",
+                        "dnat_to": None if target is None else str(_endpoint(target)),
+                        "snat_to": None if relay_out is None else str(_endpoint(relay_out)),
+                        "comment": element_comment(udata) if udata else "",
                         "call_id": owner,
                         "side": found[0] if found else None,
                         "stream": found[1].stream.value if found else None,
-                        "seen": (flow.sender, flow.relay) in read["seen"],
+                        "seen": raw in read["seen"],
                         "explained": _explain_flow(owner, found),
                     }
                 }
             await asyncio.sleep(0)
-        for count, relay in enumerate(read["learning"], 1):
+        for count, raw in enumerate(read["learning"], 1):
             if count % CHUNK == 0:
                 await asyncio.sleep(0)
+            relay = _endpoint(raw)
             owner = table.owner(relay)
             call = table.get(owner) if owner is not None else None
             legs = (
@@ -448,9 +463,10 @@ class Management:
                     ),
                 }
             }
-        for count, (source, relay) in enumerate(read["displaced"], 1):
+        for count, raw in enumerate(read["displaced"], 1):
             if count % CHUNK == 0:
                 await asyncio.sleep(0)
+            source, relay = _endpoint(raw[:8]), _endpoint(raw[8:])
             owner = table.owner(relay)
             yield {
                 "item": {
@@ -463,7 +479,7 @@ class Management:
                     ),
                 }
             }
-        yield _result({"flows": len(flows), "learning": len(read["learning"])})
+        yield _result({"flows": len(keys), "learning": len(read["learning"])})
 
     async def _drain(self, _request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         if not self.engine.draining:
@@ -480,6 +496,11 @@ class Management:
             log.warning("no longer draining: P is answered again")
         self.engine.draining = False
         yield _result({"draining": False, "calls": len(self.engine.table)})
+
+
+def _endpoint(raw: bytes) -> Endpoint:
+    """An nf_tables `ipv4_addr . inet_service` value (address, port, 2 bytes of padding)."""
+    return Endpoint(IPv4Address(raw[:4]), (raw[4] << 8) | raw[5])
 
 
 def _explain_flow(owner: str | None, found: tuple[str, Leg] | None) -> str:
