@@ -11,7 +11,9 @@ Rules:
 - relay IPs (`dst_ip`, `snat_ip`) are the node's internal or external IP;
 - relay ports and their RTCP port (+1) lie in the node's port range. A mismatch usually
   means Kamailio's `start_port`/`end_port` modparams (5.7+) name ports outside the node's
-  `ports`: the reason says so;
+  `ports`: the reason says so and names the values that fit (start_port = the first port,
+  end_port = the last whole 4-port block, what `G` reports). The whole `S` is refused, so
+  a call is either relayed both ways or not at all, never half (docs/kamailio.md);
 - party addresses (`src_ip`, `dnat_ip`) are unicast IPv4 a party can have: not 0.0.0.0/8,
   loopback, multicast, reserved or broadcast, and not one of the node's own relay IPs.
 """
@@ -24,6 +26,7 @@ from ipaddress import IPv4Address
 
 from lrkp_tsl.errors import LrkpError
 from lrkp_tsl.media import RTCP_PORT_OFFSET, CallMedia, Endpoint, PortRange
+from lrkp_tsl.ports import PortUse
 
 
 class Refusal(LrkpError):
@@ -69,7 +72,8 @@ def _check_ports(field: str, relay: Endpoint, ports: PortRange) -> None:
                 RELAY_PORT,
                 f"{field}_port {relay.port} (RTCP {relay.port + RTCP_PORT_OFFSET}) is outside "
                 f"this node's ports {ports}; if Kamailio sets start_port/end_port, they must "
-                "lie inside it",
+                f"lie inside it: start_port {ports.start} and end_port "
+                f"{PortUse(ports).last_block()} (as G says), or unset both",
             )
 
 

@@ -29,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("check-config", "validate the configuration and exit"),
     ):
         cmd = sub.add_parser(name, help=text, description=text)
-        cmd.add_argument("--config", type=Path, help="TOML config file")
+        cmd.add_argument(
+            "--config",
+            type=Path,
+            help=f"TOML config file (default {config.DEFAULT_CONFIG} if it exists; "
+            "--config /dev/null: flags only)",
+        )
         cmd.add_argument(
             "--control",
             action="append",
@@ -69,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument("--log-format", help="text (default) or json")
         cmd.add_argument(
+            "--metrics-listen",
+            metavar="IP:PORT",
+            help="serve Prometheus /metrics here (default: off)",
+        )
+        cmd.add_argument(
             "--flush-on-exit",
             action="store_true",
             default=None,
@@ -96,18 +106,46 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "pair.peer_redis": args.pair_peer_redis,
         "ctl_socket": args.ctl_socket,
         "log_format": args.log_format,
+        "metrics.listen": args.metrics_listen,
     }
+
+
+def config_path(args: argparse.Namespace) -> Path | None:
+    """--config, else the default file if it exists, else none (flags only)."""
+    if args.config is not None:
+        return Path(args.config)
+    return config.DEFAULT_CONFIG if config.DEFAULT_CONFIG.is_file() else None
+
+
+def print_problems(error: ConfigError) -> None:
+    """Every problem, one per line, on stderr."""
+    problems = getattr(error, "problems", None) or [error.reason]
+    count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
+    print(f"lrkp-tsl: bad configuration ({count}):", file=sys.stderr)
+    for problem in problems:
+        print(f"  - {problem}", file=sys.stderr)
+
+
+def print_summary(path: Path | None, node_config: config.Config, given: set[str]) -> None:
+    """What the node would run with: every key and its value, defaults marked."""
+    print(f"lrkp-tsl: configuration OK ({path if path else 'flags only, no file'})")
+    rows = config.describe(node_config, given)
+    width = max(len(key) for key, _value in rows)
+    for key, value in rows:
+        print(f"  {key.ljust(width)}  {value}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    path = config_path(args)
     try:
-        node_config = config.load(args.config, overrides(args))
+        values = config.read(path, overrides(args))
+        node_config = config.from_mapping(values, source=str(path) if path else "flags")
     except ConfigError as error:
-        print(f"lrkp-tsl: bad configuration: {error.reason}", file=sys.stderr)
+        print_problems(error)
         return EXIT_CONFIG
     if args.command == "check-config":
-        print(f"lrkp-tsl: configuration OK: {node_config}")
+        print_summary(path, node_config, set(values))
         return 0
     from lrkp_tsl.logfmt import setup_logging
 

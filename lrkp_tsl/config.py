@@ -2,7 +2,9 @@
 
 Every problem is reported as a ConfigError naming the key, the value and what would be
 accepted; unknown keys are errors too (a typo must not silently fall back to a default).
-Pure: parsing and validation only; the daemon reads the file.
+All problems of one configuration are found at once (ConfigErrors), so an operator fixes
+them in one pass instead of one per restart. Pure: parsing and validation only; the daemon
+reads the file.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from lrkp_tsl.latching import Policy
 from lrkp_tsl.media import PortRange
 
 DEFAULT_CONTROL_PORT = 22333  # the lrkproxy module's default (CPORT)
+# Read when no --config is given and it exists (the packaged service names it explicitly).
+DEFAULT_CONFIG = Path("/etc/lrkp-tsl/lrkp-tsl.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 # The management socket lrkp-ctl talks to: an abstract unix name, scoped by the kernel to
@@ -98,6 +102,8 @@ class Config:
     # Operator surface: lrkp-ctl's socket (`@abstract` or `/path`), and the log format.
     ctl_socket: str = DEFAULT_CTL_SOCKET
     log_format: str = "text"
+    # Where Prometheus scrapes /metrics (host, port); None: no metrics endpoint (default).
+    metrics_listen: tuple[str, int] | None = None
 
     @property
     def paired(self) -> bool:
@@ -237,6 +243,24 @@ def _queue_num(key: str, value: Any) -> int:
     return value
 
 
+def _listen(key: str, value: Any) -> tuple[str, int]:
+    """HOST:PORT or [IPv6]:PORT, HOST an IP address (no name lookups at startup)."""
+    if not isinstance(value, str):
+        raise ConfigError(f'{key} = {value!r}: expected IP:PORT, e.g. "127.0.0.1:9733"')
+    if value.startswith("["):
+        host, _, tail = value[1:].partition("]")
+        port_text = tail.removeprefix(":") if tail.startswith(":") else ""
+    else:
+        host, _, port_text = value.rpartition(":")
+    try:
+        address = ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            f'{key} = {value!r}: expected IP:PORT or [IPv6]:PORT, e.g. "127.0.0.1:9733"'
+        ) from None
+    return str(address), _port(port_text, f"{key} = {value!r}")
+
+
 # TOML layout: dotted key -> (Config field, converter)
 KEYS: dict[str, tuple[str, Any]] = {
     "internal_ip": ("internal_ip", _ipv4),
@@ -259,7 +283,17 @@ KEYS: dict[str, tuple[str, Any]] = {
     "pair.peer_redis": ("pair_peer_redis", _redis_url),
     "ctl_socket": ("ctl_socket", _ctl_socket),
     "log_format": ("log_format", _log_format),
+    "metrics.listen": ("metrics_listen", _listen),
 }
+
+
+class ConfigErrors(ConfigError):
+    """Every problem found in one configuration, in the order found; `reason` has them
+    one per line (a single problem reads exactly as a plain ConfigError)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -274,40 +308,77 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def from_mapping(values: dict[str, Any], *, source: str = "config") -> Config:
-    """Build a Config from dotted keys (TOML tables flattened, or flags)."""
+    """Build a Config from dotted keys (TOML tables flattened, or flags).
+
+    Raises ConfigErrors with every problem found: each key is checked on its own, then the
+    checks across keys run on the keys that were valid."""
+    problems: list[str] = []
     fields: dict[str, Any] = {}
+    failed: set[str] = set()
+    unknown = [key for key in values if key not in KEYS]
+    for key in unknown:
+        problems.append(f"{source}: unknown key {key!r}")
+    if unknown:
+        problems.append(f"{source}: known keys: {', '.join(sorted(KEYS))}")
     for key, value in values.items():
-        if key not in KEYS:
-            known = ", ".join(sorted(KEYS))
-            raise ConfigError(f"{source}: unknown key {key!r} (known keys: {known})")
-        name, convert = KEYS[key]
-        fields[name] = convert(key, value)
-    if "internal_ip" not in fields:
-        raise ConfigError(
+        if key in KEYS:
+            name, convert = KEYS[key]
+            try:
+                fields[name] = convert(key, value)
+            except ConfigError as error:
+                problems.append(error.reason)
+                failed.add(key)
+    if "internal_ip" not in values:
+        problems.append(
             f"{source}: internal_ip is required: the relay IP Kamailio writes into SDP "
             "(an address of this host); set it in the file or with --internal-ip"
         )
-    fields.setdefault("external_ip", fields["internal_ip"])
-    config = Config(**fields)
-    if (config.pair_redis is None) != (config.pair_peer_redis is None):
-        raise ConfigError(
+    if ("pair.redis" in values) != ("pair.peer_redis" in values):
+        problems.append(
             f"{source}: pair.redis and pair.peer_redis go together: a node of an "
             "active/standby pair needs its own Redis and its peer's (see the README, "
             "'An active/standby pair'); set both, or neither for a single node"
         )
+    if "internal_ip" in fields:
+        fields.setdefault("external_ip", fields["internal_ip"])
+        if not failed & CROSS_CHECKED:  # a clash with a default the file did not mean
+            problems += _clashes(Config(**fields))
+    if problems:
+        raise ConfigErrors(problems)
+    return Config(**fields)
+
+
+CROSS_CHECKED = {"internal_ip", "external_ip", "ports", "control", "metrics.listen"}
+
+
+def _clashes(config: Config) -> list[str]:
+    """Checks across keys, on a Config whose keys are each valid."""
+    problems = []
     for address in config.control:
         on_relay_ip = address.host in ("0.0.0.0", *map(str, config.relay_addrs))
         if address.scheme == "udp" and on_relay_ip and address.port in config.ports:
-            raise ConfigError(
+            problems.append(
                 f"control = {str(address)!r}: port {address.port} is inside the relay port "
                 f"range ports = {str(config.ports)!r} on a relay address, where the kernel "
                 "drops every packet that belongs to no call; move one of them"
             )
-    return config
+    if config.metrics_listen is not None:
+        host, port = config.metrics_listen
+        if host in ("0.0.0.0", *map(str, config.relay_addrs)) and port in config.ports:
+            problems.append(
+                f"metrics.listen = '{host}:{port}': port {port} is inside the relay port "
+                f"range ports = {str(config.ports)!r} on a relay address; move one of them"
+            )
+    return problems
 
 
 def load(path: Path | None, overrides: dict[str, Any]) -> Config:
     """Read `path` (if any), apply `overrides` (dotted keys, from flags), validate."""
+    return from_mapping(read(path, overrides), source=str(path) if path else "flags")
+
+
+def read(path: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The dotted keys `path` (if any) and `overrides` set, unchecked; flags win."""
     values: dict[str, Any] = {}
     if path is not None:
         try:
@@ -317,4 +388,34 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return from_mapping(values, source=str(path) if path else "flags")
+    return values
+
+
+def _shown(value: Any) -> str:
+    """A value as an operator writes it in the file (not a Python repr)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Policy):
+        return value.value
+    if isinstance(value, float):
+        return f"{value:g} s"
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+        host, port = value
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    if isinstance(value, tuple):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def describe(config: Config, given: set[str] | None = None) -> list[tuple[str, str]]:
+    """(key, value as text) for every key, in the documented order; a key not in `given`
+    (the keys the file or flags set) is marked as the default."""
+    rows = []
+    for key, (name, _convert) in KEYS.items():
+        text = _shown(getattr(config, name))
+        if given is not None and key not in given:
+            text += "  (default)"
+        rows.append((key, text))
+    return rows

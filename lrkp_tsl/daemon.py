@@ -295,6 +295,19 @@ async def _run(
         raise ConfigError(f"ctl_socket = {config.ctl_socket!r}: cannot listen: {exc}") from None
     cleanup.append(("management socket", ctl.close))
     log.info("lrkp-ctl: listening on %s", config.ctl_socket)
+    if config.metrics_listen is not None:
+        from lrkp_tsl.metrics import Exporter  # prometheus_client only when asked for
+
+        listen = config.metrics_listen
+        ports_total = config.ports.end - config.ports.start + 1
+        try:
+            exporter = Exporter(listen, engine, server.latency, ports_total, loop)
+        except OSError as exc:
+            raise ConfigError(
+                f"metrics.listen: cannot listen on {listen}: {exc.strerror}"
+            ) from None
+        cleanup.append(("metrics", exporter.close))
+        log.info("metrics: serving /metrics on %s port %d", *exporter.address[:2])
     heal = SelfHeal(
         plane,
         queue_rule,

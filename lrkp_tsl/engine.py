@@ -152,6 +152,11 @@ def _spread(call: Call) -> float:
     return 1.0 + fraction * max(0.0, call.idle_timeout - 1.0)
 
 
+def _command(request: SetSession | protocol.DeleteSession) -> str:
+    """The command's name in `command.<name>.<result>` stats (metrics.py labels)."""
+    return "set" if isinstance(request, SetSession) else "delete"
+
+
 def _flow_tuple(flow: InstalledFlow) -> tuple[Endpoint, Endpoint, Endpoint | None, Endpoint | None]:
     return (flow.sender, flow.relay, flow.target, flow.relay_out)
 
@@ -230,6 +235,7 @@ class Engine:
             request = protocol.parse_request(data, with_cookie=with_cookie)
         except ProtocolError as error:
             self.stats[f"error.{error.code}"] += 1
+            self.stats["command.unparsed.error"] += 1
             self.note_remote(now, "bad requests", "bad request from %s: %s", peer, error)
             return protocol.reply_error(error), True
         self.stats[f"request.{type(request).__name__}"] += 1
@@ -238,15 +244,19 @@ class Engine:
                 # An empty datagram: lrkproxy disables the node at once and picks another
                 # node of the set for new calls; S and D still come (docs/lrkp-ctl.md).
                 self.stats["drain.ping_refused"] += 1
+                self.stats["command.ping.drained"] += 1
                 return b"", False
+            self.stats["command.ping.ok"] += 1
             return protocol.reply_pong(request), True
         if isinstance(request, GetConfig):
+            self.stats["command.config.ok"] += 1
             return protocol.reply_config(request, self.node_config()), True
         if isinstance(request, SetSession):
             try:
                 admission.check(request.media, self.settings.limits)
             except Refusal as refusal:
                 self.stats[f"refused.{refusal.code}"] += 1
+                self.stats["command.set.refused"] += 1
                 self.note_remote(now, "refused commands", "[%s] S from %s refused: %s",
                              request.media.call_id, peer, refusal.reason)  # fmt: skip
                 return protocol.reply_refused(request, refusal.code, refusal.reason), True
@@ -266,8 +276,10 @@ class Engine:
                 self._commit(action, now, peer)
         except (KernelError, StoreError) as error:
             self.stats[f"error.{error.code}"] += 1
+            self.stats[f"command.{_command(request)}.failed"] += 1
             log.error("%s from %s not applied: %s", type(request).__name__, peer, error)
             return protocol.reply_refused(request, error.code, error.reason), False
+        self.stats[f"command.{_command(request)}.ok"] += 1
         return protocol.reply_ok(request), True
 
     # -- first packets -------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from lrkp_tsl.config import Config
 from lrkp_tsl.dataplane import DataPlane, sysctl
 from lrkp_tsl.dataplane.conntrack import ConntrackTable, raw_key
 from lrkp_tsl.dataplane.nft import FAMILY, FLOW_MAPS, TABLE
+from lrkp_tsl.dataplane.nftcounters import CounterReader
 from lrkp_tsl.dataplane.nftsets import (
     ENDPOINT_SIZE,
     FLOW_KEY_SIZE,
@@ -324,14 +325,16 @@ class Management:
 
     def _kernel_state(self) -> dict[str, Any]:
         """Worker thread: what the kernel holds for the node, read on fresh sockets."""
-        counters: dict[str, int | None] = {}
         with RulesetWatch() as watch:
             table = watch.fingerprint(FAMILY, TABLE) is not None
             queue_rule = table and self.queue_rule.present(watch)
             policy = watch.ct_timeout(FAMILY, TABLE, "relay_idle") if table else None
-            for name in ("unknown_dropped", "displaced_dropped", "queued", "queue_overlimit"):
-                found = watch.counter(FAMILY, TABLE, name) if table else None
-                counters[name] = None if found is None else found[0]
+        reader = CounterReader()
+        try:
+            found = reader.counters(FAMILY, TABLE) or {}
+        finally:
+            reader.close()
+        counters = {name: packets for name, (packets, _bytes) in sorted(found.items())}
         sysctls = {}
         for name, (wanted, why) in sysctl.REQUIRED.items():
             try:

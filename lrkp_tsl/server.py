@@ -29,6 +29,7 @@ from lrkp_tsl.dataplane.ctevents import ConntrackEvents
 from lrkp_tsl.dataplane.queue import PacketQueue
 from lrkp_tsl.dataplane.role import freebind_udp_socket
 from lrkp_tsl.engine import Engine
+from lrkp_tsl.latency import Latency
 from lrkp_tsl.session import Verdict
 
 log = logging.getLogger("lrkp_tsl.server")
@@ -55,6 +56,7 @@ class Server:
         self._timer_at: float | None = None
         self._failures: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.latency = Latency()  # command handling time (metrics.py)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -88,6 +90,7 @@ class Server:
             packet = self.packets.pop(packet_id, None)
             if packet is None:
                 continue
+            self.stats[f"queue.verdict.{verdict.value}"] += 1
             try:
                 if verdict is Verdict.ACCEPT:
                     packet.accept()
@@ -120,12 +123,14 @@ class Server:
     ) -> bytes | None:
         host = str(addr[0]) if addr else "unix"
         peer = f"{host}:{addr[1]}" if len(addr) > 1 else host
+        started = time.perf_counter()
         _ok, reply = self.guarded(
             "control",
             lambda: self.engine.on_datagram(
                 data, addr, peer, self.clock(), with_cookie=with_cookie
             ),
         )
+        self.latency.observe(time.perf_counter() - started)
         return cast(bytes | None, reply)
 
     def allowed(self, host: str) -> bool:

@@ -10,8 +10,10 @@ PACKAGES=(
   libnetfilter-queue-dev python3-dev python3-venv gcc   # NetfilterQueue builds from source
   iproute2                                  # ip netns / veth / bridge for the lab
   kamailio sip-tester                       # the controlling layer and SIP peer for e2e tests
+  make bison flex xz-utils                  # scripts/build-kamailio.sh: Kamailio 6.x from source
   redis-server                              # pair mode: the call table's replication feed
   keepalived                                # pair mode: VRRP moves the relay and control VIPs
+  systemd                                   # systemd-analyze verify checks packaging/lrkp-tsl.service
 )
 # redis-server: on a host running systemd, Debian starts and enables its own instance
 # (127.0.0.1:6379, /var/lib/redis) at install. It is left alone here: on a pair node it is

@@ -91,9 +91,6 @@ NFTA_OBJ_NAME = 2
 NFTA_OBJ_TYPE = 3
 NFTA_OBJ_DATA = 4
 NFT_OBJECT_CT_TIMEOUT = 7
-NFT_OBJECT_COUNTER = 1
-NFTA_COUNTER_BYTES = 1
-NFTA_COUNTER_PACKETS = 2
 NFTA_CT_TIMEOUT_DATA = 3
 
 # Chain attributes that define what a chain does; USE and COUNTERS change on their own.
@@ -559,27 +556,6 @@ class RulesetWatch:
             state: _int({state: value}, state, _U32, what)
             for state, value in parse_attrs(policy).items()
         }
-
-    def counter(self, family: str, table: str, name: str) -> tuple[int, int] | None:
-        """A named counter's (packets, bytes); None if there is no such counter. Over
-        netlink: libnftables fetches every set element first (3 s per call at 50k calls)."""
-        number = family_number(family)
-        what = f"reading counter {family} {table} {name}"
-        replies = self._exchange(
-            lambda seq: object_request(seq, number, table, name, NFT_OBJECT_COUNTER), what
-        )
-        if replies is None:
-            return None
-        if not replies:
-            raise KernelError(f"{what}: no answer")
-        data = _body_attrs(replies[0]).get(NFTA_OBJ_DATA)
-        if data is None:
-            raise KernelError(f"{what}: no data in the answer")
-        values = parse_attrs(data)
-        return (
-            _int(values, NFTA_COUNTER_PACKETS, _U64, what),
-            _int(values, NFTA_COUNTER_BYTES, _U64, what),
-        )
 
     def has_rule(self, family: str, table: str, chain: str, needle: bytes) -> bool:
         """Whether some rule of `chain` contains `needle`; False if table or chain is gone."""

@@ -1,9 +1,11 @@
-"""End-to-end harness: Debian's Kamailio with the stock lrkproxy module, and SIPp parties, in
-the lab's namespaces.
+"""End-to-end harness: Kamailio with the stock lrkproxy module, and SIPp parties, in the lab's
+namespaces.
 
     kamailio(lab, workdir, nodes=[...])   Kamailio in the `sip` namespace running
                                           examples/kamailio.cfg, started and ready on entry,
-                                          killed (with all its children) on exit
+                                          killed (with all its children) on exit; Debian's
+                                          5.6 by default, any other build with `build=`
+                                          (see KamailioBuild; conftest's `kamailio_build`)
     call(lab, workdir, caller=..., ...)   a SIPp UAS in one party namespace and a SIPp UAC in
                                           another, with the scenarios in scenarios/; exposes the
                                           SDP each side received and always kills both
@@ -40,6 +42,8 @@ KAMAILIO_EXT = address(KAMAILIO_HOST, "ext")  # 10.201.2.5
 INTERNAL_NET = "10.201.1.0/24"
 EXTERNAL_NET = "10.201.2.0/24"
 
+DEBIAN_MPATH = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
+
 START_TIMEOUT = 20.0  # Kamailio start: includes P/G to every node in every process
 CALL_TIMEOUT = 30.0  # a whole SIPp call, pause included, must end within this
 
@@ -66,6 +70,27 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 # --------------------------------------------------------------------------- Kamailio
+
+
+@dataclass(frozen=True)
+class KamailioBuild:
+    """One Kamailio to run the e2e tests against: its binary and module directory.
+
+    `sends_delete`: its lrkproxy sends `D` (5.7 and later); 5.6 never does, so there a
+    call ends by expiry only. `ranged`: it knows the start_port/end_port modparams (5.7+).
+    """
+
+    name: str  # the test id: "5.6", "6.2"
+    binary: str
+    mpath: str
+    sends_delete: bool
+
+    @property
+    def ranged(self) -> bool:
+        return self.sends_delete
+
+
+DEBIAN_KAMAILIO = KamailioBuild("5.6", "kamailio", DEBIAN_MPATH, sends_delete=False)
 
 
 def define(name: str, value: str | int) -> list[str]:
@@ -181,14 +206,29 @@ def kamailio_argv(
     children: int = 2,
     debug: int = 2,
     extra: Sequence[str] = (),
+    binary: str = "kamailio",
+    mpath: str | None = None,
+    config: Path = KAMAILIO_CFG,
+    start_port: int | None = None,
+    end_port: int | None = None,
 ) -> list[str]:
-    """The Kamailio command line: foreground, log to stderr, own runtime dir and pid file."""
+    """The Kamailio command line: foreground, log to stderr, own runtime dir and pid file.
+
+    `mpath`: the module directory (default: the cfg's, Debian's); `start_port`/`end_port`:
+    the lrkproxy modparams of 5.7+ (the cfg sets them only when defined)."""
+    optional = []
+    if mpath is not None:
+        optional += define("MPATH", quoted(mpath))
+    if start_port is not None:
+        optional += define("LRKP_START_PORT", start_port)
+    if end_port is not None:
+        optional += define("LRKP_END_PORT", end_port)
     return [
-        "kamailio",
+        binary,
         "-DD",
         "-E",
         "-f",
-        str(KAMAILIO_CFG),
+        str(config),
         "-Y",
         str(workdir),
         "-P",
@@ -210,6 +250,7 @@ def kamailio_argv(
         *define("LISTEN_EXT", f"udp:{KAMAILIO_EXT}:{SIP_PORT}"),
         *define("INT_NET", quoted(INTERNAL_NET)),
         *define("EXT_NET", quoted(EXTERNAL_NET)),
+        *optional,
         *extra,
     ]
 
@@ -226,14 +267,37 @@ def kamailio(
     retr: int = 2,
     children: int = 2,
     debug: int = 2,
+    build: KamailioBuild | None = None,
+    binary: str | None = None,
+    mpath: str | None = None,
+    config: Path = KAMAILIO_CFG,
+    start_port: int | None = None,
+    end_port: int | None = None,
+    extra: Sequence[str] = (),
 ) -> Iterator[Kamailio]:
     """Kamailio, ready (both sockets answer), for the duration of the block; always killed.
 
     `nodes` are lrkproxy_sock URLs, e.g. ["udp:10.201.1.1:22333"]; the other arguments are
     the defines LRKP_ALG, LRKP_GT, LRKP_TOUT, LRKP_RETR, CHILDREN and DEBUG_LEVEL.
+    `build` picks the Kamailio (default: Debian's 5.6); `binary`/`mpath` override its parts;
+    `start_port`/`end_port` set lrkproxy's port range (5.7+ only).
     """
+    chosen = build or DEBIAN_KAMAILIO
     argv = kamailio_argv(
-        workdir, nodes, alg=alg, gt=gt, tout=tout, retr=retr, children=children, debug=debug
+        workdir,
+        nodes,
+        alg=alg,
+        gt=gt,
+        tout=tout,
+        retr=retr,
+        children=children,
+        debug=debug,
+        extra=extra,
+        binary=binary or chosen.binary,
+        mpath=mpath or (None if build is None else chosen.mpath),
+        config=config,
+        start_port=start_port,
+        end_port=end_port,
     )
     with Kamailio(lab, workdir, argv) as running:
         yield running

@@ -1,4 +1,7 @@
-"""Calls through Debian's Kamailio (lrkproxy.so, unchanged) and SIPp, relayed by our node.
+"""Calls through Kamailio (lrkproxy.so, unchanged) and SIPp, relayed by our node.
+
+Tests taking `kamailio_build` run against Debian's 5.6 and the 6.x snapshot; the others
+against 5.6 (what only 6.x does is in test_kamailio6.py).
 
 The node runs for real (`lrkp-tsl run`) in the lab's relay namespace(s); media is RTP sent
 by Python sockets bound on the SDP ports of each party, to the relay address each party
@@ -18,16 +21,19 @@ import pytest
 from lrkp_tsl.dataplane.nft import TABLE
 from lrkp_tsl.lab import Lab
 from lrkp_tsl.media import Endpoint
-from tests.e2e.harness import Call, Sdp, call, kamailio
+from tests.e2e.harness import Call, KamailioBuild, Sdp, call, kamailio
 from tests.netns.daemon import Node
 from tests.netns.helpers import Party, Peers
 
 IDLE = 3.0
 NODE1 = ("relay", "10.201.1.1", "10.201.2.1")
 NODE2 = ("relay2", "10.201.1.2", "10.201.2.2")
+PORTS = "20000-21999"
 
 
-def start_node(lab: Lab, host: str, internal: str, external: str) -> Node:
+def start_node(
+    lab: Lab, host: str, internal: str, external: str, idle: float = IDLE, ports: str = PORTS
+) -> Node:
     node = Node(
         lab,
         host,
@@ -36,13 +42,13 @@ def start_node(lab: Lab, host: str, internal: str, external: str) -> Node:
         "--external-ip",
         external,
         "--ports",
-        "20000-21999",
+        ports,
         "--control",
         f"udp:{internal}:22333",
         "--allow",
         "10.201.1.5",
         "--idle-timeout",
-        str(IDLE),
+        str(idle),
         "--flush-on-exit",
     )
     deadline = time.monotonic() + 15
@@ -90,9 +96,11 @@ def conntrack(lab: Lab, host: str) -> str:
     return lab.run(host, "conntrack", "-L", "-p", "udp", check=False).stdout
 
 
-def test_call_through_kamailio_relayed_by_the_kernel(lab: Lab, node: Node, tmp_path: Path) -> None:
+def test_call_through_kamailio_relayed_by_the_kernel(
+    lab: Lab, node: Node, tmp_path: Path, kamailio_build: KamailioBuild
+) -> None:
     with (
-        kamailio(lab, tmp_path / "kam", ["udp:10.201.1.1:22333"]),
+        kamailio(lab, tmp_path / "kam", ["udp:10.201.1.1:22333"], build=kamailio_build),
         call(lab, tmp_path / "call", caller="a", callee="b", pause_ms=2500) as made,
     ):
         caller_sdp, callee_sdp = made.wait_answered()
@@ -116,9 +124,11 @@ def test_call_through_kamailio_relayed_by_the_kernel(lab: Lab, node: Node, tmp_p
     assert f"[{made.call_id}] relaying" in node.output()
 
 
-def test_shared_port_mode_gt1(lab: Lab, node: Node, tmp_path: Path) -> None:
+def test_shared_port_mode_gt1(
+    lab: Lab, node: Node, tmp_path: Path, kamailio_build: KamailioBuild
+) -> None:
     with (
-        kamailio(lab, tmp_path / "kam", ["udp:10.201.1.1:22333"], gt=1),
+        kamailio(lab, tmp_path / "kam", ["udp:10.201.1.1:22333"], gt=1, build=kamailio_build),
         call(lab, tmp_path / "call", caller="a", callee="b", pause_ms=2000) as made,
     ):
         caller_sdp, callee_sdp = made.wait_answered()
@@ -203,13 +213,13 @@ def test_call_expires_after_bye_without_d(lab: Lab, node: Node, tmp_path: Path) 
 
 @pytest.mark.parametrize("first", ["caller", "callee"])
 def test_caller_behind_nat_through_kamailio(
-    lab: Lab, node: Node, tmp_path: Path, first: str
+    lab: Lab, node: Node, tmp_path: Path, first: str, kamailio_build: KamailioBuild
 ) -> None:
     """A phone behind a port-remapping NAT, its private address in the SDP (Kamailio's
     default config: no custom_sdp_ip_avp). The node learns the NAT's address from the
     first packet; every packet, the first of each direction included, is delivered."""
     with (
-        kamailio(lab, tmp_path / "kam", ["udp:10.201.1.1:22333"]),
+        kamailio(lab, tmp_path / "kam", ["udp:10.201.1.1:22333"], build=kamailio_build),
         call(lab, tmp_path / "call", caller="c", callee="x", pause_ms=2500) as made,
     ):
         caller_sdp, callee_sdp = made.wait_answered()

@@ -64,3 +64,20 @@ def test_each_rule_refuses_with_its_code(bad: CallMedia, code: str, reason: str)
     with pytest.raises(Refusal, match=reason) as refused:
         check(bad, LIMITS)
     assert refused.value.code == code
+
+
+def test_a_kamailio_port_range_past_the_node_is_refused_whole_naming_the_fix() -> None:
+    """Kamailio's start_port/end_port (5.7+) hand out blocks P..P+3 up to end_port and one
+    past it. A block whose callee side fits but whose caller side does not (P+2, P+3 past
+    the node's last port) is refused as a whole, never installed half; the reason names
+    the modparams that fit: start_port = the first port, end_port = G's last block."""
+    check(media(callee_relay=f"{INTERNAL}:30996", caller_relay=f"{INTERNAL}:30998"), LIMITS)
+    half = media(callee_relay=f"{INTERNAL}:30998", caller_relay=f"{INTERNAL}:31000")
+    with pytest.raises(Refusal) as refused:
+        check(half, LIMITS)
+    assert refused.value.code == RELAY_PORT
+    assert refused.value.reason == (
+        "snat_port 31000 (RTCP 31001) is outside this node's ports 30000-30999; if Kamailio "
+        "sets start_port/end_port, they must lie inside it: start_port 30000 and end_port "
+        "30996 (as G says), or unset both"
+    )

@@ -107,6 +107,26 @@ def test_delete_removes_everything_and_unknown_delete_is_ok() -> None:
     assert engine.next_deadline() is None
 
 
+def test_kamailio6_d_without_s_is_answered_ok_changes_nothing_even_retransmitted() -> None:
+    """CANCEL before the answer, or a 486: 5.7+ sends `D` with empty SNAT/DNAT fields, with a
+    random (maybe negative) cookie and its trailing space. The reply is what the module
+    waits for (the request + OK), the same on a retransmission; nothing changes."""
+    engine, kernel, store = make(Policy.STRICT)
+    ok(engine, s_command("live"))
+    changes = kernel.calls["change"]
+    delete = b"-1804289383_2658 D 10.0.0.21 10.0.0.10   4000 20004   60 cancelled@x "
+    for _ in range(2):
+        ok(engine, delete)
+    assert engine.stats["retransmissions"] == 1
+    assert kernel.calls["change"] == changes
+    assert engine.table.get("live") is not None and len(engine.table) == 1
+    assert set(store.records) == {"live"}
+    agree(engine, kernel)
+    # The module matches on Call-ID alone: the same D shape for a live call removes it.
+    ok(engine, b"77_2659 D 10.0.0.21 10.0.0.10   4000 20000   60 live ")
+    assert len(engine.table) == 0 and kernel.holds() == EMPTY and store.records == {}
+
+
 def test_kernel_refusal_answers_error_changes_nothing_and_is_retried_by_retransmission() -> None:
     engine, kernel, store = make(Policy.STRICT)
     kernel.fail_next("change")

@@ -1,0 +1,302 @@
+"""Prometheus metrics over HTTP (`metrics.listen`; off by default): docs/metrics.md.
+
+Nothing here runs per packet or per command. The engine already counts what happens in its
+`stats` Counter (and the server times commands, latency.py); the kernel counts packets in
+the named counters of rules/lrkp.nft. A scrape reads both at scrape time:
+
+- the engine's state lives in the asyncio loop, so the scrape thread asks the loop for a
+  copy (`call_soon_threadsafe`: a dict copy of some 50 keys and a few lengths, one loop
+  turn) instead of reading a dict that the loop may be changing;
+- the kernel counters are read in the scrape thread itself over nf_tables netlink
+  (nftcounters.py), a few small messages whatever the number of calls.
+
+Names follow rtpengine's (`rtpengine_sessions`, `..._closed_sessions_total{reason}`,
+`..._packets_total{type="kernel|userspace"}`, `..._ports_used/free`) with the prefix `lrkp_`.
+The HTTP server is prometheus_client's (a thread per scrape).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from lrkp_tsl.engine import Engine
+from lrkp_tsl.latency import Latency
+
+PREFIX = "lrkp"
+# How long a scrape waits for the event loop before it fails (a stalled loop is news).
+LOOP_TIMEOUT = 5.0
+# Drop counters of rules/lrkp.nft: nft counter name -> `reason` label.
+KERNEL_DROPS = {
+    "unknown_dropped": "unknown",
+    "displaced_dropped": "displaced",
+    "queue_overlimit": "queue_overlimit",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The engine's state as one loop turn saw it."""
+
+    stats: dict[str, int]
+    calls: int
+    ports_used: int
+    ports_total: int
+    active: bool
+    held: int
+    latency: Latency
+
+
+def take_snapshot(engine: Engine, latency: Latency, ports_total: int) -> Snapshot:
+    """On the event loop only: O(stats keys + calls holding a first packet)."""
+    return Snapshot(
+        dict(engine.stats),
+        len(engine.table),
+        len(engine.table.ports),
+        ports_total,
+        bool(engine.active),
+        sum(len(held) for held in engine.held.values()),
+        latency.copy(),
+    )
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, function: Callable[[], Snapshot]) -> Snapshot:
+    """Run `function` in the loop's thread and wait for its result (from another thread)."""
+    future: concurrent.futures.Future[Snapshot] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    loop.call_soon_threadsafe(run)
+    return future.result(LOOP_TIMEOUT)
+
+
+def _prefixed(stats: dict[str, int], prefix: str) -> Iterator[tuple[str, int]]:
+    for key, value in stats.items():
+        if key.startswith(prefix):
+            yield key[len(prefix) :], value
+
+
+def _label(text: str) -> str:
+    return text.replace("-", "_").replace(".", "_")
+
+
+# Latching outcomes: the engine's `packets.<event>` keys (session.PacketEvent, and what the
+# engine does with held and displaced packets).
+LATCHING = {
+    "learned": "learned",
+    "relearned": "relearned",
+    "stranger": "stranger",
+    "held": "held",
+    "released": "released",
+    "hold_dropped": "hold_dropped",
+    "no-call": "no_call",
+    "none": "already_latched",
+    "displaced": "displaced",
+    "standby": "standby",
+}
+
+
+# Why calls end (session.Reason), shown at 0 before the first one so dashboards see them.
+CLOSED_REASONS = ("deleted", "idle", "lifetime", "replaced", "replicated", "operator")
+
+
+def engine_metrics(snap: Snapshot) -> Iterator[Metric]:
+    stats = snap.stats
+    yield GaugeMetricFamily(f"{PREFIX}_sessions", "Live calls", snap.calls)
+    created = CounterMetricFamily(
+        f"{PREFIX}_sessions_started", "Calls set up by an S command", labels=[]
+    )
+    created.add_metric([], stats.get("calls.relaying", 0))
+    yield created
+    closed = CounterMetricFamily(
+        f"{PREFIX}_closed_sessions", "Calls ended, by reason", labels=["reason"]
+    )
+    ended = dict.fromkeys(CLOSED_REASONS, 0) | dict(_prefixed(stats, "calls.removed."))
+    for reason, count in sorted(ended.items()):
+        closed.add_metric([_label(reason)], count)
+    yield closed
+    commands = CounterMetricFamily(
+        f"{PREFIX}_commands",
+        "Control commands answered, by command and result",
+        labels=["command", "result"],
+    )
+    for key, count in sorted(_prefixed(stats, "command.")):
+        command, _, result = key.partition(".")
+        commands.add_metric([command, result], count)
+    yield commands
+    retransmissions = CounterMetricFamily(
+        f"{PREFIX}_command_retransmissions",
+        "Retransmitted commands answered from the cache",
+        labels=[],
+    )
+    retransmissions.add_metric([], stats.get("retransmissions", 0))
+    yield retransmissions
+    histogram = HistogramMetricFamily(
+        f"{PREFIX}_command_duration_seconds",
+        "Time from reading a command to having its reply",
+        labels=[],
+    )
+    histogram.add_metric([], snap.latency.cumulative(), snap.latency.sum)
+    yield histogram
+    latching = CounterMetricFamily(
+        f"{PREFIX}_latching",
+        "First packets brought to userspace, by what the node made of them",
+        labels=["outcome"],
+    )
+    for event, outcome in LATCHING.items():
+        latching.add_metric([outcome], stats.get(f"packets.{event}", 0))
+    yield latching
+    verdicts = CounterMetricFamily(
+        f"{PREFIX}_queue_verdicts", "Verdicts on queued packets", labels=["verdict"]
+    )
+    for verdict in ("accept", "drop"):
+        verdicts.add_metric([verdict], stats.get(f"queue.verdict.{verdict}", 0))
+    yield verdicts
+    yield GaugeMetricFamily(
+        f"{PREFIX}_queue_held_packets", "First packets held for the other party", snap.held
+    )
+    dropped = CounterMetricFamily(
+        f"{PREFIX}_control_dropped",
+        "Control datagrams dropped unanswered, by why",
+        labels=["reason"],
+    )
+    for reason, count in sorted(_prefixed(stats, "dropped.")):
+        dropped.add_metric([_label(reason)], count)
+    yield dropped
+    errors = CounterMetricFamily(
+        f"{PREFIX}_errors", "Errors counted by the node, by kind", labels=["kind"]
+    )
+    for kind, count in sorted(_prefixed(stats, "error.")):
+        errors.add_metric([_label(kind)], count)
+    yield errors
+    streams = CounterMetricFamily(
+        f"{PREFIX}_stream_events", "Conntrack events of relayed streams", labels=["event"]
+    )
+    for event, count in sorted(_prefixed(stats, "streams.")):
+        streams.add_metric([_label(event)], count)
+    yield streams
+    repairs = CounterMetricFamily(
+        f"{PREFIX}_kernel_repairs",
+        "Times the node put its kernel state back (table flushed or rule removed)",
+        labels=[],
+    )
+    repairs.add_metric([], stats.get("kernel.repairs", 0))
+    yield repairs
+    yield GaugeMetricFamily(
+        f"{PREFIX}_ports_used", "Relay ports held by live calls", snap.ports_used
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_ports_free", "Relay ports no live call holds", snap.ports_total - snap.ports_used
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_active",
+        "1 if this node answers commands (0: a pair's standby)",
+        int(snap.active),
+    )
+
+
+def kernel_metrics(counters: dict[str, tuple[int, int]] | None) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        f"{PREFIX}_kernel_table_present",
+        "1 if the node's table is in the kernel (0 for the second before it is repaired)",
+        int(counters is not None),
+    )
+    if counters is None:
+        return
+    packets = CounterMetricFamily(
+        f"{PREFIX}_packets",
+        "Packets to relay ports of live calls: relayed by the kernel, or brought to userspace",
+        labels=["type"],
+    )
+    octets = CounterMetricFamily(
+        f"{PREFIX}_bytes", "Bytes of the packets in lrkp_packets_total", labels=["type"]
+    )
+    for name, kind in (("relayed", "kernel"), ("queued", "userspace")):
+        if name in counters:
+            packets.add_metric([kind], counters[name][0])
+            octets.add_metric([kind], counters[name][1])
+    yield packets
+    yield octets
+    drops = CounterMetricFamily(
+        f"{PREFIX}_kernel_dropped_packets",
+        "Packets to relay ports dropped in the kernel, by why",
+        labels=["reason"],
+    )
+    for name, reason in KERNEL_DROPS.items():
+        if name in counters:
+            drops.add_metric([reason], counters[name][0])
+    yield drops
+
+
+class NodeCollector(Collector):
+    """Builds every metric at scrape time from `snapshot()` and `kernel()`."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        kernel: Callable[[], dict[str, tuple[int, int]] | None],
+    ) -> None:
+        self._snapshot = snapshot
+        self._kernel = kernel
+        self._kernel_lock = threading.Lock()  # one netlink socket, scrapes in threads
+
+    def collect(self) -> Iterator[Metric]:
+        yield from engine_metrics(self._snapshot())
+        with self._kernel_lock:
+            counters = self._kernel()
+        yield from kernel_metrics(counters)
+
+
+class Exporter:
+    """The /metrics HTTP server of a running node; `close()` stops it."""
+
+    def __init__(
+        self,
+        listen: tuple[str, int],
+        engine: Engine,
+        latency: Latency,
+        ports_total: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        from prometheus_client import start_http_server
+
+        from lrkp_tsl.dataplane.nft import FAMILY, TABLE
+        from lrkp_tsl.dataplane.nftcounters import CounterReader
+
+        self._reader = CounterReader()  # opened here: in the node's network namespace
+        collector = NodeCollector(
+            lambda: on_loop(loop, lambda: take_snapshot(engine, latency, ports_total)),
+            lambda: self._reader.counters(FAMILY, TABLE),
+        )
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
+        ProcessCollector(registry=self.registry)  # process_*: CPU, memory, descriptors
+        host, port = listen
+        try:
+            self._server, self._thread = start_http_server(port, host, self.registry)
+        except OSError:
+            self._reader.close()
+            raise
+        self.address = self._server.server_address
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+        self._reader.close()

@@ -1,0 +1,143 @@
+"""/metrics for real: a node in the lab relays a call while Prometheus' own parser reads it."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from lrkp_tsl.dataplane import DataPlane
+from lrkp_tsl.dataplane.nft import FAMILY, TABLE
+from lrkp_tsl.dataplane.nftcounters import CounterReader
+from lrkp_tsl.lab import INTERNAL_IP, Lab
+from lrkp_tsl.metrics import KERNEL_DROPS
+from tests.netns.calls import KAMAILIO_IP, NODE_ARGS, Call, Stream, running_node
+from tests.netns.daemon import Controller, Node
+from tests.netns.helpers import Peers
+
+PORT = 9733
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(lab: Lab, port: int = PORT) -> Samples:
+    """GET /metrics from inside the relay namespace, parsed by prometheus_client."""
+    with lab.inside("relay"):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+@pytest.fixture
+def node(lab: Lab) -> Iterator[Node]:
+    with running_node(lab, *NODE_ARGS, "--metrics-listen", f"127.0.0.1:{PORT}") as running:
+        yield running
+
+
+@pytest.fixture
+def kamailio(lab: Lab, node: Node) -> Iterator[Controller]:
+    client = Controller(lab, "sip", KAMAILIO_IP)
+    yield client
+    client.close()
+
+
+def test_metrics_follow_a_call_from_set_up_to_delete(
+    lab: Lab, node: Node, kamailio: Controller, peers: Peers
+) -> None:
+    before = scrape(lab)
+    assert value(before, "lrkp_sessions") == 0
+    assert value(before, "lrkp_ports_free") == 2000 and value(before, "lrkp_ports_used") == 0
+    assert value(before, "lrkp_kernel_table_present") == 1
+    assert value(before, "process_resident_memory_bytes") > 0
+    # The caller is behind NAT: its address is learned from its first packet.
+    caller, callee = peers("c", 4900), peers("b", 6900)
+    call = Call(kamailio, caller, callee, 21000, "metrics@lab")
+    set_up = scrape(lab)
+    assert value(set_up, "lrkp_sessions") == 1
+    assert value(set_up, "lrkp_ports_used") == 4 and value(set_up, "lrkp_ports_free") == 1996
+    assert value(set_up, "lrkp_commands_total", command="set", result="ok") == 1
+    assert value(set_up, "lrkp_command_duration_seconds_count") > value(
+        before, "lrkp_command_duration_seconds_count"
+    )
+
+    forward = Stream(caller, call.caller_relay, callee, b"A").start()
+    backward = Stream(callee, call.callee_relay, caller, b"B").start()
+    try:
+        time.sleep(1.0)
+        first = scrape(lab)
+        time.sleep(1.0)
+        second = scrape(lab)
+    finally:
+        forward.stop()
+        backward.stop()
+    assert not forward.lost() and not backward.lost()
+    kernel = ("lrkp_packets_total", "lrkp_bytes_total")
+    for name in kernel:
+        assert value(first, name, type="kernel") > value(set_up, name, type="kernel")
+        assert value(second, name, type="kernel") > value(first, name, type="kernel")
+    assert value(second, "lrkp_latching_total", outcome="learned") >= 1
+    assert value(second, "lrkp_queue_verdicts_total", verdict="accept") >= 1
+
+    # Every packet the parties received was relayed by the kernel, or accepted from the
+    # queue by the node (first packets): the figures add up to what the parties counted.
+    ended = scrape(lab)
+    relayed = value(ended, "lrkp_packets_total", type="kernel")
+    accepted = value(ended, "lrkp_queue_verdicts_total", verdict="accept")
+    assert relayed + accepted == len(forward.arrivals) + len(backward.arrivals)
+    # Each payload is b"A-<seq>" in a UDP/IPv4 packet: the kernel counts whole IP packets.
+    assert value(ended, "lrkp_bytes_total", type="kernel") >= relayed * (20 + 8 + 3)
+
+    call.delete(kamailio)
+    after = scrape(lab)
+    assert value(after, "lrkp_sessions") == 0
+    assert value(after, "lrkp_closed_sessions_total", reason="deleted") == 1
+    assert value(after, "lrkp_commands_total", command="delete", result="ok") == 1
+    assert value(after, "lrkp_ports_used") == 0 and value(after, "lrkp_ports_free") == 2000
+
+
+def test_counters_read_over_netlink_agree_with_nft(
+    lab: Lab, dataplane: DataPlane, peers: Peers
+) -> None:
+    """nftcounters.py reads what `nft list counter` shows, for every counter of the table."""
+    stranger, listener = peers("a", 4950), peers("relay", 21100, INTERNAL_IP)
+    for _ in range(3):
+        stranger.send(listener.endpoint, b"nobody")
+    listener.expect_nothing()
+    with lab.inside("relay"):
+        reader = CounterReader()
+    with reader:
+        counters = reader.counters(FAMILY, TABLE)
+    assert counters is not None
+    assert set(counters) == {*KERNEL_DROPS, "queued", "relayed"}
+    assert counters["unknown_dropped"][0] >= 3
+    for name, (packets, _octets) in counters.items():
+        assert packets == dataplane.nft.counter_packets(name), name
+
+
+def test_no_table_reads_as_none(lab: Lab) -> None:
+    lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
+    with lab.inside("relay"):
+        reader = CounterReader()
+    with reader:
+        assert reader.counters(FAMILY, TABLE) is None
+
+
+def test_metrics_are_off_unless_asked_for(lab: Lab) -> None:
+    with running_node(lab, *NODE_ARGS), pytest.raises(ConnectionRefusedError):
+        scrape(lab)

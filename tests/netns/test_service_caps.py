@@ -1,0 +1,78 @@
+"""The node needs no capability beyond what packaging/lrkp-tsl.service leaves it.
+
+The unit runs the node as root with CapabilityBoundingSet= limited; here the node runs in
+the lab under the same bounding set (setpriv, which limits it exactly as systemd does on
+exec) and must start (sysctls, table, NFQUEUE rule through iptables-nft, conntrack events),
+latch a caller behind NAT from its first packet, relay both ways and delete the call.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from lrkp_tsl.dataplane.sysctl import REQUIRED
+from lrkp_tsl.lab import Lab
+from tests.netns import daemon
+from tests.netns.calls import KAMAILIO_IP, NODE_ARGS, Call, burst, running_node
+from tests.netns.daemon import Controller
+from tests.netns.helpers import Peers
+from tests.unit.test_systemd_unit import unit
+
+# Capability numbers (linux/capability.h) of those a unit might name.
+CAP_NUMBERS = {"net_bind_service": 10, "net_admin": 12, "net_raw": 13, "sys_admin": 21}
+
+
+def bounding_set() -> list[str]:
+    caps = unit()["Service"]["CapabilityBoundingSet"].split()
+    assert caps and all(cap.startswith("CAP_") for cap in caps), caps
+    return [cap.removeprefix("CAP_").lower() for cap in caps]
+
+
+@pytest.fixture
+def limited(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    caps = bounding_set()
+    monkeypatch.setattr(
+        daemon,
+        "LRKP_TSL",
+        [
+            "setpriv",
+            "--bounding-set=-all," + ",".join(f"+{c}" for c in caps),
+            "--no-new-privs",
+            sys.executable,
+            "-m",
+            "lrkp_tsl.cli",
+        ],
+    )
+    yield caps
+
+
+def test_the_node_works_with_only_the_units_capabilities(
+    lab: Lab, limited: list[str], peers: Peers
+) -> None:
+    # The node must write each sysctl it needs itself (the namespace outlives other tests).
+    for name, (wanted, _why) in REQUIRED.items():
+        assert wanted == "1", name
+        lab.run("relay", "sysctl", "-qw", f"{name}=0")
+    with running_node(lab, *NODE_ARGS) as node:
+        status = lab.run("relay", "cat", f"/proc/{node.proc.pid}/status").stdout
+        bounding = next(line for line in status.splitlines() if line.startswith("CapBnd:"))
+        assert int(bounding.split()[1], 16) == sum(1 << CAP_NUMBERS[c] for c in limited)
+        kamailio = Controller(lab, "sip", KAMAILIO_IP)
+        try:
+            caller, callee = peers("c", 4960), peers("b", 6960)  # the caller is behind NAT
+            call = Call(kamailio, caller, callee, 21200, "caps@lab")
+            burst(caller, call.caller_relay, callee, call.callee_relay, 5, b"A")
+            burst(callee, call.callee_relay, caller, call.caller_relay, 5, b"B")
+            call.delete(kamailio)
+            caller.send(call.caller_relay, b"after")
+            callee.expect_nothing()
+        finally:
+            kamailio.close()
+        log = node.output()
+        for name, (wanted, _why) in REQUIRED.items():
+            assert f"sysctl {name}={wanted} (was" in log
+        assert "[caps@lab] learned" in log
+        assert "Operation not permitted" not in log and "Traceback" not in log
