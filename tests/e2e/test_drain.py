@@ -105,13 +105,19 @@ def test_drained_node_gets_no_new_call_and_its_live_call_keeps_relaying(
                 assert new_caller_sdp.endpoint[0] == "10.201.1.2"
                 assert new_callee_sdp.endpoint[0] == "10.201.2.2"
                 new.wait_done()
+            after_new = (len(forward.sent), len(backward.sent))
             time.sleep(1.0)  # the live call's media goes on meanwhile
         finally:
             forward.stop()
             backward.stop()
         # The live call on the drained node relayed every packet, both ways, throughout.
-        assert len(forward.arrivals) > 50 and not forward.lost()
-        assert len(backward.arrivals) > 50 and not backward.lost()
+        # A drain that touched the live call would cut it: every packet from then on lost.
+        # An isolated drop is the lab's (a loaded 2-core host drops the odd veth packet; the
+        # same happens to tests that never drain), so up to 2% is tolerated.
+        for stream, mark in zip((forward, backward), after_new, strict=True):
+            assert len(stream.arrivals) > 50
+            assert len(stream.lost()) <= len(stream.sent) // 50, stream.lost()
+            assert any(seq >= mark for seq in stream.arrivals)  # relaying after the new call
         assert forward.sources == {endpoint(callee_sdp)}
         live.wait_done()
         assert "does not respond, disable it" in kam.log()
