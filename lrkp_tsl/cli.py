@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--pair-peer-redis", metavar="URL", help="pair mode: the peer node's Redis"
         )
         cmd.add_argument(
+            "--ctl-socket",
+            metavar="@NAME|/PATH",
+            help="lrkp-ctl's management socket (default @lrkp-tsl, per network namespace)",
+        )
+        cmd.add_argument("--log-format", help="text (default) or json")
+        cmd.add_argument(
             "--metrics-listen",
             metavar="IP:PORT",
             help="serve Prometheus /metrics here (default: off)",
@@ -98,6 +104,8 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "latching.policy": args.latching,
         "pair.redis": args.pair_redis,
         "pair.peer_redis": args.pair_peer_redis,
+        "ctl_socket": args.ctl_socket,
+        "log_format": args.log_format,
         "metrics.listen": args.metrics_listen,
     }
 
@@ -139,11 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print_summary(path, node_config, set(values))
         return 0
-    logging.basicConfig(
-        level=node_config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from lrkp_tsl.logfmt import setup_logging
+
+    setup_logging(node_config.log_level, node_config.log_format)
     if os.geteuid() != 0:
         logging.getLogger("lrkp_tsl").warning(
             "not root: the node needs CAP_NET_ADMIN (nftables, conntrack, sysctls)"

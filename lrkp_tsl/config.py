@@ -24,6 +24,10 @@ DEFAULT_CONTROL_PORT = 22333  # the lrkproxy module's default (CPORT)
 # Read when no --config is given and it exists (the packaged service names it explicitly).
 DEFAULT_CONFIG = Path("/etc/lrkp-tsl/lrkp-tsl.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+# The management socket lrkp-ctl talks to: an abstract unix name, scoped by the kernel to
+# the network namespace (mgmt.py).
+DEFAULT_CTL_SOCKET = "@lrkp-tsl"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +99,9 @@ class Config:
     # which this node's Redis replicates while this node is the standby.
     pair_redis: str | None = None
     pair_peer_redis: str | None = None
+    # Operator surface: lrkp-ctl's socket (`@abstract` or `/path`), and the log format.
+    ctl_socket: str = DEFAULT_CTL_SOCKET
+    log_format: str = "text"
     # Where Prometheus scrapes /metrics (host, port); None: no metrics endpoint (default).
     metrics_listen: tuple[str, int] | None = None
 
@@ -188,6 +195,23 @@ def _log_level(key: str, value: Any) -> str:
     return value.lower()
 
 
+def _log_format(key: str, value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in LOG_FORMATS:
+        raise ConfigError(f"{key} = {value!r}: expected one of {', '.join(LOG_FORMATS)}")
+    return value.lower()
+
+
+def _ctl_socket(key: str, value: Any) -> str:
+    if not isinstance(value, str) or len(value) < 2 or value[0] not in "@/":
+        raise ConfigError(
+            f"{key} = {value!r}: expected @NAME (an abstract socket, per network "
+            "namespace) or an absolute /path"
+        )
+    if len(value.encode()) > 107:
+        raise ConfigError(f"{key} = {value!r}: longer than a unix socket address allows")
+    return value
+
+
 def _policy(key: str, value: Any) -> Policy:
     try:
         return Policy(value)
@@ -257,6 +281,8 @@ KEYS: dict[str, tuple[str, Any]] = {
     "latching.policy": ("policy", _policy),
     "pair.redis": ("pair_redis", _redis_url),
     "pair.peer_redis": ("pair_peer_redis", _redis_url),
+    "ctl_socket": ("ctl_socket", _ctl_socket),
+    "log_format": ("log_format", _log_format),
     "metrics.listen": ("metrics_listen", _listen),
 }
 

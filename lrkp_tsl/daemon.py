@@ -30,6 +30,7 @@ from lrkp_tsl.dataplane.routes import routed_networks
 from lrkp_tsl.engine import Engine, Settings
 from lrkp_tsl.errors import ConfigError, KernelError, StoreError
 from lrkp_tsl.lock import acquire_instance_lock
+from lrkp_tsl.mgmt import Management
 from lrkp_tsl.pair import ROLE_INTERVAL, Following, ReplicatedStore, RoleWatch
 from lrkp_tsl.protocol import NodeConfig
 from lrkp_tsl.records import Store, StoredCall
@@ -286,6 +287,14 @@ async def _run(
         cleanup.append((f"control {address}", listener.close))
         log.info("control: listening on %s", address)
     server.attach(loop)
+    management = Management(engine, server, plane, queue_rule, config)
+    cleanup.append(("management", management.close))
+    try:
+        ctl = await management.listen(config.ctl_socket)
+    except OSError as exc:
+        raise ConfigError(f"ctl_socket = {config.ctl_socket!r}: cannot listen: {exc}") from None
+    cleanup.append(("management socket", ctl.close))
+    log.info("lrkp-ctl: listening on %s", config.ctl_socket)
     if config.metrics_listen is not None:
         from lrkp_tsl.metrics import Exporter  # prometheus_client only when asked for
 

@@ -34,7 +34,15 @@ from lrkp_tsl import admission, protocol
 from lrkp_tsl.activity import Activity
 from lrkp_tsl.admission import NodeLimits, Refusal
 from lrkp_tsl.errors import KernelError, StoreError
-from lrkp_tsl.kernel import EMPTY, Kernel, KernelState, KernelView, StreamEvent, StreamKey
+from lrkp_tsl.kernel import (
+    EMPTY,
+    Kernel,
+    KernelState,
+    KernelView,
+    StreamChange,
+    StreamEvent,
+    StreamKey,
+)
 from lrkp_tsl.latching import Policy
 from lrkp_tsl.media import Endpoint, Flow, InstalledFlow, PortRange
 from lrkp_tsl.protocol import (
@@ -58,6 +66,7 @@ from lrkp_tsl.session import (
     Verdict,
     rebuild,
 )
+from lrkp_tsl.traffic import Traffic, call_summary, live_of
 
 log = logging.getLogger("lrkp_tsl.engine")
 calls_log = logging.getLogger("lrkp_tsl.calls")
@@ -203,6 +212,9 @@ class Engine:
         self.active = True
         self.forget_pending: set[StreamKey] = set()
         self.stats: collections.Counter[str] = collections.Counter()
+        # What ended streams carried, per call (traffic.py); drain: P unanswered (mgmt.py).
+        self.traffic = Traffic()
+        self.draining = False
         self._verdicts: list[tuple[int, Verdict]] = []
 
     # -- outputs ------------------------------------------------------------------------------
@@ -287,7 +299,7 @@ class Engine:
                 log.debug("retransmission from %s answered from cache", peer)
                 return cached, None
         reply, request = self._parse(data, peer, now, with_cookie)
-        if request is None and reply is not None and with_cookie:
+        if request is None and reply and with_cookie:  # not a draining node's empty answer
             self.cache.store(sender, data, reply, now)
         return reply, request
 
@@ -304,6 +316,12 @@ class Engine:
             return protocol.reply_error(error), None
         self.stats[f"request.{type(request).__name__}"] += 1
         if isinstance(request, Ping):
+            if self.draining:
+                # An empty datagram: lrkproxy disables the node at once and picks another
+                # node of the set for new calls; S and D still come (docs/lrkp-ctl.md).
+                self.stats["drain.ping_refused"] += 1
+                self.stats["command.ping.drained"] += 1
+                return b"", None
             self.stats["command.ping.ok"] += 1
             return protocol.reply_pong(request), None
         if isinstance(request, GetConfig):
@@ -520,6 +538,10 @@ class Engine:
                 continue
             self.stats[f"streams.{event.change.value}"] += 1
             log.debug("[%s] stream %s -> %s %s", call_id, *event.key, event.change.value)
+            if event.change is StreamChange.STARTED:
+                self.traffic.on_started(call_id, event.key)
+            elif event.counters is not None:
+                self.traffic.on_ended(call, event.key, event.counters)
             key = _stream_key(call, event.key)
             if self.activity.on_event(call_id, event.change, key, now, call.idle_timeout):
                 self._record_quiet(call_id)
@@ -614,6 +636,14 @@ class Engine:
             else:
                 self._end(call, Reason.IDLE, f"{call.idle_timeout:g} s", now)
 
+    def delete(self, call_id: str, now: float) -> bool:
+        """End a call at an operator's request (`lrkp-ctl delete`), as `D` does: False if
+        there is no such call; raises KernelError or StoreError if it could not end."""
+        actions = self.table.on_expire(call_id, Reason.OPERATOR)
+        for action in actions:
+            self._commit(action, now, "operator")
+        return bool(actions)
+
     def _end(self, call: Call, reason: Reason, detail: str, now: float) -> None:
         for action in self.table.on_expire(call.call_id, reason, detail):
             try:
@@ -679,21 +709,25 @@ class Engine:
         (into `forget` if given, for the caller to delete at once), activity, logs."""
         call_id = sync.call_id
         self.table.applied(sync)
+        summary = None
+        if sync.call is None and old is not None and sync.reason is not Reason.REPLICATED:
+            summary = self._summary(old, sync, now)  # before its entries are deleted
         changed = sync.before.flows ^ sync.after.flows
         if forget is None:
             self._forget(changed, now)
         else:
             forget |= changed
         if sync.call is None:
+            self.traffic.drop(call_id)
             self.activity.drop(call_id)
             self.schedule.clear(("call", call_id))
             self._drop_held(call_id)
             self.stats["calls.removed"] += 1
             self.stats[f"calls.removed.{sync.reason.value}"] += 1
-            if sync.reason is Reason.REPLICATED:
+            if summary is None:
                 calls_log.debug("[%s] removed: as on the active node", call_id)
             else:
-                calls_log.info("[%s] removed: %s", call_id, sync.describe())
+                calls_log.info(summary[0], extra={"call_summary": summary[1]})
             if sync.displaced:
                 self._displace(call_id, sync.displaced, now)
             return
@@ -719,6 +753,19 @@ class Engine:
         else:
             calls_log.info("[%s] %s", call_id, sync.describe())
         self._release(call_id, sync.after)
+
+    def _summary(self, call: Call, sync: Sync, now: float) -> tuple[str, dict[str, object]]:
+        """The call's one summary line (text, fields), with the counters of its live
+        entries read now (an idle call has none left to read)."""
+        live = {}
+        if sync.reason is not Reason.IDLE:
+            try:
+                live = dict(self.kernel.counters(call.view().keys()))
+            except KernelError as error:
+                self.stats["error.conntrack"] += 1
+                log.error("[%s] counters not read at its end: %s", call.call_id, error)
+        tally = self.traffic.total(call, live_of(call, live))
+        return call_summary(call, sync.reason.value, sync.describe(), tally, now - call.started)
 
     def _displace(self, call_id: str, keys: frozenset[StreamKey], now: float) -> None:
         """Refuse, from now on, the sources a replaced call had latched on the ports its

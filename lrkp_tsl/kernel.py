@@ -9,7 +9,7 @@ without root.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
@@ -49,9 +49,23 @@ class StreamChange(Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class Counters:
+    """A conntrack entry's packets and bytes (IP bytes, as conntrack counts them) in its
+    original direction (sent by its first sender) and in its reply direction."""
+
+    packets_orig: int = 0
+    bytes_orig: int = 0
+    packets_reply: int = 0
+    bytes_reply: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class StreamEvent:
     change: StreamChange
     key: StreamKey
+    # What the entry carried, on EXPIRED/REMOVED (the DESTROY event has them while
+    # nf_conntrack_acct is on); None otherwise. Not part of the event's identity.
+    counters: Counters | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +114,10 @@ class Kernel(Protocol):
 
     def alive(self, keys: Iterable[StreamKey]) -> Mapping[StreamKey, float]:
         """The entries among `keys` that exist, with the seconds left before they expire."""
+
+    def counters(self, keys: Iterable[StreamKey]) -> Mapping[StreamKey, Counters]:
+        """The live entries found by `keys` (either direction), by their original tuple,
+        with their counters: read just before a call's entries are deleted."""
 
     def is_seen(self, sender: Endpoint, relay: Endpoint) -> bool:
         """True if the flow carried a packet within the NAT-rebinding guard interval."""

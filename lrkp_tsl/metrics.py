@@ -113,7 +113,7 @@ LATCHING = {
 
 
 # Why calls end (session.Reason), shown at 0 before the first one so dashboards see them.
-CLOSED_REASONS = ("deleted", "idle", "lifetime", "replaced", "replicated")
+CLOSED_REASONS = ("deleted", "idle", "lifetime", "replaced", "replicated", "operator")
 
 
 def engine_metrics(snap: Snapshot) -> Iterator[Metric]:

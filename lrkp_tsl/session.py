@@ -129,6 +129,7 @@ class Reason(Enum):
     LIFETIME = "lifetime"  # reached the maximum lifetime
     ADOPTED = "adopted"  # found in the kernel with no stored record (startup)
     REPLICATED = "replicated"  # a standby following its active node
+    OPERATOR = "operator"  # ended by an operator (lrkp-ctl delete)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +160,7 @@ class Sync:
             Reason.IDLE: "no media for {}",
             Reason.LIFETIME: "reached the maximum lifetime of {}",
             Reason.ADOPTED: "adopted from the kernel (no stored record)",
+            Reason.OPERATOR: "deleted by an operator (lrkp-ctl delete)",
         }.get(self.reason, self.reason.value + "{}")
         return text.format(self.detail)
 

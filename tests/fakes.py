@@ -12,7 +12,7 @@ import collections
 from collections.abc import Iterable, Mapping, Sequence
 
 from lrkp_tsl.errors import KernelError, StoreError
-from lrkp_tsl.kernel import KernelChange, KernelState, KernelView, StreamKey
+from lrkp_tsl.kernel import Counters, KernelChange, KernelState, KernelView, StreamKey
 from lrkp_tsl.media import Endpoint, Flow, InstalledFlow
 from lrkp_tsl.records import StoredCall
 from lrkp_tsl.session import Call
@@ -30,6 +30,7 @@ class FakeKernel:
         self.flows: dict[StreamKey, tuple[Flow | InstalledFlow, str]] = {}
         self.learning: dict[Endpoint, str] = {}
         self.entries: dict[StreamKey, float] = {}  # conntrack: key -> seconds left
+        self.counted: dict[StreamKey, Counters] = {}  # conntrack counters of live entries
         self.seen: set[StreamKey] = set()
         self.displaced: set[StreamKey] = set()
         self.calls: collections.Counter[str] = collections.Counter()
@@ -117,6 +118,10 @@ class FakeKernel:
     def alive(self, keys: Iterable[StreamKey]) -> Mapping[StreamKey, float]:
         self._enter("alive")
         return {key: self.entries[key] for key in keys if key in self.entries}
+
+    def counters(self, keys: Iterable[StreamKey]) -> Mapping[StreamKey, Counters]:
+        self._enter("counters")
+        return {key: self.counted[key] for key in keys if key in self.counted}
 
     def is_seen(self, sender: Endpoint, relay: Endpoint) -> bool:
         self._enter("is_seen")

@@ -19,7 +19,7 @@ from lrkp_tsl.dataplane.probe import KernelFeatures, probe_kernel
 from lrkp_tsl.dataplane.silence import SilenceWatch
 from lrkp_tsl.defaults import DEFAULT_RULES
 from lrkp_tsl.errors import KernelError
-from lrkp_tsl.kernel import KernelChange, KernelState, KernelView, StreamKey
+from lrkp_tsl.kernel import Counters, KernelChange, KernelState, KernelView, StreamKey
 from lrkp_tsl.media import CallMedia, Endpoint, InstalledFlow, PortRange
 
 log = logging.getLogger("lrkp_tsl.dataplane")
@@ -104,6 +104,9 @@ class DataPlane:
 
     def alive(self, keys: Iterable[StreamKey]) -> Mapping[StreamKey, float]:
         return self.conntrack.alive(keys)
+
+    def counters(self, keys: Iterable[StreamKey]) -> Mapping[StreamKey, Counters]:
+        return self.conntrack.counters(keys)
 
     def is_seen(self, sender: Endpoint, relay: Endpoint) -> bool:
         return self.silence.is_seen(sender, relay)

@@ -24,11 +24,12 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address
+from typing import Any
 
 from lrkp_tsl.errors import KernelError
-from lrkp_tsl.kernel import StreamKey
+from lrkp_tsl.kernel import Counters, StreamKey
 from lrkp_tsl.media import ConntrackEntry, Endpoint, Flow
 
 NETLINK_NETFILTER = 12
@@ -47,6 +48,7 @@ CTA_TIMEOUT = 7
 CTA_COUNTERS_ORIG = 9
 CTA_COUNTERS_REPLY = 10
 CTA_COUNTERS_PACKETS = 1
+CTA_COUNTERS_BYTES = 2
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
 CTA_IP_V4_SRC = 1
@@ -230,7 +232,54 @@ class ConntrackTable:
             self._get(pending, found)
         return found
 
-    def _get(self, pending: dict[int, StreamKey], found: dict[StreamKey, float]) -> None:
+    def counters(self, keys: Iterable[StreamKey]) -> dict[StreamKey, Counters]:
+        """The live entries found by `keys` (an entry answers to either of its tuples),
+        by their original tuple, with their counters. One GET per key, as `alive`."""
+        found: dict[StreamKey, tuple[StreamKey, Counters, float] | None] = {}
+        pending: dict[int, StreamKey] = {}
+        for key in keys:
+            self._seq = (self._seq + 1) & 0xFFFFFFFF
+            pending[self._seq] = key
+            if len(pending) == GET_BATCH:
+                self._get(pending, found, _decode_stream)
+                pending = {}
+        if pending:
+            self._get(pending, found, _decode_stream)
+        return {got[0]: got[1] for got in found.values() if got is not None}
+
+    def stream_counters(self) -> dict[bytes, tuple[int, int, int, int, int]]:
+        """Every UDP entry of the namespace, by `raw_key` of its original tuple:
+        (packets_orig, bytes_orig, packets_reply, bytes_reply, seconds left).
+
+        A whole-table dump, for on-demand listings: run it in a worker thread with its own
+        ConntrackTable, never on the event loop. Keys are bytes and values tuples of ints
+        on purpose: 50k entries as Endpoint objects would hand the cyclic GC hundreds of
+        thousands of objects to track, and a full collection stalls the event loop.
+        """
+        found: dict[bytes, tuple[int, int, int, int, int]] = {}
+        for message in self._dump():
+            attrs = _attrs(message, _NLMSGHDR.size + 4, len(message))
+            span = attrs.get(CTA_TUPLE_ORIG)
+            key = _raw_tuple(message, span) if span is not None else None
+            if key is None:
+                continue
+            counters = decode_counters(message, attrs) or Counters()
+            found[key] = (
+                counters.packets_orig,
+                counters.bytes_orig,
+                counters.packets_reply,
+                counters.bytes_reply,
+                int(_timeout(message, 0, len(message))),
+            )
+        return found
+
+    def _get(
+        self,
+        pending: dict[int, StreamKey],
+        found: dict[StreamKey, Any],
+        decode: Callable[[bytes | bytearray, int, int], Any] | None = None,
+    ) -> None:
+        decode = decode or _timeout
         refused = 0
         try:
             self._drain()
@@ -252,7 +301,7 @@ class ConntrackTable:
                         if error not in (0, -errno.ENOENT):
                             refused = refused or error
                     elif key is not None and msg_type == _CT_NEW:
-                        found[key] = _timeout(self._buffer, offset, min(offset + length, size))
+                        found[key] = decode(self._buffer, offset, min(offset + length, size))
                     offset += max((length + 3) & ~3, _NLMSGHDR.size)
         except BlockingIOError:
             raise KernelError(f"conntrack get: {len(pending)} replies lost") from None
@@ -302,6 +351,15 @@ class ConntrackTable:
         was created in. Replies are decoded by `decode_entry` (struct, ~10x faster than
         pyroute2's decoder, which matters when the node polls 40k entries for activity).
         """
+        found: list[ConntrackEntry] = []
+        for message in self._dump():
+            entry = decode_entry(message)
+            if entry is not None:
+                found.append(entry)
+        return found
+
+    def _dump(self) -> Iterable[bytes]:
+        """The messages of a dump of every IPv4 entry, one at a time."""
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         request = struct.pack(
             "=IHHIIBBH",
@@ -314,7 +372,7 @@ class ConntrackTable:
             0,
             0,
         )
-        found: list[ConntrackEntry] = []
+        messages: list[bytes] = []
         try:
             self._drain()
             self._sock.send(request)
@@ -324,13 +382,11 @@ class ConntrackTable:
                 while offset + _NLMSGHDR.size <= len(data):
                     length, msg_type, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
                     if msg_type == NLMSG_DONE:
-                        return found
+                        return messages
                     if msg_type == NLMSG_ERROR:
                         (error,) = _NLMSGERR.unpack_from(data, offset + _NLMSGHDR.size)
                         raise KernelError(f"conntrack dump refused: error {error}")
-                    entry = decode_entry(data[offset : offset + length])
-                    if entry is not None:
-                        found.append(entry)
+                    messages.append(data[offset : offset + length])
                     offset += max((length + 3) & ~3, _NLMSGHDR.size)
         except OSError as exc:
             raise KernelError(f"conntrack dump failed: {exc}") from exc
@@ -362,6 +418,36 @@ def _field(data: bytes, attrs: dict[int, tuple[int, int]], kind: int, size: int)
     if span is None or span[1] - span[0] < size:
         return None
     return data[span[0] : span[0] + size]
+
+
+def raw_key(key: StreamKey) -> bytes:
+    """A (sender, relay) key as `stream_counters` keys it: IPs and big-endian ports."""
+    sender, relay = key
+    return (
+        sender.ip.packed
+        + sender.port.to_bytes(2, "big")
+        + relay.ip.packed
+        + relay.port.to_bytes(2, "big")
+    )
+
+
+def _raw_tuple(data: bytes, span: tuple[int, int]) -> bytes | None:
+    """`raw_key` of a CTA_TUPLE_* if it is IPv4 UDP, without building objects."""
+    parts = _attrs(data, *span)
+    if CTA_TUPLE_IP not in parts or CTA_TUPLE_PROTO not in parts:
+        return None
+    ip = _attrs(data, *parts[CTA_TUPLE_IP])
+    proto = _attrs(data, *parts[CTA_TUPLE_PROTO])
+    number = _field(data, proto, CTA_PROTO_NUM, 1)
+    if number is None or number[0] != IPPROTO_UDP:
+        return None
+    src = _field(data, ip, CTA_IP_V4_SRC, 4)
+    dst = _field(data, ip, CTA_IP_V4_DST, 4)
+    sport = _field(data, proto, CTA_PROTO_SRC_PORT, 2)
+    dport = _field(data, proto, CTA_PROTO_DST_PORT, 2)
+    if src is None or dst is None or sport is None or dport is None:
+        return None
+    return src + sport + dst + dport
 
 
 def _tuple(data: bytes, span: tuple[int, int]) -> tuple[Endpoint, Endpoint, int] | None:
@@ -407,6 +493,47 @@ def _packets(data: bytes, attrs: dict[int, tuple[int, int]], kind: int) -> int |
         return None
     begin = counters[CTA_COUNTERS_PACKETS][0]
     return int.from_bytes(data[begin : begin + 8])
+
+
+def _counter(data: bytes, attrs: dict[int, tuple[int, int]], kind: int, which: int) -> int:
+    if kind not in attrs:
+        return 0
+    span = _attrs(data, *attrs[kind]).get(which)
+    if span is None or span[1] - span[0] < 8:
+        return 0
+    return int.from_bytes(data[span[0] : span[0] + 8])
+
+
+def _decode_stream(
+    data: bytes | bytearray, start: int, end: int
+) -> tuple[StreamKey, Counters, float] | None:
+    """(original tuple, counters, seconds left) of the ctnetlink message data[start:end];
+    None unless it is an IPv4 UDP entry. Counters are 0 while accounting is off."""
+    message = bytes(data[start:end])
+    attrs = _attrs(message, _NLMSGHDR.size + 4, len(message))
+    if CTA_TUPLE_ORIG not in attrs:
+        return None
+    orig = _tuple(message, attrs[CTA_TUPLE_ORIG])
+    if orig is None or orig[2] != IPPROTO_UDP:
+        return None
+    return (
+        (orig[0], orig[1]),
+        decode_counters(message, attrs) or Counters(),
+        _timeout(message, 0, len(message)),
+    )
+
+
+def decode_counters(message: bytes, attrs: dict[int, tuple[int, int]]) -> Counters | None:
+    """CTA_COUNTERS_ORIG/REPLY of a ctnetlink message whose top-level attributes are
+    `attrs`; None if it has neither (accounting off)."""
+    if CTA_COUNTERS_ORIG not in attrs and CTA_COUNTERS_REPLY not in attrs:
+        return None
+    return Counters(
+        _counter(message, attrs, CTA_COUNTERS_ORIG, CTA_COUNTERS_PACKETS),
+        _counter(message, attrs, CTA_COUNTERS_ORIG, CTA_COUNTERS_BYTES),
+        _counter(message, attrs, CTA_COUNTERS_REPLY, CTA_COUNTERS_PACKETS),
+        _counter(message, attrs, CTA_COUNTERS_REPLY, CTA_COUNTERS_BYTES),
+    )
 
 
 def decode_entry(message: bytes) -> ConntrackEntry | None:

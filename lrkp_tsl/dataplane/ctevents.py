@@ -51,6 +51,7 @@ from lrkp_tsl.dataplane.conntrack import (
     NFNL_SUBSYS_CTNETLINK,
     _attrs,
     _tuple,
+    decode_counters,
 )
 from lrkp_tsl.errors import KernelError
 from lrkp_tsl.kernel import StreamChange, StreamEvent
@@ -93,13 +94,14 @@ def decode_event(message: bytes) -> StreamEvent | None:
     if kind == _NEW:
         return StreamEvent(StreamChange.STARTED, key)
     timeout = attrs.get(CTA_TIMEOUT)
+    counters = decode_counters(message, attrs)
     if (
         timeout is None
         or timeout[1] - timeout[0] < 4
         or not _BE32.unpack_from(message, timeout[0])[0]
     ):
-        return StreamEvent(StreamChange.EXPIRED, key)
-    return StreamEvent(StreamChange.REMOVED, key)
+        return StreamEvent(StreamChange.EXPIRED, key, counters)
+    return StreamEvent(StreamChange.REMOVED, key, counters)
 
 
 class ConntrackEvents:

@@ -24,6 +24,7 @@ PURE = [
     "admission",
     "ports",
     "ratelog",
+    "traffic",
 ]
 FORBIDDEN = {
     "socket",

@@ -1,0 +1,160 @@
+"""What each call carried, each way, from conntrack's own counters. Pure.
+
+A stream has one conntrack entry whose original direction is its first sender's, so an
+entry's counters are split into "sent by the caller" and "sent by the callee" by which
+party that first sender is. The kernel counts; the node only adds up:
+
+- entries that ended while the call lived (expired, or deleted when a leg re-latched)
+  report their counters in their DESTROY event: `on_ended` keeps them;
+- entries still live are read when they are needed (`lrkp-ctl`, or just before a call's
+  entries are deleted at its end) and added by `total`.
+
+So a call's figures are exact while no event is lost (a full socket buffer loses some;
+the node says so in its log). Bytes are IP bytes as conntrack counts them: the UDP
+payload plus 28 bytes of IPv4 and UDP headers per packet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from lrkp_tsl.kernel import Counters, StreamKey
+from lrkp_tsl.session import Call, Leg
+
+
+@dataclass(slots=True)
+class Tally:
+    """Packets and bytes sent by each party (and relayed to the other)."""
+
+    caller_packets: int = 0
+    caller_bytes: int = 0
+    callee_packets: int = 0
+    callee_bytes: int = 0
+
+    def add(self, caller_sent: bool, counters: Counters) -> None:
+        if caller_sent:
+            self.caller_packets += counters.packets_orig
+            self.caller_bytes += counters.bytes_orig
+            self.callee_packets += counters.packets_reply
+            self.callee_bytes += counters.bytes_reply
+        else:
+            self.callee_packets += counters.packets_orig
+            self.callee_bytes += counters.bytes_orig
+            self.caller_packets += counters.packets_reply
+            self.caller_bytes += counters.bytes_reply
+
+    def copy(self) -> Tally:
+        return Tally(self.caller_packets, self.caller_bytes, self.callee_packets, self.callee_bytes)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "caller_to_callee_packets": self.caller_packets,
+            "caller_to_callee_bytes": self.caller_bytes,
+            "callee_to_caller_packets": self.callee_packets,
+            "callee_to_caller_bytes": self.callee_bytes,
+        }
+
+
+def caller_sent(call: Call, key: StreamKey) -> bool:
+    """Whether the entry keyed `key` (its original direction) was started by the caller.
+
+    By the relay endpoint it was sent to; in shared-port mode (both parties on one relay
+    port) by its sender.
+    """
+    sender, relay = key
+    to_caller_side = any(leg.relay == relay for leg in call.caller)
+    to_callee_side = any(leg.relay == relay for leg in call.callee)
+    if to_caller_side != to_callee_side:
+        return to_caller_side
+    return not any(leg.latched == sender for leg in call.callee)
+
+
+def leg_of(call: Call, key: StreamKey) -> tuple[str, Leg] | None:
+    """("caller" | "callee", leg) of the leg whose latched address sends on `key`."""
+    sender, relay = key
+    for side, legs in (("caller", call.caller), ("callee", call.callee)):
+        for leg in legs:
+            if leg.relay == relay and leg.latched == sender:
+                return side, leg
+    return None
+
+
+class Traffic:
+    """Per call: the counters of its entries that already ended."""
+
+    def __init__(self) -> None:
+        self._ended: dict[str, Tally] = {}
+        self._started: dict[str, set[StreamKey]] = {}
+
+    def on_started(self, call_id: str, key: StreamKey) -> None:
+        self._started.setdefault(call_id, set()).add(key)
+
+    def on_ended(self, call: Call, key: StreamKey, counters: Counters) -> None:
+        """An entry of `call` ended. Counted if it started while this call owned it, or is
+        a key of the call now (an entry that predates a restart): never another call's
+        entry on relay ports this call took over."""
+        started = self._started.get(call.call_id)
+        current = call.view().keys()
+        if started is not None and key in started:
+            started.discard(key)
+        elif key not in current:
+            return
+        tally = self._ended.setdefault(call.call_id, Tally())
+        tally.add(caller_sent(call, key), counters)
+
+    def total(self, call: Call, live: Iterable[tuple[StreamKey, Counters]]) -> Tally:
+        """What ended, plus the live entries given (the caller found them for this call)."""
+        tally = self._ended.get(call.call_id, Tally()).copy()
+        for key, counters in live:
+            tally.add(caller_sent(call, key), counters)
+        return tally
+
+    def drop(self, call_id: str) -> None:
+        self._ended.pop(call_id, None)
+        self._started.pop(call_id, None)
+
+
+def live_of(call: Call, entries: Mapping[StreamKey, Counters]) -> list[tuple[StreamKey, Counters]]:
+    """The entries among `entries` (by original tuple) that belong to `call`'s flows."""
+    keys = call.view().keys()
+    return [(key, counters) for key, counters in entries.items() if key in keys]
+
+
+def _learned(legs: tuple[Leg, Leg]) -> str:
+    return "/".join("-" if leg.latched is None else str(leg.latched) for leg in legs)
+
+
+def _addresses(legs: tuple[Leg, Leg]) -> list[str | None]:
+    """[RTP, RTCP] latched addresses (None: not learned)."""
+    return [None if leg.latched is None else str(leg.latched) for leg in legs]
+
+
+def call_summary(
+    call: Call, reason: str, detail: str, tally: Tally, duration: float
+) -> tuple[str, dict[str, object]]:
+    """The one line logged when a call ends, as text, and as fields for a JSON log.
+
+    Text: `[Call-ID] removed: <why>; lasted 12.3 s; caller->callee 600 packets 103200
+    bytes, callee->caller ...; learned caller IP:RTP/IP:RTCP, callee ...` ("-": never
+    learned).
+    """
+    text = (
+        f"[{call.call_id}] removed: {detail}; lasted {duration:.1f} s; "
+        f"caller->callee {tally.caller_packets} packets {tally.caller_bytes} bytes, "
+        f"callee->caller {tally.callee_packets} packets {tally.callee_bytes} bytes; "
+        f"learned caller {_learned(call.caller)}, callee {_learned(call.callee)}"
+    )
+    fields: dict[str, object] = {
+        "event": "call_ended",
+        "call_id": call.call_id,
+        "reason": reason,
+        "detail": detail,
+        "duration": round(duration, 3),
+        **tally.as_dict(),
+        "caller_sdp": str(call.media.caller),
+        "callee_sdp": str(call.media.callee),
+        "caller_learned": _addresses(call.caller),
+        "callee_learned": _addresses(call.callee),
+    }
+    return text, fields
