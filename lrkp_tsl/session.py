@@ -309,8 +309,8 @@ class CallTable:
         """A packet from `source` to a learning `relay` endpoint reached userspace.
 
         `silent(sender, relay)` tells whether a latched sender has sent nothing for the
-        guard interval (the kernel's `seen` set); it is asked only when a latched leg
-        might be re-learned.
+        guard interval (read from the flow's conntrack entry: dataplane/silence.py); it is
+        asked only when a latched leg might be re-learned.
         """
         call_id = self._owner.get(relay)
         call = self._calls.get(call_id) if call_id is not None else None

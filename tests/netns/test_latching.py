@@ -23,7 +23,7 @@ from tests.netns.daemon import Controller, Node
 from tests.netns.helpers import Peers
 
 CONTROL = (str(INTERNAL_IP), 22333)
-GUARD = 5.0  # the `seen` set timeout in rules/lrkp.nft
+GUARD = 5.0  # the rebinding guard interval (lrkp_tsl/dataplane/silence.py GUARD)
 
 
 @pytest.fixture
