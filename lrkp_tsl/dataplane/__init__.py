@@ -69,14 +69,9 @@ class DataPlane:
         after: KernelView,
         displace: Iterable[StreamKey] = (),
     ) -> None:
-        self.nft.change(
-            call_id,
-            add=after.flows - before.flows,
-            delete=before.flows - after.flows,
-            learn=after.learning - before.learning,
-            unlearn=before.learning - after.learning,
-            displace=displace,
-        )
+        (error,) = self.change_many([(call_id, before, after, tuple(displace))])
+        if error is not None:
+            raise error
 
     def change_many(self, changes: Sequence[KernelChange]) -> list[KernelError | None]:
         return self.nft.change_many(
