@@ -9,7 +9,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: deps run test unit lint bench fuzz clean-lab
+.PHONY: deps run test unit lint bench bench-parts fuzz clean-lab
 
 deps: $(STAMP)
 
@@ -38,7 +38,13 @@ lint: deps
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# The side-by-side benchmark (lrkp-tsl, rtpengine, bare NAT, routing; ~20 min; BENCH_ARGS=--quick
+# for ~5): bench/results/sidebyside.{md,json,png}. The single-purpose scripts: make bench-parts.
 bench: deps
+	scripts/install-bench-deps.sh
+	PYTHONPATH=. $(VPY) bench/sidebyside.py $(BENCH_ARGS)
+
+bench-parts: deps
 	PYTHONPATH=. $(VPY) bench/dataplane_scale.py
 	PYTHONPATH=. $(VPY) bench/first_packet.py
 	PYTHONPATH=. $(VPY) bench/control_rtt.py
