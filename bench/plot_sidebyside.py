@@ -38,7 +38,8 @@ def bars(ax: Any, s: dict[str, Any], key: str, title: str, unit: str) -> None:
     ax.bar([LABELS[n] for n in names], values, color=[COLOURS[n] for n in names])
     for i, n in enumerate(names):
         mark = "≥" if key == "max_pps" and by[n].get("max_gen_bound") else ""
-        ax.annotate(f"{mark}{values[i]:,.3g}", (i, values[i]), ha="center", va="bottom", fontsize=8)
+        text = f"{values[i]:,.0f}" if values[i] >= 10 else f"{values[i]:.2f}"
+        ax.annotate(mark + text, (i, values[i]), ha="center", va="bottom", fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.set_ylabel(unit)
     ax.tick_params(axis="x", labelsize=8)
@@ -92,6 +93,9 @@ def main() -> int:
             label=f"rtpengine o+a+d, {r['clients']} client(s), {r['live']:,} live",
         )
     ax.set_xscale("log")
+    lives = sorted({r["live"] for r in s["control"]})
+    ax.set_xticks(lives, [f"{v:,}" for v in lives])
+    ax.minorticks_off()
     ax.set_xlabel("live calls")
     ax.set_ylabel("calls/s")
     ax.set_ylim(bottom=0)
