@@ -82,11 +82,22 @@ LABELS = {
     "lrkp_nat": "lrkp-tsl, NAT'd callers",
     "rtpengine": "rtpengine (userspace)",
 }
+# Delivered = what the relay transmitted towards B: counted at R's egress on r2 (a netdev hook,
+# the same small cost on the relay core for every contender). Counting at B instead would count
+# drops in the generator core's backlog queue (B's receive processing shares that core with the
+# generator): at 100-200 kpps on a busy machine those, not the relay, were the loss.
 SINK_NFT = """table netdev bench_sink {
   counter rx { }
   set flows { type inet_service; flags dynamic; size 65535; }
+  chain out { type filter hook egress device "r2" priority -500; policy accept;
+    ip daddr %s udp dport 30000-39999 %s counter name "rx"
+  }
+}
+"""
+# B drops the load before its IP layer: cheap, and no ICMP port unreachable back to the relay.
+B_DROP_NFT = """table netdev bench_drop {
   chain in { type filter hook ingress device "b0" priority -500; policy accept;
-    ip daddr %s udp dport 30000-39999 %s counter name "rx" drop
+    ip daddr %s udp dport 30000-39999 drop
   }
 }
 """
@@ -227,6 +238,12 @@ def proc_ticks(pid: int, user_only: bool = False) -> int:
     return int(p[11]) + (0 if user_only else int(p[12]))
 
 
+def softnet_drops() -> list[int]:
+    """Per CPU: packets dropped because its backlog queue was full (RPS, veth)."""
+    with open("/proc/net/softnet_stat") as f:
+        return [int(line.split()[1], 16) for line in f]
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -356,13 +373,18 @@ class Topo:
         return sh(self.x(ns, "nft", *(args or [])), check=check)
 
     def sink(self, per_flow: bool = False) -> None:
-        """B's ingress counter (and, for recovery, a set of the streams that arrived)."""
-        self.nft(self.b, args=["delete", "table", "netdev", "bench_sink"], check=False)
-        self.nft(self.b, SINK_NFT % (B_IP, "add @flows { udp dport }" if per_flow else ""))
+        """The delivered counter (and, for recovery, a set of the streams that got through)."""
+        self.nft(self.r, args=["delete", "table", "netdev", "bench_sink"], check=False)
+        self.nft(self.r, SINK_NFT % (B_IP, "add @flows { udp dport }" if per_flow else ""))
+
+    def b_drop(self, on: bool) -> None:
+        self.nft(self.b, args=["delete", "table", "netdev", "bench_drop"], check=False)
+        if on:
+            self.nft(self.b, B_DROP_NFT % B_IP)
 
     def sink_read(self) -> int:
         out = json.loads(
-            self.nft(self.b, args=["-j", "reset", "counter", "netdev", "bench_sink", "rx"])
+            self.nft(self.r, args=["-j", "reset", "counter", "netdev", "bench_sink", "rx"])
         )
         for o in out["nftables"]:
             if "counter" in o:
@@ -371,7 +393,7 @@ class Topo:
 
     def sink_flows(self) -> int:
         out = json.loads(
-            self.nft(self.b, args=["-j", "list", "set", "netdev", "bench_sink", "flows"])
+            self.nft(self.r, args=["-j", "list", "set", "netdev", "bench_sink", "flows"])
         )
         for o in out["nftables"]:
             if "set" in o:
@@ -726,6 +748,7 @@ class Bench:
                 "cost",
                 "rtt_us",
                 "foreign_cpu",
+                "backlog_drops",
             )
             if k in rec
         }
@@ -780,7 +803,7 @@ class Bench:
             time.sleep(0.3)
         try:
             self.topo.sink_read()
-            ct0, ps0 = cpu_times(), snapshot()
+            ct0, ps0, sn0 = cpu_times(), snapshot(), softnet_drops()
             s0 = proc_ticks(soaker.pid, user_only=True) if soaker else 0
             p0 = proc_ticks(c.pid) if c.pid else 0
             t0 = time.monotonic()
@@ -796,6 +819,7 @@ class Bench:
                 soaker.wait(5)
         time.sleep(0.3)  # in flight
         got = self.topo.sink_read()
+        drops = [b - a for a, b in zip(sn0, softnet_drops(), strict=True)]
         sent = int(g["ok"])
         rec: dict[str, Any] = {
             "who": c.name,
@@ -811,6 +835,7 @@ class Bench:
             "busy_gen": busy(ct0, ct1, GEN_CPU, dt),
             "proc_cpu": round((p1 - p0) / USER_HZ / dt * 100, 1) if c.pid else None,
             "foreign_cpu": foreign_cpu(ps0, ps1, ours, dt),
+            "backlog_drops": drops,
         }
         if soaker:
             # The soaker (SCHED_IDLE) only gets what the relay leaves: cost = 100 % - its share.
@@ -834,24 +859,30 @@ class Bench:
     # -- phases --
 
     def phase_gen(self) -> None:
-        """The generator flat out into a drop rule at R's ingress: what it can offer."""
+        """The generator flat out into a drop rule at R's ingress: what it can offer (the best
+        of 1 + retries windows: other sessions' load only ever lowers it)."""
         self.topo.nft(self.topo.r, RDROP_NFT)
         try:
-            ct0 = cpu_times()
-            t0 = time.monotonic()
-            g = self.g.send(
-                self.profile.flows, B_IP, 0, self.profile.step_s, {"dport": B_PORT, "dstep": 2}
-            )
-            dt = time.monotonic() - t0
-            self.emit(
-                {
+            best: dict[str, Any] = {}
+            for _ in range(self.profile.retries + 1):
+                self.wait_quiet()
+                ct0, ps0 = cpu_times(), snapshot()
+                t0 = time.monotonic()
+                g = self.g.send(
+                    self.profile.flows, B_IP, 0, self.profile.step_s, {"dport": B_PORT, "dstep": 2}
+                )
+                dt = time.monotonic() - t0
+                rec = {
                     "phase": "gen",
                     "who": "rtpgen",
                     "n": self.profile.flows,
                     "gen_pps": round(g["pps"]),
                     "busy_gen": busy(ct0, cpu_times(), GEN_CPU, dt),
+                    "foreign_cpu": foreign_cpu(ps0, snapshot(), our_pids(), dt),
                 }
-            )
+                if rec["gen_pps"] > best.get("gen_pps", -1):
+                    best = rec
+            self.emit(best)
         finally:
             self.topo.nft(self.topo.r, args=["delete", "table", "ip", "bench_rdrop"], check=False)
 
@@ -922,7 +953,7 @@ class Bench:
     def phase_rtt(self, c: Contender) -> None:
         p = self.profile
         self.wait_quiet()
-        self.topo.nft(self.topo.b, args=["delete", "table", "netdev", "bench_sink"], check=False)
+        self.topo.b_drop(False)  # the echo answers
         try:
             with self.contender(c) as (dst, target):
                 echo = self.g.echo(c.n, p.rtt_s + 5)
@@ -933,7 +964,7 @@ class Bench:
                     echo.send_signal(signal.SIGTERM)
                     echo.wait(10)
         finally:
-            self.topo.sink()
+            self.topo.b_drop(True)
         self.emit(
             {
                 "phase": "rtt",
@@ -1073,9 +1104,13 @@ class Bench:
             c.down()
 
     def run(self, contenders: list[str], phases: list[str]) -> None:
+        ladder = os.environ.get("BENCH_LADDER")  # e.g. 100000,200000: one ladder, by hand
+        if ladder:
+            self.profile.ladder = [int(x) for x in ladder.split(",")]
         self.topo.up()
         try:
             self.topo.sink()
+            self.topo.b_drop(True)
             self.gen = Gen(self.topo, self.work)
             self.emit({"phase": "meta", **machine()})
             if "gen" in phases:
