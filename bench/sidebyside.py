@@ -119,6 +119,7 @@ class Profile:
     step_s: float
     cpu_pps: int
     cpu_s: float
+    cpu_hi_pps: int
     rtt_pps: int
     rtt_s: float
     live: list[int]
@@ -138,6 +139,7 @@ PROFILES = {
         bisect=0,
         step_s=0.5,
         cpu_pps=400,
+        cpu_hi_pps=300,
         cpu_s=1.0,
         rtt_pps=200,
         rtt_s=1.0,
@@ -153,6 +155,7 @@ PROFILES = {
         bisect=1,
         step_s=1.5,
         cpu_pps=50_000,
+        cpu_hi_pps=300_000,
         cpu_s=3.0,
         rtt_pps=5_000,
         rtt_s=2.0,
@@ -183,6 +186,7 @@ PROFILES = {
         bisect=3,
         step_s=3.0,
         cpu_pps=50_000,
+        cpu_hi_pps=300_000,
         cpu_s=8.0,
         rtt_pps=5_000,
         rtt_s=5.0,
@@ -946,9 +950,16 @@ class Bench:
         self.emit(rec)
         return rec
 
-    def phase_cpu(self, c: Contender) -> None:
-        rec = self.measure(c, self.profile.cpu_pps, self.profile.cpu_s, soak=True)
+    def phase_cpu(self, c: Contender, limit: dict[str, Any] | None) -> None:
+        """Soaker windows: at the common load, and at a high load for the contenders that
+        relay it with room to spare (cost per packet falls as batches grow: compare at the
+        same load only)."""
+        p = self.profile
+        rec = self.measure(c, p.cpu_pps, p.cpu_s, soak=True)
         self.emit({"phase": "cpu", **rec})
+        if limit and limit["max_pps"] >= 1.25 * p.cpu_hi_pps:
+            rec = self.measure(c, p.cpu_hi_pps, p.cpu_s, soak=True)
+            self.emit({"phase": "cpu_hi", **rec})
 
     def phase_rtt(self, c: Contender) -> None:
         p = self.profile
@@ -1119,7 +1130,7 @@ class Bench:
                 c = KINDS[name](self.topo, self.profile.flows, self.work)
                 limit = self.phase_steps(c) if "steps" in phases else None
                 if "cpu" in phases:
-                    self.phase_cpu(c)
+                    self.phase_cpu(c, limit)
                 if "rtt" in phases:
                     self.phase_rtt(c)
                 if "overload" in phases and limit:
@@ -1207,6 +1218,12 @@ def summarize(records: list[dict[str, Any]], profile: str) -> dict[str, Any]:
                 cpu_rate=r["rate"],
                 cpu_loss=r["loss"],
             )
+        elif ph == "cpu_hi":
+            by.setdefault(who, {}).update(
+                us_per_packet_hi=r.get("us_per_packet"),
+                us_per_packet_hi_direct=r.get("us_per_packet_direct"),
+                cpu_hi_rate=r["rate"],
+            )
         elif ph == "rtt":
             by.setdefault(who, {}).update(rtt_p50=r["rtt_us"]["p50"], rtt_p99=r["rtt_us"]["p99"])
         elif ph == "overload":
@@ -1227,7 +1244,15 @@ def summarize(records: list[dict[str, Any]], profile: str) -> dict[str, Any]:
         if "rtt_p50" in row and "rtt_p50" in route:
             row["added_p50"] = row["rtt_p50"] - route["rtt_p50"]
             row["added_p99"] = row["rtt_p99"] - route["rtt_p99"]
-        for key in ("max_pps", "us_per_packet", "us_per_packet_direct", "rtt_p50", "rtt_p99"):
+        for key in (
+            "max_pps",
+            "us_per_packet",
+            "us_per_packet_direct",
+            "us_per_packet_hi",
+            "us_per_packet_hi_direct",
+            "rtt_p50",
+            "rtt_p99",
+        ):
             row[f"{key}_vs_route"] = ratio(row.get(key), route.get(key))
             row[f"{key}_vs_rtpengine"] = ratio(row.get(key), rtp.get(key))
         if row.get("over_saturated") and row.get("over_excess"):
@@ -1319,6 +1344,23 @@ def markdown(s: dict[str, Any]) -> str:
         lambda r: (
             f"{fmt(r.get('us_per_packet_direct_vs_route'), '', 2)} / "
             f"{fmt(r.get('us_per_packet_direct_vs_rtpengine'), '', 2)}"
+        ),
+    )
+    hi_rate = next((r.get("cpu_hi_rate") for r in by.values() if r.get("cpu_hi_rate")), None)
+    row(
+        f"CPU per packet at {fmt(hi_rate)} pps (soaker / direct), µs",
+        lambda r: (
+            f"{fmt(r.get('us_per_packet_hi'), '', 2)} / "
+            f"{fmt(r.get('us_per_packet_hi_direct'), '', 2)}"
+            if r.get("us_per_packet_hi") is not None
+            else "— (limit too low)"
+        ),
+    )
+    row(
+        "… ratio to routing (soaker / direct)",
+        lambda r: (
+            f"{fmt(r.get('us_per_packet_hi_vs_route'), '', 2)} / "
+            f"{fmt(r.get('us_per_packet_hi_direct_vs_route'), '', 2)}"
         ),
     )
     row("round trip p50 / p99, µs", lambda r: f"{fmt(r.get('rtt_p50'))} / {fmt(r.get('rtt_p99'))}")
