@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,7 +194,7 @@ PROFILES = {
         cps_pairs=3000,
         clients=4,
         ng_calls=3000,
-        ng_live=10_000,
+        ng_live=5000,
         quiet_wait=20.0,
         retries=2,
     ),
@@ -1114,6 +1114,15 @@ class Bench:
         finally:
             c.down()
 
+    def guarded(self, who: str, phase: Callable[..., Any], *args: Any) -> Any:
+        """A phase that fails is recorded (and the run goes on): one broken contender must not
+        lose the figures of the others."""
+        try:
+            return phase(*args)
+        except (RuntimeError, OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
+            self.emit({"phase": "error", "who": who, "in": phase.__name__, "error": str(e)[-2000:]})
+            return None
+
     def run(self, contenders: list[str], phases: list[str]) -> None:
         ladder = os.environ.get("BENCH_LADDER")  # e.g. 100000,200000: one ladder, by hand
         if ladder:
@@ -1125,20 +1134,20 @@ class Bench:
             self.gen = Gen(self.topo, self.work)
             self.emit({"phase": "meta", **machine()})
             if "gen" in phases:
-                self.phase_gen()
+                self.guarded("rtpgen", self.phase_gen)
             for name in contenders:
                 c = KINDS[name](self.topo, self.profile.flows, self.work)
-                limit = self.phase_steps(c) if "steps" in phases else None
+                limit = self.guarded(name, self.phase_steps, c) if "steps" in phases else None
                 if "cpu" in phases:
-                    self.phase_cpu(c, limit)
+                    self.guarded(name, self.phase_cpu, c, limit)
                 if "rtt" in phases:
-                    self.phase_rtt(c)
+                    self.guarded(name, self.phase_rtt, c)
                 if "overload" in phases and limit:
-                    self.phase_overload(c, limit)
+                    self.guarded(name, self.phase_overload, c, limit)
             if "control" in phases:
-                self.phase_control()
+                self.guarded("lrkp", self.phase_control)
             if "ngcps" in phases:
-                self.phase_ngcps()
+                self.guarded("rtpengine", self.phase_ngcps)
         finally:
             self.topo.down()
 
@@ -1198,6 +1207,7 @@ def summarize(records: list[dict[str, Any]], profile: str) -> dict[str, Any]:
     control: list[dict[str, Any]] = []
     ngcps: list[dict[str, Any]] = []
     foreign: list[float] = []
+    errors: list[dict[str, Any]] = []
     for r in records:
         ph, who = r["phase"], r.get("who", "")
         if "foreign_cpu" in r:
@@ -1235,6 +1245,8 @@ def summarize(records: list[dict[str, Any]], profile: str) -> dict[str, Any]:
                 recovered=r["streams_recovered"],
                 recovery_loss=r["recovery_loss"],
             )
+        elif ph == "error":
+            errors.append(r)
         elif ph == "control":
             control.append(r)
         elif ph == "ngcps":
@@ -1268,6 +1280,7 @@ def summarize(records: list[dict[str, Any]], profile: str) -> dict[str, Any]:
         "gen": gen,
         "contenders": by,
         "control": control,
+        "errors": errors,
         "ngcps": ngcps,
         "foreign_cpu": {
             "median": statistics.median(foreign) if foreign else None,
@@ -1417,6 +1430,8 @@ def markdown(s: dict[str, Any]) -> str:
             f"{fmt(r.get('vs_rtpengine'), '', 2)} | {r['s_ms']['p50']} / {r['s_ms']['p99']} "
             f"| {fmt(r['kib_per_call'], ' KiB', 1)} |"
         )
+    for e in s.get("errors", []):
+        out += ["", f"**Failed:** {e['who']} in {e['in']}: `{e['error'][-300:]}`"]
     out += [
         "",
         "Method and how to read it: docs/benchmarks.md. Raw windows: raw/ (not committed).",

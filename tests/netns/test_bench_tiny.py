@@ -43,6 +43,7 @@ def test_tiny_benchmark_gives_every_figure_for_every_contender(tmp_path: Path) -
     assert not list(Path("/run/netns").glob(f"*-{bench.pid}-*")), "namespaces left behind"
 
     summary = json.loads((tmp_path / "sidebyside-tiny.json").read_text())
+    assert summary["errors"] == []
     assert summary["gen"]["gen_pps"] > 0
     by = summary["contenders"]
     assert sorted(by) == sorted(contenders)
