@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 FIGURES = ("max_pps", "us_per_packet", "rtt_p50", "rtt_p99", "over_loss", "recovered")
 
 
+@pytest.mark.timeout(900)  # a hang guard only: a busy machine makes it slow, never failing
 def test_tiny_benchmark_gives_every_figure_for_every_contender(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         if os.environ.get("CI"):
@@ -36,7 +37,7 @@ def test_tiny_benchmark_gives_every_figure_for_every_contender(tmp_path: Path) -
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
     )  # fmt: skip
     try:
-        out, err = bench.communicate(timeout=280)
+        out, err = bench.communicate(timeout=850)
     finally:
         bench.kill()
     assert bench.returncode == 0, out[-3000:] + err[-3000:]
