@@ -194,7 +194,7 @@ PROFILES = {
         cps_pairs=3000,
         clients=4,
         ng_calls=3000,
-        ng_live=5000,
+        ng_live=2000,
         quiet_wait=20.0,
         retries=2,
     ),
