@@ -1401,14 +1401,16 @@ def markdown(s: dict[str, Any]) -> str:
 
     row("past saturation (2x the limit)", over)
     flows = s["gen"].get("n")
-    row(
-        "streams delivering after it (of " + fmt(flows) + "), loss",
-        lambda r: (
-            f"{fmt(r.get('recovered'))}, {fmt((r.get('recovery_loss') or 0) * 100, ' %', 2)}"
-            if r.get("recovered") is not None
-            else "—"
-        ),
-    )
+
+    def recovery(r: dict[str, Any]) -> str:
+        if r.get("recovered") is None:
+            return "—"
+        loss = r.get("recovery_loss") or 0
+        if loss < 0:  # more arrived than was sent: the overload's backlog, delivered late
+            return f"{fmt(r['recovered'])}, {fmt(-loss * 100, ' %', 0)} more than sent (backlog)"
+        return f"{fmt(r['recovered'])}, {fmt(loss * 100, ' %', 2)}"
+
+    row("streams delivering after it (of " + fmt(flows) + "), loss", recovery)
     out += [
         "",
         "Call setup (closed loop, one command in flight per client; lrkp-tsl: `S`+`D` "
@@ -1441,6 +1443,11 @@ def markdown(s: dict[str, Any]) -> str:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--render"]:  # the table again from a summary: --render JSON
+        Path(sys.argv[2]).with_suffix(".md").write_text(
+            markdown(json.loads(Path(sys.argv[2]).read_text()))
+        )
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="fewer and shorter windows (~5 min)")
