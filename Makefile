@@ -9,7 +9,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: deps run test unit lint bench fuzz clean-lab kamailio
+.PHONY: deps run test unit lint bench bench-deps bench-parts fuzz clean-lab kamailio
 
 deps: $(STAMP)
 
@@ -27,7 +27,7 @@ else
 	$(VPY) -m lrkp_tsl.demo
 endif
 
-test: deps kamailio
+test: deps kamailio bench-deps
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # Kamailio 6.x for the e2e suite: built once per machine into a cache outside the clone,
@@ -45,10 +45,21 @@ lint: deps
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-bench: deps
+# The side-by-side benchmark (lrkp-tsl, rtpengine, bare NAT, routing; ~20 min; BENCH_ARGS=--quick
+# for ~5): bench/results/sidebyside.{md,json,png}. The single-purpose scripts: make bench-parts.
+bench: deps bench-deps
+	PYTHONPATH=. $(VPY) bench/sidebyside.py $(BENCH_ARGS)
+
+# rtpengine and matplotlib: `make test` installs them too, so that the tiny side-by-side
+# benchmark in the suite runs every contender (rtpengine's service is kept from starting).
+bench-deps:
+	scripts/install-bench-deps.sh
+
+bench-parts: deps
 	PYTHONPATH=. $(VPY) bench/dataplane_scale.py
 	PYTHONPATH=. $(VPY) bench/first_packet.py
-	PYTHONPATH=. $(VPY) bench/control_rtt.py
+	PYTHONPATH=. $(VPY) bench/control_clients.py
+	PYTHONPATH=. $(VPY) bench/dataplane_cost.py
 	PYTHONPATH=. $(VPY) bench/throughput.py
 	PYTHONPATH=. $(VPY) bench/event_loop.py
 	PYTHONPATH=. $(VPY) bench/restart.py
