@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lrkp_tsl.server")
 
+IP_FREEBIND = 15  # linux/in.h; socket.IP_FREEBIND exists only on newer Pythons
+
 # Datagrams read per wake-up: more than a batch (the engine commits at most GROUP_MAX per
 # transaction), few enough that one wake-up never holds the loop for long.
 READ_MAX = 64
@@ -70,11 +72,17 @@ class UdpBatchControl:
                 log.warning("reply to %s:%s not sent: %s", addr[0], addr[1], exc)
 
 
-def udp_socket(scheme: str, host: str, port: int) -> socket.socket:
-    """A non-blocking UDP socket bound to (host, port), as asyncio would have made it."""
+def udp_socket(scheme: str, host: str, port: int, *, freebind: bool = False) -> socket.socket:
+    """A non-blocking UDP socket bound to (host, port), as asyncio would have made it.
+
+    `freebind` (IP_FREEBIND) binds even if `host` is not local (yet): a standby listens on a
+    virtual IP before it owns it, and packets to it arrive once the address moves here.
+    """
     family = socket.AF_INET6 if scheme == "udp6" else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
+        if freebind:
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
         sock.setblocking(False)
         sock.bind((host, port))
     except BaseException:

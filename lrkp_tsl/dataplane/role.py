@@ -36,7 +36,9 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address
 from pathlib import Path
 
-IP_FREEBIND = 15  # linux/in.h; socket.IP_FREEBIND exists only on newer Pythons
+from lrkp_tsl.udpbatch import IP_FREEBIND as IP_FREEBIND  # re-exported for the tests
+from lrkp_tsl.udpbatch import udp_socket
+
 NONLOCAL_BIND = Path("/proc/sys/net/ipv4/ip_nonlocal_bind")
 
 # linux/netlink.h, linux/rtnetlink.h, linux/if_addr.h
@@ -167,17 +169,5 @@ def _parse_address(data: bytes, start: int, end: int) -> IPv4Address | None:
 
 
 def freebind_udp_socket(host: str, port: int) -> socket.socket:
-    """A non-blocking UDP socket bound to (host, port) even if `host` is not local (yet).
-
-    IP_FREEBIND lets a standby listen on a virtual IP before it owns it; packets to it arrive
-    once the address is assigned here.
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-        sock.setblocking(False)
-        sock.bind((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    """A non-blocking UDP socket bound to (host, port) even if `host` is not local (yet)."""
+    return udp_socket("udp", host, port, freebind=True)
