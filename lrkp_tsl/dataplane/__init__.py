@@ -92,7 +92,7 @@ class DataPlane:
         self.nft.install((call_id, view.flows, view.learning) for call_id, view in views)
 
     def remove(self, flows: Iterable[InstalledFlow], learning: Iterable[Endpoint]) -> None:
-        self.nft.change("(no call)", delete=flows, unlearn=learning)
+        self.nft.change(ElementChange("(no call)", delete=flows, unlearn=learning))
 
     def forget(self, keys: Iterable[StreamKey]) -> None:
         self.conntrack.forget_keys(keys)

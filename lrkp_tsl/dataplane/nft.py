@@ -218,23 +218,13 @@ class NftTable:
         if rc != 0:
             raise KernelError(f"{what}: nft said: {error.strip()}")
 
-    def change(
-        self,
-        call_id: str,
-        *,
-        add: Iterable[Flow] = (),
-        delete: Iterable[Flow | InstalledFlow] = (),
-        learn: Iterable[Endpoint] = (),
-        unlearn: Iterable[Endpoint] = (),
-        displace: Iterable[tuple[Endpoint, Endpoint]] = (),
-    ) -> int:
-        """Delete, then add, flows and learning endpoints of one call in one transaction.
+    def change(self, change: ElementChange) -> int:
+        """One call's element changes (delete, then add) in one transaction.
 
         Deletion is idempotent: an element to delete that is already gone (an operator, or
         an earlier failure) is counted (and the count returned), and the rest is committed
         atomically without it. Encoded as netlink directly (nftbatch.py).
         """
-        change = ElementChange(call_id, add, delete, learn, unlearn, displace)
         (error,) = self.change_many([change])
         if error is not None:
             raise error
