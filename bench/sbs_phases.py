@@ -24,7 +24,7 @@ from sbs_accounting import (
     snapshot,
     softnet_drops,
 )
-from sbs_contenders import KINDS, Contender, Lrkp, LrkpNat, Rtpengine
+from sbs_contenders import KINDS, Contender, Daemon, Lrkp, LrkpNat, Rtpengine
 from sbs_gen import Gen
 from sbs_lab import B_IP, B_PORT, GEN_CPU, RDROP_NFT, RELAY_CPU, Topo
 from sbs_profiles import Profile
@@ -339,89 +339,75 @@ class Bench:
             if self.topo.sink_read() == 0:
                 return
 
+    @contextlib.contextmanager
+    def serving(self, c: Daemon) -> Iterator[int]:
+        """A daemon started for the control phases, settled: its RSS before any call."""
+        c.start()
+        try:
+            assert c.pid is not None
+            time.sleep(1.0)
+            yield rss_kib(c.pid)
+        finally:
+            c.down()
+
+    def settled_rss(self, c: Daemon) -> int:
+        """The daemon's RSS once the calls just set up have settled."""
+        assert c.pid is not None
+        time.sleep(1.0)
+        return rss_kib(c.pid)
+
+    def call_rate(self, c: Daemon, phase: str, live: int, rss: int, rss0: int, *args: str) -> None:
+        """One closed-loop `cps` run of the client once the machine is quiet, recorded with
+        the daemon's RSS per live call and other processes' CPU during it."""
+        self.wait_quiet()
+        ps0 = snapshot()
+        t0 = time.monotonic()
+        r = c.client("cps", *args)
+        fc = foreign_cpu(ps0, snapshot(), our_pids(), time.monotonic() - t0)
+        self.emit(
+            {
+                "phase": phase,
+                "who": c.name,
+                "live": live,
+                **r,
+                "rss_kib": rss,
+                "kib_per_call": round((rss - rss0) / live, 2),
+                "foreign_cpu": fc,
+            }
+        )
+
     def phase_control(self) -> None:
         """lrkp-tsl: `S`+`D` pairs/s and `S` -> `OK` at growing live calls; RSS per call."""
         p = self.profile
         c = Lrkp(self.topo, 0, self.work)
         c.ports = "1024-65535"
-        c.start()
-        try:
-            assert c.pid is not None
-            time.sleep(1.0)
-            rss0, filled = rss_kib(c.pid), 0
+        with self.serving(c) as rss0:
+            filled = 0
             for live in p.live:
                 c.client("fill", str(filled), str(live), "--tag", "live")
                 filled = live
-                time.sleep(1.0)
-                rss = rss_kib(c.pid)
+                rss = self.settled_rss(c)
                 for clients in (1, p.clients):
-                    self.wait_quiet()
-                    ps0 = snapshot()
-                    t0 = time.monotonic()
-                    r = c.client(
-                        "cps",
-                        str(p.cps_pairs // clients),
-                        "--clients",
-                        str(clients),
-                        "--base",
-                        str(live),
-                        "--tag",
-                        f"cps{live}-{clients}",
-                    )
-                    fc = foreign_cpu(ps0, snapshot(), our_pids(), time.monotonic() - t0)
-                    self.emit(
-                        {
-                            "phase": "control",
-                            "who": "lrkp",
-                            "live": live,
-                            **r,
-                            "rss_kib": rss,
-                            "kib_per_call": round((rss - rss0) / live, 2),
-                            "foreign_cpu": fc,
-                        }
-                    )
-        finally:
-            c.down()
+                    pairs, tag = str(p.cps_pairs // clients), f"cps{live}-{clients}"
+                    self.call_rate(
+                        c, "control", live, rss, rss0,
+                        pairs, "--clients", str(clients), "--base", str(live), "--tag", tag,
+                    )  # fmt: skip
 
     def phase_ngcps(self) -> None:
         """rtpengine: offer+answer+delete calls/s (1 and several clients); RSS per call."""
         p = self.profile
         c = Rtpengine(self.topo, 0, self.work)
         c.ports = (10000, 59999)
-        c.start()
-        try:
-            assert c.pid is not None
-            time.sleep(1.0)
-            rss0 = rss_kib(c.pid)
+        with self.serving(c) as rss0:
             c.client("calls", str(p.ng_live), str(self.work / "ng-live-ports.txt"), "--tag", "live")
-            time.sleep(1.0)
-            rss = rss_kib(c.pid)
+            rss = self.settled_rss(c)
             for clients in (1, p.clients):
-                self.wait_quiet()
-                ps0 = snapshot()
-                t0 = time.monotonic()
-                r = c.client(
-                    "cps",
-                    str(p.ng_calls // clients),
-                    "--clients",
-                    str(clients),
-                    "--tag",
-                    f"cps-{clients}",
-                )
-                fc = foreign_cpu(ps0, snapshot(), our_pids(), time.monotonic() - t0)
-                self.emit(
-                    {
-                        "phase": "ngcps",
-                        "who": "rtpengine",
-                        "live": p.ng_live,
-                        **r,
-                        "rss_kib": rss,
-                        "kib_per_call": round((rss - rss0) / p.ng_live, 2),
-                        "foreign_cpu": fc,
-                    }
-                )
-        finally:
-            c.down()
+                calls, tag = str(p.ng_calls // clients), f"cps-{clients}"
+                self.call_rate(
+                    c, "ngcps", p.ng_live, rss, rss0,
+                    calls, "--clients", str(clients), "--tag", tag,
+                )  # fmt: skip
 
     def guarded(self, who: str, phase: Callable[..., Any], *args: Any) -> Any:
         """A phase that fails is recorded (and the run goes on): one broken contender must not
