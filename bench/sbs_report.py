@@ -12,15 +12,9 @@ import time
 from typing import Any
 
 from sbs_lab import GEN_CPU, RELAY_CPU, sh
+from sbs_names import BY_NAME, CONTENDERS
 
-CONTENDERS = ("route", "nat", "lrkp", "lrkp_nat", "rtpengine")
-LABELS = {
-    "route": "plain routing",
-    "nat": "bare nft NAT + conntrack",
-    "lrkp": "lrkp-tsl",
-    "lrkp_nat": "lrkp-tsl, NAT'd callers",
-    "rtpengine": "rtpengine (userspace)",
-}
+LABELS = {name: names.label for name, names in BY_NAME.items()}
 
 
 def rtpengine_version() -> str:

@@ -51,9 +51,10 @@ import tempfile
 from pathlib import Path
 
 from sbs_lab import HERE, REPO, Topo
+from sbs_names import CONTENDERS
 from sbs_phases import Bench
 from sbs_profiles import PROFILES
-from sbs_report import CONTENDERS, markdown, summarize
+from sbs_report import markdown, summarize
 
 
 def main() -> int:
