@@ -1,0 +1,50 @@
+"""What bench/ctlclient.py and bench/ngclient.py share: endpoints, percentiles, K clients in
+parallel and the one-JSON-line-out entry point.
+
+Both run as scripts inside the relay namespace (`sys.path[0]` is bench/), so a plain import.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+Job = TypeVar("Job")
+
+
+def endpoint(text: str) -> tuple[str, int]:
+    ip, port = text.rsplit(":", 1)
+    return ip, int(port)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def p50_p99(values: list[float]) -> dict[str, float]:
+    return {"p50": round(percentile(values, 0.5), 3), "p99": round(percentile(values, 0.99), 3)}
+
+
+def in_parallel(
+    worker: Callable[[Job], dict[str, Any]], jobs: Sequence[Job]
+) -> list[dict[str, Any]]:
+    """One job in this process, several in as many forked processes (one client each)."""
+    if len(jobs) == 1:
+        return [worker(jobs[0])]
+    with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:
+        return pool.map(worker, jobs)
+
+
+def run(name: str, main: Callable[[], dict[str, Any]]) -> None:
+    """Print main's result as one JSON line; a RuntimeError or OSError exits non-zero with
+    `name: error` on stderr (the benchmark shows it)."""
+    try:
+        result = main()
+    except (RuntimeError, OSError) as error:
+        sys.exit(f"{name}: {error}")
+    print(json.dumps(result))
+    sys.exit(0)
