@@ -120,6 +120,20 @@ struct sendarg {
 };
 static double g_t0;
 
+/* The RTP header (v2, PT 0 (PCMU), no marker) and the send time the echo's RTT is taken from:
+ * the first 20 bytes of every payload, in packet mode and socket mode alike. */
+static void rtp_header(unsigned char *b, uint16_t seq, uint32_t ts, uint32_t ssrc, uint64_t ns)
+{
+	uint16_t nseq = htons(seq);
+	uint32_t nts = htonl(ts), nssrc = htonl(ssrc);
+	b[0] = 0x80;
+	b[1] = 0;
+	memcpy(b + 2, &nseq, 2);
+	memcpy(b + 4, &nts, 4);
+	memcpy(b + 8, &nssrc, 4);
+	memcpy(b + 12, &ns, 8);
+}
+
 static void *sender(void *p)
 {
 	struct sendarg *a = p;
@@ -179,17 +193,10 @@ static void *sender(void *p)
 				struct flow *f = &flows[a->first + cur];
 				if (++cur == a->nf)
 					cur = 0;
-				unsigned char *b = iov[i].iov_base, *r = b + HDRLEN;
+				unsigned char *b = iov[i].iov_base;
 				memcpy(b, f->hdr, HDRLEN);
-				uint16_t seq = htons(f->seq++);
-				uint32_t ts = htonl(f->ts), ssrc = htonl(f->ssrc);
+				rtp_header(b + HDRLEN, f->seq++, f->ts, f->ssrc, ns);
 				f->ts += 160;
-				r[0] = 0x80;
-				r[1] = 0;
-				memcpy(r + 2, &seq, 2);
-				memcpy(r + 4, &ts, 4);
-				memcpy(r + 8, &ssrc, 4);
-				memcpy(r + 12, &ns, 8);
 			}
 			int rc = sendmmsg(a->pfd, msgs, k, 0);
 			a->calls++;
@@ -205,17 +212,8 @@ static void *sender(void *p)
 		struct flow *f = &flows[a->first + cur];
 		if (++cur == a->nf)
 			cur = 0;
-		for (unsigned i = 0; i < k; i++) {
-			unsigned char *b = iov[i].iov_base;
-			uint16_t seq = htons(f->seq + i);
-			uint32_t ts = htonl(f->ts + 160u * i), ssrc = htonl(f->ssrc);
-			b[0] = 0x80;
-			b[1] = 0; /* PT 0 (PCMU), no marker */
-			memcpy(b + 2, &seq, 2);
-			memcpy(b + 4, &ts, 4);
-			memcpy(b + 8, &ssrc, 4);
-			memcpy(b + 12, &ns, 8);
-		}
+		for (unsigned i = 0; i < k; i++)
+			rtp_header(iov[i].iov_base, f->seq + i, f->ts + 160u * i, f->ssrc, ns);
 		int r = sendmmsg(f->fd, msgs, k, 0);
 		a->calls++;
 		if (r < 0) {
