@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -31,12 +32,21 @@ def p50_p99(values: list[float]) -> dict[str, float]:
 
 def in_parallel(
     worker: Callable[[Job], dict[str, Any]], jobs: Sequence[Job]
-) -> list[dict[str, Any]]:
-    """One job in this process, several in as many forked processes (one client each)."""
+) -> tuple[list[dict[str, Any]], float]:
+    """One job in this process, several in as many forked processes (one client each): their
+    results, and the seconds all took (forking included, as a rate must count it)."""
+    started = time.monotonic()
     if len(jobs) == 1:
-        return [worker(jobs[0])]
-    with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:
-        return pool.map(worker, jobs)
+        results = [worker(jobs[0])]
+    else:
+        with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:
+            results = pool.map(worker, jobs)
+    return results, time.monotonic() - started
+
+
+def merged(results: list[dict[str, Any]], key: str) -> list[float]:
+    """Every client's samples of `key`, as one list."""
+    return [v for r in results for v in r[key]]
 
 
 def run(name: str, main: Callable[[], dict[str, Any]]) -> None:

@@ -22,7 +22,7 @@ import socket
 import time
 from typing import Any
 
-from clientkit import endpoint, in_parallel, p50_p99, run
+from clientkit import endpoint, in_parallel, merged, p50_p99, run
 
 Bencodable = bytes | str | int | list[Any] | dict[str, Any]
 
@@ -149,18 +149,14 @@ def cps_worker(args: tuple[str, int, int, str]) -> dict[str, Any]:
 
 def cps(host: str, port: int, count: int, clients: int, tag: str) -> dict[str, Any]:
     jobs = [(host, port, count, f"{tag}-c{k}") for k in range(clients)]
-    started = time.monotonic()
-    results = in_parallel(cps_worker, jobs)
-    elapsed = time.monotonic() - started
-    offer = [v for r in results for v in r["offer_ms"]]
-    total = [v for r in results for v in r["call_ms"]]
+    results, elapsed = in_parallel(cps_worker, jobs)
     done = sum(r["calls"] for r in results)
     return {
         "clients": clients,
         "calls": done,
         "calls_per_s": round(done / elapsed, 1),
-        "offer_ms": p50_p99(offer),
-        "call_ms": p50_p99(total),
+        "offer_ms": p50_p99(merged(results, "offer_ms")),
+        "call_ms": p50_p99(merged(results, "call_ms")),
     }
 
 
