@@ -49,6 +49,21 @@ def merged(results: list[dict[str, Any]], key: str) -> list[float]:
     return [v for r in results for v in r[key]]
 
 
+def closed_loop(
+    worker: Callable[[Job], dict[str, Any]], jobs: Sequence[Job], done: str, latencies: list[str]
+) -> dict[str, Any]:
+    """K clients, each one closed loop (a job), as one figure: how many `done` in all, per
+    second, and each of `latencies` (lists of ms per client) as p50 / p99."""
+    results, elapsed = in_parallel(worker, jobs)
+    total = sum(r[done] for r in results)
+    return {
+        "clients": len(jobs),
+        done: total,
+        f"{done}_per_s": round(total / elapsed, 1),
+        **{key: p50_p99(merged(results, key)) for key in latencies},
+    }
+
+
 def run(name: str, main: Callable[[], dict[str, Any]]) -> None:
     """Print main's result as one JSON line; a RuntimeError or OSError exits non-zero with
     `name: error` on stderr (the benchmark shows it)."""

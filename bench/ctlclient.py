@@ -28,7 +28,7 @@ import socket
 import time
 from typing import Any
 
-from clientkit import endpoint, in_parallel, merged, p50_p99, run
+from clientkit import closed_loop, endpoint, run
 
 CONTROL = ("127.0.0.1", 22333)
 PORTS = (1024, 65535)
@@ -159,14 +159,7 @@ def cps_worker(job: tuple[int, int, list[str], str]) -> dict[str, Any]:
 
 def cps(count: int, clients: int, base: int, relays: list[str], tag: str) -> dict[str, Any]:
     jobs = [(count, base + 500 * k, relays, f"{tag}-c{k}") for k in range(clients)]
-    results, elapsed = in_parallel(cps_worker, jobs)
-    pairs = sum(r["pairs"] for r in results)
-    return {
-        "clients": clients,
-        "pairs": pairs,
-        "pairs_per_s": round(pairs / elapsed, 1),
-        "s_ms": p50_p99(merged(results, "s_ms")),
-    }
+    return closed_loop(cps_worker, jobs, "pairs", ["s_ms"])
 
 
 def main() -> dict[str, Any]:

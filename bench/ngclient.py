@@ -22,7 +22,7 @@ import socket
 import time
 from typing import Any
 
-from clientkit import endpoint, in_parallel, merged, p50_p99, run
+from clientkit import closed_loop, endpoint, run
 
 Bencodable = bytes | str | int | list[Any] | dict[str, Any]
 
@@ -149,15 +149,7 @@ def cps_worker(args: tuple[str, int, int, str]) -> dict[str, Any]:
 
 def cps(host: str, port: int, count: int, clients: int, tag: str) -> dict[str, Any]:
     jobs = [(host, port, count, f"{tag}-c{k}") for k in range(clients)]
-    results, elapsed = in_parallel(cps_worker, jobs)
-    done = sum(r["calls"] for r in results)
-    return {
-        "clients": clients,
-        "calls": done,
-        "calls_per_s": round(done / elapsed, 1),
-        "offer_ms": p50_p99(merged(results, "offer_ms")),
-        "call_ms": p50_p99(merged(results, "call_ms")),
-    }
+    return closed_loop(cps_worker, jobs, "calls", ["offer_ms", "call_ms"])
 
 
 def main() -> dict[str, Any]:
