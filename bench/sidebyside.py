@@ -37,6 +37,12 @@ and once: `gen` (the generator into a drop rule at R), `control` (lrkp-tsl `S`+`
 Writes DIR/sidebyside.{jsonl,json,md,png} (default bench/results; the JSONL of every window
 goes to DIR/raw/). Other processes on the machine are measured during every window
 (`foreign_cpu`, % of one core) and reported: numbers from a busy machine are noisy.
+
+The parts, one job each: sbs_lab.py (namespaces, addresses, counters), sbs_accounting.py (CPU
+and memory from /proc), sbs_profiles.py (--tiny, --quick, full), sbs_gen.py (rtpgen),
+sbs_contenders.py (what relays), sbs_phases.py (windows and phases), sbs_report.py (summary and
+table), sbs_names.py (labels, shared with plot_sidebyside.py); the control clients ctlclient.py
+and ngclient.py share clientkit.py.
 """
 
 from __future__ import annotations
