@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import multiprocessing
 import os
 import select
 import socket
-import sys
 import time
 from typing import Any
+
+from clientkit import closed_loop, endpoint, run
 
 CONTROL = ("127.0.0.1", 22333)
 PORTS = (1024, 65535)
@@ -145,11 +144,6 @@ def media_calls(n: int, a: tuple[str, int], b: tuple[str, int], relay: str, sdp_
     Client().pipelined(commands)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
-
-
 def cps_worker(job: tuple[int, int, list[str], str]) -> dict[str, Any]:
     """COUNT `S`+`D` pairs on this client's 500 slots, cycling."""
     count, base, relays, tag = job
@@ -165,29 +159,10 @@ def cps_worker(job: tuple[int, int, list[str], str]) -> dict[str, Any]:
 
 def cps(count: int, clients: int, base: int, relays: list[str], tag: str) -> dict[str, Any]:
     jobs = [(count, base + 500 * k, relays, f"{tag}-c{k}") for k in range(clients)]
-    started = time.monotonic()
-    if clients == 1:
-        results = [cps_worker(jobs[0])]
-    else:
-        with multiprocessing.get_context("fork").Pool(clients) as pool:
-            results = pool.map(cps_worker, jobs)
-    elapsed = time.monotonic() - started
-    s_ms = [v for r in results for v in r["s_ms"]]
-    pairs = sum(r["pairs"] for r in results)
-    return {
-        "clients": clients,
-        "pairs": pairs,
-        "pairs_per_s": round(pairs / elapsed, 1),
-        "s_ms": {"p50": round(percentile(s_ms, 0.5), 3), "p99": round(percentile(s_ms, 0.99), 3)},
-    }
+    return closed_loop(cps_worker, jobs, "pairs", ["s_ms"])
 
 
-def endpoint(text: str) -> tuple[str, int]:
-    ip, port = text.rsplit(":", 1)
-    return ip, int(port)
-
-
-def main() -> int:
+def main() -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["ping", "calls", "fill", "cps"])
     parser.add_argument("n", type=int)
@@ -217,12 +192,8 @@ def main() -> int:
     else:
         result = cps(args.n, args.clients, args.base, relays, args.tag)
     result["s"] = round(time.monotonic() - started, 3)
-    print(json.dumps(result))
-    return 0
+    return result
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (RuntimeError, OSError) as error:
-        sys.exit(f"ctlclient: {error}")
+    run("ctlclient", main)

@@ -16,14 +16,13 @@ Every request has a 2 s timeout; a timeout or an error result aborts the run. On
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
 import os
 import re
 import socket
-import sys
 import time
 from typing import Any
+
+from clientkit import closed_loop, endpoint, run
 
 Bencodable = bytes | str | int | list[Any] | dict[str, Any]
 
@@ -103,16 +102,6 @@ def media_port(text: str) -> int:
     return int(found.group(1))
 
 
-def endpoint(text: str) -> tuple[str, int]:
-    ip, port = text.rsplit(":", 1)
-    return ip, int(port)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
-
-
 def calls(ng: Ng, n: int, a: tuple[str, int], b: tuple[str, int], tag: str) -> list[int]:
     """Offer + answer n calls; the relay port each caller must send to."""
     ports = []
@@ -160,32 +149,10 @@ def cps_worker(args: tuple[str, int, int, str]) -> dict[str, Any]:
 
 def cps(host: str, port: int, count: int, clients: int, tag: str) -> dict[str, Any]:
     jobs = [(host, port, count, f"{tag}-c{k}") for k in range(clients)]
-    started = time.monotonic()
-    if clients == 1:
-        results = [cps_worker(jobs[0])]
-    else:
-        with multiprocessing.get_context("fork").Pool(clients) as pool:
-            results = pool.map(cps_worker, jobs)
-    elapsed = time.monotonic() - started
-    offer = [v for r in results for v in r["offer_ms"]]
-    total = [v for r in results for v in r["call_ms"]]
-    done = sum(r["calls"] for r in results)
-    return {
-        "clients": clients,
-        "calls": done,
-        "calls_per_s": round(done / elapsed, 1),
-        "offer_ms": {
-            "p50": round(percentile(offer, 0.5), 3),
-            "p99": round(percentile(offer, 0.99), 3),
-        },
-        "call_ms": {
-            "p50": round(percentile(total, 0.5), 3),
-            "p99": round(percentile(total, 0.99), 3),
-        },
-    }
+    return closed_loop(cps_worker, jobs, "calls", ["offer_ms", "call_ms"])
 
 
-def main() -> int:
+def main() -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["calls", "cps"])
     parser.add_argument("n", type=int)
@@ -197,6 +164,7 @@ def main() -> int:
     parser.add_argument("--tag", default="bench")
     args = parser.parse_args()
     host, port = endpoint(args.ng)
+    result: dict[str, Any]
     if args.command == "calls":
         started = time.monotonic()
         ports = calls(Ng(host, port), args.n, endpoint(args.a), endpoint(args.b), args.tag)
@@ -205,12 +173,8 @@ def main() -> int:
         result = {"calls": args.n, "setup_s": round(time.monotonic() - started, 3)}
     else:
         result = cps(host, port, args.n, args.clients, args.tag)
-    print(json.dumps(result))
-    return 0
+    return result
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (RuntimeError, OSError) as error:
-        sys.exit(f"ngclient: {error}")
+    run("ngclient", main)

@@ -13,22 +13,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from sbs_names import BY_NAME, CONTENDERS
 
-ORDER = ("route", "nat", "lrkp", "lrkp_nat", "rtpengine")
-LABELS = {
-    "route": "routing",
-    "nat": "bare NAT",
-    "lrkp": "lrkp-tsl",
-    "lrkp_nat": "lrkp-tsl\nNAT'd",
-    "rtpengine": "rtpengine",
-}
-COLOURS = {
-    "route": "#888888",
-    "nat": "#4c72b0",
-    "lrkp": "#55a868",
-    "lrkp_nat": "#8fd19e",
-    "rtpengine": "#c44e52",
-}
+ORDER = CONTENDERS
+LABELS = {name: names.short for name, names in BY_NAME.items()}
+COLOURS = {name: names.colour for name, names in BY_NAME.items()}
 
 
 def bars(ax: Any, s: dict[str, Any], key: str, title: str, unit: str) -> None:

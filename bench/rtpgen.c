@@ -120,6 +120,38 @@ struct sendarg {
 };
 static double g_t0;
 
+/* A sendmmsg/recvmmsg batch of n: msgs[i] over iov[i], the i-th SIZE bytes of buf, and (when
+ * names is not NULL) room for the i-th peer address. Everything else zero. */
+static void mmsg_setup(struct mmsghdr *msgs, struct iovec *iov, int n, unsigned char *buf,
+		       size_t size, struct sockaddr_in *names)
+{
+	memset(msgs, 0, (size_t)n * sizeof(*msgs));
+	for (int i = 0; i < n; i++) {
+		iov[i].iov_base = buf + (size_t)i * size;
+		iov[i].iov_len = size;
+		msgs[i].msg_hdr.msg_iov = &iov[i];
+		msgs[i].msg_hdr.msg_iovlen = 1;
+		if (names) {
+			msgs[i].msg_hdr.msg_name = &names[i];
+			msgs[i].msg_hdr.msg_namelen = sizeof(names[i]);
+		}
+	}
+}
+
+/* The RTP header (v2, PT 0 (PCMU), no marker) and the send time the echo's RTT is taken from:
+ * the first 20 bytes of every payload, in packet mode and socket mode alike. */
+static void rtp_header(unsigned char *b, uint16_t seq, uint32_t ts, uint32_t ssrc, uint64_t ns)
+{
+	uint16_t nseq = htons(seq);
+	uint32_t nts = htonl(ts), nssrc = htonl(ssrc);
+	b[0] = 0x80;
+	b[1] = 0;
+	memcpy(b + 2, &nseq, 2);
+	memcpy(b + 4, &nts, 4);
+	memcpy(b + 8, &nssrc, 4);
+	memcpy(b + 12, &ns, 8);
+}
+
 static void *sender(void *p)
 {
 	struct sendarg *a = p;
@@ -129,13 +161,7 @@ static void *sender(void *p)
 	struct iovec iov[MAXBATCH];
 	size_t fl = opt.size + (a->pfd >= 0 ? HDRLEN : 0);
 	unsigned char *buf = calloc(MAXBATCH, fl);
-	memset(msgs, 0, sizeof(msgs));
-	for (int i = 0; i < opt.batch; i++) {
-		iov[i].iov_base = buf + (size_t)i * fl;
-		iov[i].iov_len = fl;
-		msgs[i].msg_hdr.msg_iov = &iov[i];
-		msgs[i].msg_hdr.msg_iovlen = 1;
-	}
+	mmsg_setup(msgs, iov, MAXBATCH, buf, fl, NULL);
 	int cur = 0;
 	double t0 = g_t0, end = t0 + opt.duration;
 	/* paced mode: smallest batch worth a syscall (30 us of packets), 1 at low rates */
@@ -179,17 +205,10 @@ static void *sender(void *p)
 				struct flow *f = &flows[a->first + cur];
 				if (++cur == a->nf)
 					cur = 0;
-				unsigned char *b = iov[i].iov_base, *r = b + HDRLEN;
+				unsigned char *b = iov[i].iov_base;
 				memcpy(b, f->hdr, HDRLEN);
-				uint16_t seq = htons(f->seq++);
-				uint32_t ts = htonl(f->ts), ssrc = htonl(f->ssrc);
+				rtp_header(b + HDRLEN, f->seq++, f->ts, f->ssrc, ns);
 				f->ts += 160;
-				r[0] = 0x80;
-				r[1] = 0;
-				memcpy(r + 2, &seq, 2);
-				memcpy(r + 4, &ts, 4);
-				memcpy(r + 8, &ssrc, 4);
-				memcpy(r + 12, &ns, 8);
 			}
 			int rc = sendmmsg(a->pfd, msgs, k, 0);
 			a->calls++;
@@ -205,17 +224,8 @@ static void *sender(void *p)
 		struct flow *f = &flows[a->first + cur];
 		if (++cur == a->nf)
 			cur = 0;
-		for (unsigned i = 0; i < k; i++) {
-			unsigned char *b = iov[i].iov_base;
-			uint16_t seq = htons(f->seq + i);
-			uint32_t ts = htonl(f->ts + 160u * i), ssrc = htonl(f->ssrc);
-			b[0] = 0x80;
-			b[1] = 0; /* PT 0 (PCMU), no marker */
-			memcpy(b + 2, &seq, 2);
-			memcpy(b + 4, &ts, 4);
-			memcpy(b + 8, &ssrc, 4);
-			memcpy(b + 12, &ns, 8);
-		}
+		for (unsigned i = 0; i < k; i++)
+			rtp_header(iov[i].iov_base, f->seq + i, f->ts + 160u * i, f->ssrc, ns);
 		int r = sendmmsg(f->fd, msgs, k, 0);
 		a->calls++;
 		if (r < 0) {
@@ -255,13 +265,7 @@ static void *rtt_thread(void *p)
 	struct mmsghdr msgs[64];
 	struct iovec iov[64];
 	static unsigned char buf[64][2048];
-	memset(msgs, 0, sizeof(msgs));
-	for (int i = 0; i < 64; i++) {
-		iov[i].iov_base = buf[i];
-		iov[i].iov_len = sizeof(buf[i]);
-		msgs[i].msg_hdr.msg_iov = &iov[i];
-		msgs[i].msg_hdr.msg_iovlen = 1;
-	}
+	mmsg_setup(msgs, iov, 64, buf[0], sizeof(buf[0]), NULL);
 	struct epoll_event evs[256];
 	while (!rtt_stop) {
 		int n = epoll_wait(ep, evs, 256, 50);
@@ -484,15 +488,7 @@ static int do_echo(void)
 		int n = epoll_wait(ep, evs, 256, 50);
 		for (int e = 0; e < n; e++) {
 			int fd = fds[evs[e].data.u32];
-			memset(msgs, 0, sizeof(msgs));
-			for (int i = 0; i < 64; i++) {
-				iov[i].iov_base = buf[i];
-				iov[i].iov_len = sizeof(buf[i]);
-				msgs[i].msg_hdr.msg_iov = &iov[i];
-				msgs[i].msg_hdr.msg_iovlen = 1;
-				msgs[i].msg_hdr.msg_name = &names[i];
-				msgs[i].msg_hdr.msg_namelen = sizeof(names[i]);
-			}
+			mmsg_setup(msgs, iov, 64, buf[0], sizeof(buf[0]), names);
 			int r = recvmmsg(fd, msgs, 64, MSG_DONTWAIT, NULL);
 			if (r <= 0)
 				continue;
