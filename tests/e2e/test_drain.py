@@ -19,27 +19,12 @@ import pytest
 from lrkp_tsl.lab import Lab
 from lrkp_tsl.media import Endpoint
 from tests.e2e.harness import KamailioBuild, Sdp, call, kamailio
+from tests.e2e.test_calls import NODE1, NODE2, start_node
 from tests.netns.calls import Stream
 from tests.netns.daemon import Node
 from tests.netns.helpers import Peers
 
-NODE1 = ("relay", "10.201.1.1", "10.201.2.1")
-NODE2 = ("relay2", "10.201.1.2", "10.201.2.2")
 CTL = (sys.executable, "-m", "lrkp_tsl.ctl")
-
-
-def start_node(lab: Lab, host: str, internal: str, external: str) -> Node:
-    node = Node(
-        lab, host, "--internal-ip", internal, "--external-ip", external,
-        "--ports", "20000-21999", "--control", f"udp:{internal}:22333",
-        "--allow", "10.201.1.5", "--idle-timeout", "3", "--flush-on-exit",
-    )  # fmt: skip
-    deadline = time.monotonic() + 15
-    while "node up" not in node.output():
-        if node.proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"node on {host} did not start:\n{node.output()}")
-        time.sleep(0.05)
-    return node
 
 
 @pytest.fixture
