@@ -116,14 +116,24 @@ LATCHING = {
 CLOSED_REASONS = ("deleted", "idle", "lifetime", "replaced", "replicated", "operator")
 
 
+def _by_prefix(
+    name: str, doc: str, label: str, stats: dict[str, int], prefix: str
+) -> CounterMetricFamily:
+    """One counter family labelled by what follows `prefix` in the engine's stats keys."""
+    family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=[label])
+    for key, count in sorted(_prefixed(stats, prefix)):
+        family.add_metric([_label(key)], count)
+    return family
+
+
 def engine_metrics(snap: Snapshot) -> Iterator[Metric]:
     stats = snap.stats
     yield GaugeMetricFamily(f"{PREFIX}_sessions", "Live calls", snap.calls)
-    created = CounterMetricFamily(
-        f"{PREFIX}_sessions_started", "Calls set up by an S command", labels=[]
+    yield CounterMetricFamily(
+        f"{PREFIX}_sessions_started",
+        "Calls set up by an S command",
+        value=stats.get("calls.relaying", 0),
     )
-    created.add_metric([], stats.get("calls.relaying", 0))
-    yield created
     closed = CounterMetricFamily(
         f"{PREFIX}_closed_sessions", "Calls ended, by reason", labels=["reason"]
     )
@@ -140,13 +150,11 @@ def engine_metrics(snap: Snapshot) -> Iterator[Metric]:
         command, _, result = key.partition(".")
         commands.add_metric([command, result], count)
     yield commands
-    retransmissions = CounterMetricFamily(
+    yield CounterMetricFamily(
         f"{PREFIX}_command_retransmissions",
         "Retransmitted commands answered from the cache",
-        labels=[],
+        value=stats.get("retransmissions", 0),
     )
-    retransmissions.add_metric([], stats.get("retransmissions", 0))
-    yield retransmissions
     histogram = HistogramMetricFamily(
         f"{PREFIX}_command_duration_seconds",
         "Time from reading a command to having its reply",
@@ -171,33 +179,19 @@ def engine_metrics(snap: Snapshot) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         f"{PREFIX}_queue_held_packets", "First packets held for the other party", snap.held
     )
-    dropped = CounterMetricFamily(
-        f"{PREFIX}_control_dropped",
-        "Control datagrams dropped unanswered, by why",
-        labels=["reason"],
+    yield _by_prefix(
+        "control_dropped", "Control datagrams dropped unanswered, by why", "reason",
+        stats, "dropped.",
+    )  # fmt: skip
+    yield _by_prefix("errors", "Errors counted by the node, by kind", "kind", stats, "error.")
+    yield _by_prefix(
+        "stream_events", "Conntrack events of relayed streams", "event", stats, "streams."
     )
-    for reason, count in sorted(_prefixed(stats, "dropped.")):
-        dropped.add_metric([_label(reason)], count)
-    yield dropped
-    errors = CounterMetricFamily(
-        f"{PREFIX}_errors", "Errors counted by the node, by kind", labels=["kind"]
-    )
-    for kind, count in sorted(_prefixed(stats, "error.")):
-        errors.add_metric([_label(kind)], count)
-    yield errors
-    streams = CounterMetricFamily(
-        f"{PREFIX}_stream_events", "Conntrack events of relayed streams", labels=["event"]
-    )
-    for event, count in sorted(_prefixed(stats, "streams.")):
-        streams.add_metric([_label(event)], count)
-    yield streams
-    repairs = CounterMetricFamily(
+    yield CounterMetricFamily(
         f"{PREFIX}_kernel_repairs",
         "Times the node put its kernel state back (table flushed or rule removed)",
-        labels=[],
+        value=stats.get("kernel.repairs", 0),
     )
-    repairs.add_metric([], stats.get("kernel.repairs", 0))
-    yield repairs
     yield GaugeMetricFamily(
         f"{PREFIX}_ports_used", "Relay ports held by live calls", snap.ports_used
     )
