@@ -17,7 +17,16 @@ from lrkp_tsl.dataplane import nftsets as ns
 from lrkp_tsl.dataplane import nftwatch as nw
 from lrkp_tsl.errors import KernelError
 from lrkp_tsl.media import Endpoint, InstalledFlow
-from tests.unit.test_nftwatch import HEADER, done, enum_members, error, message, nla, s
+from tests.unit.test_nftwatch import (
+    HEADER,
+    done,
+    enum_members,
+    error,
+    message,
+    mutations,
+    nla,
+    s,
+)
 
 # -- crafting replies with struct -------------------------------------------------------------
 
@@ -384,12 +393,8 @@ VALID = [
 
 
 def test_every_truncation_and_byte_flip_of_valid_replies() -> None:
-    for data in VALID:
-        for cut in range(len(data)):
-            decode_everything(data[:cut])
-        for index in range(len(data)):
-            for flip in (0x00, 0xFF, 0x03, 0x80):
-                decode_everything(data[:index] + bytes([flip]) + data[index + 1 :])
+    for data in mutations(VALID):
+        decode_everything(data)
 
 
 @settings(max_examples=400, deadline=None, database=None)
