@@ -36,6 +36,7 @@ from lrkp_tsl.admission import NodeLimits, Refusal
 from lrkp_tsl.errors import KernelError, StoreError
 from lrkp_tsl.kernel import (
     EMPTY,
+    Counters,
     Kernel,
     KernelState,
     KernelView,
@@ -190,6 +191,22 @@ def _command(request: SetSession | protocol.DeleteSession) -> str:
 
 def _flow_tuple(flow: InstalledFlow) -> tuple[Endpoint, Endpoint, Endpoint | None, Endpoint | None]:
     return (flow.sender, flow.relay, flow.target, flow.relay_out)
+
+
+_Found = dict[StreamKey, tuple[StreamKey, Counters] | None]
+"""What an ending call's conntrack keys found (`Kernel.streams`), by key."""
+
+
+def _summarised(sync: Sync, old: Call | None) -> bool:
+    """The change ends a call with a summary line (a replica's removal has none)."""
+    return sync.call is None and old is not None and sync.reason is not Reason.REPLICATED
+
+
+def _end_keys(sync: Sync, old: Call | None) -> frozenset[StreamKey]:
+    """Every key an ending call's entries can be found by: its flows' and the ones the
+    kernel change removed (the same, unless the table and kernel disagreed)."""
+    removed = frozenset((flow.sender, flow.relay) for flow in sync.before.flows ^ sync.after.flows)
+    return removed if old is None else old.view().keys() | removed
 
 
 class Engine:
@@ -397,13 +414,19 @@ class Engine:
             results = self.kernel.change_many(
                 [(sync.call_id, sync.before, sync.after, sync.displaced) for sync in syncs]
             )
-            forget: set[Flow | InstalledFlow] = set()
+            done = [
+                (item, sync)
+                for item, sync, refused in zip(ready, syncs, results, strict=True)
+                if refused is None
+            ]
             for item, sync, refused in zip(ready, syncs, results, strict=True):
                 if refused is not None:
                     self._refused(sync, item.old, now)
                     item.error = refused
-                    continue
-                self._finish(sync, now, item.peer, item.old, None, forget)
+            ends = self._read_ends([(sync, item.old) for item, sync in done])
+            forget: set[Flow | InstalledFlow] = set()
+            for item, sync in done:
+                self._finish(sync, now, item.peer, item.old, None, forget, ends)
             self._forget(forget, now)
         for item in group:
             replies[item.index] = self._reply(item, now)
@@ -704,15 +727,26 @@ class Engine:
         old: Call | None,
         quiet_since: float | None = None,
         forget: set[Flow | InstalledFlow] | None = None,
+        ends: dict[str, _Found | None] | None = None,
     ) -> None:
         """After the kernel committed: the table, conntrack entries of changed flows
-        (into `forget` if given, for the caller to delete at once), activity, logs."""
+        (into `forget` if given, for the caller to delete at once), activity, logs.
+
+        `ends`: what `_read_ends` found for ending calls, by Call-ID (else read here)."""
         call_id = sync.call_id
         self.table.applied(sync)
         summary = None
-        if sync.call is None and old is not None and sync.reason is not Reason.REPLICATED:
-            summary = self._summary(old, sync, now)  # before its entries are deleted
         changed = sync.before.flows ^ sync.after.flows
+        if _summarised(sync, old):
+            assert old is not None
+            found = ends[call_id] if ends and call_id in ends else self._read_end(sync, old)
+            if calls_log.isEnabledFor(logging.INFO):  # only the log line uses it
+                summary = self._summary(old, sync, now, found)  # before entries are deleted
+            if found is not None and not found:
+                # No entry either way for any of its flows, read after the kernel dropped its
+                # elements: none can appear any more (the guard drops their packets before
+                # conntrack), so there is nothing to delete.
+                changed = frozenset()
         if forget is None:
             self._forget(changed, now)
         else:
@@ -724,10 +758,10 @@ class Engine:
             self._drop_held(call_id)
             self.stats["calls.removed"] += 1
             self.stats[f"calls.removed.{sync.reason.value}"] += 1
-            if summary is None:
-                calls_log.debug("[%s] removed: as on the active node", call_id)
-            else:
+            if summary is not None:
                 calls_log.info(summary[0], extra={"call_summary": summary[1]})
+            elif not _summarised(sync, old):
+                calls_log.debug("[%s] removed: as on the active node", call_id)
             if sync.displaced:
                 self._displace(call_id, sync.displaced, now)
             return
@@ -754,16 +788,39 @@ class Engine:
             calls_log.info("[%s] %s", call_id, sync.describe())
         self._release(call_id, sync.after)
 
-    def _summary(self, call: Call, sync: Sync, now: float) -> tuple[str, dict[str, object]]:
+    def _read_ends(self, ends: Sequence[tuple[Sync, Call | None]]) -> dict[str, _Found | None]:
+        """The conntrack entries of the calls among `ends` that end with a summary, read in
+        one exchange (a group's `D`s): by Call-ID, what their keys found (None: not read)."""
+        keys: dict[str, frozenset[StreamKey]] = {
+            sync.call_id: _end_keys(sync, old)
+            for sync, old in ends
+            if _summarised(sync, old) and sync.reason is not Reason.IDLE
+        }
+        if not keys:
+            return {}
+        try:
+            found = self.kernel.streams({key for each in keys.values() for key in each})
+        except KernelError as error:
+            self.stats["error.conntrack"] += 1
+            log.error("counters of %d ending calls not read: %s", len(keys), error)
+            return dict.fromkeys(keys)
+        return {
+            call_id: {key: found[key] for key in each if key in found}
+            for call_id, each in keys.items()
+        }
+
+    def _read_end(self, sync: Sync, old: Call) -> _Found | None:
+        """`_read_ends` of one call (None: not read, or an idle call: nothing left)."""
+        if sync.reason is Reason.IDLE:
+            return None
+        return self._read_ends([(sync, old)]).get(sync.call_id)
+
+    def _summary(
+        self, call: Call, sync: Sync, now: float, found: _Found | None
+    ) -> tuple[str, dict[str, object]]:
         """The call's one summary line (text, fields), with the counters of its live
-        entries read now (an idle call has none left to read)."""
-        live = {}
-        if sync.reason is not Reason.IDLE:
-            try:
-                live = dict(self.kernel.counters(call.view().keys()))
-            except KernelError as error:
-                self.stats["error.conntrack"] += 1
-                log.error("[%s] counters not read at its end: %s", call.call_id, error)
+        entries as `_read_ends` found them (an idle call has none left to read)."""
+        live = {got[0]: got[1] for got in (found or {}).values() if got is not None}
         tally = self.traffic.total(call, live_of(call, live))
         return call_summary(call, sync.reason.value, sync.describe(), tally, now - call.started)
 

@@ -119,6 +119,14 @@ class Kernel(Protocol):
         """The live entries found by `keys` (either direction), by their original tuple,
         with their counters: read just before a call's entries are deleted."""
 
+    def streams(
+        self, keys: Iterable[StreamKey]
+    ) -> Mapping[StreamKey, tuple[StreamKey, Counters] | None]:
+        """The entries `keys` found (either direction), by the key that found each: its
+        original tuple and counters, or None if it could not be read. A key absent from the
+        result found no entry. Read when calls end, in one exchange for a group of them:
+        their summaries, and which of their entries need deleting at all."""
+
     def is_seen(self, sender: Endpoint, relay: Endpoint) -> bool:
         """True if the flow carried a packet within the NAT-rebinding guard interval."""
 

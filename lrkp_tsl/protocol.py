@@ -92,6 +92,7 @@ own `callid[50]` buffer overflows beyond 48 characters, so nothing a working mod
 comes near it."""
 
 _COOKIE = re.compile(rb"-?[0-9]{1,10}_[0-9]{1,10}")
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 _DIGITS = re.compile(r"[0-9]{1,10}")
 
 SESSION_FIELDS: Final = (
@@ -419,9 +420,11 @@ def _as_text(body: bytes) -> str:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise NotText(f"not UTF-8 at byte {exc.start} of the command") from None
-    for offset, char in enumerate(text):
-        if char < " " or char == "\x7f":
-            raise NotText(f"control character {char!r} at offset {offset} of the command")
+    control = _CONTROL.search(text)
+    if control is not None:
+        raise NotText(
+            f"control character {control.group()!r} at offset {control.start()} of the command"
+        )
     return text
 
 

@@ -38,6 +38,7 @@ log = logging.getLogger("lrkp_tsl.server")
 UNIX_READ_TIMEOUT = 5.0
 # Stream events read per wake-up: a burst is handled over several loop turns.
 EVENTS_PER_READ = 4096
+ALLOWED_CACHE = 1024
 
 
 class Server:
@@ -58,6 +59,7 @@ class Server:
         self._failures: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.latency = Latency()  # command handling time (metrics.py)
+        self._allowed: dict[str, bool] = {}  # allow-list answers by sender host
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -165,11 +167,19 @@ class Server:
         return False
 
     def allowed(self, host: str) -> bool:
-        try:
-            address = ip_address(host.split("%")[0])
-        except ValueError:
-            return False
-        return any(address in net for net in self.config.allow)
+        """Whether `host` is in the allow list: decided once per sender, since the same few
+        Kamailio workers send every command (the cache is bounded against spoofed floods)."""
+        known = self._allowed.get(host)
+        if known is None:
+            try:
+                address = ip_address(host.split("%")[0])
+            except ValueError:
+                return False
+            known = any(address in net for net in self.config.allow)
+            if len(self._allowed) >= ALLOWED_CACHE:
+                self._allowed.clear()
+            self._allowed[host] = known
+        return known
 
     def on_queued(self, packet: Packet, source: Any, relay: Any) -> None:
         packet_id = next(self._ids)

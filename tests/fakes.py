@@ -34,6 +34,7 @@ class FakeKernel:
         self.seen: set[StreamKey] = set()
         self.displaced: set[StreamKey] = set()
         self.calls: collections.Counter[str] = collections.Counter()
+        self.forgotten: list[frozenset[StreamKey]] = []  # each `forget`'s keys
         self._failures: collections.Counter[str] = collections.Counter()
         self.fail_after_deletions = False
         self.failing_calls: set[str] = set()
@@ -112,6 +113,8 @@ class FakeKernel:
 
     def forget(self, keys: Iterable[StreamKey]) -> None:
         self._enter("forget")
+        keys = frozenset(keys)
+        self.forgotten.append(keys)
         for key in keys:
             self.entries.pop(key, None)
 
@@ -122,6 +125,16 @@ class FakeKernel:
     def counters(self, keys: Iterable[StreamKey]) -> Mapping[StreamKey, Counters]:
         self._enter("counters")
         return {key: self.counted[key] for key in keys if key in self.counted}
+
+    def streams(
+        self, keys: Iterable[StreamKey]
+    ) -> Mapping[StreamKey, tuple[StreamKey, Counters] | None]:
+        self._enter("streams")
+        return {
+            key: (key, self.counted.get(key, Counters()))
+            for key in keys
+            if key in self.entries or key in self.counted
+        }
 
     def is_seen(self, sender: Endpoint, relay: Endpoint) -> bool:
         self._enter("is_seen")

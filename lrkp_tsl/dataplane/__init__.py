@@ -103,6 +103,12 @@ class DataPlane:
     def counters(self, keys: Iterable[StreamKey]) -> Mapping[StreamKey, Counters]:
         return self.conntrack.counters(keys)
 
+    def streams(
+        self, keys: Iterable[StreamKey]
+    ) -> Mapping[StreamKey, tuple[StreamKey, Counters] | None]:
+        found = self.conntrack.streams(keys)
+        return {key: None if got is None else got[:2] for key, got in found.items()}
+
     def is_seen(self, sender: Endpoint, relay: Endpoint) -> bool:
         return self.silence.is_seen(sender, relay)
 

@@ -235,6 +235,14 @@ class ConntrackTable:
     def counters(self, keys: Iterable[StreamKey]) -> dict[StreamKey, Counters]:
         """The live entries found by `keys` (an entry answers to either of its tuples),
         by their original tuple, with their counters. One GET per key, as `alive`."""
+        return {got[0]: got[1] for got in self.streams(keys).values() if got is not None}
+
+    def streams(
+        self, keys: Iterable[StreamKey]
+    ) -> dict[StreamKey, tuple[StreamKey, Counters, float] | None]:
+        """The entries `keys` found, by the key that found each: (original tuple, counters,
+        seconds left), or None for an entry that is not IPv4 UDP. A key absent from the
+        result found no entry: there is nothing to delete for it."""
         found: dict[StreamKey, tuple[StreamKey, Counters, float] | None] = {}
         pending: dict[int, StreamKey] = {}
         for key in keys:
@@ -245,7 +253,7 @@ class ConntrackTable:
                 pending = {}
         if pending:
             self._get(pending, found, _decode_stream)
-        return {got[0]: got[1] for got in found.values() if got is not None}
+        return found
 
     def stream_counters(self) -> dict[bytes, tuple[int, int, int, int, int]]:
         """Every UDP entry of the namespace, by `raw_key` of its original tuple:

@@ -124,6 +124,12 @@ class Message:
     set_name: str
     elements: bytes  # concatenated NFTA_LIST_ELEMs
     deletion: bool = False
+    # A deletion's elements one by one: nf_tables refuses the whole message (ENOENT) if
+    # one of them is gone, without saying which, so `commit` then deletes them singly.
+    pieces: tuple[bytes, ...] = ()
+
+    def singly(self) -> list[Message]:
+        return [Message(self.owner, self.msg_type, self.set_name, p, True) for p in self.pieces]
 
 
 @dataclass(slots=True)
@@ -298,8 +304,15 @@ def commit(
             change = changes[owner]
             if all(m is not None and m.deletion and c == -errno.ENOENT for m, c in errs):
                 gone = {id(m) for m, _ in errs}
-                change.messages = [m for m in change.messages if id(m) not in gone]
-                change.missing += len(gone)
+                kept: list[Message] = []
+                for m in change.messages:
+                    if id(m) not in gone:
+                        kept.append(m)
+                    elif len(m.pieces) > 1:
+                        kept += m.singly()  # which of them is gone is found one by one
+                    else:
+                        change.missing += 1
+                change.messages = kept
             else:
                 codes = ", ".join(strerror(c) for _, c in errs)
                 results[owner] = KernelError(f"{what[owner]}: nft said: {codes}")
@@ -320,16 +333,22 @@ def call_changes(
     unlearn: Iterable[bytes],
     displace: Iterable[bytes],
 ) -> Changes:
-    """The messages of one call: each deletion alone, additions one message per set.
+    """The messages of one call: one per set and kind (deletions first).
 
-    `add`: (flow key, dnat data, snat data); the others are raw keys.
+    `add`: (flow key, dnat data, snat data); the others are raw keys. Deleting an element
+    that is already gone is not an error (`commit` counts it in `missing`).
     """
     messages: list[Message] = []
-    for key in delete:
+    gone = tuple(element(key) for key in delete)
+    if gone:
+        joined = b"".join(gone)
         for name in ("dnat_to", "snat_to"):
-            messages.append(Message(owner, NFT_MSG_DELSETELEM, name, element(key), True))
-    for key in unlearn:
-        messages.append(Message(owner, NFT_MSG_DELSETELEM, "learning", element(key), True))
+            messages.append(Message(owner, NFT_MSG_DELSETELEM, name, joined, True, gone))
+    unlearned = tuple(element(key) for key in unlearn)
+    if unlearned:
+        messages.append(
+            Message(owner, NFT_MSG_DELSETELEM, "learning", b"".join(unlearned), True, unlearned)
+        )
     note = comment_attr(comment)
     dnat = b""
     snat = b""

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lrkp_tsl.engine import RETRY_INTERVAL, Engine
 from lrkp_tsl.errors import KernelError
-from lrkp_tsl.kernel import KernelView
+from lrkp_tsl.kernel import Counters, KernelView
 from lrkp_tsl.latching import Policy
 from tests.fakes import FakeKernel, MemoryStore
 from tests.unit.test_engine import PEER, agree, make, s_command, stored_agree
@@ -152,3 +152,41 @@ def test_fake_kernel_batch_refuses_only_the_failing_change() -> None:
         [("a", KernelView(), KernelView(), ()), ("b", KernelView(), KernelView(), ())]
     )
     assert isinstance(results[0], KernelError) and results[1] is None
+
+
+def test_ending_calls_are_read_at_once_and_only_entries_that_exist_are_deleted() -> None:
+    """The `D`s of a group: one conntrack read for all (their summaries); a call whose keys
+    found no entry has nothing to delete (its elements are gone: none can appear)."""
+    engine, kernel, _store = make(Policy.STRICT)
+    assert batch(engine, four_calls()) == [d + b"OK" for d in four_calls()]
+    keys = {}
+    for call_id in CALLS:
+        call = engine.table.get(call_id)
+        assert call is not None
+        keys[call_id] = call.view().keys()
+    live = sorted(keys["c1"])[0]
+    kernel.entries[live] = 50.0
+    kernel.counted[live] = Counters(10, 1720, 9, 1548)
+    kernel.forgotten.clear()
+    reads = kernel.calls["streams"]
+    deletes = four_calls("D", 2)
+    assert batch(engine, deletes, 1.0) == [d + b"OK" for d in deletes]
+    assert kernel.calls["streams"] == reads + 1
+    assert kernel.forgotten == [keys["c1"]]  # the whole call whose read found an entry
+    assert not kernel.entries
+
+
+def test_an_unread_ending_call_has_its_entries_deleted_all_the_same() -> None:
+    engine, kernel, _store = make(Policy.STRICT)
+    batch(engine, four_calls())
+    expected = set()
+    for call_id in CALLS:
+        call = engine.table.get(call_id)
+        assert call is not None
+        expected |= call.view().keys()
+    kernel.forgotten.clear()
+    kernel.fail_next("streams")
+    deletes = four_calls("D", 2)
+    assert batch(engine, deletes, 1.0) == [d + b"OK" for d in deletes]
+    assert engine.stats["error.conntrack"] == 1
+    assert set().union(*kernel.forgotten) == expected

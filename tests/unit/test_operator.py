@@ -54,7 +54,7 @@ def test_idle_call_summary_adds_what_its_expired_entries_carried(
     text = record.getMessage()
     assert text.startswith(f"[c1] removed: no media for {IDLE:g} s; lasted 500.0 s; ")
     assert "caller->callee 103 packets 17500 bytes, callee->caller 92 packets 15680 bytes" in text
-    assert kernel.calls["counters"] == 0  # an idle call has no live entry left to read
+    assert kernel.calls["streams"] == 0  # an idle call has no live entry left to read
 
 
 def test_deleted_call_summary_reads_live_entries_before_they_are_deleted(
