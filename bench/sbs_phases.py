@@ -387,7 +387,7 @@ class Bench:
                 c.client("fill", str(filled), str(live), "--tag", "live")
                 filled = live
                 rss = self.settled_rss(c)
-                for clients in (1, p.clients):
+                for clients in p.clients:
                     pairs, tag = str(p.cps_pairs // clients), f"cps{live}-{clients}"
                     self.call_rate(
                         c, "control", live, rss, rss0,
@@ -402,7 +402,7 @@ class Bench:
         with self.serving(c) as rss0:
             c.client("calls", str(p.ng_live), str(self.work / "ng-live-ports.txt"), "--tag", "live")
             rss = self.settled_rss(c)
-            for clients in (1, p.clients):
+            for clients in p.clients:
                 calls, tag = str(p.ng_calls // clients), f"cps-{clients}"
                 self.call_rate(
                     c, "ngcps", p.ng_live, rss, rss0,

@@ -21,7 +21,7 @@ class Profile:
     rtt_s: float
     live: list[int]
     cps_pairs: int
-    clients: int
+    clients: tuple[int, ...]  # closed-loop clients per call-rate run (Kamailio workers)
     ng_calls: int
     ng_live: int
     warm_s: float = 0.5
@@ -58,7 +58,7 @@ SETTINGS: dict[str, tuple[Any, Any, Any]] = {
     "rtt_s": (1.0, 2.0, 5.0),
     "live": ([10, 20], [1000, 10_000], [1000, 10_000, 50_000]),
     "cps_pairs": (40, 1000, 3000),
-    "clients": (2, 4, 4),
+    "clients": ((1, 2), (1, 4), (1, 4, 8)),
     "ng_calls": (20, 1000, 3000),
     "ng_live": (20, 1000, 2000),
     "quiet_wait": (0.0, 5.0, 20.0),

@@ -131,10 +131,9 @@ def summarize(records: list[dict[str, Any]], profile: str) -> dict[str, Any]:
             row[f"{key}_vs_rtpengine"] = ratio(row.get(key), rtp.get(key))
         if row.get("over_saturated") and row.get("over_excess"):
             row["over_proportion"] = round((row["over_loss"] or 0) / row["over_excess"], 2)
-    ng1 = next((r for r in ngcps if r["clients"] == 1), None)
-    ngk = next((r for r in ngcps if r["clients"] > 1), None)
+    ng_by_clients = {r["clients"]: r for r in ngcps}
     for r in control:
-        ng = ng1 if r["clients"] == 1 else ngk
+        ng = ng_by_clients.get(r["clients"])  # rtpengine with as many clients
         r["vs_rtpengine"] = ratio(r["pairs_per_s"], ng["calls_per_s"]) if ng else None
     return {
         "profile": profile,
