@@ -12,10 +12,11 @@ Schema (version 1, kept in `PRAGMA user_version`):
               (NULL while media flows), and per leg (caller/callee x rtp/rtcp) the SDP
               address, the latching rule and the learned address (NULL until learned).
               Times are Unix time (`datetime(started, 'unixepoch')`).
-    removed   tombstones of deleted calls.
-    Both carry `revision`, one counter for the node that grows with every change: a reader
-    that remembers the highest revision it has seen can ask for everything after it
-    (`changes_since`), which is what a standby node following this one needs.
+    removed   no longer written (it held tombstones of deleted calls for a change feed that
+              replication through Redis replaced; a tombstone per ended call made the file
+              grow without bound). Emptied at startup; kept in the schema so that the
+              previous release can still open the file.
+    `revision` in `calls` grows with every change (nothing reads it any more).
 
 Versioning: a database with a higher version than this code knows is refused with a clear
 error (an older node must not rewrite a newer one's data); lower versions are migrated in
@@ -29,7 +30,6 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from lrkp_tsl.errors import MediaError, StoreError
@@ -45,8 +45,6 @@ COLUMNS = [*FIELDS, "revision"]
 # short, because the event loop waits with it. A write that times out is refused like a
 # kernel error, and Kamailio's retransmission tries again.
 BUSY_TIMEOUT = 0.25
-# Tombstones older than this are dropped at startup: a follower further behind resyncs.
-TOMBSTONE_AGE = 86400.0
 
 MIGRATIONS: list[str] = [
     # 0 -> 1
@@ -76,15 +74,6 @@ MIGRATIONS: list[str] = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One entry of the change feed: a call as it is now, or its removal (call None)."""
-
-    revision: int
-    call_id: str
-    call: StoredCall | None
-
-
 class SqliteStore:
     """The engine's `Store` (records.py) on SQLite. Not thread-safe: the event loop owns it."""
 
@@ -100,10 +89,9 @@ class SqliteStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
             self._revision = self._db.execute(
-                "SELECT max(coalesce((SELECT max(revision) FROM calls), 0),"
-                " coalesce((SELECT max(revision) FROM removed), 0))"
+                "SELECT coalesce(max(revision), 0) FROM calls"
             ).fetchone()[0]
-            self._db.execute("DELETE FROM removed WHERE at < ?", (time.time() - TOMBSTONE_AGE,))
+            self._db.execute("DELETE FROM removed")  # an older release's tombstones
         except sqlite3.Error as exc:
             raise StoreError(f"state store {path}: {exc}") from exc
         self._put_sql = (
@@ -134,30 +122,10 @@ class SqliteStore:
         log.info("state store %s: schema version %d -> %d", self.path, version, SCHEMA_VERSION)
 
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        if self._db.in_transaction:  # inside `group`: a savepoint, so a failure is local
-            self._db.execute("SAVEPOINT one")
-            try:
-                yield
-            except BaseException:
-                self._db.execute("ROLLBACK TO one")
-                self._db.execute("RELEASE one")
-                raise
-            self._db.execute("RELEASE one")
-            return
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-
-    @contextmanager
     def group(self) -> Iterator[None]:
         """The writes inside share one SQLite transaction: one WAL commit for a batch of
         commands (group commit) instead of one each. A write that fails fails alone (each
-        is its own statement or savepoint); if the commit itself fails, StoreError: none of
+        is one statement); if the commit itself fails, StoreError: none of
         the writes is durable. If the transaction cannot start (an operator's shell holds
         the lock), the writes go one by one, each with its own result."""
         try:
@@ -194,31 +162,15 @@ class SqliteStore:
         self._write(self._put_sql, [*record.values(), self._revision], call.call_id)
 
     def delete(self, call_id: str) -> None:
-        self._revision += 1
-        try:
-            with self._transaction():
-                self._db.execute("DELETE FROM calls WHERE call_id = ?", (call_id,))
-                self._db.execute(
-                    "INSERT OR REPLACE INTO removed (call_id, revision, at) VALUES (?, ?, ?)",
-                    (call_id, self._revision, time.time()),
-                )
-        except sqlite3.Error as exc:
-            raise StoreError(f"state store {self.path}: deleting {call_id!r}: {exc}") from exc
+        """One statement: atomic alone, so inside `group` a failure stays this call's."""
+        self._write("DELETE FROM calls WHERE call_id = ?", [call_id], call_id)
 
     def clear(self) -> int:
         """Forget every call (the node flushed its kernel state on exit); returns how many."""
         try:
-            with self._transaction():
-                ids = [row[0] for row in self._db.execute("SELECT call_id FROM calls")]
-                self._revision += 1
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO removed (call_id, revision, at) VALUES (?, ?, ?)",
-                    [(call_id, self._revision, time.time()) for call_id in ids],
-                )
-                self._db.execute("DELETE FROM calls")
+            return self._db.execute("DELETE FROM calls").rowcount
         except sqlite3.Error as exc:
             raise StoreError(f"state store {self.path}: clearing: {exc}") from exc
-        return len(ids)
 
     def set_quiet(self, call_id: str, quiet_since: float | None) -> None:
         self._revision += 1
@@ -242,21 +194,6 @@ class SqliteStore:
             except (MediaError, ValueError, KeyError) as exc:
                 log.error("state store: call %r unreadable, skipped: %s", row[0], exc)
         return calls
-
-    def changes_since(self, revision: int) -> list[Change]:
-        """Every call changed and removed after `revision`, in revision order."""
-        try:
-            rows = self._db.execute(
-                f"SELECT {', '.join(COLUMNS)} FROM calls WHERE revision > ?", (revision,)
-            ).fetchall()
-            gone = self._db.execute(
-                "SELECT call_id, revision FROM removed WHERE revision > ?", (revision,)
-            ).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreError(f"state store {self.path}: reading changes: {exc}") from exc
-        changes = [Change(row[-1], row[0], self._decode(row)) for row in rows]
-        changes += [Change(rev, call_id, None) for call_id, rev in gone]
-        return sorted(changes, key=lambda change: change.revision)
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lrkp_tsl.engine import RETRY_INTERVAL, Engine
 from lrkp_tsl.errors import KernelError
-from lrkp_tsl.kernel import Counters, KernelView
+from lrkp_tsl.kernel import Counters, KernelView, StreamKey
 from lrkp_tsl.latching import Policy
 from tests.fakes import FakeKernel, MemoryStore
 from tests.unit.test_engine import PEER, agree, make, s_command, stored_agree
@@ -179,7 +179,7 @@ def test_ending_calls_are_read_at_once_and_only_entries_that_exist_are_deleted()
 def test_an_unread_ending_call_has_its_entries_deleted_all_the_same() -> None:
     engine, kernel, _store = make(Policy.STRICT)
     batch(engine, four_calls())
-    expected = set()
+    expected: set[StreamKey] = set()
     for call_id in CALLS:
         call = engine.table.get(call_id)
         assert call is not None

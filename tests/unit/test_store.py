@@ -74,25 +74,57 @@ def test_adopted_calls_with_unrelated_rtcp_addresses_round_trip(path: Path) -> N
     assert stored.call == call and stored.quiet_since is None
 
 
-def test_set_quiet_delete_and_the_change_feed(path: Path) -> None:
+def rows(path: Path, table: str) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+def test_set_quiet_and_delete(path: Path) -> None:
     store = SqliteStore(path)
     call = learned_call()
     other = replace(call, media=replace(call.media, call_id="other"))
     store.put(call, None)
     store.put(other, None)
-    mark = store.changes_since(0)[-1].revision
     store.set_quiet(call.call_id, 50.0)
     store.delete("other")
-    changes = store.changes_since(mark)
-    assert [(c.call_id, c.call is None) for c in changes] == [("abc@host", False), ("other", True)]
-    assert changes[0].call is not None
-    assert changes[0].call.quiet_since == pytest.approx(50.0, abs=1e-3)
-    assert [s.call.call_id for s in store.load()] == ["abc@host"]
-    store.close()
-    # Revisions keep growing across a reopen: a follower never sees one go back.
-    reopened = SqliteStore(path)
-    reopened.put(other, None)
-    assert reopened.changes_since(0)[-1].revision > changes[-1].revision
+    [stored] = store.load()
+    assert stored.call.call_id == "abc@host"
+    assert stored.quiet_since == pytest.approx(50.0, abs=1e-3)
+
+
+def test_an_ended_call_leaves_nothing_in_the_file(path: Path) -> None:
+    """A tombstone per ended call made the file grow for as long as the node ran."""
+    store = SqliteStore(path)
+    call = learned_call()
+    for n in range(100):
+        store.put(replace(call, media=replace(call.media, call_id=f"c{n}")), None)
+        store.delete(f"c{n}")
+    assert rows(path, "calls") == rows(path, "removed") == 0
+
+
+def test_an_older_releases_tombstones_are_dropped_at_startup(path: Path) -> None:
+    SqliteStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO removed (call_id, revision, at) VALUES ('gone', 7, 1.0)")
+    SqliteStore(path).close()
+    assert rows(path, "removed") == 0
+
+
+def test_a_delete_in_a_group_fails_alone(path: Path) -> None:
+    store = SqliteStore(path)
+    call = learned_call()
+    store.put(call, None)
+    with sqlite3.connect(path) as db:  # a delete that the database refuses
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE DELETE ON calls WHEN old.call_id = 'abc@host' "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+    other = replace(call, media=replace(call.media, call_id="other"))
+    with store.group():
+        store.put(other, None)
+        with pytest.raises(StoreError, match="refused"):
+            store.delete("abc@host")
+    assert sorted(s.call.call_id for s in store.load()) == ["abc@host", "other"]
 
 
 def test_a_database_from_a_newer_release_is_refused(path: Path) -> None:
@@ -129,9 +161,9 @@ def test_garbage_file_is_a_store_error(path: Path) -> None:
         SqliteStore(path)
 
 
-def test_clear_forgets_every_call_with_a_tombstone(path: Path) -> None:
+def test_clear_forgets_every_call(path: Path) -> None:
     store = SqliteStore(path)
     store.put(learned_call(), None)
     assert store.clear() == 1
     assert store.load() == []
-    assert [c.call is None for c in store.changes_since(1)] == [True]
+    assert rows(path, "calls") == rows(path, "removed") == 0
