@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +83,39 @@ class Gen:
             str(secs),
         )
         return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+
+
+class Soaker:
+    """`rtpgen soak` on one core: how much of its idle-core loop rate it keeps while the
+    relay works there. The relay's share of the core = 1 - kept (see do_soak in rtpgen.c for
+    why the rate and not the soaker's CPU time)."""
+
+    def __init__(self, binary: Path, cpu: int, most_s: float) -> None:
+        self.proc = subprocess.Popen(
+            [str(binary), "soak", "-C", str(cpu), "-t", str(most_s)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(0.3)  # started, pinned, SCHED_IDLE
+
+    def mark(self) -> None:
+        """The window starts now."""
+        self.proc.send_signal(signal.SIGUSR1)
+
+    def stop(self) -> float:
+        """Loop iterations per second since `mark`."""
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=5)
+        marks = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        if len(marks) < 2 or marks[-1]["t"] <= marks[0]["t"]:
+            raise RuntimeError(f"soaker: no window marked in {out!r}")
+        first, last = marks[0], marks[-1]
+        return float((last["iters"] - first["iters"]) / (last["t"] - first["t"]))
+
+    @classmethod
+    def idle_rate(cls, binary: Path, cpu: int, secs: float) -> float:
+        """The loop rate on the core while nothing else runs there."""
+        soaker = cls(binary, cpu, secs + 5)
+        soaker.mark()
+        time.sleep(secs)
+        return soaker.stop()

@@ -25,7 +25,7 @@ from sbs_accounting import (
     softnet_drops,
 )
 from sbs_contenders import KINDS, Contender, Daemon, Lrkp, LrkpNat, Rtpengine
-from sbs_gen import Gen
+from sbs_gen import Gen, Soaker
 from sbs_lab import B_IP, B_PORT, GEN_CPU, RDROP_NFT, RELAY_CPU, Topo
 from sbs_profiles import Profile
 from sbs_report import machine
@@ -106,30 +106,30 @@ class Bench:
         secs: float,
         soak: bool = False,
     ) -> dict[str, Any]:
-        """One measured window at `rate` (0: flat out); loss at B, CPU of both cores."""
+        """One measured window at `rate` (0: flat out); loss at B, CPU of both cores.
+
+        `soak`: a soaker on the relay core, its loop rate compared with the idle core's,
+        measured just before (the contender up, no traffic): the relay's share of the core."""
         soaker = None
+        idle_rate = kept_rate = 0.0
         if soak:
-            soaker = subprocess.Popen(
-                [str(self.g.bin), "soak", "-C", str(RELAY_CPU), "-t", str(secs + 5)],
-                stdout=subprocess.DEVNULL,
-            )
-            time.sleep(0.3)
+            idle_rate = Soaker.idle_rate(self.g.bin, RELAY_CPU, 1.0)
+            soaker = Soaker(self.g.bin, RELAY_CPU, secs + 5)
         try:
             self.topo.sink_read()
             ct0, ps0, sn0 = cpu_times(), snapshot(), softnet_drops()
-            s0 = proc_ticks(soaker.pid, user_only=True) if soaker else 0
             p0 = proc_ticks(c.pid) if c.pid else 0
+            if soaker:
+                soaker.mark()
             t0 = time.monotonic()
             g = self.g.send(c.n, dst, rate, secs, target)
             dt = time.monotonic() - t0
             ct1, ps1 = cpu_times(), snapshot()
-            s1 = proc_ticks(soaker.pid, user_only=True) if soaker else 0
             p1 = proc_ticks(c.pid) if c.pid else 0
             ours = our_pids()
         finally:
             if soaker:
-                soaker.terminate()
-                soaker.wait(5)
+                kept_rate = soaker.stop()
         time.sleep(0.3)  # in flight
         got = self.topo.sink_read()
         drops = [b - a for a, b in zip(sn0, softnet_drops(), strict=True)]
@@ -151,19 +151,12 @@ class Bench:
             "backlog_drops": drops,
         }
         if soaker:
-            # The soaker (SCHED_IDLE) only gets what the relay leaves: cost = 100 % - its share.
-            cost = 100 - (s1 - s0) / USER_HZ / dt * 100
+            # The soaker (SCHED_IDLE) only gets what the relay leaves: cost = its lost rate.
+            cost = 100 * (1 - kept_rate / idle_rate) if idle_rate else 100.0
             rec["cost"] = round(cost, 1)
+            rec["soak_idle_rate"] = round(idle_rate)
+            rec["soak_kept_rate"] = round(kept_rate)
             rec["us_per_packet"] = round(cost / 100 / g["pps"] * 1e6, 2) if g["pps"] else None
-            # Direct: the relay core's (soft)irq time (accurate while the soaker keeps it from
-            # idling) plus the relay process's own CPU. Blind to other sessions' processes that
-            # take the soaker's share; may count a softirq tick that hits the relay process twice.
-            irq = (ct1[RELAY_CPU]["softirq"] - ct0[RELAY_CPU]["softirq"]) / USER_HZ / dt * 100
-            direct = irq + (rec["proc_cpu"] or 0)
-            rec["direct"] = round(direct, 1)
-            rec["us_per_packet_direct"] = (
-                round(direct / 100 / g["pps"] * 1e6, 2) if g["pps"] else None
-            )
         loss = rec["loss"]
         rec["gen_short"] = rate > 0 and g["pps"] < RATE_MIN_OK * rate
         rec["ok"] = loss is not None and loss < LOSS_MAX and not rec["gen_short"]
@@ -264,11 +257,24 @@ class Bench:
         relay it with room to spare (cost per packet falls as batches grow: compare at the
         same load only)."""
         p = self.profile
-        rec = self.measure(c, p.cpu_pps, p.cpu_s, soak=True)
+        rec = self.cpu_windows(c, p.cpu_pps, p.cpu_s)
         self.emit({"phase": "cpu", **rec})
         if limit and limit["max_pps"] >= 1.25 * p.cpu_hi_pps:
-            rec = self.measure(c, p.cpu_hi_pps, p.cpu_s, soak=True)
+            rec = self.cpu_windows(c, p.cpu_hi_pps, p.cpu_s)
             self.emit({"phase": "cpu_hi", **rec})
+
+    def cpu_windows(self, c: Contender, rate: int, secs: float) -> dict[str, Any]:
+        """The soaker's window, and the same load without it: the relay core's busy time
+        from /proc/stat ("direct", the idle method: it includes the halt and wake-up costs
+        a never-idle core does not pay)."""
+        rec = self.measure(c, rate, secs, soak=True)
+        idle = self.measure(c, rate, secs)
+        rec["direct"] = idle["busy_relay"]
+        pps = idle["gen_pps"]
+        rec["us_per_packet_direct"] = (
+            round(idle["busy_relay"] / 100 / pps * 1e6, 2) if pps else None
+        )
+        return rec
 
     def phase_rtt(self, c: Contender) -> None:
         p = self.profile

@@ -210,7 +210,7 @@ def markdown(s: dict[str, Any]) -> str:
         ),
     )
     row(
-        "… direct accounting: relay core (soft)irq + relay process, µs/packet",
+        "… idle method: relay core busy (/proc/stat) without the soaker, µs/packet",
         lambda r: fmt(r.get("us_per_packet_direct"), "", 2),
     )
     row(
@@ -222,7 +222,7 @@ def markdown(s: dict[str, Any]) -> str:
     )
     hi_rate = next((r.get("cpu_hi_rate") for r in by.values() if r.get("cpu_hi_rate")), None)
     row(
-        f"CPU per packet at {fmt(hi_rate)} pps (soaker / direct), µs",
+        f"CPU per packet at {fmt(hi_rate)} pps (soaker / idle method), µs",
         lambda r: (
             f"{fmt(r.get('us_per_packet_hi'), '', 2)} / "
             f"{fmt(r.get('us_per_packet_hi_direct'), '', 2)}"
@@ -231,7 +231,7 @@ def markdown(s: dict[str, Any]) -> str:
         ),
     )
     row(
-        "… ratio to routing (soaker / direct)",
+        "… ratio to routing (soaker / idle method)",
         lambda r: (
             f"{fmt(r.get('us_per_packet_hi_vs_route'), '', 2)} / "
             f"{fmt(r.get('us_per_packet_hi_direct_vs_route'), '', 2)}"
