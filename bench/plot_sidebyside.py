@@ -43,8 +43,8 @@ def main() -> int:
     by = s["contenders"]
     names = [n for n in ORDER if n in by]
     xs = range(len(names))
-    lo = [by[n].get("us_per_packet") or 0 for n in names]
-    hi = [by[n].get("us_per_packet_hi") or 0 for n in names]
+    lo = [by[n].get("us_per_packet_direct") or 0 for n in names]
+    hi = [by[n].get("us_per_packet_hi_direct") or 0 for n in names]
     rate = next((by[n]["cpu_rate"] for n in names if by[n].get("cpu_rate")), 0)
     hi_rate = next((by[n]["cpu_hi_rate"] for n in names if by[n].get("cpu_hi_rate")), 0)
     colours = [COLOURS[n] for n in names]
@@ -56,7 +56,7 @@ def main() -> int:
         if v:
             ax.annotate(f"{v:.2f}", (x + 0.2, v), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(list(xs), [LABELS[n] for n in names], fontsize=8)
-    ax.set_title("Relay-core CPU per packet (1 core, soaker; light: high load)", fontsize=10)
+    ax.set_title("Relay-core CPU per packet (1 core, busy time; light: high load)", fontsize=10)
     ax.set_ylabel("µs")
     ax = axes[1][0]
     ax.bar(
@@ -78,22 +78,26 @@ def main() -> int:
     ax.set_title("Round trip through the relay (p50 solid, p99 light)", fontsize=10)
     ax.set_ylabel("µs")
     ax = axes[1][1]
+    # One style per client count, shared by both servers: each line meets its rtpengine line.
+    counts = sorted({r["clients"] for r in s["control"]} | {r["clients"] for r in s["ngcps"]})
+    styles = dict(zip(counts, [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")], strict=False))
     for clients in sorted({r["clients"] for r in s["control"]}):
         rows = [r for r in s["control"] if r["clients"] == clients]
+        marker, line = styles.get(clients, ("o", "-"))
         ax.plot(
             [r["live"] for r in rows],
             [r["pairs_per_s"] for r in rows],
-            "o-",
+            marker=marker,
+            linestyle=line,
             color=COLOURS["lrkp"],
-            alpha=1 if clients == 1 else 0.6,
             label=f"lrkp-tsl S+D, {clients} client{'s' if clients > 1 else ''}",
         )
     for r in s["ngcps"]:
         ax.axhline(
             r["calls_per_s"],
             color=COLOURS["rtpengine"],
-            alpha=1 if r["clients"] == 1 else 0.6,
-            linestyle="--",
+            linestyle=styles.get(r["clients"], ("o", "--"))[1],
+            alpha=0.7,
             label=f"rtpengine o+a+d, {r['clients']} client(s), {r['live']:,} live",
         )
     ax.set_xscale("log")

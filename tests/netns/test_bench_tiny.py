@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-FIGURES = ("max_pps", "us_per_packet", "rtt_p50", "rtt_p99", "over_loss", "recovered")
+FIGURES = (
+    "max_pps",
+    "us_per_packet",
+    "us_per_packet_direct",
+    "rtt_p50",
+    "rtt_p99",
+    "over_loss",
+    "recovered",
+)
 
 
 @pytest.mark.timeout(900)  # a hang guard only: a busy machine makes it slow, never failing
