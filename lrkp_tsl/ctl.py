@@ -320,7 +320,8 @@ def management_command(args: argparse.Namespace, address: str) -> int:
     elif args.command == "drain":
         print(
             f"draining: P goes unanswered, so Kamailio sends new calls to other nodes of the "
-            f"set; {result['calls']} live calls continue and end normally"
+            f"set; {result['calls']} live calls continue and end normally; the node stays "
+            "drained across a restart until `lrkp-ctl undrain`"
         )
     elif args.command == "undrain":
         print(f"not draining: P is answered again ({result['calls']} live calls)")
@@ -331,6 +332,8 @@ def management_command(args: argparse.Namespace, address: str) -> int:
             + (", DRAINING" if result["draining"] else "")
             + ("" if result["active"] else ", standby")
         )
+    if "warning" in result:
+        print(f"warning: {result['warning']}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from lrkp_tsl import drainfile
 from lrkp_tsl.admission import NodeLimits
 from lrkp_tsl.config import Config
 from lrkp_tsl.dataplane import DataPlane
@@ -262,6 +263,13 @@ async def _run(
         )
         engine_store = replicated
     engine = Engine(settings, plane, engine_store)
+    if drainfile.is_set(config.state_dir):
+        engine.draining = True
+        log.warning(
+            "starting drained: %s says an operator drained this node (P goes unanswered, "
+            "no new calls come here); `lrkp-ctl undrain` ends it",
+            drainfile.path(config.state_dir),
+        )
     if config.paired:
         engine.active = False  # until this node holds the VIPs (RoleWatch)
     started = time.monotonic()

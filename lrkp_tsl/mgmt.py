@@ -37,7 +37,7 @@ from typing import Any
 
 import nftables
 
-from lrkp_tsl import __version__
+from lrkp_tsl import __version__, drainfile
 from lrkp_tsl.config import Config
 from lrkp_tsl.dataplane import DataPlane, sysctl
 from lrkp_tsl.dataplane.conntrack import ConntrackTable, raw_key
@@ -489,13 +489,27 @@ class Management:
                 len(self.engine.table),
             )
         self.engine.draining = True
-        yield _result({"draining": True, "calls": len(self.engine.table)})
+        yield _result(self._drain_result())
 
     async def _undrain(self, _request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         if self.engine.draining:
             log.warning("no longer draining: P is answered again")
         self.engine.draining = False
-        yield _result({"draining": False, "calls": len(self.engine.table)})
+        yield _result(self._drain_result())
+
+    def _drain_result(self) -> dict[str, Any]:
+        """The drain state now, written to the state directory so that a restart keeps it;
+        a failed write is reported (the state applies in memory all the same)."""
+        draining = self.engine.draining
+        result: dict[str, Any] = {"draining": draining, "calls": len(self.engine.table)}
+        failed = drainfile.persist(self.config.state_dir, draining)
+        if failed is not None:
+            log.error("drain state not saved: %s: a restart would %s", failed,
+                      "not be draining" if draining else "be draining again")  # fmt: skip
+            result["warning"] = f"not saved ({failed}): a restarted node would " + (
+                "not be draining" if draining else "be draining again"
+            )
+        return result
 
 
 def _endpoint(raw: bytes) -> Endpoint:

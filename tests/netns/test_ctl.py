@@ -4,6 +4,7 @@ namespace, with no options; and the call summary line against what the parties c
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -11,8 +12,8 @@ from typing import Any
 
 from lrkp_tsl.lab import Lab
 from lrkp_tsl.media import Endpoint
-from tests.netns.calls import KAMAILIO_IP, NODE_ARGS, Call, Stream, burst, running_node
-from tests.netns.daemon import Controller
+from tests.netns.calls import CONTROL, KAMAILIO_IP, NODE_ARGS, Call, Stream, burst, running_node
+from tests.netns.daemon import Controller, Node
 from tests.netns.helpers import Peers
 
 CTL = (sys.executable, "-m", "lrkp_tsl.ctl")
@@ -204,3 +205,51 @@ def test_json_logs_carry_the_call_summary(lab: Lab, peers: Peers) -> None:
     assert ended["caller_to_callee_bytes"] == sum(len(b"j-%d" % n) + HEADERS for n in range(4))
     assert ended["callee_to_caller_packets"] == 0
     assert ended["caller_learned"] == [str(caller.endpoint), str(caller.endpoint.offset(1))]
+
+
+def raw_ping(kamailio: Controller) -> bytes | None:
+    """The node's answer to `P` as it is on the wire: b"" is a draining node's."""
+    kamailio.send(b"%d_1 P" % os.getpid(), CONTROL)
+    return kamailio.receive(2.0)
+
+
+def test_a_drain_is_kept_across_a_restart_until_undrain(lab: Lab) -> None:
+    kamailio = Controller(lab, "sip", KAMAILIO_IP)
+    node = Node(lab, "relay", *NODE_ARGS)
+    try:
+        node.wait_ready(CONTROL, kamailio)
+        code, out, err = ctl(lab, "drain")
+        assert code == 0 and "drained across a restart" in out and not err, (out, err)
+        assert (node.state / "draining").is_file()
+        node = node.restart()
+        deadline = time.monotonic() + 15
+        while kamailio.command(b"G", CONTROL, wait=0.3) is None:  # G: answered drained too
+            assert time.monotonic() < deadline, node.output()
+        assert raw_ping(kamailio) == b""
+        assert "starting drained" in node.output()
+        assert "DRAINING" in ctl(lab, "ping")[1]
+        assert ctl(lab, "undrain")[0] == 0
+        assert not (node.state / "draining").exists()
+        node = node.restart()
+        node.wait_ready(CONTROL, kamailio)  # P answered with PONG again
+        assert "DRAINING" not in ctl(lab, "ping")[1]
+    finally:
+        kamailio.close()
+        node.close()
+
+
+def test_a_drain_that_cannot_be_saved_still_drains_and_says_so(lab: Lab) -> None:
+    kamailio = Controller(lab, "sip", KAMAILIO_IP)
+    node = Node(lab, "relay", *NODE_ARGS)
+    blocker = node.state / "draining"
+    try:
+        node.wait_ready(CONTROL, kamailio)
+        blocker.mkdir()
+        (blocker / "in-the-way").touch()  # the flag cannot be written over a directory
+        code, _out, err = ctl(lab, "drain")
+        assert code == 0 and "not saved" in err and "would not be draining" in err, err
+        assert raw_ping(kamailio) == b""  # drained all the same
+        assert "drain state not saved" in node.output()
+    finally:
+        kamailio.close()
+        node.close()
