@@ -220,6 +220,21 @@ def test_a_thousand_live_calls_relay_after_a_takeover(
     assert len(flows(lab, "relay2")) == 4000
     take_over(members)
     caller, callee = peers("a", 4000), peers("b", 6000)
+    # relay2 holds the VIPs; host a sends to relay2 once keepalived's gratuitous ARP has
+    # reached it (a packet sent before goes to the dead node's MAC: lost, as on a real
+    # network during a takeover). Bounded wait for that, on call 0; then every sampled call
+    # must deliver its first packet.
+    first = Endpoint(INTERNAL_VIP, 20000)
+    deadline = time.monotonic() + 3.0
+    while True:
+        caller.send(first, b"probe")
+        got = callee.receive(0.2)
+        if got is not None:
+            assert got == (b"probe", first)
+            break
+        assert time.monotonic() < deadline, "nothing relayed within 3 s of the takeover"
+    while (late := callee.receive(0.3)) is not None:  # an earlier probe, delayed
+        assert late == (b"probe", first)
     for index in range(0, 1000, 20):  # a sample of 50 calls
         relay = Endpoint(INTERNAL_VIP, 20000 + 2 * index)
         caller.send(relay, b"call-%d" % index)
