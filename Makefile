@@ -59,6 +59,7 @@ bench-parts: deps
 	PYTHONPATH=. $(VPY) bench/dataplane_scale.py
 	PYTHONPATH=. $(VPY) bench/first_packet.py
 	PYTHONPATH=. $(VPY) bench/control_clients.py
+	PYTHONPATH=. $(VPY) bench/control_floor.py
 	PYTHONPATH=. $(VPY) bench/dataplane_cost.py
 	PYTHONPATH=. $(VPY) bench/throughput.py
 	PYTHONPATH=. $(VPY) bench/event_loop.py
