@@ -250,6 +250,7 @@ def test_a_drain_that_cannot_be_saved_still_drains_and_says_so(lab: Lab) -> None
         assert code == 0 and "not saved" in err and "would not be draining" in err, err
         assert raw_ping(kamailio) == b""  # drained all the same
         assert "drain state not saved" in node.output()
+        assert sorted(p.name for p in node.state.iterdir() if "drain" in p.name) == ["draining"]
     finally:
         kamailio.close()
         node.close()
