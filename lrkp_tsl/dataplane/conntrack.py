@@ -439,23 +439,32 @@ def raw_key(key: StreamKey) -> bytes:
     )
 
 
-def _raw_tuple(data: bytes, span: tuple[int, int]) -> bytes | None:
-    """`raw_key` of a CTA_TUPLE_* if it is IPv4 UDP, without building objects."""
+def _tuple_fields(
+    data: bytes, span: tuple[int, int]
+) -> tuple[bytes, bytes, bytes, bytes, int] | None:
+    """(src ip, sport, dst ip, dport, protocol) of a CTA_TUPLE_* as raw big-endian bytes;
+    None unless it has IPv4 addresses and ports. No objects built (50k-entry dumps)."""
     parts = _attrs(data, *span)
     if CTA_TUPLE_IP not in parts or CTA_TUPLE_PROTO not in parts:
         return None
     ip = _attrs(data, *parts[CTA_TUPLE_IP])
     proto = _attrs(data, *parts[CTA_TUPLE_PROTO])
     number = _field(data, proto, CTA_PROTO_NUM, 1)
-    if number is None or number[0] != IPPROTO_UDP:
-        return None
     src = _field(data, ip, CTA_IP_V4_SRC, 4)
     dst = _field(data, ip, CTA_IP_V4_DST, 4)
     sport = _field(data, proto, CTA_PROTO_SRC_PORT, 2)
     dport = _field(data, proto, CTA_PROTO_DST_PORT, 2)
-    if src is None or dst is None or sport is None or dport is None:
+    if src is None or dst is None or number is None or sport is None or dport is None:
         return None
-    return src + sport + dst + dport
+    return src, sport, dst, dport, number[0]
+
+
+def _raw_tuple(data: bytes, span: tuple[int, int]) -> bytes | None:
+    """`raw_key` of a CTA_TUPLE_* if it is IPv4 UDP, without building objects."""
+    fields = _tuple_fields(data, span)
+    if fields is None or fields[4] != IPPROTO_UDP:
+        return None
+    return b"".join(fields[:4])
 
 
 def _tuple(data: bytes, span: tuple[int, int]) -> tuple[Endpoint, Endpoint, int] | None:
@@ -464,24 +473,16 @@ def _tuple(data: bytes, span: tuple[int, int]) -> tuple[Endpoint, Endpoint, int]
     Protocols without ports (ICMP) and port 0 (a valid UDP port on the wire, not for an
     `Endpoint`) give None rather than an exception: one odd entry must not break a dump.
     """
-    parts = _attrs(data, *span)
-    if CTA_TUPLE_IP not in parts or CTA_TUPLE_PROTO not in parts:
+    fields = _tuple_fields(data, span)
+    if fields is None:
         return None
-    ip = _attrs(data, *parts[CTA_TUPLE_IP])
-    proto = _attrs(data, *parts[CTA_TUPLE_PROTO])
-    src = _field(data, ip, CTA_IP_V4_SRC, 4)
-    dst = _field(data, ip, CTA_IP_V4_DST, 4)
-    number = _field(data, proto, CTA_PROTO_NUM, 1)
-    sport = _field(data, proto, CTA_PROTO_SRC_PORT, 2)
-    dport = _field(data, proto, CTA_PROTO_DST_PORT, 2)
-    if src is None or dst is None or number is None or sport is None or dport is None:
-        return None
+    src, sport, dst, dport, number = fields
     if sport == b"\0\0" or dport == b"\0\0":
         return None
     return (
         Endpoint(IPv4Address(src), int.from_bytes(sport)),
         Endpoint(IPv4Address(dst), int.from_bytes(dport)),
-        number[0],
+        number,
     )
 
 
