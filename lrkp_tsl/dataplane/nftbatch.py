@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from lrkp_tsl.dataplane.nftwatch import (
     _NFGENMSG,
     _NLMSGHDR,
-    NETLINK_NETFILTER,
     NFNETLINK_V0,
     NFNL_SUBSYS_NFTABLES,
     NLM_F_REQUEST,
@@ -42,6 +41,7 @@ from lrkp_tsl.dataplane.nftwatch import (
     attr,
     attr_string,
     error_code,
+    nf_tables_socket,
     split_messages,
 )
 from lrkp_tsl.errors import KernelError
@@ -182,11 +182,7 @@ class BatchSocket:
     def __init__(self, family: int, table: str) -> None:
         self.family = family
         self.table = table
-        try:
-            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            self._sock.bind((0, 0))
-        except OSError as exc:
-            raise KernelError(f"cannot open an nf_tables netlink socket: {exc}") from exc
+        self._sock = nf_tables_socket()
         self._sock.setblocking(False)
         # Room for the error replies of a whole group (each quotes its request); as root,
         # past rmem_max. If they still overflow, `send` reports the batch as not committed.

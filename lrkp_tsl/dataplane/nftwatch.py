@@ -447,6 +447,16 @@ def family_number(family: str) -> int:
 # -- the socket ------------------------------------------------------------------------------
 
 
+def nf_tables_socket() -> socket.socket:
+    """A bound NETLINK_NETFILTER socket in the current network namespace."""
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        sock.bind((0, 0))
+    except OSError as exc:
+        raise KernelError(f"cannot open an nf_tables netlink socket: {exc}") from exc
+    return sock
+
+
 class _Interrupted(Exception):
     """A dump crossed a transaction (NLM_F_DUMP_INTR): read it again."""
 
@@ -455,11 +465,7 @@ class RulesetWatch:
     """nf_tables of the network namespace this object was created in, read over netlink."""
 
     def __init__(self) -> None:
-        try:
-            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            self._sock.bind((0, 0))
-        except OSError as exc:
-            raise KernelError(f"cannot open an nf_tables netlink socket: {exc}") from exc
+        self._sock = nf_tables_socket()
         self._sock.settimeout(REPLY_TIMEOUT)
         self._seq = 0
         # Set when an exchange was abandoned: replies (or a dump) may still be queued.
