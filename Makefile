@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 deps: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install-system-deps.sh scripts/link-nftables.sh
+$(STAMP): pyproject.toml scripts/install-system-deps.sh scripts/debian-packages.sh scripts/link-nftables.sh
 	scripts/install-system-deps.sh
 	[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'

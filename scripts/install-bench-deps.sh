@@ -9,10 +9,9 @@
 set -euo pipefail
 
 PACKAGES=(rtpengine-daemon python3-matplotlib)
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+# shellcheck source=scripts/debian-packages.sh
+source "$(dirname "${BASH_SOURCE[0]}")/debian-packages.sh"
+missing_packages "${PACKAGES[@]}"
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -20,10 +20,9 @@ PACKAGES=(
 # the node's local Redis that the operator configures; tests never use it (they start their
 # own servers, on their own ports and directories, inside lab namespaces).
 
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+# shellcheck source=scripts/debian-packages.sh
+source "$(dirname "${BASH_SOURCE[0]}")/debian-packages.sh"
+missing_packages "${PACKAGES[@]}"
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
