@@ -414,13 +414,11 @@ class Engine:
             results = self.kernel.change_many(
                 [(sync.call_id, sync.before, sync.after, sync.displaced) for sync in syncs]
             )
-            done = [
-                (item, sync)
-                for item, sync, refused in zip(ready, syncs, results, strict=True)
-                if refused is None
-            ]
+            done: list[tuple[_Pending, Sync]] = []
             for item, sync, refused in zip(ready, syncs, results, strict=True):
-                if refused is not None:
+                if refused is None:
+                    done.append((item, sync))
+                else:
                     self._refused(sync, item.old, now)
                     item.error = refused
             ends = self._read_ends([(sync, item.old) for item, sync in done])
