@@ -15,6 +15,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address, ip_netw
 from pathlib import Path
 from typing import Any
 
+from lrkp_tsl.ctlsocket import DEFAULT_SOCKET as DEFAULT_CTL_SOCKET
 from lrkp_tsl.defaults import DEFAULT_QUEUE_NUM, DEFAULT_RULES
 from lrkp_tsl.errors import ConfigError, MediaError
 from lrkp_tsl.latching import Policy
@@ -27,7 +28,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 # The management socket lrkp-ctl talks to: an abstract unix name, scoped by the kernel to
 # the network namespace (mgmt.py).
-DEFAULT_CTL_SOCKET = "@lrkp-tsl"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +88,7 @@ class Config:
     log_level: str = "info"
     max_lifetime: float = 3600.0  # the module's hash_table_tout
     # One idle timeout for every call: it is the conntrack timeout policy of every relayed
-    # stream (rules/lrkp.nft). The S command's timeout field (always 60 from Kamailio) is
+    # stream (lrkp_tsl/rules/lrkp.nft). The S command's timeout field (always 60 from Kamailio) is
     # not used.
     idle_timeout: float = 60.0
     rules: Path = DEFAULT_RULES

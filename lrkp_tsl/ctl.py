@@ -27,8 +27,8 @@ from typing import Any
 
 from lrkp_tsl import config
 from lrkp_tsl.config import ControlAddress
+from lrkp_tsl.ctlsocket import DEFAULT_SOCKET, ENV_SOCKET, socket_name
 from lrkp_tsl.errors import ConfigError
-from lrkp_tsl.mgmt import DEFAULT_SOCKET, ENV_SOCKET, socket_name
 from lrkp_tsl.protocol import NodeConfig
 
 EXIT_OK = 0

@@ -39,6 +39,7 @@ import nftables
 
 from lrkp_tsl import __version__, drainfile
 from lrkp_tsl.config import Config
+from lrkp_tsl.ctlsocket import socket_name
 from lrkp_tsl.dataplane import DataPlane, sysctl
 from lrkp_tsl.dataplane.conntrack import ConntrackTable, raw_key
 from lrkp_tsl.dataplane.nft import FAMILY, FLOW_MAPS, TABLE
@@ -63,8 +64,6 @@ from lrkp_tsl.traffic import leg_of
 
 log = logging.getLogger("lrkp_tsl.mgmt")
 
-DEFAULT_SOCKET = "@lrkp-tsl"
-ENV_SOCKET = "LRKP_CTL_SOCKET"
 # Rows per event-loop turn when a listing is built: ~6 ms of work (measured: 1,000 rows
 # built and encoded in ~27 ms).
 CHUNK = 200
@@ -73,11 +72,6 @@ READ_TIMEOUT = 5.0
 _PEERCRED = struct.Struct("3i")
 
 Entries = Mapping[StreamKey, tuple[Counters, float]]
-
-
-def socket_name(text: str) -> str:
-    """`@name` -> the abstract address (leading NUL); `/path` as it is."""
-    return "\0" + text[1:] if text.startswith("@") else text
 
 
 def _leg_state(leg: Leg) -> str:
