@@ -154,6 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("lrkp_tsl").warning(
             "not root: the node needs CAP_NET_ADMIN (nftables, conntrack, sysctls)"
         )
+    from lrkp_tsl import hostdeps
+
+    try:
+        binding = hostdeps.check()
+    except hostdeps.MissingDependency as error:
+        logging.getLogger("lrkp_tsl").error("not started: %s", error.reason)
+        return EXIT_CONFIG
+    if binding.origin == "debian":
+        logging.getLogger("lrkp_tsl").info(
+            "nftables binding: Debian's python3-nftables, loaded from %s", binding.path
+        )
     from lrkp_tsl.daemon import serve
     from lrkp_tsl.lock import LockedError
 
