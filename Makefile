@@ -24,7 +24,7 @@ run: deps
 ifdef CONFIG
 	$(VENV)/bin/lrkp-tsl run --config $(CONFIG)
 else
-	$(VPY) -m lrkp_tsl.demo
+	$(VPY) -m lrkp_lab.demo
 endif
 
 test: deps kamailio bench-deps
@@ -72,4 +72,4 @@ fuzz: deps
 	PYTHONPATH=. $(VPY) bench/fuzz_flood.py
 
 clean-lab: deps
-	$(VPY) -m lrkp_tsl.lab sweep --all
+	$(VPY) -m lrkp_lab.lab sweep --all

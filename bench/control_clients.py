@@ -21,8 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
-from tests.netns.daemon import Controller, Node, set_command
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.node import Controller, Node, set_command
 
 CONTROL = ("127.0.0.1", 22333)
 PORTS = (1024, 65535)

@@ -27,8 +27,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from lrkp_lab.lab import Lab  # noqa: E402
 from lrkp_tsl import protocol  # noqa: E402
-from lrkp_tsl.lab import Lab  # noqa: E402
 
 CONTROL = ("127.0.0.1", 22333)  # where ctlclient.py sends
 READ_MAX = 64

@@ -36,8 +36,8 @@ from event_loop import (
     wait_for_entries,
 )
 
-from lrkp_tsl.lab import Lab
-from tests.netns.daemon import Controller, Node
+from lrkp_lab.lab import Lab
+from lrkp_lab.node import Controller, Node
 
 CTL = (sys.executable, "-m", "lrkp_tsl.ctl")
 KEEP = ("pings", "timeouts", "p50_ms", "p99_ms", "max_ms", "over_50ms", "over_200ms")

@@ -1,5 +1,5 @@
 """Kernel CPU per relayed packet, by ruleset: plain routing, bare NAT maps + conntrack, and
-lrkp-tsl's table (the committed rules/lrkp.nft, and any other file given).
+lrkp-tsl's table (the committed lrkp_tsl/rules/lrkp.nft, and any other file given).
 
 Why this method: on a shared machine, relay-core CPU read from a soaker or /proc/stat moves
 with whatever else runs. Here every packet crosses the whole path (the sender's stack, the
@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_tsl.defaults import DEFAULT_RULES
 
 REPO = Path(__file__).resolve().parents[1]
 A_IP, X_IP = "10.201.1.10", "10.201.2.10"
@@ -119,7 +120,7 @@ def main() -> int:
         print("bench: needs root (network namespaces)", file=sys.stderr)
         return 1
     os.sched_setaffinity(0, {args.cpu})
-    node_rules = REPO / "rules" / "lrkp.nft"
+    node_rules = DEFAULT_RULES
     variants: dict[str, str | None] = {"route": None, "bare_nat": bare_rules(node_rules)}
     variants["lrkp"] = node_rules.read_text()
     for item in args.rules:

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from lrkp_lab.lab import Lab
 from lrkp_tsl.dataplane import DataPlane
 from lrkp_tsl.dataplane.nft import add_commands
-from lrkp_tsl.lab import Lab
 from lrkp_tsl.media import CallMedia, Endpoint, PortRange
 
 PORTS = PortRange(1024, 65535)

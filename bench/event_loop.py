@@ -54,8 +54,8 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
-from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
-from tests.netns.daemon import Controller, Node, set_command
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.node import Controller, Node, set_command
 
 REPO = Path(__file__).resolve().parents[1]
 CONTROL = ("127.0.0.1", 22333)
@@ -321,7 +321,7 @@ IMPORTED = re.compile(r"^bench: lrkp_tsl imported from (.*)$", re.MULTILINE)
 
 
 class TreeNode(Node):
-    """Node (tests/netns/daemon.py), but `lrkp-tsl run` from the source tree `tree`."""
+    """Node (lrkp_lab/node.py), but `lrkp-tsl run` from the source tree `tree`."""
 
     def __init__(self, lab: Lab, host: str, tree: Path, *args: str) -> None:
         self.lab = lab

@@ -23,10 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from lrkp_tsl.lab import INTERNAL_IP, Lab
+from lrkp_lab.lab import INTERNAL_IP, Lab
+from lrkp_lab.node import Controller, Node, set_command
+from lrkp_lab.parties import Party
 from lrkp_tsl.media import Endpoint
-from tests.netns.daemon import Controller, Node, set_command
-from tests.netns.helpers import Party
 
 CONTROL = (str(INTERNAL_IP), 22333)
 

@@ -22,10 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
-from tests.netns.calls import CONTROL, Call, Stream, burst
-from tests.netns.daemon import Controller, Node
-from tests.netns.helpers import Peers
+from lrkp_lab.calls import CONTROL, Call, Stream, burst
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.node import Controller, Node
+from lrkp_lab.parties import Peers
 
 LIVE_ID = "live@fuzz"
 LIVE_PORTS = {b"19999", b"20000", b"20001", b"20002", b"20003"}

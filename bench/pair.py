@@ -28,13 +28,13 @@ import sys
 import time
 from pathlib import Path
 
-from lrkp_tsl.lab import Lab
+from lrkp_lab.calls import Stream, burst
+from lrkp_lab.lab import Lab
+from lrkp_lab.node import Controller, Node, set_command
+from lrkp_lab.pairlab import INTERNAL_VIP
+from lrkp_lab.pairnodes import CONTROL, RATE, Members, running_pair, wait_log
+from lrkp_lab.parties import Peers
 from lrkp_tsl.media import Endpoint
-from lrkp_tsl.pairlab import INTERNAL_VIP
-from tests.netns.calls import Stream, burst
-from tests.netns.daemon import Controller, Node, set_command
-from tests.netns.helpers import Peers
-from tests.netns.test_pair import CONTROL, RATE, Members, running_pair, wait_log
 
 OTHER = {"relay": "relay2", "relay2": "relay"}
 

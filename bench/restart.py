@@ -58,8 +58,8 @@ from event_loop import (
     wait_for_entries,
 )
 
-from lrkp_tsl.lab import Lab
-from tests.netns.daemon import Controller, Node
+from lrkp_lab.lab import Lab
+from lrkp_lab.node import Controller, Node
 
 RESTORED = re.compile(r"^(\S+ \S+) INFO \S+: restored (\d+) calls from the store", re.MULTILINE)
 RESTORED_HOW = re.compile(r"(\d+) intact in the kernel, (\d+) repaired, (\d+) reinstalled")

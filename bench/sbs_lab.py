@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 HERE = REPO / "bench"
 sys.path.insert(0, str(REPO))
 
-from lrkp_tsl.lab import PREFIX, delete_namespace, sweep  # noqa: E402
+from lrkp_lab.lab import PREFIX, delete_namespace, sweep  # noqa: E402
 
 RELAY_IP, RELAY_IP2, A_IP, B_IP = "10.98.0.1", "10.98.0.2", "10.98.1.2", "10.98.2.2"
 NAT_SDP_IP = "192.168.77.2"  # a private address the relay cannot reach: the caller is NAT'd
@@ -61,7 +61,7 @@ def sh(argv: list[str], check: bool = True, stdin: str | None = None, timeout: f
 
 
 class Topo:
-    """Three namespaces named like lrkp_tsl.lab's (swept if this process dies)."""
+    """Three namespaces named like lrkp_lab.lab's (swept if this process dies)."""
 
     def __init__(self) -> None:
         self.tag = f"{PREFIX}-{os.getpid()}-{secrets.token_hex(3)}"

@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
-from tests.netns.daemon import Controller, Node, set_command
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.node import Controller, Node, set_command
 
 ROLES = str(Path(__file__).with_name("udp_roles.py"))
 CONTROL = (str(INTERNAL_IP), 22333)

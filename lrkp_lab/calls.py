@@ -8,10 +8,10 @@ import threading
 import time
 from collections.abc import Iterator
 
-from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.node import Controller, Node, set_command
+from lrkp_lab.parties import Party
 from lrkp_tsl.media import Endpoint
-from tests.netns.daemon import Controller, Node, set_command
-from tests.netns.helpers import Party
 
 CONTROL = (str(INTERNAL_IP), 22333)
 KAMAILIO_IP = "10.201.1.5"

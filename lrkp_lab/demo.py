@@ -7,7 +7,7 @@ elements into its nftables table; from then on the kernel relays the call's RTP 
 (conntrack), and userspace sees only the first packet of each stream, which tells the node
 where a party behind NAT really is. The calls are placed by SIPp (the signalling) and their
 media is sent by this script from the SDP ports of each party to the relay address each
-party found in its SDP, as a phone does (see tests/e2e/harness.py, reused here).
+party found in its SDP, as a phone does (see lrkp_lab/kamailio.py, reused here).
 
 Kamailio 5.6 never tells the node that a call ended, so the node ends it when its media has
 been quiet for the idle timeout (3 s here, 60 s by default): the summary shows both.
@@ -30,23 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from lrkp_lab import kamailio
+from lrkp_lab.demoview import Board, render_summary
+from lrkp_lab.lab import Lab, address
+from lrkp_lab.node import Node
+from lrkp_lab.parties import Party
 from lrkp_tsl.dataplane.conntrack import ConntrackTable
 from lrkp_tsl.dataplane.nft import element_comment
 from lrkp_tsl.dataplane.nftsets import SetReader
-from lrkp_tsl.demoview import Board, render_summary
-from lrkp_tsl.lab import Lab, address
 from lrkp_tsl.media import Endpoint, PortRange
-
-ROOT = Path(__file__).resolve().parents[1]
-try:  # the e2e harness lives beside the package in the source tree
-    from tests.e2e import harness
-    from tests.netns.daemon import Node
-    from tests.netns.helpers import Party
-except ImportError:  # run from elsewhere than the repository root
-    sys.path.insert(0, str(ROOT))
-    from tests.e2e import harness
-    from tests.netns.daemon import Node
-    from tests.netns.helpers import Party
 
 RELAY = "relay"
 CONTROL = "udp:10.201.1.1:22333"
@@ -141,7 +133,7 @@ class Running:
         self.state = state
         self.stack = contextlib.ExitStack()
         self.made = self.stack.enter_context(
-            harness.call(
+            kamailio.call(
                 lab,
                 workdir / f"call{plan.number}",
                 caller=plan.caller,
@@ -283,7 +275,7 @@ def start_node(lab: Lab) -> Node:
         "--control",
         CONTROL,
         "--allow",
-        str(harness.KAMAILIO_INT),
+        str(kamailio.KAMAILIO_INT),
         "--idle-timeout",
         f"{IDLE:g}",
         "--flush-on-exit",
@@ -398,7 +390,7 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lrkp_tsl.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lrkp_lab.demo", description=__doc__)
     parser.add_argument("--short", action="store_true", help="3-second calls (used by tests)")
     parser.add_argument("--plain", action="store_true", help="no live view: one line per event")
     args = parser.parse_args(argv)
@@ -420,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"node up in `relay`: internal {address(RELAY, 'int')}, external "
                     f"{address(RELAY, 'ext')}, relay ports {PORTS}, idle timeout {IDLE:g} s"
                 )
-                with harness.kamailio(lab, workdir / "kamailio", [CONTROL]):
+                with kamailio.kamailio(lab, workdir / "kamailio", [CONTROL]):
                     board.say("Kamailio 5.6 up in `sip` (examples/kamailio.cfg, lrkproxy -> node)")
                     with board.running():
                         run_story(lab, workdir, node, plans, board)

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from lrkp_tsl.demo import CallState, KernelView
+    from lrkp_lab.demo import CallState, KernelView
     from lrkp_tsl.media import Endpoint
 
 INTRO = (

@@ -29,9 +29,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lrkp_tsl.lab import Lab, address
+from lrkp_lab.lab import Lab, address
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 KAMAILIO_CFG = ROOT / "examples" / "kamailio.cfg"
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 

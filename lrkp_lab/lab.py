@@ -2,7 +2,7 @@
 
 Used by the test suite, `make run` and the benchmarks. Every lab has a unique name prefix
 that carries its creator's PID, so a lab left behind by a killed process is recognised and
-swept by the next one (`python -m lrkp_tsl.lab sweep`). Nothing is created in or changed
+swept by the next one (`python -m lrkp_lab.lab sweep`). Nothing is created in or changed
 in the root namespace except transient veth ends that move at once.
 
     internal network 10.201.1.0/24            external network 10.201.2.0/24
@@ -233,7 +233,7 @@ class Lab:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lrkp_tsl.lab",
+        prog="python -m lrkp_lab.lab",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

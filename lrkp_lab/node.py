@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lrkp_tsl.lab import Lab
+from lrkp_lab.lab import Lab
 
 LRKP_TSL = [sys.executable, "-m", "lrkp_tsl.cli"]
 

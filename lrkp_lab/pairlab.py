@@ -18,7 +18,7 @@ other process given, e.g. its relay daemon), then take its links down. `Pair.rec
 it back: stale VIPs removed (a SIGKILLed keepalived leaves them assigned), links up,
 keepalived started again; with nopreempt it stays BACKUP.
 
-    python -m lrkp_tsl.pairlab takeover --runs 5     # measure takeover times (root)
+    python -m lrkp_lab.pairlab takeover --runs 5     # measure takeover times (root)
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from lrkp_tsl.lab import Lab
+from lrkp_lab.lab import Lab
 
 INTERNAL_VIP = IPv4Address("10.201.1.100")
 EXTERNAL_VIP = IPv4Address("10.201.2.100")
@@ -503,7 +503,7 @@ def measure_takeover(lab: Lab, garp_wait: float = 1.0) -> Takeover:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lrkp_tsl.pairlab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lrkp_lab.pairlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     takeover = sub.add_parser("takeover", help="crash the active node N times, time takeovers")
     takeover.add_argument("--runs", type=int, default=5)

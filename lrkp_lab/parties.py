@@ -5,7 +5,7 @@ from __future__ import annotations
 import select
 from ipaddress import IPv4Address
 
-from lrkp_tsl.lab import Lab, address
+from lrkp_lab.lab import Lab, address
 from lrkp_tsl.media import Endpoint, PortRange
 
 # The relay port range of the lab node: room for 10,000 calls on one relay IP.

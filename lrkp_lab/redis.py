@@ -23,7 +23,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from lrkp_tsl.lab import Lab
+from lrkp_lab.lab import Lab
 
 PORT = 26379  # not 6379: a distribution's own redis-server may run in the root namespace
 START_WAIT = 5.0

@@ -1,7 +1,7 @@
 """Media activity, as the kernel pushes it: which calls have live conntrack entries. Pure.
 
 Every relayed stream's conntrack entry carries the node's idle timeout (an nft `ct timeout`
-policy, rules/lrkp.nft), so the kernel itself says when a stream went quiet: its entry
+policy, lrkp_tsl/rules/lrkp.nft), so the kernel itself says when a stream went quiet: its entry
 expires and ctnetlink reports the DESTROY. A call is *live* while any of its streams has
 an entry (RTP on hold with RTCP still flowing stays up) and *quiet* otherwise, from a known
 moment on. Nothing here is polled: the cost is per event, not per call per tick.

@@ -3,9 +3,20 @@ parsing never imports a kernel binding)."""
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
-# The base table, as shipped in this checkout.
-DEFAULT_RULES = Path(__file__).resolve().parents[1] / "rules" / "lrkp.nft"
+
+def packaged_rules() -> Path:
+    """The base table shipped inside the package (wheel, .deb or checkout alike).
+
+    Looked up through the package, never the source tree or the cwd, so an installed node
+    finds it wherever it runs from. Installed packages are plain directories, so the
+    resource is a real file that `nft -c -f` and log lines can name.
+    """
+    return Path(str(resources.files("lrkp_tsl") / "rules" / "lrkp.nft"))
+
+
+DEFAULT_RULES = packaged_rules()
 # The NFQUEUE for first packets: far from the low numbers other tools default to.
 DEFAULT_QUEUE_NUM = 22333

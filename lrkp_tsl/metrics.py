@@ -2,7 +2,7 @@
 
 Nothing here runs per packet or per command. The engine already counts what happens in its
 `stats` Counter (and the server times commands, latency.py); the kernel counts packets in
-the named counters of rules/lrkp.nft. A scrape reads both at scrape time:
+the named counters of lrkp_tsl/rules/lrkp.nft. A scrape reads both at scrape time:
 
 - the engine's state lives in the asyncio loop, so the scrape thread asks the loop for a
   copy (`call_soon_threadsafe`: a dict copy of some 50 keys and a few lengths, one loop
@@ -38,7 +38,7 @@ from lrkp_tsl.latency import Latency
 PREFIX = "lrkp"
 # How long a scrape waits for the event loop before it fails (a stalled loop is news).
 LOOP_TIMEOUT = 5.0
-# Drop counters of rules/lrkp.nft: nft counter name -> `reason` label.
+# Drop counters of lrkp_tsl/rules/lrkp.nft: nft counter name -> `reason` label.
 KERNEL_DROPS = {
     "unknown_dropped": "unknown",
     "displaced_dropped": "displaced",

@@ -1,4 +1,5 @@
-"""nftables adapter: `table ip lrkp`, loaded from rules/lrkp.nft, changed only through its maps.
+"""nftables adapter: `table ip lrkp`, loaded from lrkp_tsl/rules/lrkp.nft, changed only
+through its maps.
 
 Uses libnftables' official Python binding (Debian's python3-nftables, the same version as
 the installed library). Every change is one nftables transaction: a call's flows appear or

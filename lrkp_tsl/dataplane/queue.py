@@ -34,7 +34,7 @@ from lrkp_tsl.media import Endpoint
 
 log = logging.getLogger("lrkp_tsl.dataplane.queue")
 
-# Must match `meta mark set meta mark | ...` in rules/lrkp.nft (a unit test checks).
+# Must match `meta mark set meta mark | ...` in lrkp_tsl/rules/lrkp.nft (a unit test checks).
 QUEUE_MARK = 0x00200000
 
 

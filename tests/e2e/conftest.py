@@ -21,8 +21,8 @@ from typing import NoReturn
 
 import pytest
 
-from lrkp_tsl.lab import Lab, address
-from tests.e2e.harness import DEBIAN_KAMAILIO, ROOT, KamailioBuild
+from lrkp_lab.kamailio import DEBIAN_KAMAILIO, ROOT, KamailioBuild
+from lrkp_lab.lab import Lab, address
 from tests.e2e.stub_node import NodeConfig, StubNode
 
 BUILD_SCRIPT = ROOT / "scripts" / "build-kamailio.sh"

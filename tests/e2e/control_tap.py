@@ -19,7 +19,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from lrkp_tsl.lab import Lab
+from lrkp_lab.lab import Lab
 
 TAP_IP = "10.201.1.5"
 TAP_PORT = 22400

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from lrkp_lab.kamailio import Call, KamailioBuild, Sdp, call, kamailio
+from lrkp_lab.lab import Lab
+from lrkp_lab.node import Node
+from lrkp_lab.parties import Party, Peers
 from lrkp_tsl.dataplane.nft import TABLE
-from lrkp_tsl.lab import Lab
 from lrkp_tsl.media import Endpoint
-from tests.e2e.harness import Call, KamailioBuild, Sdp, call, kamailio
-from tests.netns.daemon import Node
-from tests.netns.helpers import Party, Peers
 
 IDLE = 3.0
 NODE1 = ("relay", "10.201.1.1", "10.201.2.1")

@@ -8,8 +8,8 @@ import re
 import subprocess
 import sys
 
-from lrkp_tsl.lab import Lab, lab_namespaces
-from tests.e2e.harness import ROOT
+from lrkp_lab.kamailio import ROOT
+from lrkp_lab.lab import Lab, lab_namespaces
 
 MEDIA = re.compile(
     r"^  (\w+) -> (\w+) +(\d+) RTP packets sent, (\d+) received \((-?\d+) lost\), from (.*)$",
@@ -20,7 +20,7 @@ MEDIA = re.compile(
 def test_demo_short_relays_every_call_both_ways(lab: Lab) -> None:
     del lab  # the demo builds its own lab; the fixture only checks root, kamailio and sipp
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lrkp_tsl.demo", "--short", "--plain"],
+        [sys.executable, "-m", "lrkp_lab.demo", "--short", "--plain"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

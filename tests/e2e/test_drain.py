@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from lrkp_tsl.lab import Lab
+from lrkp_lab.calls import Stream
+from lrkp_lab.kamailio import KamailioBuild, Sdp, call, kamailio
+from lrkp_lab.lab import Lab
+from lrkp_lab.node import Node
+from lrkp_lab.parties import Peers
 from lrkp_tsl.media import Endpoint
-from tests.e2e.harness import KamailioBuild, Sdp, call, kamailio
 from tests.e2e.test_calls import NODE1, NODE2, start_node
-from tests.netns.calls import Stream
-from tests.netns.daemon import Node
-from tests.netns.helpers import Peers
 
 CTL = (sys.executable, "-m", "lrkp_tsl.ctl")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from lrkp_tsl.lab import Lab, address
-from tests.e2e.harness import Call, Sdp, call, kamailio, parse_message_trace
+from lrkp_lab.kamailio import Call, Sdp, call, kamailio, parse_message_trace
+from lrkp_lab.lab import Lab, address
 from tests.e2e.stub_node import NodeConfig, Request, StubNode, reply_to
 
 NODE = "udp:10.201.1.1:22333"

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from lrkp_lab.kamailio import KamailioBuild, call, kamailio
+from lrkp_lab.lab import Lab
+from lrkp_lab.node import Node
+from lrkp_lab.parties import Peers
 from lrkp_tsl.dataplane.nft import TABLE
-from lrkp_tsl.lab import Lab
 from tests.e2e.control_tap import ControlTap
-from tests.e2e.harness import KamailioBuild, call, kamailio
 from tests.e2e.stub_node import Request
 from tests.e2e.test_calls import NODE1, conntrack, endpoint, media_both_ways, start_node
-from tests.netns.daemon import Node
-from tests.netns.helpers import Peers
 
 NODE_URL = "udp:10.201.1.1:22333"
 NODE_ADDR = ("10.201.1.1", 22333)

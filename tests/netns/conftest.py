@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.parties import PORTS, Peers
 from lrkp_tsl.dataplane import DataPlane
-from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
-from tests.netns.helpers import PORTS, Peers
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

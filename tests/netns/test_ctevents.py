@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab, address
 from lrkp_tsl.dataplane import conntrack
 from lrkp_tsl.dataplane.conntrack import ConntrackTable
 from lrkp_tsl.dataplane.ctevents import ConntrackEvents
 from lrkp_tsl.errors import KernelError
 from lrkp_tsl.kernel import StreamChange, StreamEvent, StreamKey
-from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab, address
 from lrkp_tsl.media import Endpoint, Flow, Stream
 
 TABLE = "lrkp_evtest"

@@ -10,11 +10,11 @@ import sys
 import time
 from typing import Any
 
-from lrkp_tsl.lab import Lab
+from lrkp_lab.calls import CONTROL, KAMAILIO_IP, NODE_ARGS, Call, Stream, burst, running_node
+from lrkp_lab.lab import Lab
+from lrkp_lab.node import Controller, Node
+from lrkp_lab.parties import Peers
 from lrkp_tsl.media import Endpoint
-from tests.netns.calls import CONTROL, KAMAILIO_IP, NODE_ARGS, Call, Stream, burst, running_node
-from tests.netns.daemon import Controller, Node
-from tests.netns.helpers import Peers
 
 CTL = (sys.executable, "-m", "lrkp_tsl.ctl")
 HEADERS = 28  # IPv4 + UDP: conntrack counts IP bytes

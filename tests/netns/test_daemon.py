@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.node import LRKP_TSL, Controller, Node, set_command
+from lrkp_lab.parties import Party, Peers
 from lrkp_tsl.dataplane.nft import TABLE
-from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_tsl.media import Endpoint
-from tests.netns.daemon import LRKP_TSL, Controller, Node, set_command
-from tests.netns.helpers import Party, Peers
 
 CONTROL = (str(INTERNAL_IP), 22333)
 IDLE = 2.0

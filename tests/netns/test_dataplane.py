@@ -6,11 +6,11 @@ from ipaddress import IPv4Address
 
 import pytest
 
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.parties import PORTS, Party, Peers
 from lrkp_tsl.dataplane import DataPlane
 from lrkp_tsl.errors import KernelError
-from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_tsl.media import CallMedia, Endpoint
-from tests.netns.helpers import PORTS, Party, Peers
 
 
 def call(

@@ -13,11 +13,11 @@ import re
 import signal
 from collections.abc import Iterator
 
-from lrkp_tsl.lab import INTERNAL_IP, Lab
+from lrkp_lab.calls import CONTROL, KAMAILIO_IP, NODE_ARGS, running_node
+from lrkp_lab.lab import INTERNAL_IP, Lab
+from lrkp_lab.node import Controller, Node, set_command
+from lrkp_lab.parties import Party, Peers
 from lrkp_tsl.media import Endpoint
-from tests.netns.calls import CONTROL, KAMAILIO_IP, NODE_ARGS, running_node
-from tests.netns.daemon import Controller, Node, set_command
-from tests.netns.helpers import Party, Peers
 
 WORKERS = 5
 REFUSED = 2  # the call whose flow key the kernel already holds with other data

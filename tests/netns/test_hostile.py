@@ -21,13 +21,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lrkp_lab.calls import CONTROL, NODE_ARGS, Call, Stream, burst, running_node
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.node import Controller, Node, set_command
+from lrkp_lab.parties import Peers
 from lrkp_tsl.dataplane.nft import TABLE
-from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_tsl.media import Endpoint
 from lrkp_tsl.protocol import NodeConfig
-from tests.netns.calls import CONTROL, NODE_ARGS, Call, Stream, burst, running_node
-from tests.netns.daemon import Controller, Node, set_command
-from tests.netns.helpers import Peers
 
 ARGS = (*NODE_ARGS, "--log-level", "info")
 

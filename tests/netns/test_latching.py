@@ -15,12 +15,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from lrkp_lab.calls import NODE_ARGS, Call, burst, running_node
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab, address
+from lrkp_lab.node import Controller, Node
+from lrkp_lab.parties import Peers
 from lrkp_tsl.dataplane.nft import TABLE
-from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab, address
 from lrkp_tsl.media import Endpoint
-from tests.netns.calls import NODE_ARGS, Call, burst, running_node
-from tests.netns.daemon import Controller, Node
-from tests.netns.helpers import Peers
 
 CONTROL = (str(INTERNAL_IP), 22333)
 GUARD = 5.0  # the rebinding guard interval (lrkp_tsl/dataplane/silence.py GUARD)

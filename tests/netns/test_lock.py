@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lrkp_tsl.lab import Lab
+from lrkp_lab.lab import Lab
 
 ROOT = Path(__file__).resolve().parents[2]
 

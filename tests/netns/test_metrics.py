@@ -9,14 +9,14 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lrkp_lab.calls import KAMAILIO_IP, NODE_ARGS, Call, Stream, running_node
+from lrkp_lab.lab import INTERNAL_IP, Lab
+from lrkp_lab.node import Controller, Node
+from lrkp_lab.parties import Peers
 from lrkp_tsl.dataplane import DataPlane
 from lrkp_tsl.dataplane.nft import FAMILY, TABLE
 from lrkp_tsl.dataplane.nftcounters import CounterReader
-from lrkp_tsl.lab import INTERNAL_IP, Lab
 from lrkp_tsl.metrics import KERNEL_DROPS
-from tests.netns.calls import KAMAILIO_IP, NODE_ARGS, Call, Stream, running_node
-from tests.netns.daemon import Controller, Node
-from tests.netns.helpers import Peers
 
 PORT = 9733
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

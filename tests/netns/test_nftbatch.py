@@ -7,12 +7,12 @@ import socket
 import subprocess
 from pathlib import Path
 
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.parties import PORTS, Peers
 from lrkp_tsl.dataplane import DataPlane
 from lrkp_tsl.dataplane.nft import ElementChange
 from lrkp_tsl.errors import KernelError
-from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_tsl.media import CallMedia, Endpoint
-from tests.netns.helpers import PORTS, Peers
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -22,10 +22,10 @@ from typing import Any
 import nftables
 import pytest
 
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_tsl.dataplane.nft import NftTable, element_comment
 from lrkp_tsl.dataplane.nftsets import SetReader
 from lrkp_tsl.errors import KernelError
-from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_tsl.media import CallMedia, Endpoint, Flow, InstalledFlow, PortRange
 
 PORTS = PortRange(20000, 59999)

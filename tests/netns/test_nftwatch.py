@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.parties import PORTS
 from lrkp_tsl.dataplane.nft import FAMILY, TABLE, NftTable
 from lrkp_tsl.dataplane.nftwatch import Fingerprint, RulesetWatch
 from lrkp_tsl.dataplane.queue import XT_COMMENT, xt_rule
-from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
-from tests.netns.helpers import PORTS
 
 QUEUE_NUM = 22333
 NEEDLE = XT_COMMENT.encode()

@@ -10,114 +10,30 @@ down, mid-call.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from lrkp_tsl.dataplane.nft import TABLE
-from lrkp_tsl.lab import Lab
+from lrkp_lab.calls import Stream, burst
+from lrkp_lab.kamailio import Sdp, call, kamailio
+from lrkp_lab.lab import Lab
+from lrkp_lab.node import Controller, set_command
+from lrkp_lab.pairlab import INTERNAL_VIP
+from lrkp_lab.pairnodes import (
+    CONTROL,
+    IDLE,
+    RATE,
+    Members,
+    flows,
+    running_pair,
+    wait_log,
+    wait_same_flows,
+)
+from lrkp_lab.parties import Peers
 from lrkp_tsl.media import Endpoint
-from lrkp_tsl.pairlab import EXTERNAL_VIP, INTERNAL_VIP, Pair
-from tests.e2e.harness import Sdp, call, kamailio
-from tests.netns.calls import Stream, burst
-from tests.netns.daemon import Controller, Node, set_command
-from tests.netns.helpers import Peers
-from tests.netns.redis_helpers import RedisServer
-
-CONTROL = (str(INTERNAL_VIP), 22333)
-IDLE = 5.0
-RATE = 50  # packets per second each way
-HOSTS = {"relay": "10.201.1.1", "relay2": "10.201.1.2"}
-
-
-def node_args(redis: RedisServer, peer: RedisServer) -> tuple[str, ...]:
-    return (
-        "--internal-ip", str(INTERNAL_VIP), "--external-ip", str(EXTERNAL_VIP),
-        "--ports", "20000-21999", "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",
-        "--allow", "10.201.1.5", "--idle-timeout", str(IDLE), "--log-level", "debug",
-        "--pair-redis", redis.url, "--pair-peer-redis", peer.tcp_url,
-    )  # fmt: skip
-
-
-def wait_log(node: Node, text: str, timeout: float) -> float:
-    """Seconds until `text` is in the node's log."""
-    started = time.monotonic()
-    while text not in node.output():
-        assert node.proc.poll() is None, f"node exited:\n{node.output()}"
-        assert time.monotonic() - started < timeout, f"{text!r} not logged:\n{node.output()}"
-        time.sleep(0.01)
-    return time.monotonic() - started
-
-
-def flows(lab: Lab, host: str) -> set[tuple[str, str]]:
-    """The (key, data) of every element of the host's dnat_to map."""
-    listing = lab.run(host, "nft", "-j", "list", "map", "ip", TABLE, "dnat_to").stdout
-    found = set()
-    for item in json.loads(listing)["nftables"]:
-        for key, data in item.get("map", {}).get("elem", []):
-            value = key["elem"]["val"] if "elem" in key else key
-            found.add((json.dumps(value["concat"]), json.dumps(data["concat"])))
-    return found
-
-
-def wait_same_flows(lab: Lab, timeout: float) -> float:
-    started = time.monotonic()
-    while flows(lab, "relay") != flows(lab, "relay2"):
-        assert time.monotonic() - started < timeout, "the standby's maps differ"
-        time.sleep(0.02)
-    return time.monotonic() - started
-
-
-@dataclass
-class Members:
-    lab: Lab
-    keepalived: Pair
-    redis: dict[str, RedisServer]
-    nodes: dict[str, Node]
-    started: list[Node]
-
-    def start_node(self, host: str, state: Path | None = None) -> Node:
-        peer = "relay2" if host == "relay" else "relay"
-        node = Node(self.lab, host, *node_args(self.redis[host], self.redis[peer]), state=state)
-        self.nodes[host] = node
-        self.started.append(node)
-        wait_log(node, "node up", 20)
-        return node
-
-
-@contextlib.contextmanager
-def running_pair(lab: Lab) -> Iterator[Members]:
-    """Both Redis servers, keepalived (relay first: it holds the VIPs) and both nodes; all
-    stopped, and the namespaces cleared, at the end."""
-    redis = {host: RedisServer(lab, host, ip) for host, ip in HOSTS.items()}
-    pair = Pair(lab)
-    made = Members(lab, pair, redis, {}, [])
-    try:
-        for server in redis.values():
-            server.start()
-        pair.start(first="relay")
-        active = made.start_node("relay")
-        wait_log(active, "active: this node holds the relay addresses", 5)
-        standby = made.start_node("relay2")
-        wait_log(standby, "following: the active node's table loaded", 10)
-        yield made
-    finally:
-        for node in made.started:
-            node.stop(signal.SIGKILL)
-        pair.close()
-        for server in redis.values():
-            server.stop()
-            server.remove()
-        for host in (*HOSTS, "nat"):
-            lab.run(host, "nft", "delete", "table", "ip", TABLE, check=False)
-            lab.run(host, "iptables-nft", "-t", "raw", "-F", check=False)
-            lab.run(host, "conntrack", "-F", check=False)
 
 
 @pytest.fixture

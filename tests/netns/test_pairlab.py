@@ -14,13 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lrkp_tsl.dataplane.role import (
-    freebind_udp_socket,
-    local_addresses_present,
-    nonlocal_bind_enabled,
-)
-from lrkp_tsl.lab import Lab, address
-from lrkp_tsl.pairlab import (
+from lrkp_lab.lab import Lab, address
+from lrkp_lab.pairlab import (
     EXTERNAL_VIP,
     INTERNAL_VIP,
     NODES,
@@ -33,6 +28,11 @@ from lrkp_tsl.pairlab import (
     ping,
     vip_holder,
     vip_holders,
+)
+from lrkp_tsl.dataplane.role import (
+    freebind_udp_socket,
+    local_addresses_present,
+    nonlocal_bind_enabled,
 )
 
 TAKEOVER_BOUND = 1.0  # seconds; expected ~0.36 s (3 x advert_int 0.1 + skew)

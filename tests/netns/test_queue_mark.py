@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import re
 
+from lrkp_lab.calls import KAMAILIO_IP, NODE_ARGS, Call, burst, running_node
+from lrkp_lab.lab import Lab
+from lrkp_lab.node import Controller
+from lrkp_lab.parties import Peers
 from lrkp_tsl.dataplane.queue import QUEUE_MARK
-from lrkp_tsl.lab import Lab
-from tests.netns.calls import KAMAILIO_IP, NODE_ARGS, Call, burst, running_node
-from tests.netns.daemon import Controller
-from tests.netns.helpers import Peers
 
 WATCH = f"""
 table ip markwatch {{

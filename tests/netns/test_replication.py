@@ -11,7 +11,8 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from lrkp_tsl.lab import Lab
+from lrkp_lab.lab import Lab
+from lrkp_lab.redis import RedisServer, wait_for
 from lrkp_tsl.latching import Policy
 from lrkp_tsl.media import CallMedia, Endpoint
 from lrkp_tsl.records import StoredCall, decode, encode
@@ -26,7 +27,6 @@ from lrkp_tsl.replication import (
     ReplicationGap,
 )
 from lrkp_tsl.session import Call, CallTable
-from tests.netns.redis_helpers import RedisServer, wait_for
 
 WALL = 1_700_000_000.0  # wall_offset: engine times + WALL are exact in binary floating point
 MASTER_IP = "10.201.1.1"

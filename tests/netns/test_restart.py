@@ -14,11 +14,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from lrkp_lab.calls import CONTROL, Call, Stream, burst
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.node import Controller, Node
+from lrkp_lab.parties import Peers
 from lrkp_tsl.dataplane.nft import TABLE
-from lrkp_tsl.lab import EXTERNAL_IP, INTERNAL_IP, Lab
-from tests.netns.calls import CONTROL, Call, Stream, burst
-from tests.netns.daemon import Controller, Node
-from tests.netns.helpers import Peers
 
 IDLE = 2.0
 ARGS = (

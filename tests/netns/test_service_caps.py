@@ -13,12 +13,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from lrkp_lab import node as daemon
+from lrkp_lab.calls import KAMAILIO_IP, NODE_ARGS, Call, burst, running_node
+from lrkp_lab.lab import Lab
+from lrkp_lab.node import Controller
+from lrkp_lab.parties import Peers
 from lrkp_tsl.dataplane.sysctl import REQUIRED
-from lrkp_tsl.lab import Lab
-from tests.netns import daemon
-from tests.netns.calls import KAMAILIO_IP, NODE_ARGS, Call, burst, running_node
-from tests.netns.daemon import Controller
-from tests.netns.helpers import Peers
 from tests.unit.test_systemd_unit import unit
 
 # Capability numbers (linux/capability.h) of those a unit might name.

@@ -16,7 +16,7 @@ ROW = re.compile(r"^\| `([a-z_.]+)` \| `(--[a-z-]+)`[^|]* \| ([^|]+) \|")
 DERIVED = {
     "internal_ip": "required",
     "external_ip": "same as `internal_ip`",
-    "kernel.rules": "`rules/lrkp.nft` of the installed checkout",
+    "kernel.rules": "`lrkp_tsl/rules/lrkp.nft` of the installed package",
 }
 
 

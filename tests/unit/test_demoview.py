@@ -3,8 +3,8 @@ ended; a call missing media in either direction is called out (the demo then fai
 
 from __future__ import annotations
 
-from lrkp_tsl.demo import CallState, Direction, KernelView, Plan
-from lrkp_tsl.demoview import summary_lines
+from lrkp_lab.demo import CallState, Direction, KernelView, Plan
+from lrkp_lab.demoview import summary_lines
 from lrkp_tsl.media import Endpoint
 
 
