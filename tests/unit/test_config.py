@@ -99,9 +99,7 @@ def test_a_pair_needs_both_redis_urls_and_checks_them() -> None:
                       "pair.peer_redis": "redis://h:1"})  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "internal_ip", ["192.0.2.10", "127.0.0.1", "10.0.0.1", "203.0.113.7"]
-)
+@pytest.mark.parametrize("internal_ip", ["192.0.2.10", "127.0.0.1", "10.0.0.1", "203.0.113.7"])
 def test_the_defaults_never_conflict(internal_ip: str) -> None:
     """Every default fits every other, whatever the relay IP, with the control address on
     the relay IP at the default port (the usual `control = ["udp:INTERNAL_IP"]`)."""
@@ -186,8 +184,10 @@ def test_each_bad_entry_of_a_list_key_is_its_own_problem() -> None:
 
 
 def test_ports_below_1024_are_a_warning() -> None:
-    config = from_mapping({"internal_ip": "10.0.0.1", "control": ["udp:127.0.0.1:53",
-                           "unix:/run/x.sock", "udp:127.0.0.1:5000"], "metrics.listen": "[::1]:80"})  # fmt: skip
+    control = ["udp:127.0.0.1:53", "unix:/run/x.sock", "udp:127.0.0.1:5000"]
+    config = from_mapping(
+        {"internal_ip": "10.0.0.1", "control": control, "metrics.listen": "[::1]:80"}
+    )
     found = warnings(config)
     assert len(found) == 2
     assert found[0].startswith("control = 'udp:127.0.0.1:53': port 53 is below 1024")
