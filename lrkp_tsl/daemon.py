@@ -29,9 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lrkp_tsl import __version__, drainfile
+from lrkp_tsl import __version__, ctcapacity, drainfile
 from lrkp_tsl.admission import NodeLimits
 from lrkp_tsl.config import DEFAULT_CONFIG, Config
+from lrkp_tsl.ctcapacity import Capacity
 from lrkp_tsl.dataplane import DataPlane
 from lrkp_tsl.dataplane.ctevents import ConntrackEvents, Reaper
 from lrkp_tsl.dataplane.queue import PacketQueue, QueueRule
@@ -74,6 +75,24 @@ async def reap(reaper: Reaper, interval: float, server: Server, stop: asyncio.Ev
             except Exception as exc:
                 server.stats["error.conntrack"] += 1
                 log.error("conntrack sweep failed: %s", exc)
+
+
+async def watch_conntrack(
+    capacity: Capacity, engine: Engine, server: Server, stop: asyncio.Event
+) -> None:
+    """Conntrack's fill level at start and every CHECK_INTERVAL (three /proc reads, on the
+    loop: microseconds); ctcapacity decides what to log."""
+    while not stop.is_set():
+        fill = ctcapacity.read_fill()
+        if fill is not None:
+            now = time.monotonic()
+            _ok, found = server.guarded(
+                "conntrack-capacity", capacity.check, fill, len(engine.table), now
+            )
+            for level, text in found or ():
+                ctcapacity.log.log(level, "%s", text)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=ctcapacity.CHECK_INTERVAL)
 
 
 def node_config(config: Config) -> NodeConfig:
@@ -389,6 +408,8 @@ async def _run(
     cleanup.append(("conntrack reaper", reaper.close))
     reaping = asyncio.create_task(reap(reaper, reap_interval(config.idle_timeout), server, stop))
     cleanup.append(("conntrack reaper task", reaping.cancel))
+    watching = asyncio.create_task(watch_conntrack(Capacity(config.ports), engine, server, stop))
+    cleanup.append(("conntrack capacity", watching.cancel))
     up = True
     log.info(
         "node up: internal %s, external %s, ports %s, allow %s, %d calls",
