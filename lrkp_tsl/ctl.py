@@ -319,17 +319,19 @@ def management_command(args: argparse.Namespace, address: str) -> int:
         print(show_ruleset(items))
     elif args.command == "drain":
         print(
-            f"draining: P goes unanswered, so Kamailio sends new calls to other nodes of the "
-            f"set; {result['calls']} live calls continue and end normally; the node stays "
-            "drained across a restart until `lrkp-ctl undrain`"
+            f"draining: P is answered with an empty datagram, so Kamailio disables this node "
+            f"and sends new calls to other nodes of its set (a set of this node alone moves "
+            f"no call: lrkproxy never tests a lone node it has enabled); {result['calls']} "
+            "live calls continue and end normally; the node stays drained across a restart "
+            "until `lrkp-ctl undrain`"
         )
     elif args.command == "undrain":
-        print(f"not draining: P is answered again ({result['calls']} live calls)")
+        print(f"not draining: P is answered with PONG again ({result['calls']} live calls)")
     else:
         print(
             f"node up {_seconds(result['uptime'])} (pid {result['pid']}, version "
             f"{result['version']}): {result['calls']} calls"
-            + (", DRAINING" if result["draining"] else "")
+            + (", DRAINING (P answered with an empty datagram)" if result["draining"] else "")
             + ("" if result["active"] else ", standby")
         )
     if "warning" in result:

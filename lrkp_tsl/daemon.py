@@ -346,8 +346,9 @@ async def _run(
     if drainfile.is_set(config.state_dir):
         engine.draining = True
         log.warning(
-            "starting drained: %s says an operator drained this node (P goes unanswered, "
-            "no new calls come here); `lrkp-ctl undrain` ends it",
+            "starting drained: %s says an operator drained this node (P is answered with "
+            "an empty datagram: lrkproxy sends new calls to other nodes of its set); "
+            "`lrkp-ctl undrain` ends it",
             drainfile.path(config.state_dir),
         )
     if config.paired:

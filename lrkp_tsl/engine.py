@@ -229,7 +229,7 @@ class Engine:
         self.active = True
         self.forget_pending: set[StreamKey] = set()
         self.stats: collections.Counter[str] = collections.Counter()
-        # What ended streams carried, per call (traffic.py); drain: P unanswered (mgmt.py).
+        # What ended streams carried, per call (traffic.py); drain: P answered empty (mgmt.py).
         self.traffic = Traffic()
         self.draining = False
         self._verdicts: list[tuple[int, Verdict]] = []

@@ -478,8 +478,9 @@ class Management:
     async def _drain(self, _request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         if not self.engine.draining:
             log.warning(
-                "draining: P is no longer answered, so lrkproxy sends new calls to other "
-                "nodes of the set; %d live calls continue and end normally",
+                "draining: P is answered with an empty datagram, so lrkproxy disables this "
+                "node and sends new calls to other nodes of its set (not if this node is "
+                "alone in it); %d live calls continue and end normally",
                 len(self.engine.table),
             )
         self.engine.draining = True
@@ -487,7 +488,7 @@ class Management:
 
     async def _undrain(self, _request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         if self.engine.draining:
-            log.warning("no longer draining: P is answered again")
+            log.warning("no longer draining: P is answered with PONG again")
         self.engine.draining = False
         yield _result(self._drain_result())
 

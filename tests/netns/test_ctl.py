@@ -220,6 +220,11 @@ def test_a_drain_is_kept_across_a_restart_until_undrain(lab: Lab) -> None:
         node.wait_ready(CONTROL, kamailio)
         code, out, err = ctl(lab, "drain")
         assert code == 0 and "drained across a restart" in out and not err, (out, err)
+        # What it says is what the node does on the wire (and what `ping` reports).
+        assert "P is answered with an empty datagram" in out and "unanswered" not in out
+        assert raw_ping(kamailio) == b""
+        assert "DRAINING (P answered with an empty datagram)" in ctl(lab, "ping")[1]
+        assert "P is answered with an empty datagram" in node.output()
         assert (node.state / "draining").is_file()
         node = node.restart()
         deadline = time.monotonic() + 15

@@ -89,7 +89,7 @@ def test_operator_delete_ends_the_call_with_its_own_reason(
     assert engine.delete("c1", 6.0) is False
 
 
-def test_draining_leaves_p_unanswered_and_serves_s_and_d() -> None:
+def test_draining_answers_p_with_an_empty_datagram_and_serves_s_and_d() -> None:
     engine, _kernel, _store = make(Policy.STRICT)
     engine.draining = True
     assert send(engine, b"1_1 P") == b""
