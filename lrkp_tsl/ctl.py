@@ -140,10 +140,19 @@ def _seconds(value: float | None) -> str:
 
 
 def _party(side: dict[str, Any]) -> str:
-    learned = side["learned"] or "learning"
     if side["latching"] == "fixed":
         return f"{side['sdp']} (fixed)"
-    return f"{side['sdp']} -> {learned}"
+    if side["latching"] == "trusted" and not side["learned"]:
+        return f"{side['sdp']} (trusted, not heard)"
+    return f"{side['sdp']} -> {side['learned'] or 'learning'}"
+
+
+def _stream(state: str, learned: str | None) -> str:
+    """One stream of a party in `show`: an address is shown only once the party was heard
+    from it (a trusted SDP address it never sent from is not "learned")."""
+    if state == "learning":
+        return "learning"
+    return f"{state} {learned}" if learned else f"{state}, nothing heard yet"
 
 
 def show_sessions(rows: list[dict[str, Any]], result: dict[str, Any]) -> str:
@@ -173,8 +182,8 @@ def show_call(row: dict[str, Any]) -> str:
         side = row[name]
         lines.append(
             f"  {name}: SDP {side['sdp']}, sends to relay {side['relay']}, "
-            f"RTP {side['latching']} {side['learned'] or '-'}, "
-            f"RTCP {side['latching_rtcp']} {side['learned_rtcp'] or '-'} (rule {side['rule']})"
+            f"RTP {_stream(side['latching'], side['learned'])}, "
+            f"RTCP {_stream(side['latching_rtcp'], side['learned_rtcp'])} (rule {side['rule']})"
         )
     lines.append(
         f"  caller->callee {row['caller_to_callee_packets']} packets "

@@ -90,6 +90,17 @@ def test_sessions_show_counters_grow_delete_stops_media_and_summary_matches(
             assert code == 0, err
             shown = json.loads(text)
             assert shown["caller_to_callee_packets"] == len(forward.arrivals)
+            # Both parties sent RTP only: each is heard on RTP; neither is "learned" on RTCP
+            # at its SDP port + 1, though the node relays RTCP there (trusted, reachable).
+            for side, party in (("caller", caller), ("callee", callee)):
+                assert shown[side]["latching"] == "trusted", shown[side]  # reachable
+                assert shown[side]["learned"] == str(party.endpoint), shown[side]
+                assert shown[side]["latching_rtcp"] == "trusted", shown[side]
+                assert shown[side]["learned_rtcp"] is None, shown[side]
+            code, text, err = ctl(lab, "show", "ctl-call-1@lab")
+            assert code == 0, err
+            assert f"RTP trusted {caller.endpoint}, RTCP trusted, nothing heard yet" in text
+            assert str(caller.endpoint.offset(1)) not in text.split("\n  flow ")[0]
             assert ctl(lab, "show", "no-such-call")[0] == 3
 
             # Still relaying; then deleted by the operator: no more media, either way.
@@ -204,7 +215,9 @@ def test_json_logs_carry_the_call_summary(lab: Lab, peers: Peers) -> None:
     assert ended["caller_to_callee_packets"] == 4
     assert ended["caller_to_callee_bytes"] == sum(len(b"j-%d" % n) + HEADERS for n in range(4))
     assert ended["callee_to_caller_packets"] == 0
-    assert ended["caller_learned"] == [str(caller.endpoint), str(caller.endpoint.offset(1))]
+    # The caller sent RTP only: heard there, not on RTCP (its SDP port + 1 was only trusted).
+    assert ended["caller_learned"] == [str(caller.endpoint), None]
+    assert ended["callee_learned"] == [None, None]  # the callee sent nothing
 
 
 def raw_ping(kamailio: Controller) -> bytes | None:
