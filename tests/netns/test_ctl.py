@@ -15,6 +15,7 @@ from lrkp_lab.lab import Lab
 from lrkp_lab.node import Controller, Node
 from lrkp_lab.parties import Peers
 from lrkp_tsl.media import Endpoint
+from tests import nobody
 
 CTL = (sys.executable, "-m", "lrkp_tsl.ctl")
 HEADERS = 28  # IPv4 + UDP: conntrack counts IP bytes
@@ -189,9 +190,9 @@ def test_no_node_running_one_clear_line_and_exit_1(lab: Lab) -> None:
 
 
 def test_only_root_may_use_the_management_socket(lab: Lab) -> None:
-    with running_node(lab, *NODE_ARGS):
-        as_nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
-        result = lab.run("relay", *as_nobody, *CTL, "sessions", check=False)
+    """lrkp-ctl run as nobody (a copy every user can read: the checkout may be private)."""
+    with running_node(lab, *NODE_ARGS), nobody.readable_copy() as base:
+        result = lab.run("relay", *nobody.argv(base, "-m", "lrkp_tsl.ctl", "sessions"), check=False)
         assert result.returncode == 4, result.stderr
         assert "uid 65534 is not root" in result.stderr
         code, _out, err = ctl(lab, "sessions")
