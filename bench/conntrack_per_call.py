@@ -154,7 +154,7 @@ def main() -> int:
                 print(f"{name:>9}: {per_call:.3f} conntrack entries per call")
             if args.memory_calls:
                 n = args.memory_calls
-                before = slabs()
+                at_start = slabs()
                 ports = calls.set_up("a", n)
                 time.sleep(1.0)
                 after_set = slabs()
@@ -163,7 +163,7 @@ def main() -> int:
                     calls.media("a", port, ("rtp", "rtcp"), ("rtp", "rtcp"))
                 time.sleep(1.0)
                 after_media = slabs()
-                elements = growth(before, after_set, n)
+                elements = growth(at_start, after_set, n)
                 streams = growth(after_set, after_media, n)
                 memory = {
                     "calls": n,
