@@ -37,6 +37,8 @@ MAX_LIFETIME_RANGE = (1, 30 * 86_400)
 # Read when no --config is given and it exists (the packaged service names it explicitly).
 DEFAULT_CONFIG = Path("/etc/lrkp-tsl/lrkp-tsl.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+BROADCAST = IPv4Address("255.255.255.255")
+T = TypeVar("T")
 LOG_FORMATS = ("text", "json")
 # The management socket lrkp-ctl talks to: an abstract unix name, scoped by the kernel to
 # the network namespace (mgmt.py).
@@ -162,16 +164,12 @@ def _ipv4(key: str, value: Any) -> IPv4Address:
             f"{key} = {value!r}: not an IPv4 address (the lrkproxy G reply carries "
             "at most 19 characters per IP and the kernel path is IPv4)"
         ) from None
-    if address.is_unspecified or address.is_multicast or address == IPv4Address(BROADCAST):
+    if address.is_unspecified or address.is_multicast or address == BROADCAST:
         raise ConfigError(
             f"{key} = {value!r}: not a unicast address: parties send media to it, so it must "
             "be one address of this host (in a pair: a VIP)"
         )
     return address
-
-
-BROADCAST = "255.255.255.255"
-T = TypeVar("T")
 
 
 def _ports(key: str, value: Any) -> PortRange:
@@ -257,7 +255,7 @@ def _idle_timeout(key: str, value: Any) -> float:
 
 def _max_lifetime(key: str, value: Any) -> float:
     low, high = MAX_LIFETIME_RANGE
-    what = f"a number of seconds from {low} to {high} (30 days)"
+    what = f"a number of seconds from {low} to {high} ({high // 86_400} days)"
     seconds = _number(key, value, what)
     if not low <= seconds <= high:
         raise ConfigError(f"{key} = {value!r}: expected {what}")
