@@ -13,10 +13,10 @@ PYTEST_ARGS ?=
 
 deps: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install-system-deps.sh scripts/debian-packages.sh scripts/link-nftables.sh
+$(STAMP): pyproject.toml requirements-dev.txt scripts/install-system-deps.sh scripts/debian-packages.sh scripts/link-nftables.sh
 	scripts/install-system-deps.sh
 	[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(VPY) -m pip install -q --disable-pip-version-check -e . -r requirements-dev.txt
 	scripts/link-nftables.sh $(VPY)
 	touch $(STAMP)
 
