@@ -39,7 +39,7 @@ BUILD = ROOT / "scripts" / "build-deb.sh"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 PACKAGE = "lrkp-tsl"
 CONFFILE = config.DEFAULT_CONFIG
-STATE_DIR = Path(config.Config.__dataclass_fields__["state_dir"].default)
+STATE_DIR = Path(str(config.Config.__dataclass_fields__["state_dir"].default))
 UNIT = Path("/lib/systemd/system/lrkp-tsl.service")
 DROP_IN = Path("/usr/share/lrkp-tsl/lrkp-tsl.service.d/pair.conf")
 # Where anything the package or its node adds would be; /run/netns holds the labs.
