@@ -131,3 +131,30 @@ def test_the_installed_node_answers_p(
     assert node.proc.returncode == 0, log  # SIGTERM: a clean stop
     assert f"Debian's python3-nftables, loaded from {DEBIAN_NFTABLES}" in log
     assert "Traceback" not in log
+
+
+def test_a_missing_nftables_binding_names_the_debian_package(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """Without python3-nftables (an empty directory mounted over it, in a private mount and
+    network namespace) `run` exits 2 before touching the kernel and says what to install."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("mounting over the binding needs root, and CI must run this test")
+        pytest.skip("mounting over the binding needs root")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    script = (
+        f"mount --bind {empty} {DEBIAN_NFTABLES} && exec {installed.venv}/bin/lrkp-tsl run "
+        f"--config /dev/null --internal-ip 10.9.9.9 --state-dir {tmp_path}"
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "--net", "sh", "-c", script],
+        cwd=installed.empty,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "apt install python3-nftables" in result.stderr
+    assert "Traceback" not in result.stderr
