@@ -9,14 +9,14 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: deps run test unit lint bench bench-deps bench-parts fuzz clean-lab kamailio
+.PHONY: deps run test unit lint deb bench bench-deps bench-parts fuzz clean-lab kamailio
 
 deps: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install-system-deps.sh scripts/debian-packages.sh scripts/link-nftables.sh
+$(STAMP): pyproject.toml requirements-dev.txt scripts/install-system-deps.sh scripts/debian-packages.sh scripts/link-nftables.sh
 	scripts/install-system-deps.sh
 	[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(VPY) -m pip install -q --disable-pip-version-check -e . -r requirements-dev.txt
 	scripts/link-nftables.sh $(VPY)
 	touch $(STAMP)
 
@@ -39,6 +39,11 @@ kamailio: deps
 
 unit: deps
 	$(VPY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# The Debian package (debhelper + dh-virtualenv, lintian-checked): dist/lrkp-tsl_<version>_<arch>.deb.
+# Built from the files git knows, cached outside the clone per hash of them (docs/packaging.md).
+deb: deps
+	scripts/build-deb.sh --dest dist
 
 lint: deps
 	$(VENV)/bin/ruff check .

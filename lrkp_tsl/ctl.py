@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lrkp_tsl import config
+from lrkp_tsl import __version__, config
 from lrkp_tsl.config import ControlAddress
 from lrkp_tsl.ctlsocket import DEFAULT_SOCKET, ENV_SOCKET, socket_name
 from lrkp_tsl.errors import ConfigError
@@ -393,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 no node answered, 2 bad usage, 3 no such call, "
         "4 the node refused or failed the command.",
     )
+    parser.add_argument("--version", action="version", version=f"lrkp-ctl {__version__}")
     _options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in COMMANDS.items():

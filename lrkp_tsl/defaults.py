@@ -12,9 +12,10 @@ def packaged_rules() -> Path:
 
     Looked up through the package, never the source tree or the cwd, so an installed node
     finds it wherever it runs from. Installed packages are plain directories, so the
-    resource is a real file that `nft -c -f` and log lines can name.
+    resource is a real file that `nft -c -f` and log lines can name. In the Debian package
+    it is a link to /usr/share/lrkp-tsl/lrkp.nft: that file is the one named.
     """
-    return Path(str(resources.files("lrkp_tsl") / "rules" / "lrkp.nft"))
+    return Path(str(resources.files("lrkp_tsl") / "rules" / "lrkp.nft")).resolve()
 
 
 DEFAULT_RULES = packaged_rules()

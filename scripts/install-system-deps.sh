@@ -14,6 +14,7 @@ PACKAGES=(
   redis-server                              # pair mode: the call table's replication feed
   keepalived                                # pair mode: VRRP moves the relay and control VIPs
   systemd                                   # systemd-analyze verify checks packaging/lrkp-tsl.service
+  debhelper dh-virtualenv dpkg-dev build-essential lintian help2man  # make deb (docs/packaging.md)
 )
 # redis-server: on a host running systemd, Debian starts and enables its own instance
 # (127.0.0.1:6379, /var/lib/redis) at install. It is left alone here: on a pair node it is
