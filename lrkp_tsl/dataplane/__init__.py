@@ -12,10 +12,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from lrkp_tsl.dataplane import sysctl
+from lrkp_tsl.dataplane import localsockets, sysctl
 from lrkp_tsl.dataplane.conntrack import ConntrackTable
 from lrkp_tsl.dataplane.nft import ElementChange, NftTable
 from lrkp_tsl.dataplane.probe import KernelFeatures, probe_kernel
+from lrkp_tsl.dataplane.reserve import PortReservation
 from lrkp_tsl.dataplane.silence import SilenceWatch
 from lrkp_tsl.defaults import DEFAULT_RULES
 from lrkp_tsl.errors import KernelError
@@ -38,15 +39,35 @@ class DataPlane:
         self.conntrack = ConntrackTable()
         self.silence = SilenceWatch(self.conntrack.lookup, 60.0)
         self.features: KernelFeatures | None = None
+        self.reservation = PortReservation()
 
     def start(
         self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle_timeout: float
     ) -> KernelFeatures:
-        """Set the sysctls, probe the kernel and load the table (keeping live calls)."""
+        """Set the sysctls, probe the kernel and load the table (keeping live calls).
+
+        The host's own sockets share the relay range (localsockets.py, reserve.py and the
+        guard's relay_port chain): a socket that would take calls' packets stops the start
+        before anything in the kernel changes.
+        """
+        holders = localsockets.check(relay_addrs, ports)
         sysctl.apply_required()
         self.features = probe_kernel()
         log.info("kernel: %s", self.features.describe())
+        if not self.features.socket_lookup:
+            raise KernelError(
+                "this kernel has no nftables socket lookup (nft `socket wildcard`: "
+                "CONFIG_NFT_SOCKET and CONFIG_NF_SOCKET_IPV4, module nft_socket), which the "
+                "guard needs so that the relay range never drops the host's own traffic; "
+                "load it (`modprobe nft_socket`) or use a kernel that has it (5.5 or later)"
+            )
+        reserved = self.reservation.apply(ports).reserved
         self.load(relay_addrs, ports, idle_timeout)
+        log.info(
+            "guard: a packet to a relay port that belongs to a local socket goes to that "
+            "socket, never to a call or the drop (nft socket lookup; counter local_socket)"
+        )
+        localsockets.warn(holders.wildcard, ports, reserved)
         return self.features
 
     def load(self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle: float) -> None:
@@ -140,7 +161,8 @@ class DataPlane:
         self.sync(media.call_id, fixed_view(media), KernelView())
 
     def shutdown(self, flush: bool) -> None:
-        """Leave live calls flowing (default), or remove everything the node installed."""
+        """Leave live calls flowing (default), or remove everything the node installed:
+        the table, the calls' conntrack entries and the ports it reserved (reserve.py)."""
         if flush:
             if self.nft.exists():
                 keys = self.nft.flow_keys()
@@ -152,8 +174,14 @@ class DataPlane:
                     len(keys),
                     deleted,
                 )
+            self.reservation.release()
         else:
-            log.info("kept kernel state: live calls keep flowing; a restart re-adopts them")
+            log.info(
+                "kept kernel state%s: live calls keep flowing; a restart re-adopts them",
+                " (the relay range stays reserved from automatic port allocation)"
+                if self.reservation.reserved
+                else "",
+            )
         self.close()
 
     def close(self) -> None:

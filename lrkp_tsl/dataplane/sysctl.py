@@ -55,3 +55,7 @@ def apply_required() -> dict[str, str]:
                 "run as root or with CAP_NET_ADMIN in this network namespace"
             ) from exc
     return changed
+
+
+def write(name: str, value: str) -> None:
+    _path(name).write_text(value + "\n")
