@@ -56,7 +56,7 @@ class UdpSocket:
     def describe(self, owner: str | None) -> str:
         shown = f"[::]:{self.port}" if self.family == "udp6" and self.ip == ANY else (
             f"{self.ip}:{self.port}")  # fmt: skip
-        who = owner or f"process unknown: uid {self.uid}, inode {self.inode}"
+        who = owner or f"uid {self.uid}, inode {self.inode}; `ss -uanp` names its process"
         return f"{self.family} {shown} ({who})"
 
 

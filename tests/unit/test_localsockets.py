@@ -43,7 +43,10 @@ def test_ipv6_sockets_count_by_the_ipv4_packets_they_receive() -> None:
         (ANY, 21003, "udp6"),
         (LOOPBACK, 21004, "udp6"),
     ]
-    assert found[0].describe(None) == "udp6 [::]:21003 (process unknown: uid 0, inode 1942703)"
+    assert found[0].describe(None) == (
+        "udp6 [::]:21003 (uid 0, inode 1942703; `ss -uanp` names its process)"
+    )
+    assert found[1].describe("kamailio, pid 7") == "udp6 127.0.0.1:21004 (kamailio, pid 7)"
 
 
 def test_holders_are_sockets_without_peer_on_a_relay_port() -> None:
