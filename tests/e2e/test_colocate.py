@@ -33,6 +33,7 @@ PORTS = (20000, 21999)
 EPHEMERAL = "net.ipv4.ip_local_port_range"
 RESERVED = "net.ipv4.ip_local_reserved_ports"
 CLIENTS = 40
+REPLY_WAIT = 5.0  # a bound for a lost reply, not a speed limit
 # Caller, callee: internal to external, behind NAT to internal, external to internal.
 CALLS = (("a", "x"), ("c", "b"), ("x", "a"))
 
@@ -93,7 +94,7 @@ def local_clients(lab: Lab) -> list[tuple[int, bool]]:
             port = sock.getsockname()[1]
             cookie = b"%d_%d" % (port, index)
             sock.send(cookie + b" P")
-            ready, _, _ = select.select([sock], [], [], 2.0)
+            ready, _, _ = select.select([sock], [], [], REPLY_WAIT)
             results.append((port, bool(ready) and sock.recv(100) == cookie + b" P PONG"))
         finally:
             sock.close()
