@@ -65,6 +65,7 @@ bench-parts: deps
 	PYTHONPATH=. $(VPY) bench/event_loop.py
 	PYTHONPATH=. $(VPY) bench/restart.py
 	PYTHONPATH=. $(VPY) bench/pair.py
+	PYTHONPATH=. $(VPY) bench/conntrack_per_call.py
 
 # The control socket fuzzed for longer than CI does, then a million random datagrams.
 fuzz: deps

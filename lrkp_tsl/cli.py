@@ -11,10 +11,88 @@ from pathlib import Path
 from typing import Any
 
 from lrkp_tsl import __version__, config
-from lrkp_tsl.errors import ConfigError, LrkpError
+from lrkp_tsl.errors import ConfigError, HostError, LrkpError
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
+
+
+def _flag_number(text: str) -> int | float | str:
+    """A flag's number as TOML would give it (int or float); text that is no number is kept
+    as it is, so the config check names the key and lists it with every other problem."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+# key -> (flag, argparse options, what it sets). Every help string ends with the key's real
+# default, taken from Config (`config.default_texts`), never copied by hand.
+FLAGS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "internal_ip": ("--internal-ip", {"metavar": "IP"}, "relay IP on the internal network"),
+    "external_ip": ("--external-ip", {"metavar": "IP"}, "relay IP on the external network"),
+    "ports": ("--ports", {"metavar": "START-END"}, "relay port range"),
+    "control": (
+        "--control",
+        {"action": "append", "metavar": "ADDR"},
+        "udp:IP[:PORT], udp6:[IP][:PORT] or unix:/path (repeatable)",
+    ),
+    "allow": (
+        "--allow",
+        {"action": "append", "metavar": "NET"},
+        "controller address or network allowed to send commands (repeatable)",
+    ),
+    "state_dir": ("--state-dir", {"metavar": "DIR"}, "directory of the node's state store"),
+    "log_level": ("--log-level", {"metavar": "LEVEL"}, ", ".join(config.LOG_LEVELS)),
+    "sessions.idle_timeout": (
+        "--idle-timeout",
+        {"type": _flag_number, "metavar": "SECONDS"},
+        "no media on any stream of a call for this long ends it (whole seconds, {}-{})".format(
+            *config.IDLE_TIMEOUT_RANGE
+        ),
+    ),
+    "sessions.max_lifetime": (
+        "--max-lifetime",
+        {"type": _flag_number, "metavar": "SECONDS"},
+        "every call ends after this long ({}-{} s)".format(*config.MAX_LIFETIME_RANGE),
+    ),
+    "kernel.rules": ("--rules", {"metavar": "FILE"}, "nftables base table file"),
+    "kernel.flush_on_exit": (
+        "--flush-on-exit",
+        {"action": "store_true", "default": None},
+        "remove all kernel state on exit (else live calls keep flowing)",
+    ),
+    "kernel.queue_num": (
+        "--queue-num",
+        {"type": _flag_number, "metavar": "N"},
+        "NFQUEUE number for first packets (0-65535)",
+    ),
+    "latching.policy": ("--latching", {"metavar": "POLICY"}, "strict, ip, any or auto"),
+    "pair.redis": ("--pair-redis", {"metavar": "URL"}, "pair mode: this node's Redis"),
+    "pair.peer_redis": ("--pair-peer-redis", {"metavar": "URL"}, "pair mode: the peer's Redis"),
+    "ctl_socket": (
+        "--ctl-socket",
+        {"metavar": "@NAME|/PATH"},
+        "lrkp-ctl's management socket (@NAME: per network namespace)",
+    ),
+    "log_format": ("--log-format", {"metavar": "FORMAT"}, " or ".join(config.LOG_FORMATS)),
+    "metrics.listen": (
+        "--metrics-listen",
+        {"metavar": "IP:PORT"},
+        "serve Prometheus /metrics here (none: off)",
+    ),
+    "relay_ips_may_appear_later": (
+        "--relay-ips-may-appear-later",
+        {"action": "store_true", "default": None},
+        "start even if a relay IP is not on this host yet (a VIP added later; a pair implies it)",
+    ),
+}
+
+
+def dest(key: str) -> str:
+    return FLAGS[key][0].removeprefix("--").replace("-", "_")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,90 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lrkp-tsl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    defaults = config.default_texts()
     for name, text in (
         ("run", "run the node in the foreground (logs to stderr)"),
-        ("check-config", "validate the configuration and exit"),
+        ("check-config", "validate the configuration and the host, and exit"),
     ):
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument(
             "--config",
             type=Path,
-            help=f"TOML config file (default {config.DEFAULT_CONFIG} if it exists; "
+            help=f"TOML config file (default: {config.DEFAULT_CONFIG} if it exists; "
             "--config /dev/null: flags only)",
         )
-        cmd.add_argument(
-            "--control",
-            action="append",
-            metavar="ADDR",
-            help="udp:IP:PORT, udp6:[IP]:PORT or unix:/path (repeatable; "
-            "default udp:127.0.0.1:22333)",
-        )
-        cmd.add_argument(
-            "--allow",
-            action="append",
-            metavar="NET",
-            help="controller address or network allowed to send commands "
-            "(repeatable; default loopback)",
-        )
-        cmd.add_argument("--internal-ip", help="relay IP on the internal network")
-        cmd.add_argument("--external-ip", help="relay IP on the external network")
-        cmd.add_argument("--ports", metavar="START-END", help="relay port range")
-        cmd.add_argument("--state-dir", help="directory for the node's state")
-        cmd.add_argument("--log-level", help="debug, info, warning or error")
-        cmd.add_argument(
-            "--idle-timeout",
-            type=float,
-            help="media idle timeout in seconds (default 60)",
-        )
-        cmd.add_argument("--max-lifetime", type=float, help="maximum call lifetime, seconds")
-        cmd.add_argument("--rules", help="nftables base table file")
-        cmd.add_argument("--latching", help="strict, ip, any or auto (default auto)")
-        cmd.add_argument("--queue-num", type=int, help="NFQUEUE number (default 22333)")
-        cmd.add_argument("--pair-redis", metavar="URL", help="pair mode: this node's Redis")
-        cmd.add_argument(
-            "--pair-peer-redis", metavar="URL", help="pair mode: the peer node's Redis"
-        )
-        cmd.add_argument(
-            "--ctl-socket",
-            metavar="@NAME|/PATH",
-            help="lrkp-ctl's management socket (default @lrkp-tsl, per network namespace)",
-        )
-        cmd.add_argument("--log-format", help="text (default) or json")
-        cmd.add_argument(
-            "--metrics-listen",
-            metavar="IP:PORT",
-            help="serve Prometheus /metrics here (default: off)",
-        )
-        cmd.add_argument(
-            "--flush-on-exit",
-            action="store_true",
-            default=None,
-            help="remove all kernel state on exit (default: keep calls flowing)",
-        )
+        for key, (flag, options, what) in FLAGS.items():
+            shown = defaults[key].replace("%", "%%")
+            cmd.add_argument(flag, dest=dest(key), help=f"{what} (default: {shown})", **options)
     return parser
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "control": args.control,
-        "allow": args.allow,
-        "internal_ip": args.internal_ip,
-        "external_ip": args.external_ip,
-        "ports": args.ports,
-        "state_dir": args.state_dir,
-        "log_level": args.log_level,
-        "sessions.idle_timeout": args.idle_timeout,
-        "sessions.max_lifetime": args.max_lifetime,
-        "kernel.rules": args.rules,
-        "kernel.flush_on_exit": args.flush_on_exit,
-        "kernel.queue_num": args.queue_num,
-        "latching.policy": args.latching,
-        "pair.redis": args.pair_redis,
-        "pair.peer_redis": args.pair_peer_redis,
-        "ctl_socket": args.ctl_socket,
-        "log_format": args.log_format,
-        "metrics.listen": args.metrics_listen,
-    }
+    return {key: getattr(args, dest(key)) for key in FLAGS}
 
 
 def config_path(args: argparse.Namespace) -> Path | None:
@@ -135,6 +149,27 @@ def print_summary(path: Path | None, node_config: config.Config, given: set[str]
         print(f"  {key.ljust(width)}  {value}")
 
 
+def print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"lrkp-tsl: warning: {warning}", file=sys.stderr)
+
+
+def check_config(path: Path | None, node_config: config.Config, given: set[str]) -> int:
+    """The file is valid: now what the host offers it (addresses, the rules file in the
+    kernel's dry run). Problems exit 2, as `run` would; warnings are printed, exit 0."""
+    from lrkp_tsl import hostcheck
+
+    found = hostcheck.check(node_config, at_start=False)
+    warnings = config.warnings(node_config) + found.warnings
+    if found.problems:
+        print_problems(config.ConfigErrors(found.problems))
+        print_warnings(warnings)
+        return EXIT_CONFIG
+    print_summary(path, node_config, given)
+    print_warnings(warnings)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     path = config_path(args)
@@ -145,39 +180,45 @@ def main(argv: list[str] | None = None) -> int:
         print_problems(error)
         return EXIT_CONFIG
     if args.command == "check-config":
-        print_summary(path, node_config, set(values))
-        return 0
+        return check_config(path, node_config, set(values))
     from lrkp_tsl.logfmt import setup_logging
 
     setup_logging(node_config.log_level, node_config.log_format)
+    log = logging.getLogger("lrkp_tsl")
     if os.geteuid() != 0:
-        logging.getLogger("lrkp_tsl").warning(
-            "not root: the node needs CAP_NET_ADMIN (nftables, conntrack, sysctls)"
-        )
-    from lrkp_tsl import hostdeps
+        log.warning("not root: the node needs CAP_NET_ADMIN (nftables, conntrack, sysctls)")
+    from lrkp_tsl import hostcheck, hostdeps
 
     try:
         binding = hostdeps.check()
     except hostdeps.MissingDependency as error:
-        logging.getLogger("lrkp_tsl").error("not started: %s", error.reason)
+        log.error("not started: %s", error.reason)
         return EXIT_CONFIG
     if binding.origin == "debian":
-        logging.getLogger("lrkp_tsl").info(
-            "nftables binding: Debian's python3-nftables, loaded from %s", binding.path
-        )
+        log.info("nftables binding: Debian's python3-nftables, loaded from %s", binding.path)
+    found = hostcheck.check(node_config, at_start=True)
+    for warning in config.warnings(node_config) + found.warnings:
+        log.warning("%s", warning)
+    if found.problems:
+        for problem in found.problems:
+            log.error("not started: %s", problem)
+        return EXIT_CONFIG
     from lrkp_tsl.daemon import serve
     from lrkp_tsl.lock import LockedError
 
     try:
-        asyncio.run(serve(node_config))
+        asyncio.run(serve(node_config, config_file=path))
     except LockedError as error:
-        logging.getLogger("lrkp_tsl").error("not started: %s", error.reason)
+        log.error("not started: %s", error.reason)
         return EXIT_CONFIG
     except ConfigError as error:
-        logging.getLogger("lrkp_tsl").error("bad configuration: %s", error.reason)
+        log.error("bad configuration: %s", error.reason)
+        return EXIT_CONFIG
+    except HostError as error:
+        log.error("not started: %s", error.reason)
         return EXIT_CONFIG
     except LrkpError as error:
-        logging.getLogger("lrkp_tsl").error("%s", error)
+        log.error("%s", error)
         return EXIT_RUNTIME
     return 0
 

@@ -9,11 +9,13 @@ reads the file.
 
 from __future__ import annotations
 
+import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lrkp_tsl.ctlsocket import DEFAULT_SOCKET as DEFAULT_CTL_SOCKET
 from lrkp_tsl.defaults import DEFAULT_QUEUE_NUM, DEFAULT_RULES
@@ -22,12 +24,33 @@ from lrkp_tsl.latching import Policy
 from lrkp_tsl.media import PortRange
 
 DEFAULT_CONTROL_PORT = 22333  # the lrkproxy module's default (CPORT)
+# The default relay range (rtpengine's default, and the example config's). It must not hold
+# DEFAULT_CONTROL_PORT: the kernel drops every packet to a relay port on a relay IP that
+# belongs to no call, so a control address on a relay IP with the default port (the usual
+# `control = ["udp:INTERNAL_IP"]`) would be refused. Tested: every default fits every other.
+DEFAULT_PORTS = PortRange(30000, 40000)
+# Ranges of the numbers (seconds). The idle timeout is the conntrack timeout policy of every
+# relayed stream: whole seconds, which the kernel turns into jiffies in 32 bits (a day is
+# far inside; 1e12 wrapped to a timeout of a second, cutting live calls).
+IDLE_TIMEOUT_RANGE = (1, 86_400)
+MAX_LIFETIME_RANGE = (1, 30 * 86_400)
 # Read when no --config is given and it exists (the packaged service names it explicitly).
 DEFAULT_CONFIG = Path("/etc/lrkp-tsl/lrkp-tsl.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+BROADCAST = IPv4Address("255.255.255.255")
+T = TypeVar("T")
 LOG_FORMATS = ("text", "json")
 # The management socket lrkp-ctl talks to: an abstract unix name, scoped by the kernel to
 # the network namespace (mgmt.py).
+
+
+class ConfigErrors(ConfigError):
+    """Every problem found in one configuration, in the order found; `reason` has them
+    one per line (a single problem reads exactly as a plain ConfigError)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +104,10 @@ Network = IPv4Network | IPv6Network
 class Config:
     internal_ip: IPv4Address
     external_ip: IPv4Address
-    ports: PortRange = field(default=PortRange(20000, 40000))
-    control: tuple[ControlAddress, ...] = (ControlAddress("udp", "127.0.0.1", 22333),)
+    ports: PortRange = field(default=DEFAULT_PORTS)
+    control: tuple[ControlAddress, ...] = (
+        ControlAddress("udp", "127.0.0.1", DEFAULT_CONTROL_PORT),
+    )
     allow: tuple[Network, ...] = field(default=(IPv4Network("127.0.0.0/8"), IPv6Network("::1/128")))
     state_dir: Path = Path("/var/lib/lrkp-tsl")
     log_level: str = "info"
@@ -104,6 +129,10 @@ class Config:
     log_format: str = "text"
     # Where Prometheus scrapes /metrics (host, port); None: no metrics endpoint (default).
     metrics_listen: tuple[str, int] | None = None
+    # The relay IPs need not be on the host at start (a VIP added later, by keepalived or a
+    # script): the node starts anyway, binding its control sockets with IP_FREEBIND. A pair
+    # implies it (its standby never holds the VIPs).
+    relay_ips_may_appear_later: bool = False
 
     @property
     def paired(self) -> bool:
@@ -129,12 +158,18 @@ def _ipv4(key: str, value: Any) -> IPv4Address:
     if not isinstance(value, str):
         raise ConfigError(f"{key} = {value!r}: expected an IPv4 address as a string")
     try:
-        return IPv4Address(value)
+        address = IPv4Address(value)
     except ValueError:
         raise ConfigError(
             f"{key} = {value!r}: not an IPv4 address (the lrkproxy G reply carries "
             "at most 19 characters per IP and the kernel path is IPv4)"
         ) from None
+    if address.is_unspecified or address.is_multicast or address == BROADCAST:
+        raise ConfigError(
+            f"{key} = {value!r}: not a unicast address: parties send media to it, so it must "
+            "be one address of this host (in a pair: a VIP)"
+        )
+    return address
 
 
 def _ports(key: str, value: Any) -> PortRange:
@@ -153,28 +188,78 @@ def _ports(key: str, value: Any) -> PortRange:
     return ports
 
 
-def _string_list(key: str, value: Any) -> list[str]:
+def _entries(key: str, value: Any, parse: Callable[[str, str], T]) -> tuple[T, ...]:
+    """Each entry of a list key parsed on its own: every bad entry is one problem, named by
+    its position when the list has several (a single string is a list of one)."""
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list) or not value:
         raise ConfigError(f"{key} = {value!r}: expected a non-empty list of strings")
+    parsed: list[T] = []
+    problems: list[str] = []
+    for index, item in enumerate(value, 1):
+        where = f" (entry {index} of {len(value)})" if len(value) > 1 else ""
+        if not isinstance(item, str):
+            problems.append(f"{key} = {item!r}{where}: expected a string")
+            continue
+        try:
+            parsed.append(parse(key, item))
+        except ConfigError as error:
+            if where:  # "key = 'value': why" -> "key = 'value' (entry 2 of 3): why"
+                head, sep, why = error.reason.partition(": ")
+                problems.append(f"{head}{where}{sep}{why}")
+            else:
+                problems.append(error.reason)
+    if problems:
+        raise ConfigErrors(problems)
+    return tuple(parsed)
+
+
+def _network(key: str, item: str) -> Network:
+    try:
+        return ip_network(item, strict=False)
+    except ValueError:
+        raise ConfigError(f"{key} = {item!r}: not an IP address or network") from None
+
+
+def _number(key: str, value: Any, what: str) -> float:
+    """A finite TOML number (a flag's text that parses as one arrives as a number)."""
+    if isinstance(value, str) and _parses_as_number(value):
+        raise ConfigError(f"{key} = {value!r}: a string; write the number without quotes ({what})")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key} = {value!r}: expected {what}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} = {value!r}: not a finite number; expected {what}")
     return value
 
 
-def _networks(key: str, value: Any) -> tuple[Network, ...]:
-    result = []
-    for item in _string_list(key, value):
-        try:
-            result.append(ip_network(item, strict=False))
-        except ValueError:
-            raise ConfigError(f"{key}: {item!r} is not an IP address or network") from None
-    return tuple(result)
+def _parses_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
-def _seconds(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"{key} = {value!r}: expected a positive number of seconds")
-    return float(value)
+def _idle_timeout(key: str, value: Any) -> float:
+    low, high = IDLE_TIMEOUT_RANGE
+    what = f"a whole number of seconds from {low} to {high}"
+    seconds = _number(key, value, what)
+    if not low <= seconds <= high or seconds != int(seconds):
+        raise ConfigError(
+            f"{key} = {value!r}: expected {what} (it is the kernel's conntrack timeout of "
+            "every relayed stream, which holds whole seconds)"
+        )
+    return float(seconds)
+
+
+def _max_lifetime(key: str, value: Any) -> float:
+    low, high = MAX_LIFETIME_RANGE
+    what = f"a number of seconds from {low} to {high} ({high // 86_400} days)"
+    seconds = _number(key, value, what)
+    if not low <= seconds <= high:
+        raise ConfigError(f"{key} = {value!r}: expected {what}")
+    return float(seconds)
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -238,8 +323,10 @@ def _redis_url(key: str, value: Any) -> str:
 
 
 def _queue_num(key: str, value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        raise ConfigError(f"{key} = {value!r}: a string; write the number without quotes")
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        raise ConfigError(f"{key} = {value!r}: expected an NFQUEUE number 0-65535")
+        raise ConfigError(f"{key} = {value!r}: expected an NFQUEUE number, a whole number 0-65535")
     return value
 
 
@@ -268,13 +355,13 @@ KEYS: dict[str, tuple[str, Any]] = {
     "ports": ("ports", _ports),
     "control": (
         "control",
-        lambda k, v: tuple(ControlAddress.parse(s, key=k) for s in _string_list(k, v)),
+        lambda k, v: _entries(k, v, lambda key, item: ControlAddress.parse(item, key=key)),
     ),
-    "allow": ("allow", _networks),
+    "allow": ("allow", lambda k, v: _entries(k, v, _network)),
     "state_dir": ("state_dir", _path),
     "log_level": ("log_level", _log_level),
-    "sessions.max_lifetime": ("max_lifetime", _seconds),
-    "sessions.idle_timeout": ("idle_timeout", _seconds),
+    "sessions.max_lifetime": ("max_lifetime", _max_lifetime),
+    "sessions.idle_timeout": ("idle_timeout", _idle_timeout),
     "kernel.rules": ("rules", _path),
     "kernel.flush_on_exit": ("flush_on_exit", _bool),
     "kernel.queue_num": ("queue_num", _queue_num),
@@ -284,16 +371,8 @@ KEYS: dict[str, tuple[str, Any]] = {
     "ctl_socket": ("ctl_socket", _ctl_socket),
     "log_format": ("log_format", _log_format),
     "metrics.listen": ("metrics_listen", _listen),
+    "relay_ips_may_appear_later": ("relay_ips_may_appear_later", _bool),
 }
-
-
-class ConfigErrors(ConfigError):
-    """Every problem found in one configuration, in the order found; `reason` has them
-    one per line (a single problem reads exactly as a plain ConfigError)."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -326,7 +405,7 @@ def from_mapping(values: dict[str, Any], *, source: str = "config") -> Config:
             try:
                 fields[name] = convert(key, value)
             except ConfigError as error:
-                problems.append(error.reason)
+                problems += getattr(error, "problems", [error.reason])
                 failed.add(key)
     if "internal_ip" not in values:
         problems.append(
@@ -371,6 +450,27 @@ def _clashes(config: Config) -> list[str]:
                 f"range ports = {str(config.ports)!r} on a relay address; move one of them"
             )
     return problems
+
+
+PRIVILEGED_PORTS = 1024
+
+
+def warnings(config: Config) -> list[str]:
+    """What is valid but will likely go wrong (check-config prints these, run logs them)."""
+    found = []
+    listening = [(f"control = {str(a)!r}", a.port) for a in config.control if a.scheme != "unix"]
+    if config.metrics_listen is not None:
+        listening.append(
+            (f"metrics.listen = '{_shown(config.metrics_listen)}'", config.metrics_listen[1])
+        )
+    for what, port in listening:
+        if port < PRIVILEGED_PORTS:
+            found.append(
+                f"{what}: port {port} is below {PRIVILEGED_PORTS}: binding it needs "
+                "CAP_NET_BIND_SERVICE, which root has but the packaged systemd unit does not "
+                "grant (docs/systemd.md); choose a port from 1024 up, or add the capability"
+            )
+    return found
 
 
 def load(path: Path | None, overrides: dict[str, Any]) -> Config:
@@ -420,3 +520,10 @@ def describe(config: Config, given: set[str] | None = None) -> list[tuple[str, s
             text += "  (default)"
         rows.append((key, text))
     return rows
+
+
+def default_texts() -> dict[str, str]:
+    """Each key's default as an operator reads it (`run --help`; docs/config.md's column)."""
+    placeholder = IPv4Address("192.0.2.1")
+    shown = dict(describe(Config(internal_ip=placeholder, external_ip=placeholder)))
+    return shown | {"internal_ip": "none, required", "external_ip": "internal_ip"}

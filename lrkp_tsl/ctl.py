@@ -140,10 +140,19 @@ def _seconds(value: float | None) -> str:
 
 
 def _party(side: dict[str, Any]) -> str:
-    learned = side["learned"] or "learning"
     if side["latching"] == "fixed":
         return f"{side['sdp']} (fixed)"
-    return f"{side['sdp']} -> {learned}"
+    if side["latching"] == "trusted" and not side["learned"]:
+        return f"{side['sdp']} (trusted, not heard)"
+    return f"{side['sdp']} -> {side['learned'] or 'learning'}"
+
+
+def _stream(state: str, learned: str | None) -> str:
+    """One stream of a party in `show`: an address is shown only once the party was heard
+    from it (a trusted SDP address it never sent from is not "learned")."""
+    if state == "learning":
+        return "learning"
+    return f"{state} {learned}" if learned else f"{state}, nothing heard yet"
 
 
 def show_sessions(rows: list[dict[str, Any]], result: dict[str, Any]) -> str:
@@ -173,8 +182,8 @@ def show_call(row: dict[str, Any]) -> str:
         side = row[name]
         lines.append(
             f"  {name}: SDP {side['sdp']}, sends to relay {side['relay']}, "
-            f"RTP {side['latching']} {side['learned'] or '-'}, "
-            f"RTCP {side['latching_rtcp']} {side['learned_rtcp'] or '-'} (rule {side['rule']})"
+            f"RTP {_stream(side['latching'], side['learned'])}, "
+            f"RTCP {_stream(side['latching_rtcp'], side['learned_rtcp'])} (rule {side['rule']})"
         )
     lines.append(
         f"  caller->callee {row['caller_to_callee_packets']} packets "
@@ -327,17 +336,19 @@ def management_command(args: argparse.Namespace, address: str) -> int:
         print(show_ruleset(items))
     elif args.command == "drain":
         print(
-            f"draining: P goes unanswered, so Kamailio sends new calls to other nodes of the "
-            f"set; {result['calls']} live calls continue and end normally; the node stays "
-            "drained across a restart until `lrkp-ctl undrain`"
+            f"draining: P is answered with an empty datagram, so Kamailio disables this node "
+            f"and sends new calls to other nodes of its set (a set of this node alone moves "
+            f"no call: lrkproxy never tests a lone node it has enabled); {result['calls']} "
+            "live calls continue and end normally; the node stays drained across a restart "
+            "until `lrkp-ctl undrain`"
         )
     elif args.command == "undrain":
-        print(f"not draining: P is answered again ({result['calls']} live calls)")
+        print(f"not draining: P is answered with PONG again ({result['calls']} live calls)")
     else:
         print(
             f"node up {_seconds(result['uptime'])} (pid {result['pid']}, version "
             f"{result['version']}): {result['calls']} calls"
-            + (", DRAINING" if result["draining"] else "")
+            + (", DRAINING (P answered with an empty datagram)" if result["draining"] else "")
             + ("" if result["active"] else ", standby")
         )
     if "warning" in result:

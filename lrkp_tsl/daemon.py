@@ -9,28 +9,37 @@ Startup order matters, and each step says why:
    during the restore goes unnoticed;
 5. restore: stored calls and kernel state reconciled (engine.restore);
 6. the queue rule and the queue, the control sockets, then the self-healing check.
+
+A start that fails before the node is up takes back what it added to the kernel (the
+table it created, the queue rule it added, the sysctls it changed: DataPlane.abandon_start)
+and leaves a previous run's table and calls as they were. What exits 2 (the host or the
+configuration must change) and what exits 1 (a restart may help): docs/systemd.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from lrkp_tsl import drainfile
+from lrkp_tsl import __version__, ctcapacity, drainfile
 from lrkp_tsl.admission import NodeLimits
-from lrkp_tsl.config import Config
+from lrkp_tsl.config import DEFAULT_CONFIG, Config
+from lrkp_tsl.ctcapacity import Capacity
 from lrkp_tsl.dataplane import DataPlane
 from lrkp_tsl.dataplane.ctevents import ConntrackEvents, Reaper
 from lrkp_tsl.dataplane.queue import PacketQueue, QueueRule
 from lrkp_tsl.dataplane.routes import routed_networks
 from lrkp_tsl.engine import Engine, Settings
-from lrkp_tsl.errors import ConfigError, KernelError, StoreError
+from lrkp_tsl.errors import ConfigError, HostError, KernelError, StoreError
+from lrkp_tsl.hostcheck import may_be_absent
 from lrkp_tsl.lock import acquire_instance_lock
 from lrkp_tsl.mgmt import Management
 from lrkp_tsl.pair import ROLE_INTERVAL, Following, ReplicatedStore, RoleWatch
@@ -68,6 +77,24 @@ async def reap(reaper: Reaper, interval: float, server: Server, stop: asyncio.Ev
                 log.error("conntrack sweep failed: %s", exc)
 
 
+async def watch_conntrack(
+    capacity: Capacity, engine: Engine, server: Server, stop: asyncio.Event
+) -> None:
+    """Conntrack's fill level at start and every CHECK_INTERVAL (three /proc reads, on the
+    loop: microseconds); ctcapacity decides what to log."""
+    while not stop.is_set():
+        fill = ctcapacity.read_fill()
+        if fill is not None:
+            now = time.monotonic()
+            _ok, found = server.guarded(
+                "conntrack-capacity", capacity.check, fill, len(engine.table), now
+            )
+            for level, text in found or ():
+                ctcapacity.log.log(level, "%s", text)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=ctcapacity.CHECK_INTERVAL)
+
+
 def node_config(config: Config) -> NodeConfig:
     return NodeConfig(
         config.ports.start,
@@ -76,6 +103,20 @@ def node_config(config: Config) -> NodeConfig:
         str(config.internal_ip),
         str(config.external_ip),
     )
+
+
+# What an operator does about a socket that cannot be bound (the node exits 2 on it).
+LISTEN_ADVICE = {
+    errno.EADDRINUSE: "another process holds it (`ss -lupn`, `ss -lxp`): stop it, or move this",
+    errno.EADDRNOTAVAIL: "it is no address of this host",
+    errno.EACCES: "ports below 1024 need CAP_NET_BIND_SERVICE (the packaged unit has only "
+    "CAP_NET_ADMIN)",
+}
+
+
+def cannot_listen(exc: OSError) -> str:
+    advice = LISTEN_ADVICE.get(exc.errno or 0)
+    return f"cannot listen: {exc.strerror or exc}" + (f": {advice}" if advice else "")
 
 
 def open_store(config: Config) -> SqliteStore:
@@ -205,8 +246,27 @@ async def run_pair(
 GC_THRESHOLDS = (20_000, 50, 100)
 
 
-async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
+def banner(config: Config, config_file: Path | None) -> str:
+    """The first line a node logs: what it runs, from which files, where it listens."""
+    source = (
+        f"config {config_file}"
+        if config_file
+        else f"no config file ({DEFAULT_CONFIG} not found: flags only)"
+    )
+    metrics = "off" if config.metrics_listen is None else "{}:{}".format(*config.metrics_listen)
+    return (
+        f"lrkp-tsl {__version__} starting: {source}; rules {config.rules}; relay "
+        f"{config.internal_ip}/{config.external_ip} ports {config.ports}; control "
+        f"{', '.join(map(str, config.control))}; lrkp-ctl {config.ctl_socket}; metrics {metrics}"
+        + ("; pair mode" if config.paired else "")
+    )
+
+
+async def serve(
+    config: Config, stop: asyncio.Event | None = None, config_file: Path | None = None
+) -> None:
     """Run the node until `stop` is set (SIGTERM/SIGINT set it)."""
+    log.info("%s", banner(config, config_file))
     gc.set_threshold(*GC_THRESHOLDS)
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
@@ -234,6 +294,26 @@ async def _run(
     store = open_store(config)
     cleanup.append(("store", store.close))
     plane = DataPlane(config.rules)
+    queue_rule: QueueRule | None = None
+    up = False  # set once the node serves: until then, a failure takes the start back
+
+    def shutdown_kernel() -> None:
+        if not up:
+            added_rule = queue_rule if queue_rule is not None and queue_rule.added else None
+            plane.abandon_start(added_rule.remove if added_rule is not None else None)
+            return
+        if config.flush_on_exit and queue_rule is not None:
+            queue_rule.remove()
+        log.info(
+            "stopping: %d live calls; counters: %s",
+            len(engine.table),
+            ", ".join(f"{k}={v}" for k, v in sorted(engine.stats.items())) or "none",
+        )
+        plane.shutdown(flush=config.flush_on_exit)
+        if config.flush_on_exit:
+            log.info("flushed: %d calls forgotten by the state store", store.clear())
+
+    cleanup.append(("kernel state", shutdown_kernel))
     features = plane.start(config.relay_addrs, config.ports, config.idle_timeout)
     events = ConntrackEvents()
     cleanup.append(("conntrack events", events.close))
@@ -266,8 +346,9 @@ async def _run(
     if drainfile.is_set(config.state_dir):
         engine.draining = True
         log.warning(
-            "starting drained: %s says an operator drained this node (P goes unanswered, "
-            "no new calls come here); `lrkp-ctl undrain` ends it",
+            "starting drained: %s says an operator drained this node (P is answered with "
+            "an empty datagram: lrkproxy sends new calls to other nodes of its set); "
+            "`lrkp-ctl undrain` ends it",
             drainfile.path(config.state_dir),
         )
     if config.paired:
@@ -278,21 +359,10 @@ async def _run(
     gc.freeze()  # the restored calls: live for minutes, never garbage of a cycle
     server = Server(engine, config)
     queue_rule = QueueRule(features.queue_path, config.queue_num, plane.nft)
-
-    def shutdown_kernel() -> None:
-        if config.flush_on_exit:
-            queue_rule.remove()
-        log.info(
-            "stopping: %d live calls; counters: %s",
-            len(engine.table),
-            ", ".join(f"{k}={v}" for k, v in sorted(engine.stats.items())) or "none",
-        )
-        plane.shutdown(flush=config.flush_on_exit)
-        if config.flush_on_exit:
-            log.info("flushed: %d calls forgotten by the state store", store.clear())
-
-    cleanup.append(("kernel state", shutdown_kernel))
-    queue_rule.install()
+    try:
+        queue_rule.install()
+    except KernelError as error:
+        raise HostError(f"the first-packet queue rule: {error.reason}") from error
     queue: PacketQueue = attach_queue(server, config.queue_num, loop)
     cleanup.append(("queue", queue.close))
     cleanup.append(("held packets", server.shutdown))
@@ -300,11 +370,9 @@ async def _run(
     cleanup.append(("events reader", lambda: loop.remove_reader(events.fileno())))
     for address in config.control:
         try:
-            listener = await open_control(address, server, freebind=config.paired)
+            listener = await open_control(address, server, freebind=may_be_absent(config))
         except OSError as exc:
-            raise ConfigError(
-                f"control = {str(address)!r}: cannot listen: {exc.strerror}"
-            ) from None
+            raise HostError(f"control = {str(address)!r}: {cannot_listen(exc)}") from None
         cleanup.append((f"control {address}", listener.close))
         log.info("control: listening on %s", address)
     server.attach(loop)
@@ -313,7 +381,7 @@ async def _run(
     try:
         ctl = await management.listen(config.ctl_socket)
     except OSError as exc:
-        raise ConfigError(f"ctl_socket = {config.ctl_socket!r}: cannot listen: {exc}") from None
+        raise HostError(f"ctl_socket = {config.ctl_socket!r}: {cannot_listen(exc)}") from None
     cleanup.append(("management socket", ctl.close))
     log.info("lrkp-ctl: listening on %s", config.ctl_socket)
     if config.metrics_listen is not None:
@@ -324,8 +392,8 @@ async def _run(
         try:
             exporter = Exporter(listen, engine, server.latency, ports_total, loop)
         except OSError as exc:
-            raise ConfigError(
-                f"metrics.listen: cannot listen on {listen}: {exc.strerror}"
+            raise HostError(
+                "metrics.listen = '{}:{}': {}".format(*listen, cannot_listen(exc))
             ) from None
         cleanup.append(("metrics", exporter.close))
         log.info("metrics: serving /metrics on %s port %d", *exporter.address[:2])
@@ -341,6 +409,9 @@ async def _run(
     cleanup.append(("conntrack reaper", reaper.close))
     reaping = asyncio.create_task(reap(reaper, reap_interval(config.idle_timeout), server, stop))
     cleanup.append(("conntrack reaper task", reaping.cancel))
+    watching = asyncio.create_task(watch_conntrack(Capacity(config.ports), engine, server, stop))
+    cleanup.append(("conntrack capacity", watching.cancel))
+    up = True
     log.info(
         "node up: internal %s, external %s, ports %s, allow %s, %d calls",
         config.internal_ip,

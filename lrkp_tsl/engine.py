@@ -229,7 +229,7 @@ class Engine:
         self.active = True
         self.forget_pending: set[StreamKey] = set()
         self.stats: collections.Counter[str] = collections.Counter()
-        # What ended streams carried, per call (traffic.py); drain: P unanswered (mgmt.py).
+        # What ended streams carried, per call (traffic.py); drain: P answered empty (mgmt.py).
         self.traffic = Traffic()
         self.draining = False
         self._verdicts: list[tuple[int, Verdict]] = []
@@ -819,8 +819,12 @@ class Engine:
         """The call's one summary line (text, fields), with the counters of its live
         entries as `_read_ends` found them (an idle call has none left to read)."""
         live = {got[0]: got[1] for got in (found or {}).values() if got is not None}
-        tally = self.traffic.total(call, live_of(call, live))
-        return call_summary(call, sync.reason.value, sync.describe(), tally, now - call.started)
+        mine = live_of(call, live)
+        tally = self.traffic.total(call, mine)
+        heard = self.traffic.heard(call, mine)
+        return call_summary(
+            call, sync.reason.value, sync.describe(), tally, now - call.started, heard
+        )
 
     def _displace(self, call_id: str, keys: frozenset[StreamKey], now: float) -> None:
         """Refuse, from now on, the sources a replaced call had latched on the ports its

@@ -38,6 +38,14 @@ class ConfigError(LrkpError):
     code = "config"
 
 
+class HostError(LrkpError):
+    """The host must change before the node can run: a capability, a kernel feature, an
+    address, or a queue or port another program holds. Restarting the node will not help,
+    so `lrkp-tsl run` exits 2 on it, like on a bad configuration (docs/systemd.md)."""
+
+    code = "host"
+
+
 class StoreError(LrkpError):
     """The state store could not record a change (disk, permissions, corruption)."""
 

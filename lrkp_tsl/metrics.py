@@ -8,7 +8,9 @@ the named counters of lrkp_tsl/rules/lrkp.nft. A scrape reads both at scrape tim
   copy (`call_soon_threadsafe`: a dict copy of some 50 keys and a few lengths, one loop
   turn) instead of reading a dict that the loop may be changing;
 - the kernel counters are read in the scrape thread itself over nf_tables netlink
-  (nftcounters.py), a few small messages whatever the number of calls.
+  (nftcounters.py), a few small messages whatever the number of calls;
+- the conntrack table's fill level and failures come from three small /proc reads
+  (ctcapacity.py), never a dump.
 
 Names follow rtpengine's (`rtpengine_sessions`, `..._closed_sessions_total{reason}`,
 `..._packets_total{type="kernel|userspace"}`, `..._ports_used/free`) with the prefix `lrkp_`.
@@ -32,6 +34,8 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from lrkp_tsl import ctcapacity
+from lrkp_tsl.ctcapacity import Fill
 from lrkp_tsl.engine import Engine
 from lrkp_tsl.latency import Latency
 
@@ -243,23 +247,58 @@ def kernel_metrics(counters: dict[str, tuple[int, int]] | None) -> Iterator[Metr
     )
 
 
+def conntrack_metrics(fill: Fill | None, snap: Snapshot) -> Iterator[Metric]:
+    """The conntrack table's fill level and the entries it could not keep (ctcapacity.py)."""
+    if fill is None:
+        return  # no conntrack in this namespace yet
+    yield GaugeMetricFamily(
+        f"{PREFIX}_conntrack_entries",
+        "Conntrack entries in use in the node's network namespace (nf_conntrack_count)",
+        fill.count,
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_conntrack_max",
+        "The kernel's conntrack limit (nf_conntrack_max; 0: none)",
+        fill.max,
+    )
+    calls_in_range = snap.ports_total // ctcapacity.PORTS_PER_CALL
+    yield GaugeMetricFamily(
+        f"{PREFIX}_conntrack_shortfall",
+        "Conntrack entries the calls the relay range can still take could need beyond those "
+        "free (0: room enough)",
+        ctcapacity.shortfall(fill, calls_in_range, snap.calls),
+    )
+    failures = CounterMetricFamily(
+        f"{PREFIX}_conntrack_failures",
+        "New conntrack entries the kernel could not keep, by kind",
+        labels=["kind"],
+    )
+    for kind in ctcapacity.FAILURES:
+        failures.add_metric([kind], fill.failures.get(kind, 0))
+    yield failures
+
+
 class NodeCollector(Collector):
-    """Builds every metric at scrape time from `snapshot()` and `kernel()`."""
+    """Builds every metric at scrape time from `snapshot()`, `kernel()` and `conntrack()`."""
 
     def __init__(
         self,
         snapshot: Callable[[], Snapshot],
         kernel: Callable[[], dict[str, tuple[int, int]] | None],
+        conntrack: Callable[[], Fill | None] = lambda: None,
     ) -> None:
         self._snapshot = snapshot
         self._kernel = kernel
+        self._conntrack = conntrack
         self._kernel_lock = threading.Lock()  # one netlink socket, scrapes in threads
 
     def collect(self) -> Iterator[Metric]:
-        yield from engine_metrics(self._snapshot())
+        snap = self._snapshot()
+        yield from engine_metrics(snap)
         with self._kernel_lock:
             counters = self._kernel()
         yield from kernel_metrics(counters)
+        yield from conntrack_metrics(self._conntrack(), snap)
 
 
 class Exporter:
@@ -282,6 +321,7 @@ class Exporter:
         collector = NodeCollector(
             lambda: on_loop(loop, lambda: take_snapshot(engine, latency, ports_total)),
             lambda: self._reader.counters(FAMILY, TABLE),
+            ctcapacity.read_fill,  # /proc of this process: the node's network namespace
         )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)

@@ -60,7 +60,7 @@ from lrkp_tsl.latching import Rule
 from lrkp_tsl.media import Endpoint
 from lrkp_tsl.server import Server
 from lrkp_tsl.session import Call, Leg
-from lrkp_tsl.traffic import leg_of
+from lrkp_tsl.traffic import Heard, learned_from_a_packet, leg_of
 
 log = logging.getLogger("lrkp_tsl.mgmt")
 
@@ -75,18 +75,27 @@ Entries = Mapping[StreamKey, tuple[Counters, float]]
 
 
 def _leg_state(leg: Leg) -> str:
+    """Where the leg's address came from: learning (none yet); fixed (the SDP address, never
+    re-learned: `strict`); trusted (the SDP address, relayed to from the start because the
+    node can reach it; the same IP may re-latch it); latched (taught by the party's own
+    packet). Whether the party was heard is `learned` (show/sessions read conntrack)."""
     if leg.latched is None:
         return "learning"
-    return "fixed" if leg.rule is Rule.EXACT else "latched"
+    if leg.rule is Rule.EXACT:
+        return "fixed"
+    return "latched" if learned_from_a_packet(leg) else "trusted"
 
 
-def _side(call: Call, legs: tuple[Leg, Leg], relay: Endpoint) -> dict[str, Any]:
+def _side(side: str, legs: tuple[Leg, Leg], relay: Endpoint, heard: Heard) -> dict[str, Any]:
     rtp, rtcp = legs
+    rtp_heard, rtcp_heard = ((side, leg.stream) in heard for leg in legs)
     return {
         "sdp": str(rtp.sdp),
         "relay": str(relay),
-        "learned": str(rtp.latched) if rtp.latched else None,
-        "learned_rtcp": str(rtcp.latched) if rtcp.latched else None,
+        # Only addresses the party was heard from: a trusted SDP address it never sent
+        # from (an RTCP port it does not use) is not "learned".
+        "learned": str(rtp.latched) if rtp.latched and rtp_heard else None,
+        "learned_rtcp": str(rtcp.latched) if rtcp.latched and rtcp_heard else None,
         "latching": _leg_state(rtp),
         "latching_rtcp": _leg_state(rtcp),
         "rule": rtp.rule.value,
@@ -97,6 +106,7 @@ def session_row(engine: Engine, call: Call, entries: Entries, now: float) -> dic
     """One call as `sessions`/`show` report it; `entries`: its live conntrack entries."""
     live = [(key, counters) for key, (counters, _left) in entries.items()]
     tally = engine.traffic.total(call, live)
+    heard = engine.traffic.heard(call, live)
     if entries:
         freshest = max(left for _counters, left in entries.values())
         idle: float | None = max(0.0, call.idle_timeout - freshest)
@@ -109,8 +119,8 @@ def session_row(engine: Engine, call: Call, entries: Entries, now: float) -> dic
         "idle": None if idle is None else round(idle, 1),
         "media": "live" if entries else "quiet",
         "streams": len(entries),
-        "caller": _side(call, call.caller, call.media.caller_relay),
-        "callee": _side(call, call.callee, call.media.callee_relay),
+        "caller": _side("caller", call.caller, call.media.caller_relay, heard),
+        "callee": _side("callee", call.callee, call.media.callee_relay, heard),
         **tally.as_dict(),
     }
 
@@ -489,8 +499,9 @@ class Management:
     async def _drain(self, _request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         if not self.engine.draining:
             log.warning(
-                "draining: P is no longer answered, so lrkproxy sends new calls to other "
-                "nodes of the set; %d live calls continue and end normally",
+                "draining: P is answered with an empty datagram, so lrkproxy disables this "
+                "node and sends new calls to other nodes of its set (not if this node is "
+                "alone in it); %d live calls continue and end normally",
                 len(self.engine.table),
             )
         self.engine.draining = True
@@ -498,7 +509,7 @@ class Management:
 
     async def _undrain(self, _request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         if self.engine.draining:
-            log.warning("no longer draining: P is answered again")
+            log.warning("no longer draining: P is answered with PONG again")
         self.engine.draining = False
         yield _result(self._drain_result())
 

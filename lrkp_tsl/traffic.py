@@ -12,6 +12,11 @@ party that first sender is. The kernel counts; the node only adds up:
 So a call's figures are exact while no event is lost (a full socket buffer loses some;
 the node says so in its log). Bytes are IP bytes as conntrack counts them: the UDP
 payload plus 28 bytes of IPv4 and UDP headers per packet.
+
+The same counters say which legs were *heard*: a party that sent on a stream. A party the
+node trusts at its SDP address (reachable, or `strict`) is relayed to from the start, before
+it sends anything, so its address alone says nothing: a party that never sent RTCP is
+reported as not heard on RTCP, never as learned at its SDP address + 1.
 """
 
 from __future__ import annotations
@@ -20,7 +25,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from lrkp_tsl.kernel import Counters, StreamKey
+from lrkp_tsl.latching import Rule
+from lrkp_tsl.media import Stream
 from lrkp_tsl.session import Call, Leg
+
+# (side, stream) of a leg that sent at least one packet: ("caller", Stream.RTCP)
+Heard = frozenset[tuple[str, Stream]]
 
 
 @dataclass(slots=True)
@@ -80,12 +90,37 @@ def leg_of(call: Call, key: StreamKey) -> tuple[str, Leg] | None:
     return None
 
 
+def senders(call: Call, key: StreamKey, counters: Counters) -> set[tuple[str, Stream]]:
+    """The legs that sent on the entry keyed `key`: its original direction's sender (the
+    leg latched there), and the same stream's leg on the other side if a reply came."""
+    found = leg_of(call, key)
+    if found is None:
+        return set()
+    side, leg = found
+    heard = set()
+    if counters.packets_orig:
+        heard.add((side, leg.stream))
+    if counters.packets_reply:
+        heard.add(("callee" if side == "caller" else "caller", leg.stream))
+    return heard
+
+
+def learned_from_a_packet(leg: Leg) -> bool:
+    """A latched address no packet could have been needed for is only trusted: the SDP
+    address of a leg that may be relayed to before it sends (rules `exact`, `same-ip`).
+    Any other latched address was taught by the party's own packet."""
+    if leg.latched is None:
+        return False
+    return leg.rule is Rule.ANYWHERE or leg.latched != leg.sdp
+
+
 class Traffic:
-    """Per call: the counters of its entries that already ended."""
+    """Per call: the counters of its entries that already ended, and who sent on them."""
 
     def __init__(self) -> None:
         self._ended: dict[str, Tally] = {}
         self._started: dict[str, set[StreamKey]] = {}
+        self._heard: dict[str, set[tuple[str, Stream]]] = {}
 
     def on_started(self, call_id: str, key: StreamKey) -> None:
         self._started.setdefault(call_id, set()).add(key)
@@ -102,6 +137,18 @@ class Traffic:
             return
         tally = self._ended.setdefault(call.call_id, Tally())
         tally.add(caller_sent(call, key), counters)
+        if heard := senders(call, key, counters):
+            self._heard.setdefault(call.call_id, set()).update(heard)
+
+    def heard(self, call: Call, live: Iterable[tuple[StreamKey, Counters]]) -> Heard:
+        """The legs of `call` that sent a packet: on entries that ended, on the live entries
+        given, or by the packet they were learned from."""
+        found = set(self._heard.get(call.call_id, ()))
+        for key, counters in live:
+            found |= senders(call, key, counters)
+        for side, legs in (("caller", call.caller), ("callee", call.callee)):
+            found.update((side, leg.stream) for leg in legs if learned_from_a_packet(leg))
+        return frozenset(found)
 
     def total(self, call: Call, live: Iterable[tuple[StreamKey, Counters]]) -> Tally:
         """What ended, plus the live entries given (the caller found them for this call)."""
@@ -113,6 +160,7 @@ class Traffic:
     def drop(self, call_id: str) -> None:
         self._ended.pop(call_id, None)
         self._started.pop(call_id, None)
+        self._heard.pop(call_id, None)
 
 
 def live_of(call: Call, entries: Mapping[StreamKey, Counters]) -> list[tuple[StreamKey, Counters]]:
@@ -121,29 +169,33 @@ def live_of(call: Call, entries: Mapping[StreamKey, Counters]) -> list[tuple[Str
     return [(key, counters) for key, counters in entries.items() if key in keys]
 
 
-def _learned(legs: tuple[Leg, Leg]) -> str:
-    return "/".join("-" if leg.latched is None else str(leg.latched) for leg in legs)
+def _addresses(side: str, legs: tuple[Leg, Leg], heard: Heard) -> list[str | None]:
+    """[RTP, RTCP] addresses the party was heard from (None: it sent nothing there)."""
+    return [
+        str(leg.latched) if leg.latched is not None and (side, leg.stream) in heard else None
+        for leg in legs
+    ]
 
 
-def _addresses(legs: tuple[Leg, Leg]) -> list[str | None]:
-    """[RTP, RTCP] latched addresses (None: not learned)."""
-    return [None if leg.latched is None else str(leg.latched) for leg in legs]
+def _learned(side: str, legs: tuple[Leg, Leg], heard: Heard) -> str:
+    return "/".join(address or "-" for address in _addresses(side, legs, heard))
 
 
 def call_summary(
-    call: Call, reason: str, detail: str, tally: Tally, duration: float
+    call: Call, reason: str, detail: str, tally: Tally, duration: float, heard: Heard
 ) -> tuple[str, dict[str, object]]:
     """The one line logged when a call ends, as text, and as fields for a JSON log.
 
     Text: `[Call-ID] removed: <why>; lasted 12.3 s; caller->callee 600 packets 103200
-    bytes, callee->caller ...; learned caller IP:RTP/IP:RTCP, callee ...` ("-": never
-    learned).
+    bytes, callee->caller ...; learned caller IP:RTP/IP:RTCP, callee ...` ("-": the party
+    sent nothing on that stream, whatever address it was relayed to).
     """
     text = (
         f"[{call.call_id}] removed: {detail}; lasted {duration:.1f} s; "
         f"caller->callee {tally.caller_packets} packets {tally.caller_bytes} bytes, "
         f"callee->caller {tally.callee_packets} packets {tally.callee_bytes} bytes; "
-        f"learned caller {_learned(call.caller)}, callee {_learned(call.callee)}"
+        f"learned caller {_learned('caller', call.caller, heard)}, "
+        f"callee {_learned('callee', call.callee, heard)}"
     )
     fields: dict[str, object] = {
         "event": "call_ended",
@@ -154,7 +206,7 @@ def call_summary(
         **tally.as_dict(),
         "caller_sdp": str(call.media.caller),
         "callee_sdp": str(call.media.callee),
-        "caller_learned": _addresses(call.caller),
-        "callee_learned": _addresses(call.callee),
+        "caller_learned": _addresses("caller", call.caller, heard),
+        "callee_learned": _addresses("callee", call.callee, heard),
     }
     return text, fields

@@ -7,8 +7,11 @@ namespace it was created in.
 
 from __future__ import annotations
 
+import errno
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -19,13 +22,26 @@ from lrkp_tsl.dataplane.probe import KernelFeatures, probe_kernel
 from lrkp_tsl.dataplane.reserve import PortReservation
 from lrkp_tsl.dataplane.silence import SilenceWatch
 from lrkp_tsl.defaults import DEFAULT_RULES
-from lrkp_tsl.errors import KernelError
+from lrkp_tsl.errors import HostError, KernelError
 from lrkp_tsl.kernel import Counters, KernelChange, KernelState, KernelView, StreamKey
 from lrkp_tsl.media import CallMedia, Endpoint, InstalledFlow, PortRange
 
 log = logging.getLogger("lrkp_tsl.dataplane")
 
 __all__ = ["DataPlane", "KernelFeatures"]
+
+
+# Errors of a load that another try may not repeat (the kernel was short of something, or
+# another transaction interrupted it); any other refusal is the rules file or the kernel.
+TRANSIENT = tuple(os.strerror(n) for n in (errno.EINTR, errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM))
+
+
+@dataclass(frozen=True, slots=True)
+class StartFootprint:
+    """What a start found and changed, so that a start that fails can take it back."""
+
+    table_existed: bool  # a previous run's table (its calls must keep flowing)
+    sysctls: dict[str, str]  # sysctls set, with their previous values
 
 
 def fixed_view(media: CallMedia | None) -> KernelView:
@@ -39,6 +55,7 @@ class DataPlane:
         self.conntrack = ConntrackTable()
         self.silence = SilenceWatch(self.conntrack.lookup, 60.0)
         self.features: KernelFeatures | None = None
+        self.footprint: StartFootprint | None = None
         self.reservation = PortReservation()
 
     def start(
@@ -46,29 +63,75 @@ class DataPlane:
     ) -> KernelFeatures:
         """Set the sysctls, probe the kernel and load the table (keeping live calls).
 
+        What it found and changed is kept in `footprint` for `abandon_start`. A table the
+        kernel refuses is a HostError (the rules file or the kernel must change), unless
+        the kernel was only short of memory or interrupted (KernelError: a retry may work).
         The host's own sockets share the relay range (localsockets.py, reserve.py and the
         guard's relay_port chain): a socket that would take calls' packets stops the start
         before anything in the kernel changes.
         """
         holders = localsockets.check(relay_addrs, ports)
-        sysctl.apply_required()
+        table_existed = self.nft.present()
+        self.footprint = StartFootprint(table_existed, sysctl.apply_required())
         self.features = probe_kernel()
         log.info("kernel: %s", self.features.describe())
         if not self.features.socket_lookup:
-            raise KernelError(
+            raise HostError(
                 "this kernel has no nftables socket lookup (nft `socket wildcard`: "
                 "CONFIG_NFT_SOCKET and CONFIG_NF_SOCKET_IPV4, module nft_socket), which the "
                 "guard needs so that the relay range never drops the host's own traffic; "
                 "load it (`modprobe nft_socket`) or use a kernel that has it (5.5 or later)"
             )
         reserved = self.reservation.apply(ports).reserved
-        self.load(relay_addrs, ports, idle_timeout)
+        try:
+            self.load(relay_addrs, ports, idle_timeout)
+        except KernelError as error:
+            if any(text in error.reason for text in TRANSIENT):
+                raise
+            raise HostError(
+                f"kernel.rules = '{self.nft.rules_path}': the kernel refuses the table: "
+                f"{error.reason}"
+            ) from error
         log.info(
             "guard: a packet to a relay port that belongs to a local socket goes to that "
             "socket, never to a call or the drop (nft socket lookup; counter local_socket)"
         )
         localsockets.warn(holders.wildcard, ports, reserved)
         return self.features
+
+    def abandon_start(self, remove_queue_rule: Callable[[], None] | None = None) -> None:
+        """The start failed before the node came up: take back what it added, so a host the
+        node could not run on is left as it was, and release the sockets.
+
+        A previous run's table is left as it is: its calls keep flowing in the kernel (a
+        normal stop leaves it so too), and so are the sysctls they need. A table this start
+        created goes, with the queue rule this start added (`remove_queue_rule`) and the
+        sysctls and reserved ports it changed, only if it holds no flow (a command answered
+        before the failure may have added one: then nothing is taken back)."""
+        footprint = self.footprint
+        try:
+            if footprint is None:
+                return
+            if footprint.table_existed:
+                log.info(
+                    "start failed: the previous run's table and its calls are left as they were"
+                )
+                return
+            if self.nft.present():
+                flows = self.nft.flow_keys()
+                if flows:
+                    log.error(
+                        "start failed: table ip lrkp holds %d flows: left in place", len(flows)
+                    )
+                    return
+                self.nft.drop()
+                log.info("start failed: table ip lrkp, created by this start, removed")
+            if remove_queue_rule is not None:
+                remove_queue_rule()
+            sysctl.restore(footprint.sysctls)
+            self.reservation.release()
+        finally:
+            self.close()
 
     def load(self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle: float) -> None:
         self.nft.load(relay_addrs, ports, idle)

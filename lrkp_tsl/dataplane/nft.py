@@ -117,7 +117,28 @@ class NftTable:
     def load(
         self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle_timeout: float
     ) -> None:
-        """Install or refresh the table in one transaction, keeping existing map elements.
+        """Install or refresh the table in one transaction, keeping existing map elements
+        (`load_batch` says how)."""
+        batch = self.load_batch(relay_addrs, ports, idle_timeout)
+        self.run_text(batch, f"loading {self.rules_path}")
+        self._drop_obsolete()
+
+    def check_load(
+        self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle_timeout: float
+    ) -> None:
+        """Have the kernel validate exactly what `load` would send, committing nothing
+        (libnftables' dry run, `nft -c`); KernelError with what nft said if it refuses."""
+        batch = self.load_batch(relay_addrs, ports, idle_timeout)
+        dry = nftables.Nftables()
+        dry.set_dry_run(True)
+        rc, _output, error = dry.cmd(batch)
+        if rc != 0:
+            raise KernelError(f"checking {self.rules_path}: nft said: {error.strip()}")
+
+    def load_batch(
+        self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle_timeout: float
+    ) -> str:
+        """The one transaction that installs or refreshes the table.
 
         `flush table` empties the chains but keeps sets and maps with their elements (live
         calls keep flowing through a reload); the file then re-adds the rules. Relay
@@ -144,8 +165,7 @@ class NftTable:
             f"add element {FAMILY} {TABLE} relay_addrs {{ {addrs} }}",
             f"add element {FAMILY} {TABLE} relay_ports {{ {ports.start}-{ports.end} }}",
         ]
-        self.run_text("\n".join(batch), f"loading {self.rules_path}")
-        self._drop_obsolete()
+        return "\n".join(batch)
 
     def _drop_obsolete(self) -> None:
         """Remove what older rules files declared and this one no longer does (a reload keeps
@@ -167,6 +187,11 @@ class NftTable:
         self._reader.close()
         self._watch.close()
         self._batch.close()
+
+    def present(self) -> bool:
+        """Whether the table is in the kernel, over netlink: no map element is read (a
+        libnftables listing would fetch them all: seconds at 50k calls)."""
+        return self._watch.fingerprint(FAMILY, TABLE) is not None
 
     def exists(self) -> bool:
         rc, _output, _error = self._text.cmd(f"list table {FAMILY} {TABLE}")

@@ -29,7 +29,7 @@ from netfilterqueue import NetfilterQueue, Packet
 
 from lrkp_tsl.dataplane.nft import FAMILY, TABLE, NftTable
 from lrkp_tsl.dataplane.nftwatch import RulesetWatch
-from lrkp_tsl.errors import KernelError
+from lrkp_tsl.errors import HostError, KernelError
 from lrkp_tsl.media import Endpoint
 
 log = logging.getLogger("lrkp_tsl.dataplane.queue")
@@ -82,7 +82,7 @@ class QueueRule:
 
     def __init__(self, path: str, queue_num: int, nft: NftTable) -> None:
         if path not in ("nft", "xt"):
-            raise KernelError(
+            raise HostError(
                 "no first-packet queue on this kernel: neither the nft queue statement "
                 "(CONFIG_NFT_QUEUE) nor the xt NFQUEUE target with iptables-nft is available"
             )
@@ -90,6 +90,12 @@ class QueueRule:
         self.queue_num = queue_num
         self.nft = nft
         self.iptables = shutil.which("iptables-nft") or "iptables-nft"
+        # Whether install() added the xt rule (it was not there), and created iptables-nft's
+        # `raw` table for it: a start that fails removes only what it added, and an empty
+        # base chain left behind would still cost every packet a hook. (The nft path's
+        # chain lives in the node's own table.)
+        self.added = False
+        self.created_raw = False
 
     def _xt(self, verb: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -109,12 +115,16 @@ class QueueRule:
                 "installing the nft queue rule",
             )
         elif self._xt("-C").returncode != 0:
+            with RulesetWatch() as watch:
+                created_raw = watch.fingerprint("ip", "raw") is None
             result = self._xt("-A")
             if result.returncode != 0:
                 raise KernelError(
                     f"installing the xt NFQUEUE rule (iptables-nft -t raw -A "
                     f"{' '.join(xt_rule(self.queue_num))}) failed: {result.stderr.strip()}"
                 )
+            self.added = True
+            self.created_raw = self.created_raw or created_raw
         log.info(
             "first packets: marked %#x -> queue %d via %s",
             QUEUE_MARK,
@@ -136,6 +146,17 @@ class QueueRule:
                 if self._xt("-D").returncode != 0:
                     break
             log.info("removed the xt NFQUEUE rule")
+            if self.created_raw:
+                self._drop_raw_if_empty()
+
+    def _drop_raw_if_empty(self) -> None:
+        """iptables-nft's `raw` table, created for the queue rule, goes if nothing else put a
+        rule in it since."""
+        with RulesetWatch() as watch:
+            raw = watch.fingerprint("ip", "raw")
+        if raw is not None and not raw.rules:
+            self.nft.run_text("delete table ip raw", "removing the empty raw table")
+            log.info("removed iptables-nft's empty raw table (created for the queue rule)")
 
 
 class PacketQueue:
@@ -161,9 +182,9 @@ class PacketQueue:
             try:
                 self._queue.bind(queue_num, self._callback, max_len=QUEUE_MAXLEN)
             except OSError as exc:
-                raise KernelError(
-                    f"cannot bind NFQUEUE {queue_num}: {exc} (another process owns it? "
-                    "choose another with kernel.queue_num)"
+                raise HostError(
+                    f"kernel.queue_num = {queue_num}: cannot bind NFQUEUE {queue_num}: {exc} "
+                    "(another process owns it? choose another number with kernel.queue_num)"
                 ) from exc
         self._fd = self._queue.get_fd()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -2,7 +2,7 @@
 
 A socket that does not choose its port (connect() or sendto() before any bind, or a bind to
 port 0) gets one from net.ipv4.ip_local_port_range (default 32768-60999), which may overlap
-the relay range (default 20000-40000); Linux skips the ports in
+the relay range (default 30000-40000); Linux skips the ports in
 net.ipv4.ip_local_reserved_ports. Both settings belong to the network namespace. At startup
 the node adds its relay range to the reserved ports, merged with what is there (an entry
 of the operator's is never removed), so no socket made after that lands on a relay port.
@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lrkp_tsl.dataplane import sysctl
-from lrkp_tsl.errors import KernelError
+from lrkp_tsl.errors import HostError
 from lrkp_tsl.media import PortRange
 
 log = logging.getLogger("lrkp_tsl.dataplane.reserve")
@@ -158,14 +158,14 @@ class PortReservation:
         try:
             found = plan(parse(sysctl.read(RESERVED)), read_ephemeral(), relay)
         except (OSError, ValueError) as exc:
-            raise KernelError(f"cannot read {RESERVED} or {EPHEMERAL}: {exc}") from exc
+            raise HostError(f"cannot read {RESERVED} or {EPHEMERAL}: {exc}") from exc
         low, high = found.ephemeral
         self.reserved = found.reserved
         if found.added:
             try:
                 sysctl.write(RESERVED, render(found.after))
             except OSError as exc:
-                raise KernelError(
+                raise HostError(
                     f"cannot set sysctl {RESERVED}={render(found.after)}: {exc}; run as root "
                     "or with CAP_NET_ADMIN in this network namespace"
                 ) from exc

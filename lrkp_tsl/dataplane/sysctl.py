@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from lrkp_tsl.errors import KernelError
+from lrkp_tsl.errors import HostError
 
 log = logging.getLogger("lrkp_tsl.dataplane.sysctl")
 
@@ -50,7 +50,8 @@ def apply_required() -> dict[str, str]:
                 changed[name] = before
                 log.info("sysctl %s=%s (was %s): %s", name, value, before, why)
         except OSError as exc:
-            raise KernelError(
+            restore(changed)  # all or nothing: a start that fails here leaves none changed
+            raise HostError(
                 f"cannot set sysctl {name}={value} ({why}): {exc}; "
                 "run as root or with CAP_NET_ADMIN in this network namespace"
             ) from exc
@@ -59,3 +60,14 @@ def apply_required() -> dict[str, str]:
 
 def write(name: str, value: str) -> None:
     _path(name).write_text(value + "\n")
+
+
+def restore(changed: dict[str, str]) -> None:
+    """Put back the values `apply_required` replaced (a start that failed takes back what it
+    changed). Best effort: one that cannot be written is logged, the others still go back."""
+    for name, before in changed.items():
+        try:
+            _path(name).write_text(before)
+            log.info("sysctl %s=%s restored (the start failed)", name, before)
+        except OSError as exc:
+            log.error("sysctl %s: could not restore %s: %s", name, before, exc)

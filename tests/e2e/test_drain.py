@@ -126,3 +126,32 @@ def test_drained_node_gets_no_new_call_and_its_live_call_keeps_relaying(
     assert f"[{live.call_id}] relaying" in node1.output()
     after_node = node1 if AFTER_UNDRAIN[version] == "10.201.1.1" else node2
     assert f"[{after.call_id}] relaying" in after_node.output()
+
+
+def test_draining_the_only_node_of_a_set_moves_no_call(
+    lab: Lab, tmp_path: Path, kamailio_build: KamailioBuild
+) -> None:
+    """lrkproxy never tests a lone node it has enabled ("1 proxy, nothing to calculate"):
+    it never sees the drained node's empty answer to `P`, and new calls keep coming. The
+    node serves them (docs/lrkp-ctl.md, "Drain")."""
+    node = start_node(lab, *NODE1)
+    try:
+        with kamailio(
+            lab, tmp_path / "kam", ["udp:10.201.1.1:22333"], alg=0, children=1,
+            build=kamailio_build,
+        ) as kam:  # fmt: skip
+            ctl(lab, "relay", "drain")
+            with call(
+                lab, tmp_path / "new", caller="b", callee="m",
+                caller_rtp_port=30300, callee_rtp_port=32300, pause_ms=300,
+            ) as new:  # fmt: skip
+                caller_sdp, _callee_sdp = new.wait_answered()
+                assert caller_sdp.endpoint[0] == "10.201.1.1"  # the drained node, still
+                new.wait_done()
+            assert "does not respond" not in kam.log()
+        stats = json.loads(ctl(lab, "relay", "stats", "--json"))
+        assert stats["gauges"]["draining"] == 1
+        assert stats["counters"].get("drain.ping_refused", 0) == 0  # never asked
+        assert f"[{new.call_id}] relaying" in node.output()
+    finally:
+        node.close()

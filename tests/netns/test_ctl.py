@@ -15,6 +15,7 @@ from lrkp_lab.lab import Lab
 from lrkp_lab.node import Controller, Node
 from lrkp_lab.parties import Peers
 from lrkp_tsl.media import Endpoint
+from tests import nobody
 
 CTL = (sys.executable, "-m", "lrkp_tsl.ctl")
 HEADERS = 28  # IPv4 + UDP: conntrack counts IP bytes
@@ -90,6 +91,17 @@ def test_sessions_show_counters_grow_delete_stops_media_and_summary_matches(
             assert code == 0, err
             shown = json.loads(text)
             assert shown["caller_to_callee_packets"] == len(forward.arrivals)
+            # Both parties sent RTP only: each is heard on RTP; neither is "learned" on RTCP
+            # at its SDP port + 1, though the node relays RTCP there (trusted, reachable).
+            for side, party in (("caller", caller), ("callee", callee)):
+                assert shown[side]["latching"] == "trusted", shown[side]  # reachable
+                assert shown[side]["learned"] == str(party.endpoint), shown[side]
+                assert shown[side]["latching_rtcp"] == "trusted", shown[side]
+                assert shown[side]["learned_rtcp"] is None, shown[side]
+            code, text, err = ctl(lab, "show", "ctl-call-1@lab")
+            assert code == 0, err
+            assert f"RTP trusted {caller.endpoint}, RTCP trusted, nothing heard yet" in text
+            assert str(caller.endpoint.offset(1)) not in text.split("\n  flow ")[0]
             assert ctl(lab, "show", "no-such-call")[0] == 3
 
             # Still relaying; then deleted by the operator: no more media, either way.
@@ -183,9 +195,9 @@ def test_no_node_running_one_clear_line_and_exit_1(lab: Lab) -> None:
 
 
 def test_only_root_may_use_the_management_socket(lab: Lab) -> None:
-    with running_node(lab, *NODE_ARGS):
-        as_nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
-        result = lab.run("relay", *as_nobody, *CTL, "sessions", check=False)
+    """lrkp-ctl run as nobody (a copy every user can read: the checkout may be private)."""
+    with running_node(lab, *NODE_ARGS), nobody.readable_copy() as base:
+        result = lab.run("relay", *nobody.argv(base, "-m", "lrkp_tsl.ctl", "sessions"), check=False)
         assert result.returncode == 4, result.stderr
         assert "uid 65534 is not root" in result.stderr
         code, _out, err = ctl(lab, "sessions")
@@ -209,7 +221,9 @@ def test_json_logs_carry_the_call_summary(lab: Lab, peers: Peers) -> None:
     assert ended["caller_to_callee_packets"] == 4
     assert ended["caller_to_callee_bytes"] == sum(len(b"j-%d" % n) + HEADERS for n in range(4))
     assert ended["callee_to_caller_packets"] == 0
-    assert ended["caller_learned"] == [str(caller.endpoint), str(caller.endpoint.offset(1))]
+    # The caller sent RTP only: heard there, not on RTCP (its SDP port + 1 was only trusted).
+    assert ended["caller_learned"] == [str(caller.endpoint), None]
+    assert ended["callee_learned"] == [None, None]  # the callee sent nothing
 
 
 def raw_ping(kamailio: Controller) -> bytes | None:
@@ -225,6 +239,11 @@ def test_a_drain_is_kept_across_a_restart_until_undrain(lab: Lab) -> None:
         node.wait_ready(CONTROL, kamailio)
         code, out, err = ctl(lab, "drain")
         assert code == 0 and "drained across a restart" in out and not err, (out, err)
+        # What it says is what the node does on the wire (and what `ping` reports).
+        assert "P is answered with an empty datagram" in out and "unanswered" not in out
+        assert raw_ping(kamailio) == b""
+        assert "DRAINING (P answered with an empty datagram)" in ctl(lab, "ping")[1]
+        assert "P is answered with an empty datagram" in node.output()
         assert (node.state / "draining").is_file()
         node = node.restart()
         deadline = time.monotonic() + 15

@@ -313,7 +313,10 @@ def test_a_node_without_its_store_adopts_the_calls_it_finds_in_the_kernel(
         (["--control", "tcp:1.2.3.4:5"], "control = 'tcp:1.2.3.4:5'"),
         (["--external-ip", "2001:db8::1"], "external_ip = '2001:db8::1': not an IPv4 address"),
         (["--log-level", "loud"], "log_level = 'loud'"),
-        (["--control", "udp:10.0.0.1:22333"], "port 22333 is inside the relay port range"),
+        (
+            ["--ports", "20000-40000", "--control", "udp:10.0.0.1:22333"],
+            "port 22333 is inside the relay port range",
+        ),
     ],
 )
 def test_bad_config_exits_naming_key_and_value(args: list[str], message: str) -> None:

@@ -23,6 +23,7 @@ from lrkp_tsl.lock import (
     lock_path,
     netns_inode,
 )
+from tests import nobody
 
 ROOT = Path(__file__).resolve().parents[2]
 INODE = 4026531999
@@ -195,24 +196,23 @@ def test_a_directory_that_cannot_be_created_is_a_clear_error(tmp_path: Path) -> 
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
-def test_a_directory_an_unprivileged_node_may_not_create(tmp_path: Path) -> None:
-    parent = tmp_path / "root-only"
-    parent.mkdir(mode=0o755)
-    tmp_path.chmod(0o755)
+def test_a_directory_an_unprivileged_node_may_not_create() -> None:
+    """The lock code run as nobody (a copy every user can read: the checkout may be
+    private), in a directory root owns that nobody can enter but not write."""
     code = (
         "import sys; from pathlib import Path; from lrkp_tsl.lock import LockError, "
         "acquire_instance_lock\ntry:\n    acquire_instance_lock(Path(sys.argv[1]))\n"
         "except LockError as e:\n    print(e)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(parent / "lrkp-tsl")],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        user=65534,
-        check=False,
-    )
-    if "Permission denied" not in result.stdout and result.stderr:
-        pytest.skip(f"cannot run Python as nobody here: {result.stderr.strip()[-200:]}")
+    with nobody.readable_copy() as base:
+        parent = base / "root-only"
+        parent.mkdir(mode=0o755)
+        result = subprocess.run(
+            nobody.argv(base, "-c", code, str(parent / "lrkp-tsl")),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    assert result.stderr == "", result.stderr
     assert result.stdout.startswith("lock: cannot create the lock directory")
     assert "Permission denied" in result.stdout

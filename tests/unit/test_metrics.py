@@ -13,6 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
+from lrkp_tsl.ctcapacity import Fill
 from lrkp_tsl.latency import BUCKETS, Latency
 from lrkp_tsl.metrics import NodeCollector, Snapshot, on_loop
 
@@ -80,6 +81,28 @@ def test_engine_counters_become_rtpengine_style_metrics() -> None:
     assert v("lrkp_kernel_table_present") == 1 and v("lrkp_active") == 1
 
 
+FILL = Fill(1990, 2000, {"insert_failed": 1, "drop": 5, "early_drop": 0})
+
+
+def test_conntrack_fill_level_and_failures() -> None:
+    """2000 relay ports hold 500 calls; 3 are live: the 497 others need 994 entries, 10
+    are free."""
+    got = scrape(NodeCollector(snapshot, lambda: None, lambda: FILL))
+
+    def v(name: str, **labels: str) -> float:
+        return got[(name, frozenset(labels.items()))]
+
+    assert v("lrkp_conntrack_entries") == 1990 and v("lrkp_conntrack_max") == 2000
+    assert v("lrkp_conntrack_shortfall") == 994 - 10
+    assert v("lrkp_conntrack_failures_total", kind="drop") == 5
+    assert v("lrkp_conntrack_failures_total", kind="insert_failed") == 1
+    assert v("lrkp_conntrack_failures_total", kind="early_drop") == 0
+    roomy = scrape(NodeCollector(snapshot, lambda: None, lambda: Fill(10, 262144, FILL.failures)))
+    assert roomy[("lrkp_conntrack_shortfall", frozenset())] == 0
+    absent = scrape(NodeCollector(snapshot, lambda: None, lambda: None))
+    assert not any(name.startswith("lrkp_conntrack") for name, _labels in absent)
+
+
 def test_a_missing_table_is_reported_not_an_error() -> None:
     got = scrape(NodeCollector(snapshot, lambda: None))
     assert got[("lrkp_kernel_table_present", frozenset())] == 0
@@ -118,7 +141,7 @@ def test_docs_describe_every_metric_and_no_other() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
     documented = set(re.findall(r"^\| `(lrkp_[a-z_]+)` \|", doc, re.MULTILINE))
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(snapshot, lambda: {"relayed": (1, 1)}))
+    registry.register(NodeCollector(snapshot, lambda: {"relayed": (1, 1)}, lambda: FILL))
     exposed = {family.name for family in registry.collect()}
     # prometheus_client names a counter family without its _total suffix
     types = {family.name: family.type for family in registry.collect()}

@@ -89,7 +89,7 @@ def test_operator_delete_ends_the_call_with_its_own_reason(
     assert engine.delete("c1", 6.0) is False
 
 
-def test_draining_leaves_p_unanswered_and_serves_s_and_d() -> None:
+def test_draining_answers_p_with_an_empty_datagram_and_serves_s_and_d() -> None:
     engine, _kernel, _store = make(Policy.STRICT)
     engine.draining = True
     assert send(engine, b"1_1 P") == b""
@@ -181,3 +181,52 @@ def test_conntrack_counters_and_raw_keys_read_pyroute2_encoded_entries() -> None
     assert decoded == (key, Counters(3, 99, 5, 190), 42.0)
     span = _attrs(data, _NLMSGHDR.size + 4, len(data))[CTA_TUPLE_ORIG]
     assert _raw_tuple(data, span) == raw_key(key)
+
+
+def test_a_party_that_never_sent_rtcp_is_not_reported_as_learned_on_rtcp(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Both parties are reachable (auto): the node relays to their SDP addresses from the
+    start. The caller sent RTP, the callee answered on RTP, neither sent RTCP: RTCP is not
+    "learned" at the SDP port + 1, in `show`, `sessions` or the summary."""
+    from lrkp_tsl.mgmt import session_row
+
+    engine, kernel, _store = make(Policy.AUTO)
+    ok(engine, s_command("c1"))
+    call = engine.table.get("c1")
+    assert call is not None
+    row = session_row(engine, call, {RTP_KEY: (Counters(10, 1000, 0, 0), 50.0)}, 1.0)
+    assert (row["caller"]["learned"], row["caller"]["latching"]) == ("10.0.0.21:4000", "trusted")
+    assert (row["caller"]["learned_rtcp"], row["caller"]["latching_rtcp"]) == (None, "trusted")
+    # The callee has sent nothing yet: trusted at its SDP address, not heard.
+    assert (row["callee"]["learned"], row["callee"]["latching"]) == (None, "trusted")
+    row = session_row(engine, call, {RTP_KEY: (Counters(10, 1000, 8, 800), 50.0)}, 1.0)
+    assert row["callee"]["learned"] == "10.0.1.31:6000"  # its answers on the entry count
+    assert row["callee"]["learned_rtcp"] is None
+
+    engine.on_stream_events([StreamEvent(StreamChange.STARTED, RTP_KEY)], 1.0)
+    kernel.counted[RTP_KEY] = Counters(100, 17200, 90, 15480)
+    caplog.set_level(logging.INFO, "lrkp_tsl.calls")
+    ok(engine, s_command("c1", verb="D"), 30.0)
+    (record,) = summaries(caplog)
+    fields = record.call_summary  # type: ignore[attr-defined]
+    assert fields["caller_learned"] == ["10.0.0.21:4000", None]
+    assert fields["callee_learned"] == ["10.0.1.31:6000", None]
+    assert "learned caller 10.0.0.21:4000/-, callee 10.0.1.31:6000/-" in record.getMessage()
+
+
+def test_rtcp_heard_on_an_entry_that_ended_stays_heard() -> None:
+    from lrkp_tsl.mgmt import session_row
+
+    engine, _kernel, _store = make(Policy.STRICT)
+    ok(engine, s_command("c1"))
+    engine.on_stream_events([StreamEvent(StreamChange.STARTED, RTCP_KEY)], 1.0)
+    engine.on_stream_events(
+        [StreamEvent(StreamChange.EXPIRED, RTCP_KEY, Counters(3, 300, 0, 0))], 2.0
+    )
+    call = engine.table.get("c1")
+    assert call is not None
+    row = session_row(engine, call, {}, 3.0)
+    assert row["caller"]["learned_rtcp"] == "10.0.0.21:4001"  # it did send RTCP, once
+    assert row["callee"]["learned_rtcp"] is None  # strict: fixed, and never heard
+    assert row["callee"]["latching_rtcp"] == "fixed"

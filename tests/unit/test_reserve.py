@@ -56,9 +56,9 @@ def test_set_arithmetic() -> None:
 
 
 def test_the_default_relay_range_is_reserved_beside_the_operators_ports() -> None:
-    found = plan(((8080, 8080), (35000, 35000)), DEBIAN, PortRange(20000, 40000))
-    assert found.after == ((8080, 8080), (20000, 40000))
-    assert found.added == ((20000, 34999), (35001, 40000))  # 35000 stays the operator's
+    found = plan(((8080, 8080), (35000, 35000)), DEBIAN, PortRange(30000, 40000))
+    assert found.after == ((8080, 8080), (30000, 40000))
+    assert found.added == ((30000, 34999), (35001, 40000))  # 35000 stays the operator's
     assert found.reserved
     assert found.ephemeral_left == 60999 - 40000  # 20,999 of Linux's 28,232
 
