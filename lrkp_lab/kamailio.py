@@ -5,7 +5,9 @@ namespaces.
                                           examples/kamailio.cfg, started and ready on entry,
                                           killed (with all its children) on exit; Debian's
                                           5.6 by default, any other build with `build=`
-                                          (see KamailioBuild; conftest's `kamailio_build`)
+                                          (see KamailioBuild; conftest's `kamailio_build`);
+                                          `site=COLOCATED`: in the node's own namespace,
+                                          on the relay IPs, as on a host running both
     call(lab, workdir, caller=..., ...)   a SIPp UAS in one party namespace and a SIPp UAC in
                                           another, with the scenarios in scenarios/; exposes the
                                           SDP each side received and always kills both
@@ -27,6 +29,7 @@ import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from lrkp_lab.lab import Lab, address
@@ -93,6 +96,22 @@ class KamailioBuild:
 DEBIAN_KAMAILIO = KamailioBuild("5.6", "kamailio", DEBIAN_MPATH, sends_delete=False)
 
 
+@dataclass(frozen=True)
+class Site:
+    """Where Kamailio runs: a lab host and its SIP addresses on the internal and the
+    external network (the parties send their requests there)."""
+
+    host: str
+    internal: IPv4Address
+    external: IPv4Address
+
+
+OWN_HOST = Site(KAMAILIO_HOST, KAMAILIO_INT, KAMAILIO_EXT)  # `sip`, 10.201.1.5/10.201.2.5
+# On the node's host: the relay namespace, listening on the relay IPs (port 5060 is not a
+# relay port), its lrkproxy sockets on the relay's internal IP.
+COLOCATED = Site("relay", address("relay", "int"), address("relay", "ext"))
+
+
 def define(name: str, value: str | int) -> list[str]:
     """`-A NAME=value`, passed as is. A string define must carry its own double quotes (use
     `quoted()`); numbers and listen sockets (proto:ip:port) must be bare tokens."""
@@ -111,6 +130,7 @@ class Kamailio:
     lab: Lab
     workdir: Path
     argv: list[str]
+    site: Site = OWN_HOST
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -124,7 +144,7 @@ class Kamailio:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.lab.ns(KAMAILIO_HOST), *self.argv],
+                ["ip", "netns", "exec", self.lab.ns(self.site.host), *self.argv],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -136,11 +156,11 @@ class Kamailio:
     def wait_ready(self, timeout: float) -> None:
         """Wait until both SIP sockets answer an OPTIONS (so the workers are initialised)."""
         deadline = time.monotonic() + timeout
-        pending = [KAMAILIO_INT, KAMAILIO_EXT]
-        with self.lab.inside(KAMAILIO_HOST):
+        pending = [self.site.internal, self.site.external]
+        with self.lab.inside(self.site.host):
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            sock.bind((str(KAMAILIO_INT), 0))
+            sock.bind((str(self.site.internal), 0))
             local_port = sock.getsockname()[1]
             attempt = 0
             while pending:
@@ -156,7 +176,8 @@ class Kamailio:
                 attempt += 1
                 target = pending[0]
                 sock.sendto(
-                    _options(target, KAMAILIO_INT, local_port, attempt), (str(target), SIP_PORT)
+                    _options(target, self.site.internal, local_port, attempt),
+                    (str(target), SIP_PORT),
                 )
                 ready, _, _ = select.select([sock], [], [], 0.3)
                 if ready:
@@ -211,6 +232,7 @@ def kamailio_argv(
     config: Path = KAMAILIO_CFG,
     start_port: int | None = None,
     end_port: int | None = None,
+    site: Site = OWN_HOST,
 ) -> list[str]:
     """The Kamailio command line: foreground, log to stderr, own runtime dir and pid file.
 
@@ -246,8 +268,8 @@ def kamailio_argv(
         *define("LRKP_RETR", retr),
         *define("CHILDREN", children),
         *define("DEBUG_LEVEL", debug),
-        *define("LISTEN_INT", f"udp:{KAMAILIO_INT}:{SIP_PORT}"),
-        *define("LISTEN_EXT", f"udp:{KAMAILIO_EXT}:{SIP_PORT}"),
+        *define("LISTEN_INT", f"udp:{site.internal}:{SIP_PORT}"),
+        *define("LISTEN_EXT", f"udp:{site.external}:{SIP_PORT}"),
         *define("INT_NET", quoted(INTERNAL_NET)),
         *define("EXT_NET", quoted(EXTERNAL_NET)),
         *optional,
@@ -274,13 +296,14 @@ def kamailio(
     start_port: int | None = None,
     end_port: int | None = None,
     extra: Sequence[str] = (),
+    site: Site = OWN_HOST,
 ) -> Iterator[Kamailio]:
     """Kamailio, ready (both sockets answer), for the duration of the block; always killed.
 
     `nodes` are lrkproxy_sock URLs, e.g. ["udp:10.201.1.1:22333"]; the other arguments are
     the defines LRKP_ALG, LRKP_GT, LRKP_TOUT, LRKP_RETR, CHILDREN and DEBUG_LEVEL.
     `build` picks the Kamailio (default: Debian's 5.6); `binary`/`mpath` override its parts;
-    `start_port`/`end_port` set lrkproxy's port range (5.7+ only).
+    `start_port`/`end_port` set lrkproxy's port range (5.7+ only); `site` where it runs.
     """
     chosen = build or DEBIAN_KAMAILIO
     argv = kamailio_argv(
@@ -298,8 +321,9 @@ def kamailio(
         config=config,
         start_port=start_port,
         end_port=end_port,
+        site=site,
     )
-    with Kamailio(lab, workdir, argv) as running:
+    with Kamailio(lab, workdir, argv, site) as running:
         yield running
 
 
@@ -622,17 +646,18 @@ def call(
     uas_scenario: str = "uas.xml",
     uac_scenario: str = "uac.xml",
     timeout: float = CALL_TIMEOUT,
+    site: Site = OWN_HOST,
 ) -> Iterator[Call]:
     """Start the callee (UAS) and then the caller (UAC); kill both on exit.
 
-    The caller's INVITE goes to Kamailio's address on the caller's network, with the R-URI
-    sip:callee@<callee ip>:5060. The block typically calls `wait_answered()`, sends media
-    while the caller pauses `pause_ms`, and then `wait_done()`.
+    The caller's INVITE goes to Kamailio's address on the caller's network (of `site`, where
+    Kamailio runs), with the R-URI sip:callee@<callee ip>:5060. The block typically calls
+    `wait_answered()`, sends media while the caller pauses `pause_ms`, and then `wait_done()`.
     """
     caller_ip, callee_ip = address(caller), address(callee)
-    proxy = KAMAILIO_INT if str(caller_ip).startswith("10.201.1.") else KAMAILIO_EXT
+    proxy = site.internal if str(caller_ip).startswith("10.201.1.") else site.external
     if caller == "c":  # behind the NAT box, which is on the internal network
-        proxy = KAMAILIO_INT
+        proxy = site.internal
     workdir.mkdir(parents=True, exist_ok=True)
     uas = Sipp(
         lab,

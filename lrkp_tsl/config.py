@@ -438,8 +438,9 @@ def _clashes(config: Config) -> list[str]:
         if address.scheme == "udp" and on_relay_ip and address.port in config.ports:
             problems.append(
                 f"control = {str(address)!r}: port {address.port} is inside the relay port "
-                f"range ports = {str(config.ports)!r} on a relay address, where the kernel "
-                "drops every packet that belongs to no call; move one of them"
+                f"range ports = {str(config.ports)!r} on a relay address: Kamailio puts calls "
+                "on that port too, and their packets and its commands would be taken for each "
+                "other; move one of them"
             )
     if config.metrics_listen is not None:
         host, port = config.metrics_listen

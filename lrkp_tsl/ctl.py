@@ -216,11 +216,19 @@ def show_kernel(result: dict[str, Any]) -> str:
             f"probes: nft queue {yes(probes['native_queue'])}, xt NFQUEUE "
             f"{yes(probes['xt_nfqueue'])}, iptables-nft {probes['iptables_nft'] or 'missing'}, "
             f"flowtable {yes(probes['flowtable'])}, conntrack accounting "
-            f"{yes(probes['conntrack_acct'])}"
+            f"{yes(probes['conntrack_acct'])}, socket lookup {yes(probes.get('socket_lookup'))}"
         )
     for name, item in result["sysctls"].items():
         mark = "" if item["value"] == item["wanted"] else f"  (WANTED {item['wanted']})"
         lines.append(f"sysctl {name} = {item['value']}{mark}")
+    ports = result.get("ports")
+    if ports:
+        reserved = "yes" if ports["relay_range_reserved"] else "no (see the node's start log)"
+        lines.append(
+            f"sysctl net.ipv4.ip_local_port_range = {ports['ephemeral']}; "
+            f"net.ipv4.ip_local_reserved_ports = {ports['reserved'] or '(none)'}; "
+            f"relay range reserved: {reserved}"
+        )
     for name, packets in result["counters"].items():
         lines.append(f"counter {name}: {packets if packets is not None else '-'} packets")
     return "\n".join(lines)

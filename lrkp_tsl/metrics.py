@@ -240,6 +240,11 @@ def kernel_metrics(counters: dict[str, tuple[int, int]] | None) -> Iterator[Metr
         if name in counters:
             drops.add_metric([reason], counters[name][0])
     yield drops
+    yield CounterMetricFamily(
+        f"{PREFIX}_kernel_local_socket_packets",
+        "Packets to relay ports delivered to a socket of the node's own host",
+        value=counters.get("local_socket", (0, 0))[0],
+    )
 
 
 def conntrack_metrics(fill: Fill | None, snap: Snapshot) -> Iterator[Metric]:

@@ -40,7 +40,7 @@ import nftables
 from lrkp_tsl import __version__, drainfile
 from lrkp_tsl.config import Config
 from lrkp_tsl.ctlsocket import socket_name
-from lrkp_tsl.dataplane import DataPlane, sysctl
+from lrkp_tsl.dataplane import DataPlane, reserve, sysctl
 from lrkp_tsl.dataplane.conntrack import ConntrackTable, raw_key
 from lrkp_tsl.dataplane.nft import FAMILY, FLOW_MAPS, TABLE
 from lrkp_tsl.dataplane.nftcounters import CounterReader
@@ -346,12 +346,22 @@ class Management:
             except OSError:
                 value = None
             sysctls[name] = {"value": value, "wanted": wanted, "why": why}
+        try:
+            ephemeral: str | None = " ".join(sysctl.read(reserve.EPHEMERAL).split())
+            reserved: str | None = sysctl.read(reserve.RESERVED)
+        except OSError:
+            ephemeral = reserved = None
         return {
             "table_present": table,
             "queue_rule": queue_rule,
             "idle_policy": None if policy is None else policy.get(1),
             "counters": counters,
             "sysctls": sysctls,
+            "ports": {
+                "ephemeral": ephemeral,
+                "reserved": reserved,
+                "relay_range_reserved": self.plane.reservation.reserved,
+            },
         }
 
     async def _kernel(self, _request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -365,6 +375,7 @@ class Management:
                 "iptables_nft": features.iptables_nft,
                 "flowtable": features.flowtable,
                 "conntrack_acct": features.conntrack_acct,
+                "socket_lookup": features.socket_lookup,
             }
         yield _result(
             {

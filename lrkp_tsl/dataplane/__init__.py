@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from lrkp_tsl.dataplane import sysctl
+from lrkp_tsl.dataplane import localsockets, sysctl
 from lrkp_tsl.dataplane.conntrack import ConntrackTable
 from lrkp_tsl.dataplane.nft import ElementChange, NftTable
 from lrkp_tsl.dataplane.probe import KernelFeatures, probe_kernel
+from lrkp_tsl.dataplane.reserve import PortReservation
 from lrkp_tsl.dataplane.silence import SilenceWatch
 from lrkp_tsl.defaults import DEFAULT_RULES
 from lrkp_tsl.errors import HostError, KernelError
@@ -55,6 +56,7 @@ class DataPlane:
         self.silence = SilenceWatch(self.conntrack.lookup, 60.0)
         self.features: KernelFeatures | None = None
         self.footprint: StartFootprint | None = None
+        self.reservation = PortReservation()
 
     def start(
         self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle_timeout: float
@@ -64,11 +66,23 @@ class DataPlane:
         What it found and changed is kept in `footprint` for `abandon_start`. A table the
         kernel refuses is a HostError (the rules file or the kernel must change), unless
         the kernel was only short of memory or interrupted (KernelError: a retry may work).
+        The host's own sockets share the relay range (localsockets.py, reserve.py and the
+        guard's relay_port chain): a socket that would take calls' packets stops the start
+        before anything in the kernel changes.
         """
+        holders = localsockets.check(relay_addrs, ports)
         table_existed = self.nft.present()
         self.footprint = StartFootprint(table_existed, sysctl.apply_required())
         self.features = probe_kernel()
         log.info("kernel: %s", self.features.describe())
+        if not self.features.socket_lookup:
+            raise HostError(
+                "this kernel has no nftables socket lookup (nft `socket wildcard`: "
+                "CONFIG_NFT_SOCKET and CONFIG_NF_SOCKET_IPV4, module nft_socket), which the "
+                "guard needs so that the relay range never drops the host's own traffic; "
+                "load it (`modprobe nft_socket`) or use a kernel that has it (5.5 or later)"
+            )
+        reserved = self.reservation.apply(ports).reserved
         try:
             self.load(relay_addrs, ports, idle_timeout)
         except KernelError as error:
@@ -78,6 +92,11 @@ class DataPlane:
                 f"kernel.rules = '{self.nft.rules_path}': the kernel refuses the table: "
                 f"{error.reason}"
             ) from error
+        log.info(
+            "guard: a packet to a relay port that belongs to a local socket goes to that "
+            "socket, never to a call or the drop (nft socket lookup; counter local_socket)"
+        )
+        localsockets.warn(holders.wildcard, ports, reserved)
         return self.features
 
     def abandon_start(self, remove_queue_rule: Callable[[], None] | None = None) -> None:
@@ -87,8 +106,8 @@ class DataPlane:
         A previous run's table is left as it is: its calls keep flowing in the kernel (a
         normal stop leaves it so too), and so are the sysctls they need. A table this start
         created goes, with the queue rule this start added (`remove_queue_rule`) and the
-        sysctls it changed, only if it holds no flow (a command answered before the failure
-        may have added one: then nothing is taken back)."""
+        sysctls and reserved ports it changed, only if it holds no flow (a command answered
+        before the failure may have added one: then nothing is taken back)."""
         footprint = self.footprint
         try:
             if footprint is None:
@@ -110,6 +129,7 @@ class DataPlane:
             if remove_queue_rule is not None:
                 remove_queue_rule()
             sysctl.restore(footprint.sysctls)
+            self.reservation.release()
         finally:
             self.close()
 
@@ -204,7 +224,8 @@ class DataPlane:
         self.sync(media.call_id, fixed_view(media), KernelView())
 
     def shutdown(self, flush: bool) -> None:
-        """Leave live calls flowing (default), or remove everything the node installed."""
+        """Leave live calls flowing (default), or remove everything the node installed:
+        the table, the calls' conntrack entries and the ports it reserved (reserve.py)."""
         if flush:
             if self.nft.exists():
                 keys = self.nft.flow_keys()
@@ -216,8 +237,14 @@ class DataPlane:
                     len(keys),
                     deleted,
                 )
+            self.reservation.release()
         else:
-            log.info("kept kernel state: live calls keep flowing; a restart re-adopts them")
+            log.info(
+                "kept kernel state%s: live calls keep flowing; a restart re-adopts them",
+                " (the relay range stays reserved from automatic port allocation)"
+                if self.reservation.reserved
+                else "",
+            )
         self.close()
 
     def close(self) -> None:

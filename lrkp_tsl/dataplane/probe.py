@@ -28,6 +28,7 @@ class KernelFeatures:
     iptables_nft: str | None  # path of iptables-nft, if installed
     flowtable: bool  # nft flowtables (CONFIG_NF_FLOW_TABLE)
     conntrack_acct: bool  # per-entry packet/byte counters enabled
+    socket_lookup: bool  # nft `socket wildcard` in prerouting (CONFIG_NFT_SOCKET, NF_SOCKET_IPV4)
 
     @property
     def queue_path(self) -> str:
@@ -46,6 +47,7 @@ class KernelFeatures:
             f"queue={self.queue_path} (nft queue: {yes(self.native_queue)}, "
             f"xt NFQUEUE: {yes(self.xt_nfqueue)}, iptables-nft: {self.iptables_nft or 'missing'})"
             f", flowtable: {yes(self.flowtable)}, conntrack accounting: {yes(self.conntrack_acct)}"
+            f", socket lookup: {yes(self.socket_lookup)}"
         )
 
 
@@ -61,6 +63,11 @@ def probe_kernel() -> KernelFeatures:
         nft,
         f"add chain ip {PROBE_TABLE} c {{ type filter hook prerouting priority 0; }}\n"
         f"add rule ip {PROBE_TABLE} c udp dport 9 queue num 0 bypass",
+    )
+    socket_lookup = _accepted(
+        nft,
+        f"add chain ip {PROBE_TABLE} c {{ type filter hook prerouting priority 0; }}\n"
+        f"add rule ip {PROBE_TABLE} c udp dport 9 socket wildcard 0 accept",
     )
     flowtable = _accepted(
         nft,
@@ -80,4 +87,5 @@ def probe_kernel() -> KernelFeatures:
         iptables_nft=shutil.which("iptables-nft"),
         flowtable=flowtable,
         conntrack_acct=acct,
+        socket_lookup=socket_lookup,
     )

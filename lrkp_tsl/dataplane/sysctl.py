@@ -58,6 +58,10 @@ def apply_required() -> dict[str, str]:
     return changed
 
 
+def write(name: str, value: str) -> None:
+    _path(name).write_text(value + "\n")
+
+
 def restore(changed: dict[str, str]) -> None:
     """Put back the values `apply_required` replaced (a start that failed takes back what it
     changed). Best effort: one that cannot be written is logged, the others still go back."""

@@ -151,6 +151,11 @@ def test_sessions_show_counters_grow_delete_stops_media_and_summary_matches(
             packets = int(re.search(r"packets (\d+)", listed.stdout).group(1))  # type: ignore[union-attr]
             assert kernel["counters"]["unknown_dropped"] == packets >= 1
             assert kernel["sysctls"]["net.netfilter.nf_conntrack_acct"]["value"] == "1"
+            assert kernel["probes"]["socket_lookup"] is True
+            assert kernel["ports"]["relay_range_reserved"] is True
+            assert "20000-21999" in kernel["ports"]["reserved"]
+            code, text, err = ctl(lab, "kernel")
+            assert "socket lookup yes" in text and "relay range reserved: yes" in text, text
         finally:
             kamailio.close()
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import select
 from ipaddress import IPv4Address
 
 import pytest
 
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
-from lrkp_lab.parties import PORTS, Party, Peers
+from lrkp_lab.parties import PORTS, SILENCE, WAIT, Party, Peers
 from lrkp_tsl.dataplane import DataPlane
 from lrkp_tsl.errors import KernelError
 from lrkp_tsl.media import CallMedia, Endpoint
@@ -137,19 +138,27 @@ def test_remove_stops_relaying_at_once(dataplane: DataPlane, peers: Peers) -> No
 def test_packet_to_relay_port_without_call_is_dropped_in_kernel(
     dataplane: DataPlane, lab: Lab, peers: Peers
 ) -> None:
-    # A socket on the relay port proves "not delivered"; the guard counter proves the
-    # kernel dropped it before any socket (or queue) could see it.
-    listener = peers("relay", 21000, INTERNAL_IP)
+    # Delivered to a port no socket holds, a packet draws an ICMP port unreachable (a
+    # connected sender sees ECONNREFUSED): none coming back proves it was dropped before
+    # delivery, and the guard counter that the kernel dropped it before any socket or the
+    # queue saw it. (A local socket on a relay port gets its own traffic: test_colocate.py.)
     stranger = peers("a", 4700)
+    stranger.sock.connect((str(INTERNAL_IP), 21000))
     before = dataplane.nft.counter_packets("unknown_dropped")
     for _ in range(5):
-        stranger.send(listener.endpoint, b"nobody")
-    listener.expect_nothing()
+        stranger.sock.send(b"nobody")
+    assert not select.select([stranger.sock], [], [], SILENCE)[0]
     assert dataplane.nft.counter_packets("unknown_dropped") == before + 5
-    # Outside the relay port range, the node does not interfere.
-    outside = peers("relay", 19999, INTERNAL_IP)
-    stranger.send(outside.endpoint, b"not ours")
-    assert outside.expect(b"not ours") == stranger.endpoint
+    # Outside the relay port range the node does not interfere: a closed port answers (so
+    # the silence above is the guard's), an open one gets its packet.
+    stranger.sock.connect((str(INTERNAL_IP), 19998))
+    stranger.sock.send(b"closed")
+    assert select.select([stranger.sock], [], [], WAIT)[0]
+    with pytest.raises(ConnectionRefusedError):
+        stranger.sock.recv(100)
+    outside, sender = peers("relay", 19999, INTERNAL_IP), peers("a", 4701)
+    sender.send(outside.endpoint, b"not ours")
+    assert outside.expect(b"not ours") == sender.endpoint
 
 
 def test_stranger_on_a_live_call_port_is_dropped(dataplane: DataPlane, peers: Peers) -> None:

@@ -64,6 +64,7 @@ def test_the_node_works_with_only_the_units_capabilities(
     for name, (wanted, _why) in REQUIRED.items():
         assert wanted == "1", name
         lab.run("relay", "sysctl", "-qw", f"{name}=0")
+    lab.run("relay", "sh", "-c", "echo > /proc/sys/net/ipv4/ip_local_reserved_ports")
     with running_node(lab, *NODE_ARGS) as node:
         status = lab.run("relay", "cat", f"/proc/{node.proc.pid}/status").stdout
         bounding = next(line for line in status.splitlines() if line.startswith("CapBnd:"))
@@ -83,6 +84,7 @@ def test_the_node_works_with_only_the_units_capabilities(
         for name, (wanted, _why) in REQUIRED.items():
             assert f"sysctl {name}={wanted} (was" in log
         assert "[caps@lab] learned" in log
+        assert "reserved ports 20000-21999 from automatic port allocation" in log
         assert "Operation not permitted" not in log and "Traceback" not in log
 
 

@@ -41,10 +41,13 @@ BEFORE = {
 }
 
 
+RESERVED = "net.ipv4.ip_local_reserved_ports"  # the node adds its relay range (reserve.py)
+
+
 def kernel(lab: Lab) -> dict[str, str]:
     """What the node could touch in relay2: its whole ruleset and the sysctls it sets."""
     state = {"ruleset": lab.run(HOST, "nft", "list", "ruleset").stdout}
-    for name in sysctl.REQUIRED:
+    for name in (*sysctl.REQUIRED, RESERVED):
         state[name] = lab.run(HOST, "sysctl", "-n", name).stdout.strip()
     return state
 
@@ -56,6 +59,7 @@ def host(lab: Lab) -> Iterator[Lab]:
     lab.run(HOST, "nft", "delete", "table", "ip", "lrkp", check=False)
     for name, value in BEFORE.items():
         lab.run(HOST, "sysctl", "-qw", f"{name}={value}")
+    lab.run(HOST, "sh", "-c", "echo > /proc/sys/net/ipv4/ip_local_reserved_ports")
     try:
         yield lab
     finally:
@@ -117,6 +121,7 @@ def test_a_control_address_in_use_exits_2_and_takes_the_start_back(host: Lab) ->
     # It had got as far as the table and the queue rule, and took both back.
     assert "table ip lrkp loaded" in output and "first packets: marked" in output
     assert "table ip lrkp, created by this start, removed" in output
+    assert "took back reserved ports" in output
     assert kernel(host) == before
 
 

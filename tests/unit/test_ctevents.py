@@ -149,13 +149,13 @@ def test_truncated_event_is_none_at_every_length() -> None:
     assert decode_event(message + b"\0" * 8) == StreamEvent(StreamChange.REMOVED, KEY)
 
 
-@settings(max_examples=2000)
+@settings(max_examples=2000, deadline=None)
 @given(st.binary(max_size=400))
 def test_random_bytes_never_raise(data: bytes) -> None:
     decode_event(data)
 
 
-@settings(max_examples=2000)
+@settings(max_examples=2000, deadline=None)
 @given(
     position=st.integers(min_value=0, max_value=10_000),
     value=st.integers(min_value=0, max_value=255),

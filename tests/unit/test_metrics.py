@@ -48,7 +48,8 @@ def test_engine_counters_become_rtpengine_style_metrics() -> None:
         queue__verdict__accept=6, error__kernel=1, dropped__not_allowed=9,
     )  # fmt: skip
     kernel = {"relayed": (1000, 172000), "queued": (9, 1500), "unknown_dropped": (4, 400),
-              "displaced_dropped": (0, 0), "queue_overlimit": (2, 300)}  # fmt: skip
+              "displaced_dropped": (0, 0), "queue_overlimit": (2, 300),
+              "local_socket": (12, 900)}  # fmt: skip
     got = scrape(NodeCollector(lambda: snap, lambda: kernel))
 
     def v(name: str, **labels: str) -> float:
@@ -73,6 +74,7 @@ def test_engine_counters_become_rtpengine_style_metrics() -> None:
     assert v("lrkp_packets_total", type="userspace") == 9
     assert v("lrkp_kernel_dropped_packets_total", reason="unknown") == 4
     assert v("lrkp_kernel_dropped_packets_total", reason="queue_overlimit") == 2
+    assert v("lrkp_kernel_local_socket_packets_total") == 12
     assert v("lrkp_command_duration_seconds_count") == 2
     assert v("lrkp_command_duration_seconds_bucket", le="0.00025") == 1
     assert v("lrkp_command_duration_seconds_bucket", le="+Inf") == 2
