@@ -62,6 +62,10 @@ class SharedPortPool:
         """Pairs held by ng calls."""
         return len(self._held)
 
+    def held(self) -> frozenset[int]:
+        """The RTP port of every pair held by ng calls."""
+        return frozenset(self._held)
+
     def allocate(self) -> int:
         for _ in range(self.pairs):
             port = self._cursor

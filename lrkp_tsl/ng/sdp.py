@@ -408,7 +408,10 @@ def _media_lines(
         else:
             out.append(line)
     if media.is_rtp and how.rtcp is not Rtcp.NONE and not rtcp_written:
-        out.append(Line("a", _rtcp_value(pair, relay, how), head.end or "\r\n"))
+        at = len(out)
+        while at > 1 and not out[at - 1].kind:  # before trailing blank lines
+            at -= 1
+        out.insert(at, Line("a", _rtcp_value(pair, relay, how), out[at - 1].end))
     return out
 
 
