@@ -17,10 +17,12 @@ The model, and where it follows rtpengine 10.5 (measured against it; tests/ng_co
   to-tag than the callee side's (a fork: 183 from one branch, 200 from another) takes the
   callee side over: the latest answer wins, on the same relay ports, since every branch got
   the same offer SDP. (rtpengine 10.5 creates a second callee side with new ports, on its
-  default interface; ports differ, the meaning does not.)
+  default interface; ports differ, the meaning does not.) The tags of the branches that
+  lost are remembered, so the delete Kamailio sends for their 487 is answered quietly.
 - A delete with only call-id, or call-id and a tag of the call, ends the whole call (both
-  sides: one dialogue per call). A delete whose to-tag is not the callee's (the 487 of a
-  branch that lost the fork) leaves the call alone with a warning, as rtpengine does; one
+  sides: one dialogue per call). A delete whose to-tag is a branch that lost the fork
+  leaves the call alone (rtpengine deletes that branch's side, which is the same); one
+  with a to-tag the call never saw leaves it alone with a warning, as rtpengine does; one
   for an unknown call is answered with a warning, so the delete on CANCEL and the one on
   the 487 after it are both harmless. `delete-delay` (the request's, else the node's)
   schedules the end instead; a later offer or answer cancels it.
@@ -51,6 +53,9 @@ E_DIALOGUE = "dialogue"
 E_BAD_ANSWER = "bad-answer"
 E_NO_PORTS = "no-ports"
 E_INTERFACE = "interface"
+
+MAX_FORMER_TAGS = 8
+"""To-tags of forks a call remembers, so that the losing branches' 487s match quietly."""
 
 NOT_FOUND = "Call-ID not found or tags didn't match"
 """rtpengine's warning (an error with the `fatal` flag) for a delete that matches nothing."""
@@ -103,6 +108,7 @@ class Side:
     received_from: IPv4Address | None = None
     strict_source: bool = False
     media_handover: bool = False
+    former_tags: tuple[str, ...] = ()  # to-tags of forks this side answered before (newest first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,9 +315,14 @@ class NgCalls:
         previous = sides[answerer].tag
         forked = previous not in (None, request.to_tag)
         options = request.options
+        former = sides[answerer].former_tags
+        if forked:
+            assert previous is not None
+            former = (previous, *former)[:MAX_FORMER_TAGS]
         sides[answerer] = replace(
             sides[answerer],
             tag=request.to_tag,
+            former_tags=former,
             received_from=options.received_from,
             strict_source=options.strict_source,
             media_handover=options.media_handover,
@@ -348,6 +359,15 @@ class NgCalls:
 
     def delete(self, request: Delete, now: float) -> Change:
         call = self._calls.get(request.call_id)
+        if (
+            call is not None
+            and request.from_tag is not None
+            and any(request.to_tag in side.former_tags for side in call.sides)
+        ):
+            # The 487 of a branch that lost the fork: rtpengine deletes that branch's side
+            # and keeps the call; here it has no side of its own any more.
+            detail = f" to-tag {request.to_tag!r} lost the fork"
+            return Change(request.call_id, call, call, Outcome.UNCHANGED, detail=detail)
         if call is None or not self._matches(call, request):
             if request.fatal:
                 raise NgError(E_UNKNOWN_CALL, NOT_FOUND)

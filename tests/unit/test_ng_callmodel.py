@@ -150,7 +150,10 @@ def test_fork_the_latest_answer_takes_the_callee_side_on_the_same_ports() -> Non
     )
     # The 487 of the branch that lost: its to-tag is no side's any more.
     lost = world.send("delete", **{"from-tag": "A", "to-tag": "B1"})
-    assert lost.outcome is Outcome.UNCHANGED and lost.warnings
+    assert lost.outcome is Outcome.UNCHANGED and lost.warnings == ()
+    assert "'B1' lost the fork" in lost.detail
+    stranger = world.send("delete", **{"from-tag": "A", "to-tag": "B9"})
+    assert stranger.outcome is Outcome.UNCHANGED and stranger.warnings
     assert world.calls.get("call-1") is not None
     bye = world.send("delete", **{"from-tag": "A"})
     assert bye.outcome is Outcome.ENDED
