@@ -77,6 +77,8 @@ class NgFrontEnd:
             request = codec.parse(data)
         except NgError as error:
             self.stats[f"ng.error.{error.code}"] += 1
+            if error.command == "offer":
+                self.stats["ng.offer.refused"] += 1
             return Decision(None, codec.reply_error(error), error=error)
         self.stats[f"ng.request.{type(request).__name__.lower()}"] += 1
         try:
@@ -84,6 +86,8 @@ class NgFrontEnd:
         except NgError as error:
             error.cookie = request.cookie
             self.stats[f"ng.error.{error.code}"] += 1
+            if isinstance(request, Offer):
+                self.stats["ng.offer.refused"] += 1
             return Decision(request, codec.reply_error(error), error=error)
 
     def carried_out(self, decision: Decision) -> bytes | None:
@@ -166,9 +170,7 @@ class NgFrontEnd:
         }
         total: dict[str, Encodable] = {
             "managedsessions": self.stats["ng.call.new"],
-            "rejectedsessions": sum(
-                count for name, count in self.stats.items() if name.startswith("ng.error.")
-            ),
+            "rejectedsessions": self.stats["ng.offer.refused"],
         }
         return codec.reply_ok(
             request.cookie,

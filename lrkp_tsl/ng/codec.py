@@ -91,6 +91,7 @@ class NgError(LrkpError):
         super().__init__(reason)
         self.code = code
         self.cookie = cookie
+        self.command: str | None = None  # the request's command, once it was read
 
 
 # Error codes (metrics: `ng.error.<code>`); sdp.py adds `bad-sdp` and `unsupported-sdp`.
@@ -209,6 +210,7 @@ Request = Ping | Offer | Answer | Delete | Query | ListCalls | Statistics
 def parse(data: bytes) -> Request:
     """One datagram -> its request; NgError (and nothing else) if it cannot be served."""
     cookie: str | None = None
+    parser: _Parser | None = None
     try:
         cookie, body = _split_cookie(data)
         try:
@@ -217,9 +219,11 @@ def parse(data: bytes) -> Request:
             if body[:1] == b"{":
                 raise NgError(E_BENCODE, "JSON is not served: send bencode") from None
             raise NgError(E_BENCODE, f"Could not decode bencode dictionary: {exc.reason}") from None
-        return _Parser(cookie, message).request()
+        parser = _Parser(cookie, message)
+        return parser.request()
     except NgError as error:
         error.cookie = cookie
+        error.command = parser.found.command or None if parser is not None else None
         raise
 
 

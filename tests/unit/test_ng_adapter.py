@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from lrkp_tsl.media import PortRange
 from lrkp_tsl.ng.adapter import Counters, NgFrontEnd
 from lrkp_tsl.ng.allocator import SharedPortPool
-from lrkp_tsl.ng.bencode import Value, decode, encode
+from lrkp_tsl.ng.bencode import Encodable, Value, decode, encode
 from lrkp_tsl.ng.callmodel import Interfaces, NgCalls
 from lrkp_tsl.ports import PortUse
 
@@ -103,6 +103,16 @@ def test_errors_are_replies_not_exceptions() -> None:
     assert body(decision.reply) == {b"result": b"error", b"error-reason": b"Unknown call-id"}
     assert decision.error is not None and decision.error.code == "unknown-call"
     assert fe.stats["ng.error.unknown-call"] == 1
+    refused: dict[str, Encodable] = {
+        "command": "offer",
+        "sdp": SDP,
+        "call-id": "y",
+        "from-tag": "a",
+        "ICE": "force",
+    }
+    assert body(fe.decide(b"10 " + encode(refused), 0.0).reply)[b"result"] == b"error"
+    stats = body(fe.decide(b"11 " + encode({"command": "statistics"}), 0.0).reply)
+    assert stats[b"statistics"][b"totalstatistics"][b"rejectedsessions"] == 1  # type: ignore[index,call-overload]
 
 
 def test_list_stops_before_the_reply_outgrows_a_datagram() -> None:
