@@ -65,7 +65,7 @@ class Entry:
     def label(self) -> str:
         """How an error-reason names it."""
         if self.kind is Kind.VALUE:
-            return self.name
+            return f"{self.name}..." if self.prefix else self.name
         if self.kind is Kind.KEY:
             return f"key '{self.name}'"
         if self.kind is Kind.FLAG:
@@ -322,6 +322,7 @@ TABLE: Final[tuple[Entry, ...]] = (
         ("DTLS=no", "DTLS=disable", "DTLS=disabled"),
     ),
     Entry(Kind.VALUE, "DTLS=passive", REF, CRYPTO, ("DTLS=active",)),
+    Entry(Kind.VALUE, "SDES=", REF, CRYPTO, prefix=True),
     Entry(Kind.VALUE, "record-call=no", IGN, _RECORDING, ("record-call=off",)),
     Entry(Kind.VALUE, "record-call=yes", REF, _RECORDING, ("record-call=on",)),
     Entry(Kind.VALUE, "generate-RTCP=off", IGN, "RTCP is passed through, never generated"),
@@ -520,7 +521,7 @@ def _index() -> dict[tuple[Kind, str], Entry]:
 
 _BY_NAME: Final = _index()
 _PREFIXES: Final = tuple(
-    (normal(name), entry)
+    (entry.kind, normal(name), entry)
     for entry in TABLE
     if entry.prefix
     for name in (entry.name, *entry.aliases)
@@ -528,11 +529,15 @@ _PREFIXES: Final = tuple(
 
 
 def lookup(kind: Kind, name: str) -> Entry | None:
-    """The row for `name` (a key, a flag, `KEY=VALUE`, ...), or None if there is none."""
+    """The row for `name` (a key, a flag, `KEY=VALUE`, ...), or None if there is none.
+    A `prefix` row matches what starts with it, when no row matches exactly."""
     found = _BY_NAME.get((kind, normal(name)))
-    if found is None and kind is Kind.FLAG:
+    if found is None:
         wanted = normal(name)
-        found = next((entry for start, entry in _PREFIXES if wanted.startswith(start)), None)
+        found = next(
+            (entry for of, start, entry in _PREFIXES if of is kind and wanted.startswith(start)),
+            None,
+        )
     return found
 
 
