@@ -160,7 +160,11 @@ def test_spellings_rtpengine_accepts() -> None:
         (kamailio_offer(bogus="1"), "unknown-option", "unknown key 'bogus'"),
         (kamailio_offer(codec={"strip": ["PCMA"]}), "refused", "key 'codec' refused"),
         (kamailio_offer(**{"T.38": ["decode"]}), "refused", "T.38"),
-        (kamailio_offer(SDES=["pad"]), "refused", "SDES=... (SDES=pad) refused: this relay neither"),
+        (
+            kamailio_offer(SDES=["pad"]),
+            "refused",
+            "SDES=... (SDES=pad) refused: this relay neither",
+        ),
         (kamailio_offer(DTLS="passive"), "refused", "DTLS=passive refused"),
         (kamailio_offer(**{"rtcp-mux": ["demux"]}), "refused", "rtcp-mux 'offer' (demux) refused"),
         (kamailio_offer(**{"transport-protocol": "RTP/SAVP"}), "refused", "m= line 1 is RTP/AVP"),
@@ -325,3 +329,22 @@ def test_any_dictionary_parses_or_raises_ngerror(message: dict[str, object]) -> 
 def test_garbage_raises_only_ngerror(data: bytes) -> None:
     with contextlib.suppress(NgError):
         parse(COOKIE + data)
+
+
+def test_retransmission_cache_keys_ng_datagrams_by_sender_cookie_and_digest() -> None:
+    """Kamailio resends the same datagram (same cookie) on a timeout: retransmit.py's cache
+    answers it. A 5.6 cookie (<server_id>_<pid>_<seq>) repeats after a restart: the digest
+    keeps a new request with an old cookie apart, whatever the cookie's length."""
+    from lrkp_tsl.retransmit import RetransmitCache, cache_key
+
+    cookie = b"4294967295_4294967295_4294967295_x "  # longer than lrkproxy's 34 bytes
+    offer = cookie + encode(kamailio_offer())  # type: ignore[arg-type]
+    other = cookie + encode(kamailio_offer(**{"from-tag": "other"}))  # type: ignore[arg-type]
+    sender = ("10.0.0.5", 5060)
+    assert cache_key(sender, offer) == cache_key(sender, offer)
+    assert cache_key(sender, offer) != cache_key(sender, other)
+    cache = RetransmitCache(1 << 20, 30.0)
+    cache.store(sender, offer, b"reply", 0.0)
+    assert cache.lookup(sender, offer, 5.0) == b"reply"
+    assert cache.lookup(sender, other, 5.0) is None
+    assert cache.lookup(("10.0.0.6", 5060), offer, 5.0) is None
