@@ -25,6 +25,14 @@ PURE = [
     "ports",
     "ratelog",
     "traffic",
+    "ng/__init__",
+    "ng/bencode",
+    "ng/flags",
+    "ng/sdp",
+    "ng/codec",
+    "ng/allocator",
+    "ng/callmodel",
+    "ng/adapter",
 ]
 FORBIDDEN = {
     "socket",
