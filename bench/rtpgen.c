@@ -449,7 +449,8 @@ static int do_send(void)
  * CPU). Its rate, not its utime: on this kernel (no IRQ time accounting) a busy CPU's ticks
  * land in softirq whenever NET_RX is pending, so at 50 kpps the soaker's utime read ~1 % of
  * the CPU while it did ~98 % of its idle-CPU work. SIGUSR1 prints a mark (start of the
- * window), SIGTERM the last one and ends: {"t": seconds, "iters": count} per line. */
+ * window), SIGTERM the last one and ends: {"t": seconds, "iters": count} per line. The first
+ * line, {"ready":1}, says the handlers are in place. */
 static volatile sig_atomic_t soak_mark, soak_stop;
 static void soak_signal(int sig)
 {
@@ -468,6 +469,9 @@ static int do_soak(void)
 		pin(opt.cpus[0]);
 	signal(SIGUSR1, soak_signal);
 	signal(SIGTERM, soak_signal);
+	/* Only now may the driver signal us: SIGUSR1's default action would end the process. */
+	printf("{\"ready\":1}\n");
+	fflush(stdout);
 	volatile unsigned long long it = 0;
 	double t0 = now(), end = t0 + opt.duration;
 	while (!soak_stop) {

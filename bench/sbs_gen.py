@@ -96,7 +96,12 @@ class Soaker:
             stdout=subprocess.PIPE,
             text=True,
         )
-        time.sleep(0.3)  # started, pinned, SCHED_IDLE
+        # Wait for its handlers (a SIGUSR1 before them would end it), not a fixed sleep that
+        # a loaded machine outlasts.
+        assert self.proc.stdout is not None
+        ready = self.proc.stdout.readline()
+        if '"ready"' not in ready:
+            raise RuntimeError(f"soaker did not start: {ready!r} (exit {self.proc.poll()})")
 
     def mark(self) -> None:
         """The window starts now."""
@@ -106,7 +111,7 @@ class Soaker:
         """Loop iterations per second since `mark`."""
         self.proc.terminate()
         out, _ = self.proc.communicate(timeout=5)
-        marks = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        marks = [json.loads(line) for line in out.splitlines() if line.startswith('{"t"')]
         if len(marks) < 2 or marks[-1]["t"] <= marks[0]["t"]:
             raise RuntimeError(f"soaker: no window marked in {out!r}")
         first, last = marks[0], marks[-1]
