@@ -10,8 +10,10 @@ the rules file and only elements travel as JSON.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address
@@ -23,7 +25,7 @@ import nftables
 from lrkp_tsl.dataplane import nftbatch
 from lrkp_tsl.dataplane.nftbatch import endpoint_bytes
 from lrkp_tsl.dataplane.nftsets import SetReader
-from lrkp_tsl.dataplane.nftwatch import RulesetWatch
+from lrkp_tsl.dataplane.nftwatch import BaseChain, RulesetWatch
 from lrkp_tsl.defaults import DEFAULT_RULES
 from lrkp_tsl.errors import KernelError
 from lrkp_tsl.media import Endpoint, Flow, InstalledFlow, PortRange
@@ -37,6 +39,11 @@ FLOW_MAPS = ("dnat_to", "snat_to")
 # nftables keeps at most 128 bytes of comment per element.
 COMMENT_MAX = 128
 IDLE_POLICY = "relay_idle"
+# The base chain of the nft queue path (queue.py): the node's, but not in the rules file.
+QUEUE_CHAIN = "queue"
+# What libnftables says when the kernel refuses to change a base chain's type, hook or
+# priority in place.
+_NOT_SUPPORTED = os.strerror(errno.EOPNOTSUPP)
 CTA_TIMEOUT_UDP_UNREPLIED = 1
 # Elements per transaction when many calls go in at once (restart, reinstall): big enough
 # to amortise the transaction, small enough to keep one failure's blast radius bounded.
@@ -45,6 +52,20 @@ INSTALL_BATCH = 4096
 # queue mark in its verdict) and the `seen` set (silence is read from conntrack now).
 OBSOLETE = ((nftbatch.NFT_MSG_DELCHAIN, "unmark"), (nftbatch.NFT_MSG_DELSET, "seen"))
 _POLICY = re.compile(r"policy = \{[^}]*\}")
+
+
+def _chain_change(old: BaseChain, new: BaseChain | None) -> str:
+    """What changed in a base chain, for a log line: "prerouting priority -310 -> -305"."""
+    if new is None:
+        return f"{old}: no longer in the rules file, removed"
+    parts = []
+    if new.type != old.type:
+        parts.append(f"type {old.type} -> {new.type}")
+    if new.hook != old.hook:
+        parts.append(f"hook {old.hook} -> {new.hook}")
+    if new.priority != old.priority:
+        parts.append(f"{new.hook} priority {old.priority} -> {new.priority}")
+    return ", ".join(parts)
 
 
 def element_comment(call_id: str) -> str:
@@ -134,18 +155,53 @@ class NftTable:
         rules = _POLICY.sub(policy, rules, count=1)
         current = self.idle_policy()
         addrs = ", ".join(str(a) for a in relay_addrs)
-        batch = [f"add table {FAMILY} {TABLE}", f"flush table {FAMILY} {TABLE}"]
+        head = [f"add table {FAMILY} {TABLE}", f"flush table {FAMILY} {TABLE}"]
         if current is not None and current != seconds:
-            batch.append(f"delete ct timeout {FAMILY} {TABLE} {IDLE_POLICY}")
-        batch += [
+            head.append(f"delete ct timeout {FAMILY} {TABLE} {IDLE_POLICY}")
+        body = [
             rules,
             f"flush set {FAMILY} {TABLE} relay_addrs",
             f"flush set {FAMILY} {TABLE} relay_ports",
             f"add element {FAMILY} {TABLE} relay_addrs {{ {addrs} }}",
             f"add element {FAMILY} {TABLE} relay_ports {{ {ports.start}-{ports.end} }}",
         ]
-        self.run_text("\n".join(batch), f"loading {self.rules_path}")
+        what = f"loading {self.rules_path}"
+        try:
+            self.run_text("\n".join(head + body), what)
+        except KernelError as error:
+            if _NOT_SUPPORTED not in error.reason:
+                raise
+            self._replace_base_chains(head, body, what)
         self._drop_obsolete()
+
+    def _replace_base_chains(self, head: list[str], body: list[str], what: str) -> None:
+        """Load the rules over a table whose base chains differ from the file's.
+
+        The kernel cannot change a base chain's type, hook or priority in place (an upgraded
+        rules file, or a chain an operator re-created by hand): the plain reload fails with
+        EOPNOTSUPP. So the table's base chains are deleted and declared again by the file in
+        the same transaction: packets meet the old chains until the commit and the new ones
+        after it. Sets, maps, counters and the idle policy are not touched, so live calls
+        keep their elements and their conntrack entries keep their timeout.
+        """
+        before = self._watch.base_chains(FAMILY, TABLE)
+        names = [name for name in before if name != QUEUE_CHAIN]
+        deletes = [f"delete chain {FAMILY} {TABLE} {name}" for name in names]
+        self.run_text("\n".join(head + deletes + body), what)
+        after = self._watch.base_chains(FAMILY, TABLE)
+        changes = [
+            f"replaced base chain {name} ({_chain_change(before[name], after.get(name))})"
+            for name in names
+            if after.get(name) != before[name]
+        ]
+        log.warning(
+            "%s: %s. The kernel cannot change a base chain's type, hook or priority in "
+            "place, so the table's base chains were deleted and declared again in the same "
+            "transaction as the rules; map elements, counters and the live calls' conntrack "
+            "entries were kept",
+            self.rules_path,
+            "; ".join(changes) or f"re-created base chains {', '.join(names)}",
+        )
 
     def _drop_obsolete(self) -> None:
         """Remove what older rules files declared and this one no longer does (a reload keeps
