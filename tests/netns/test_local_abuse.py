@@ -7,6 +7,7 @@ library only: nothing from the checkout, which `nobody` may not be able to read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from lrkp_lab.calls import CONTROL, KAMAILIO_IP, NODE_ARGS, running_node
 from lrkp_lab.lab import Lab
 from lrkp_lab.node import Controller, Node
 from lrkp_tsl.mgmt import MAX_PER_UID
+from lrkp_tsl.scrape import MAX_CONNECTIONS as MAX_SCRAPES
 
 CTL = (sys.executable, "-m", "lrkp_tsl.ctl")
 SYSTEM_PYTHON = os.path.realpath(sys.executable)  # outside the checkout (the venv links it)
@@ -227,3 +229,54 @@ def test_a_strangers_connection_is_closed_at_once_without_a_request(lab: Lab, no
     # Each one closed as soon as it was accepted, so the holder kept opening new ones.
     assert stats["connects"] > 200 and stats["closed_by_node"] >= stats["connects"] - 20, stats
     assert descriptors(pid) <= baseline + 1
+
+
+# -- item 6: slow /metrics clients ------------------------------------------------------------
+
+METRICS_PORT = 9734
+
+
+def scrape_status(lab: Lab) -> bytes:
+    with lab.inside("relay"):
+        sock = socket.create_connection(("127.0.0.1", METRICS_PORT), timeout=10)
+    with sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"lrkp_sessions" in body, data[:500]
+    return head.split(b"\r\n")[0]
+
+
+def test_half_sent_metrics_requests_time_out_and_hold_no_thread(lab: Lab) -> None:
+    with running_node(lab, *NODE_ARGS, "--metrics-listen", f"127.0.0.1:{METRICS_PORT}") as node:
+        pid = node_pid(node)
+        assert scrape_status(lab).endswith(b" 200 OK")
+        base_fds, base_threads = descriptors(pid), threads(pid)
+        held = []
+        try:
+            with lab.inside("relay"):
+                for _ in range(300):
+                    sock = socket.create_connection(("127.0.0.1", METRICS_PORT), timeout=20)
+                    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: lo")  # never finished
+                    held.append(sock)
+            time.sleep(0.5)
+            fds, threads_now = descriptors(pid), threads(pid)
+            answered = scrape_status(lab)  # meanwhile
+            started = time.monotonic()
+            for sock in held:
+                with contextlib.suppress(ConnectionResetError):
+                    assert sock.recv(4096) == b""  # closed by the node
+            released = time.monotonic() - started
+        finally:
+            for sock in held:
+                sock.close()
+        after = descriptors(pid)
+        print(f"300 half-sent /metrics requests: node fds {base_fds} -> {fds} -> {after}, "
+              f"threads {base_threads} -> {threads_now}; all closed {released:.1f} s after "
+              f"the last was opened")  # fmt: skip
+        assert answered.endswith(b" 200 OK")
+        assert threads_now <= base_threads + 1
+        assert fds <= base_fds + MAX_SCRAPES + 2
+        assert after <= base_fds + 1
