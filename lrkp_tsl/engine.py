@@ -1170,7 +1170,7 @@ class Engine:
         nothing is lost). Each call is treated as quiet since its last packet, read from
         what its entries had left (a packet since the policy was lost counts as now); it is
         checked against the kernel before it ends, which finds the new entries of the
-        calls whose media goes on. Returns how many entries were deleted.
+        calls whose media goes on. Returns how many calls had entries.
         """
         calls = [(call, call.view().keys()) for call in self.table]
         keys = [key for _call, mine in calls for key in mine]
@@ -1178,15 +1178,17 @@ class Engine:
             return 0
         left = self.kernel.alive(keys)
         self.kernel.forget(left)
+        renewed = 0
         for call, mine in calls:
             remaining = [left[key] for key in mine if key in left]
             if remaining:
+                renewed += 1
                 self.activity.quiet(
                     call.call_id, now - call.idle_timeout + min(call.idle_timeout, max(remaining))
                 )
                 self._schedule_call(call)
-        self.stats["streams.renewed"] += len(left)
-        return len(left)
+        self.stats["kernel.renewed_calls"] += renewed
+        return renewed
 
     # -- an active/standby pair -----------------------------------------------------------------
 

@@ -303,8 +303,8 @@ class SelfHeal:
             self.queue_rule.install(self.watch)
             done.append("the queue rule put back first")
         if found.renew:
-            entries = self.engine.renew_streams(now)
-            done.append(f"{entries} conntrack entries of live calls renewed with the idle policy")
+            calls = self.engine.renew_streams(now)
+            done.append(f"the conntrack entries of {calls} live calls renewed (idle policy)")
         return done
 
     def close(self) -> None:
