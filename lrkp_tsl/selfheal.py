@@ -299,12 +299,16 @@ class SelfHeal:
             done.append(f"table {FAMILY} {TABLE} reloaded")
         if found.reinstall:
             done.append(f"{self.engine.reinstall(now)} live calls put back")
-        if found.queue:
+        if found.queue or found.reload:
+            # A reload also empties the nft queue path's chain; the xt rule, if it is there
+            # and first, is left as it is.
             self.queue_rule.install(self.watch)
-            done.append("the queue rule put back first")
+            if found.queue:
+                done.append("the queue rule put back first")
         if found.renew:
             calls = self.engine.renew_streams(now)
-            done.append(f"the conntrack entries of {calls} live calls renewed (idle policy)")
+            if calls:
+                done.append(f"the conntrack entries of {calls} live calls renewed (idle policy)")
         return done
 
     def close(self) -> None:

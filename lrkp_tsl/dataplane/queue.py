@@ -123,6 +123,15 @@ class QueueRule:
             check=False,
         )
 
+    def _xt_first(self) -> subprocess.CompletedProcess[str]:
+        chain, *match = xt_rule(self.queue_num)
+        return subprocess.run(
+            [self.iptables, "-w", "-t", XT_TABLE, "-I", chain, "1", *match],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
     def install(self, watch: RulesetWatch | None = None) -> None:
         """Install the rule (the xt one first in raw PREROUTING, moved there if it stands
         elsewhere, in one transaction); `watch` reads the chain (a new one if not given)."""
@@ -152,13 +161,18 @@ class QueueRule:
         if mine == [0]:
             return
         script = restore_script(self.queue_num, len(mine))
-        result = subprocess.run(
-            [self.restore, "-w", "--noflush"],
-            input=script,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        if shutil.which(self.restore) is None:  # no iptables-nft-restore: two transactions
+            for _copy in mine:
+                self._xt("-D")
+            result = self._xt_first()
+        else:
+            result = subprocess.run(
+                [self.restore, "-w", "--noflush"],
+                input=script,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
         if result.returncode != 0:
             raise KernelError(
                 f"installing the xt NFQUEUE rule first in raw {XT_CHAIN} "

@@ -359,3 +359,34 @@ def test_without_set_counts_an_emptied_map_is_found_by_looking_up_calls(
         finally:
             heal.close()
             queue_rule.remove()
+
+
+@pytest.mark.parametrize("restore", ["iptables-nft-restore", "/nonexistent/iptables-restore"])
+def test_the_queue_rule_is_installed_first_and_put_back_first(
+    lab: Lab, dataplane: DataPlane, restore: str
+) -> None:
+    """In one iptables-nft-restore transaction, or in two where there is none."""
+
+    def rules() -> list[str]:
+        listing = lab.run("relay", "iptables-nft", "-w", "-t", "raw", "-S", "PREROUTING").stdout
+        return [line for line in listing.splitlines() if line.startswith("-A")]
+
+    lab.run("relay", "iptables-nft", "-w", "-t", "raw", "-A", "PREROUTING", "-j", "ACCEPT")
+    with lab.inside("relay"):  # the rule is installed by a subprocess: in the relay's namespace
+        rule = QueueRule("xt", 22333, dataplane.nft)
+        rule.restore = restore
+        try:
+            with RulesetWatch() as watch:
+                rule.install()
+                assert "lrkp-tsl first packets" in rules()[0] and len(rules()) == 2
+                assert rule.problem(watch) is None
+                lab.run("relay", "iptables-nft", "-w", "-t", "raw", "-I", "PREROUTING", "1",
+                        "-j", "DROP")  # fmt: skip
+                problem = rule.problem(watch)
+                assert problem is not None and not problem.gone and "ahead of it" in problem.text
+                rule.install(watch)
+                assert "lrkp-tsl first packets" in rules()[0] and len(rules()) == 3
+                assert rule.problem(watch) is None
+        finally:
+            rule.remove()
+            lab.run("relay", "iptables-nft", "-w", "-t", "raw", "-F", check=False)
