@@ -22,9 +22,12 @@ included) does it look closer, at a cost that does not follow the number of call
 What it finds is logged as an error that says what changed and how to keep it from
 happening, then repaired, doing only what is needed: the table is reloaded (rules, relay
 sets, the idle policy; base chains whose priority changed are replaced, nft.py), the live
-calls' elements are put back, the queue rule is put back first, and when the idle policy
-was created anew the live calls' conntrack entries are renewed (engine.renew_streams), so
-the calls still expire on the idle timeout. The next check verifies the repair.
+calls' elements are put back, the queue rule is put back first. When the idle policy was
+created anew, or a map was emptied, the live calls' conntrack entries are renewed
+(engine.renew_streams): they lost the policy (and would live on the kernel's 120 s default
+instead of the idle timeout), or a stream that started while a map was empty got an entry
+without NAT (which its packets would keep alive for ever). The next check verifies the
+repair.
 
 Repairs are paced (`RepairPacer`): one at once, but a repair that fails is retried after 1,
 2, 4 ... up to 30 s, and repairs that keep being needed (something fights the node) are
@@ -118,7 +121,9 @@ class Findings:
     gone: bool = False  # the whole table, or the queue rule (not just changed)
     reload: bool = False  # rules, relay sets, idle policy
     reinstall: bool = False  # every live call's elements
-    renew: bool = False  # live calls' conntrack entries lost the idle policy
+    # The live calls' conntrack entries must be made again: they lost the idle policy, or
+    # a stream that started while a map was empty got an entry without NAT.
+    renew: bool = False
     queue: bool = False  # the queue rule
 
     def __bool__(self) -> bool:
@@ -266,10 +271,12 @@ class SelfHeal:
                         f"{kind} {name} holds {have} elements, the live calls need {want}"
                     )
                     found.reinstall = True
+                    found.renew = found.renew or kind == "map"
             return
         for problem in self._witness_problems():
             found.problems.append(problem)
             found.reinstall = True
+            found.renew = found.renew or problem.startswith("map")
 
     def _witness_problems(self) -> list[str]:
         """Without the kernel's counts: one element of each map and of `learning`, taken

@@ -28,6 +28,7 @@ from lrkp_tsl.dataplane.queue import QueueRule
 from lrkp_tsl.defaults import DEFAULT_RULES
 from lrkp_tsl.engine import Engine, Settings
 from lrkp_tsl.latching import Policy
+from lrkp_tsl.media import Endpoint
 from lrkp_tsl.protocol import NodeConfig
 from lrkp_tsl.selfheal import SelfHeal
 from tests.fakes import MemoryStore
@@ -390,3 +391,27 @@ def test_the_queue_rule_is_installed_first_and_put_back_first(
         finally:
             rule.remove()
             lab.run("relay", "iptables-nft", "-w", "-t", "raw", "-F", check=False)
+
+
+def test_a_stream_that_starts_while_a_map_is_empty_is_relayed_after_the_repair(
+    lab: Lab, nodes: list[Node], kamailio: Controller, peers: Peers, streams: list[Stream]
+) -> None:
+    """Its first packets get a conntrack entry without NAT, which they would keep alive for
+    as long as they flow: the repair deletes the calls' entries, so the next packet makes
+    a NATed one."""
+    node = start(lab, nodes, kamailio)
+    forward, backward = streaming(streams, kamailio, peers("a", 4140), peers("b", 6140), 20140,
+                                  "rtcp-late@lab")  # fmt: skip
+    caller_rtcp, callee_rtcp = peers("a", 4141), peers("b", 6141)
+    caller_relay_rtcp = Endpoint(INTERNAL_IP, 20143)
+    time.sleep(0.3)
+    lab.run("relay", "nft", "flush", "map", "ip", TABLE, "dnat_to")
+    for seq in range(10):  # RTCP starts now, while the map is empty (every 0.1 s)
+        caller_rtcp.send(caller_relay_rtcp, b"early-%d" % seq)
+        time.sleep(0.1)
+    wait_for(node, REPAIRED, timeout=5.0)
+    while callee_rtcp.receive(0.2) is not None:
+        pass  # whatever of it the repair let through
+    burst(caller_rtcp, caller_relay_rtcp, callee_rtcp, Endpoint(INTERNAL_IP, 20141), 5, b"late")
+    forward.stop()
+    backward.stop()
