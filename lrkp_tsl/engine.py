@@ -1183,9 +1183,9 @@ class Engine:
             remaining = [left[key] for key in mine if key in left]
             if remaining:
                 renewed += 1
-                self.activity.quiet(
-                    call.call_id, now - call.idle_timeout + min(call.idle_timeout, max(remaining))
-                )
+                # The kernel reports whole seconds, rounded down: one more, never early.
+                left = min(call.idle_timeout, max(remaining) + 1)
+                self.activity.quiet(call.call_id, now - call.idle_timeout + left)
                 self._schedule_call(call)
         self.stats["kernel.renewed_calls"] += renewed
         return renewed

@@ -210,9 +210,12 @@ def test_a_recreated_table_or_policy_renews_the_calls_conntrack_entries() -> Non
     assert h.heal.check(100.0)
     assert h.kernel.forgotten[-1] == {keys[0]}
     assert h.kernel.entries == {}
-    # Quiet since its last packet (100 - 10), so due one idle timeout after that.
-    assert h.engine.activity.quiet_since("c1") == pytest.approx(90.0)
-    h.engine.on_timer(90.0 + IDLE)
+    # Quiet since its last packet (10 s ago, to the second the kernel gives, rounded down:
+    # so 9 s, never early), and due one idle timeout after that.
+    assert h.engine.activity.quiet_since("c1") == pytest.approx(91.0)
+    h.engine.on_timer(90.5 + IDLE)
+    assert h.engine.table.get("c1") is not None
+    h.engine.on_timer(91.0 + IDLE)
     assert h.engine.table.get("c1") is None
 
 
