@@ -315,7 +315,10 @@ class SelfHeal:
         if found.renew:
             calls = self.engine.renew_streams(now)
             if calls:
-                done.append(f"the conntrack entries of {calls} live calls renewed (idle policy)")
+                done.append(
+                    f"the conntrack entries of {calls} live calls deleted, made again by their "
+                    "next packets (with the idle policy and the NAT)"
+                )
         return done
 
     def close(self) -> None:
