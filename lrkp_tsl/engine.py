@@ -1184,8 +1184,8 @@ class Engine:
             if remaining:
                 renewed += 1
                 # The kernel reports whole seconds, rounded down: one more, never early.
-                left = min(call.idle_timeout, max(remaining) + 1)
-                self.activity.quiet(call.call_id, now - call.idle_timeout + left)
+                since = now - call.idle_timeout + min(call.idle_timeout, max(remaining) + 1)
+                self.activity.quiet(call.call_id, since)
                 self._schedule_call(call)
         self.stats["kernel.renewed_calls"] += renewed
         return renewed

@@ -143,11 +143,11 @@ class QueueRule:
                 f"{QUEUE_MARK:#x} queue num {self.queue_num}",
                 "installing the nft queue rule",
             )
-        elif watch is None:
+        elif watch is None:  # at startup: said even when the rule was there already
             with RulesetWatch() as own:
                 self._install_first(own)
-        else:
-            self._install_first(watch)
+        elif not self._install_first(watch):
+            return  # there already, and first
         log.info(
             "first packets: marked %#x -> queue %d via %s",
             QUEUE_MARK,
@@ -155,11 +155,12 @@ class QueueRule:
             "nft queue" if self.path == "nft" else "xt NFQUEUE (iptables-nft, table raw)",
         )
 
-    def _install_first(self, watch: RulesetWatch) -> None:
+    def _install_first(self, watch: RulesetWatch) -> bool:
+        """Put the xt rule first, alone; False if it already was."""
         rules = watch.chain_rules("ip", XT_TABLE, XT_CHAIN)
         mine = [i for i, rule in enumerate(rules) if XT_COMMENT.encode() in rule.content]
         if mine == [0]:
-            return
+            return False
         script = restore_script(self.queue_num, len(mine))
         if shutil.which(self.restore) is None:  # no iptables-nft-restore: two transactions
             for _copy in mine:
@@ -179,6 +180,7 @@ class QueueRule:
                 f"(iptables-nft-restore --noflush <<< {script!r}) failed: "
                 f"{result.stderr.strip()}"
             )
+        return True
 
     def problem(self, watch: RulesetWatch) -> RuleProblem | None:
         """What is wrong with the rule, or None (the nft chain is part of the node's table,

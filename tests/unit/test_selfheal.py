@@ -287,3 +287,18 @@ def test_the_call_tables_sums_are_what_the_kernel_holds_through_a_calls_life() -
     ok(engine, s_command("taker", relay_port=20010))  # takes the ports of "fixed"
     agree()
     assert engine.table.flow_count > 0
+
+
+def test_renewing_sets_each_calls_quiet_time_from_its_own_entries() -> None:
+    engine, kernel, _store = make(Policy.STRICT)
+    ok(engine, s_command("c1"))
+    ok(engine, s_command("c2", relay_port=20010, caller="10.0.0.22:4000"))
+    for call_id, left in (("c1", 30.0), ("c2", 59.0)):
+        call = engine.table.get(call_id)
+        assert call is not None
+        key = sorted(call.view().keys(), key=str)[0]
+        kernel.entries[key] = left
+    assert engine.renew_streams(100.0) == 2
+    assert kernel.entries == {}
+    assert engine.activity.quiet_since("c1") == pytest.approx(100.0 - IDLE + 31.0)
+    assert engine.activity.quiet_since("c2") == pytest.approx(100.0)  # capped: never later
