@@ -15,7 +15,7 @@ included) does it look closer, at a cost that does not follow the number of call
   each);
 - how many elements `dnat_to`, `snat_to` and `learning` hold, against what the live calls
   need (the call table keeps the sums: `CallTable.flow_count`); on kernels that do not
-  report a set's count (before 6.14), one element of each of a few calls is looked up
+  report a set's count (older ones), one element of each of a few calls is looked up
   instead, which finds an emptied map;
 - the queue rule: there, and first in iptables' raw PREROUTING.
 

@@ -20,7 +20,8 @@ for `list chain` and `list table`), so this module speaks nf_tables netlink itse
   expression, so the node's NFQUEUE rule is found by its comment); `chain_rules` gives the
   chain's rules in order, so a caller can see what stands ahead of its own.
 - `set_counts(family, table)`: a set dump of the table (metadata, no element): how many
-  elements each set holds, where the kernel says (NFTA_SET_COUNT, Linux 6.14 and later).
+  elements each set holds, where the kernel says (NFTA_SET_COUNT: recent kernels, such as
+  the lab's 6.18; older ones do not).
 - `has_element(family, table, set, key)`: one element GET (an interval set answers for any
   key inside an interval): whether the node's relay addresses and ports are still there.
 - `base_chains(family, table)`: each base chain's hook, priority and type, which the kernel
@@ -95,7 +96,7 @@ NFTA_EXPR_DATA = 2
 # enum nft_hook_attributes
 NFTA_HOOK_HOOKNUM = 1
 NFTA_HOOK_PRIORITY = 2
-# enum nft_set_attributes: NFTA_SET_COUNT is Linux 6.14's (absent before)
+# enum nft_set_attributes: NFTA_SET_COUNT only on recent kernels (absent on older ones)
 NFTA_SET_TABLE = 1
 NFTA_SET_NAME = 2
 NFTA_SET_COUNT = 20
@@ -654,7 +655,7 @@ class RulesetWatch:
 
     def set_counts(self, family: str, table: str) -> dict[str, int | None] | None:
         """How many elements each set of the table holds: set -> count, or None per set on
-        kernels that do not report it (before 6.14); None if there is no such table.
+        kernels that do not report it (older ones); None if there is no such table.
 
         One dump of set metadata: its cost follows the number of sets, not of elements."""
         number = family_number(family)
