@@ -21,6 +21,7 @@ import os
 import secrets
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ def request(address: str, message: dict[str, Any], timeout: float) -> Iterator[d
     where = f"{address} in this network namespace" if address.startswith("@") else address
     try:
         try:
-            sock.connect(socket_name(address))
+            _connect(sock, socket_name(address), timeout)
         except (FileNotFoundError, ConnectionRefusedError):
             raise Unreachable(
                 f"no node is listening on {where}: is lrkp-tsl running here? "
@@ -88,6 +89,23 @@ def request(address: str, message: dict[str, Any], timeout: float) -> Iterator[d
         raise Unreachable(f"talking to the node on {where} failed: {exc}") from None
     finally:
         sock.close()
+
+
+def _connect(sock: socket.socket, name: str, timeout: float) -> None:
+    """Connect, waiting while the node's backlog is full: anyone may connect to an abstract
+    socket, and while others flood it (the node refuses and closes each at once) a connect
+    can find no room (EAGAIN) for a moment. Raises TimeoutError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        try:
+            sock.connect(name)
+            return
+        except BlockingIOError:
+            if time.monotonic() + pause > deadline:
+                raise TimeoutError from None
+            time.sleep(pause)
+            pause = min(0.05, pause * 2)
 
 
 def collect(address: str, message: dict[str, Any], timeout: float) -> tuple[list[Any], Any]:

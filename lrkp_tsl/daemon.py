@@ -402,6 +402,8 @@ async def _run(
         queue_rule,
         engine,
         lambda: plane.load(config.relay_addrs, config.ports, config.idle_timeout),
+        config.relay_addrs,
+        config.ports,
     )
     cleanup.append(("self-healing", heal.close))
     heal.arm()

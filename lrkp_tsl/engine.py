@@ -1165,6 +1165,35 @@ class Engine:
             raise
         return len(views)
 
+    def renew_streams(self, now: float) -> int:
+        """The idle timeout policy was created anew (the table was deleted and put back):
+        the live calls' conntrack entries lost it and would now run on the kernel's default
+        UDP timeouts (30 s, 120 s), not the idle timeout. An entry cannot be given a policy
+        again, so each is deleted: the next packet of its stream, either way, creates a new
+        one through the NAT chain, which sets the policy (the maps were put back first, so
+        nothing is lost). Each call is treated as quiet since its last packet, read from
+        what its entries had left (a packet since the policy was lost counts as now); it is
+        checked against the kernel before it ends, which finds the new entries of the
+        calls whose media goes on. Returns how many calls had entries.
+        """
+        calls = [(call, call.view().keys()) for call in self.table]
+        keys = [key for _call, mine in calls for key in mine]
+        if not keys:
+            return 0
+        left = self.kernel.alive(keys)
+        self.kernel.forget(left)
+        renewed = 0
+        for call, mine in calls:
+            remaining = [left[key] for key in mine if key in left]
+            if remaining:
+                renewed += 1
+                # The kernel reports whole seconds, rounded down: one more, never early.
+                since = now - call.idle_timeout + min(call.idle_timeout, max(remaining) + 1)
+                self.activity.quiet(call.call_id, since)
+                self._schedule_call(call)
+        self.stats["kernel.renewed_calls"] += renewed
+        return renewed
+
     # -- an active/standby pair -----------------------------------------------------------------
 
     def follow(self, call_id: str, record: StoredCall | None, now: float) -> None:

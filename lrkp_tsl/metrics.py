@@ -14,7 +14,8 @@ the named counters of lrkp_tsl/rules/lrkp.nft. A scrape reads both at scrape tim
 
 Names follow rtpengine's (`rtpengine_sessions`, `..._closed_sessions_total{reason}`,
 `..._packets_total{type="kernel|userspace"}`, `..._ports_used/free`) with the prefix `lrkp_`.
-The HTTP server is prometheus_client's (a thread per scrape).
+The page is rendered by prometheus_client and served by scrape.py on the node's event loop
+(bounded connections, timeouts, one render thread).
 """
 
 from __future__ import annotations
@@ -302,7 +303,7 @@ class NodeCollector(Collector):
 
 
 class Exporter:
-    """The /metrics HTTP server of a running node; `close()` stops it."""
+    """The /metrics HTTP endpoint of a running node; `close()` stops it."""
 
     def __init__(
         self,
@@ -312,10 +313,11 @@ class Exporter:
         ports_total: int,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        from prometheus_client import start_http_server
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         from lrkp_tsl.dataplane.nft import FAMILY, TABLE
         from lrkp_tsl.dataplane.nftcounters import CounterReader
+        from lrkp_tsl.scrape import ScrapeServer
 
         self._reader = CounterReader()  # opened here: in the node's network namespace
         collector = NodeCollector(
@@ -326,16 +328,14 @@ class Exporter:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
         ProcessCollector(registry=self.registry)  # process_*: CPU, memory, descriptors
-        host, port = listen
         try:
-            self._server, self._thread = start_http_server(port, host, self.registry)
+            self._server = ScrapeServer(
+                listen, lambda: generate_latest(self.registry), loop, CONTENT_TYPE_LATEST
+            )
         except OSError:
             self._reader.close()
             raise
-        self.address = self._server.server_address
+        self.address = self._server.address
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
-        self._reader.close()
+        self._server.close(then=self._reader.close)

@@ -12,6 +12,17 @@ the instance lock enforces anyway). `ctl_socket` in the config (or `--ctl-socket
 it: `@name` for another abstract name, `/path` for a file. Only root, or the node's own
 user, may talk to it: the peer's credentials (SO_PEERCRED) are checked on every connection.
 
+Anyone on the host may connect to an abstract socket (it has no file permissions), so a
+connection costs the node nothing until its peer is known to be allowed: the node accepts
+on a raw socket, reads the peer's uid at once, and answers a stranger with one line and
+closes (`mgmt.refused`); it never holds a stranger's connection, so no unprivileged user can
+use up its file descriptors. Allowed connections are capped (MAX_CONNECTIONS, and
+MAX_PER_UID per user: more are answered `busy` and closed), must send their request within
+READ_TIMEOUT and read each part of the answer within WRITE_TIMEOUT. Accepting is done in
+batches (ACCEPT_BATCH per event-loop turn), and every log line a connection can cause is
+rate-limited (ratelog.py): a flood of connections costs log lines per minute, not per
+connection.
+
 Protocol: JSON lines. The client sends one request, `{"cmd": NAME, ...}`; the node answers
 with zero or more `{"item": ...}` lines (a listing, streamed) then one final line,
 `{"ok": true, "result": ...}` or `{"ok": false, "error": CODE, "reason": TEXT}`, and
@@ -23,6 +34,8 @@ listings are built and written in chunks, one event-loop turn each.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +43,7 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -58,6 +71,7 @@ from lrkp_tsl.errors import KernelError, StoreError
 from lrkp_tsl.kernel import Counters, StreamKey
 from lrkp_tsl.latching import Rule
 from lrkp_tsl.media import Endpoint
+from lrkp_tsl.ratelog import RateLimitedLog
 from lrkp_tsl.server import Server
 from lrkp_tsl.session import Call, Leg
 from lrkp_tsl.traffic import Heard, learned_from_a_packet, leg_of
@@ -68,7 +82,17 @@ log = logging.getLogger("lrkp_tsl.mgmt")
 # built and encoded in ~27 ms).
 CHUNK = 200
 REQUEST_LIMIT = 65536
+# An allowed client has this long to send its request, and to take each part of the answer.
 READ_TIMEOUT = 5.0
+WRITE_TIMEOUT = 30.0
+# Allowed connections at once: overall, and per user (root, the node's own user).
+MAX_CONNECTIONS = 16
+MAX_PER_UID = 8
+# Connections accepted per event-loop turn: a flood must leave the loop to the control path.
+ACCEPT_BATCH = 32
+BACKLOG = 4096  # clamped to net.core.somaxconn by the kernel
+# After the kernel refused an accept (out of descriptors or memory), wait this long.
+ACCEPT_PAUSE = 1.0
 _PEERCRED = struct.Struct("3i")
 
 Entries = Mapping[StreamKey, tuple[Counters, float]]
@@ -125,10 +149,29 @@ def session_row(engine: Engine, call: Call, entries: Entries, now: float) -> dic
     }
 
 
-def _peer_allowed(sock: socket.socket) -> tuple[bool, int]:
+def peer_credentials(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a unix socket."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    _pid, uid, _gid = _PEERCRED.unpack(raw)
-    return uid in (0, os.geteuid()), uid
+    pid, uid, _gid = _PEERCRED.unpack(raw)
+    return pid, uid
+
+
+def _line(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+class Listener:
+    """The management socket, accepted from by `Management` on the event loop."""
+
+    def __init__(self, sock: socket.socket, path: Path | None, loop: asyncio.AbstractEventLoop):
+        self.sock = sock
+        self.path = path
+        self.loop = loop
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.sock)
+        self.sock.close()
 
 
 class CommandError(Exception):
@@ -159,7 +202,13 @@ class Management:
         self.started = time.time()
         # Whole-table reads, one at a time, on sockets that only the worker thread uses.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mgmt")
+        self._queued: set[Future[Any]] = set()
         self._conntrack: ConntrackTable | None = None
+        self._listener: Listener | None = None
+        self._clients: dict[asyncio.Task[None], int] = {}  # connection -> peer's uid
+        self._per_uid: collections.Counter[int] = collections.Counter()
+        self._log = RateLimitedLog(log)
+        self._log_flush: asyncio.TimerHandle | None = None
         self._handlers: dict[str, Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]] = {
             "ping": self._ping,
             "sessions": self._sessions,
@@ -172,34 +221,135 @@ class Management:
             "undrain": self._undrain,
         }
 
-    async def listen(self, name: str) -> asyncio.AbstractServer:
-        """Listen on `name` (`@abstract` or `/path`); the caller closes the server."""
+    async def listen(self, name: str) -> Listener:
+        """Listen on `name` (`@abstract` or `/path`); the caller closes the listener."""
         address = socket_name(name)
-        if not address.startswith("\0"):
-            path = Path(address)
-            if path.is_socket():
-                path.unlink()  # left by a previous run; a live node holds the instance lock
-        server = await asyncio.start_unix_server(self._client, path=address, limit=REQUEST_LIMIT)
-        if not address.startswith("\0"):
-            os.chmod(address, 0o600)
-        return server
+        path = None if address.startswith("\0") else Path(address)
+        if path is not None and path.is_socket():
+            path.unlink()  # left by a previous run; a live node holds the instance lock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(address)
+            if path is not None:
+                os.chmod(path, 0o600)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        loop = asyncio.get_running_loop()
+        self._listener = Listener(sock, path, loop)
+        loop.add_reader(sock, self._accept)
+        return self._listener
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop serving: connections cancelled, the worker let go once its socket is closed
+        (by the worker itself: a dump in flight may still be using it)."""
+        for task in list(self._clients):
+            task.cancel()
+        if self._log_flush is not None:
+            self._log_flush.cancel()
+        for future in list(self._queued):
+            future.cancel()  # not started yet: never will
         if self._conntrack is not None:
             conntrack, self._conntrack = self._conntrack, None
             self._pool.submit(conntrack.close)
+        self._pool.shutdown(wait=False)
 
     # -- connections ---------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        """Accept what is waiting (at most ACCEPT_BATCH); strangers and connections over the
+        caps are answered and closed here, before anything else is spent on them."""
+        listener = self._listener
+        if listener is None:
+            return
+        now = self.clock()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _address = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # Out of descriptors or memory: wait rather than spin on a ready socket.
+                self.engine.stats["mgmt.accept_failed"] += 1
+                reason = exc.strerror or str(exc)
+                self._note(now, logging.ERROR, "management accept failures",
+                           "management socket: accept failed (%s); accepting again in %g s",
+                           reason, ACCEPT_PAUSE)  # fmt: skip
+                listener.loop.remove_reader(listener.sock)
+                listener.loop.call_later(ACCEPT_PAUSE, self._resume, listener)
+                return
+            self._admit(conn, now)
+
+    def _resume(self, listener: Listener) -> None:
+        if self._listener is listener and listener.sock.fileno() >= 0:
+            listener.loop.add_reader(listener.sock, self._accept)
+
+    def _admit(self, conn: socket.socket, now: float) -> None:
+        try:
+            pid, uid = peer_credentials(conn)
+        except OSError:
+            conn.close()
+            return
+        refusal = None
+        if uid not in (0, os.geteuid()):
+            self.engine.stats["mgmt.refused"] += 1
+            refusal = _failure("forbidden", f"uid {uid} is not root")
+            self._note(now, logging.WARNING, "management connections refused",
+                       "management socket: connection from uid %d (pid %d) refused: only root "
+                       "or the node's own user may use it", uid, pid)  # fmt: skip
+        elif len(self._clients) >= MAX_CONNECTIONS or self._per_uid[uid] >= MAX_PER_UID:
+            self.engine.stats["mgmt.busy"] += 1
+            refusal = _failure("busy", f"too many management connections (uid {uid}); try again")
+            self._note(now, logging.WARNING, "management connections over the limit",
+                       "management socket: connection from uid %d (pid %d) refused: %d open "
+                       "(at most %d, %d per user)", uid, pid, len(self._clients),
+                       MAX_CONNECTIONS, MAX_PER_UID)  # fmt: skip
+        if refusal is not None:
+            with contextlib.suppress(OSError):
+                conn.send(_line(refusal), socket.MSG_DONTWAIT)
+            conn.close()
+            return
+        task = asyncio.ensure_future(self._serve(conn))
+        self._clients[task] = uid
+        self._per_uid[uid] += 1
+        task.add_done_callback(self._gone)
+
+    def _gone(self, task: asyncio.Task[None]) -> None:
+        uid = self._clients.pop(task, None)
+        if uid is not None:
+            self._per_uid[uid] -= 1
+            if not self._per_uid[uid]:
+                del self._per_uid[uid]
+
+    def _note(self, now: float, level: int, kind: str, message: str, *args: object) -> None:
+        """A rate-limited log line; the summary of what was not shown is written when due."""
+        self._log.log(now, level, kind, message, *args)
+        self._arm_log_flush(now)
+
+    def _arm_log_flush(self, now: float) -> None:
+        due = self._log.next_flush()
+        if due is not None and self._log_flush is None and self._listener is not None:
+            self._log_flush = self._listener.loop.call_later(due - now, self._flush_log)
+
+    def _flush_log(self) -> None:
+        self._log_flush = None
+        now = self.clock()
+        self._log.flush(now)
+        self._arm_log_flush(now)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=conn, limit=REQUEST_LIMIT)
+        except OSError:
+            conn.close()
+            return
+        await self._client(reader, writer)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
-            allowed, uid = _peer_allowed(writer.get_extra_info("socket"))
-            if not allowed:
-                self.engine.stats["mgmt.refused"] += 1
-                await self._send(writer, _failure("forbidden", f"uid {uid} is not root"))
-                return
             try:
                 request = json.loads(line)
                 command = request["cmd"]
@@ -228,11 +378,14 @@ class Management:
     async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
         if writer.is_closing():
             return
-        writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
-        await writer.drain()
+        writer.write(_line(message))
+        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
 
     async def _in_worker(self, function: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
+        future = self._pool.submit(function, *args)
+        self._queued.add(future)
+        future.add_done_callback(self._queued.discard)
+        return await asyncio.wrap_future(future)
 
     # -- commands ------------------------------------------------------------------------
 

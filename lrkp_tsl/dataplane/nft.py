@@ -10,8 +10,10 @@ the rules file and only elements travel as JSON.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address
@@ -23,7 +25,7 @@ import nftables
 from lrkp_tsl.dataplane import nftbatch
 from lrkp_tsl.dataplane.nftbatch import endpoint_bytes
 from lrkp_tsl.dataplane.nftsets import SetReader
-from lrkp_tsl.dataplane.nftwatch import RulesetWatch
+from lrkp_tsl.dataplane.nftwatch import BaseChain, RulesetWatch
 from lrkp_tsl.defaults import DEFAULT_RULES
 from lrkp_tsl.errors import KernelError
 from lrkp_tsl.media import Endpoint, Flow, InstalledFlow, PortRange
@@ -37,6 +39,11 @@ FLOW_MAPS = ("dnat_to", "snat_to")
 # nftables keeps at most 128 bytes of comment per element.
 COMMENT_MAX = 128
 IDLE_POLICY = "relay_idle"
+# The base chain of the nft queue path (queue.py): the node's, but not in the rules file.
+QUEUE_CHAIN = "queue"
+# What libnftables says when the kernel refuses to change a base chain's type, hook or
+# priority in place.
+_NOT_SUPPORTED = os.strerror(errno.EOPNOTSUPP)
 CTA_TIMEOUT_UDP_UNREPLIED = 1
 # Elements per transaction when many calls go in at once (restart, reinstall): big enough
 # to amortise the transaction, small enough to keep one failure's blast radius bounded.
@@ -45,6 +52,20 @@ INSTALL_BATCH = 4096
 # queue mark in its verdict) and the `seen` set (silence is read from conntrack now).
 OBSOLETE = ((nftbatch.NFT_MSG_DELCHAIN, "unmark"), (nftbatch.NFT_MSG_DELSET, "seen"))
 _POLICY = re.compile(r"policy = \{[^}]*\}")
+
+
+def _chain_change(old: BaseChain, new: BaseChain | None) -> str:
+    """What changed in a base chain, for a log line: "prerouting priority -310 -> -305"."""
+    if new is None:
+        return f"{old}: no longer in the rules file, removed"
+    parts = []
+    if new.type != old.type:
+        parts.append(f"type {old.type} -> {new.type}")
+    if new.hook != old.hook:
+        parts.append(f"hook {old.hook} -> {new.hook}")
+    if new.priority != old.priority:
+        parts.append(f"{new.hook} priority {old.priority} -> {new.priority}")
+    return ", ".join(parts)
 
 
 def element_comment(call_id: str) -> str:
@@ -118,9 +139,15 @@ class NftTable:
         self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle_timeout: float
     ) -> None:
         """Install or refresh the table in one transaction, keeping existing map elements
-        (`load_batch` says how)."""
-        batch = self.load_batch(relay_addrs, ports, idle_timeout)
-        self.run_text(batch, f"loading {self.rules_path}")
+        (`load_batch` says how); base chains that changed are replaced in that transaction
+        (`_replace_base_chains`)."""
+        what = f"loading {self.rules_path}"
+        try:
+            self.run_text(self.load_batch(relay_addrs, ports, idle_timeout), what)
+        except KernelError as error:
+            if _NOT_SUPPORTED not in error.reason:
+                raise
+            self._replace_base_chains(relay_addrs, ports, idle_timeout, what)
         self._drop_obsolete()
 
     def check_load(
@@ -132,11 +159,19 @@ class NftTable:
         dry = nftables.Nftables()
         dry.set_dry_run(True)
         rc, _output, error = dry.cmd(batch)
+        if rc != 0 and _NOT_SUPPORTED in error:
+            # A base chain that changed: `load` replaces it, so check that transaction.
+            names = self._replaceable_chains()
+            rc, _output, error = dry.cmd(self.load_batch(relay_addrs, ports, idle_timeout, names))
         if rc != 0:
             raise KernelError(f"checking {self.rules_path}: nft said: {error.strip()}")
 
     def load_batch(
-        self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle_timeout: float
+        self,
+        relay_addrs: Sequence[IPv4Address],
+        ports: PortRange,
+        idle_timeout: float,
+        replace_chains: Sequence[str] = (),
     ) -> str:
         """The one transaction that installs or refreshes the table.
 
@@ -145,6 +180,7 @@ class NftTable:
         addresses and ports are replaced from config; the `relay_idle` conntrack timeout
         policy is set to `idle_timeout`. That object is replaced only when its value
         changes: deleting it strips the policy from every live conntrack entry.
+        `replace_chains`: base chains deleted after the flush, for the file to declare anew.
         """
         try:
             rules = self.rules_path.read_text()
@@ -155,17 +191,55 @@ class NftTable:
         rules = _POLICY.sub(policy, rules, count=1)
         current = self.idle_policy()
         addrs = ", ".join(str(a) for a in relay_addrs)
-        batch = [f"add table {FAMILY} {TABLE}", f"flush table {FAMILY} {TABLE}"]
+        head = [f"add table {FAMILY} {TABLE}", f"flush table {FAMILY} {TABLE}"]
         if current is not None and current != seconds:
-            batch.append(f"delete ct timeout {FAMILY} {TABLE} {IDLE_POLICY}")
-        batch += [
+            head.append(f"delete ct timeout {FAMILY} {TABLE} {IDLE_POLICY}")
+        body = [
             rules,
             f"flush set {FAMILY} {TABLE} relay_addrs",
             f"flush set {FAMILY} {TABLE} relay_ports",
             f"add element {FAMILY} {TABLE} relay_addrs {{ {addrs} }}",
             f"add element {FAMILY} {TABLE} relay_ports {{ {ports.start}-{ports.end} }}",
         ]
-        return "\n".join(batch)
+        deletes = [f"delete chain {FAMILY} {TABLE} {name}" for name in replace_chains]
+        return "\n".join(head + deletes + body)
+
+    def _replaceable_chains(self) -> list[str]:
+        return [name for name in self._watch.base_chains(FAMILY, TABLE) if name != QUEUE_CHAIN]
+
+    def _replace_base_chains(
+        self,
+        relay_addrs: Sequence[IPv4Address],
+        ports: PortRange,
+        idle_timeout: float,
+        what: str,
+    ) -> None:
+        """Load the rules over a table whose base chains differ from the file's.
+
+        The kernel cannot change a base chain's type, hook or priority in place (an upgraded
+        rules file, or a chain an operator re-created by hand): the plain reload fails with
+        EOPNOTSUPP. So the table's base chains are deleted and declared again by the file in
+        the same transaction: packets meet the old chains until the commit and the new ones
+        after it. Sets, maps, counters and the idle policy are not touched, so live calls
+        keep their elements and their conntrack entries keep their timeout.
+        """
+        before = self._watch.base_chains(FAMILY, TABLE)
+        names = [name for name in before if name != QUEUE_CHAIN]
+        self.run_text(self.load_batch(relay_addrs, ports, idle_timeout, names), what)
+        after = self._watch.base_chains(FAMILY, TABLE)
+        changes = [
+            f"replaced base chain {name} ({_chain_change(before[name], after.get(name))})"
+            for name in names
+            if after.get(name) != before[name]
+        ]
+        log.warning(
+            "%s: %s. The kernel cannot change a base chain's type, hook or priority in "
+            "place, so the table's base chains were deleted and declared again in the same "
+            "transaction as the rules; map elements, counters and the live calls' conntrack "
+            "entries were kept",
+            self.rules_path,
+            "; ".join(changes) or f"re-created base chains {', '.join(names)}",
+        )
 
     def _drop_obsolete(self) -> None:
         """Remove what older rules files declared and this one no longer does (a reload keeps

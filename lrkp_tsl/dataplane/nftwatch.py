@@ -17,7 +17,15 @@ for `list chain` and `list table`), so this module speaks nf_tables netlink itse
   a set element: its cost follows the number of rules and chains, not of calls.
 - `has_rule(family, table, chain, needle)`: a rule dump of one chain, looking for `needle`
   in the rules' expressions and user data (iptables-nft keeps an xt comment inside its match
-  expression, so the node's NFQUEUE rule is found by its comment).
+  expression, so the node's NFQUEUE rule is found by its comment); `chain_rules` gives the
+  chain's rules in order, so a caller can see what stands ahead of its own.
+- `set_counts(family, table)`: a set dump of the table (metadata, no element): how many
+  elements each set holds, where the kernel says (NFTA_SET_COUNT: recent kernels, such as
+  the lab's 6.18; older ones do not).
+- `has_element(family, table, set, key)`: one element GET (an interval set answers for any
+  key inside an interval): whether the node's relay addresses and ports are still there.
+- `base_chains(family, table)`: each base chain's hook, priority and type, which the kernel
+  will not change in place (a reload that asks for another gets EOPNOTSUPP).
 
 What a fingerprint covers, and why more than (chain, rule handle) pairs: measured on this
 kernel, `nft replace rule` keeps the rule's handle, `nft add chain ... { policy drop; }`
@@ -58,6 +66,8 @@ NFT_MSG_NEWRULE = 6
 NFT_MSG_GETRULE = 7
 NFT_MSG_NEWGEN = 15
 NFT_MSG_GETGEN = 16
+NFT_MSG_GETSET = 10
+NFT_MSG_GETSETELEM = 13
 NFT_MSG_GETOBJ = 19
 
 # enum nft_table_attributes
@@ -83,6 +93,20 @@ NFTA_RULE_USERDATA = 7
 NFTA_LIST_ELEM = 1
 NFTA_EXPR_NAME = 1
 NFTA_EXPR_DATA = 2
+# enum nft_hook_attributes
+NFTA_HOOK_HOOKNUM = 1
+NFTA_HOOK_PRIORITY = 2
+# enum nft_set_attributes: NFTA_SET_COUNT only on recent kernels (absent on older ones)
+NFTA_SET_TABLE = 1
+NFTA_SET_NAME = 2
+NFTA_SET_COUNT = 20
+# enum nft_set_elem_list_attributes, nft_set_elem_attributes, nft_data_attributes
+NFTA_SET_ELEM_LIST_TABLE = 1
+NFTA_SET_ELEM_LIST_SET = 2
+NFTA_SET_ELEM_LIST_ELEMENTS = 3
+NFTA_SET_ELEM_KEY = 1
+NFTA_DATA_VALUE = 1
+NLA_F_NESTED = 0x8000
 # enum nft_gen_attributes
 NFTA_GEN_ID = 1
 
@@ -90,6 +114,7 @@ NFTA_OBJ_TABLE = 1
 NFTA_OBJ_NAME = 2
 NFTA_OBJ_TYPE = 3
 NFTA_OBJ_DATA = 4
+NFTA_OBJ_HANDLE = 6
 NFT_OBJECT_CT_TIMEOUT = 7
 NFTA_CT_TIMEOUT_DATA = 3
 
@@ -113,6 +138,8 @@ NLMSG_DONE = 0x3
 NLA_TYPE_MASK = 0x3FFF
 
 FAMILIES = {"ip": 2, "ip6": 10, "inet": 1, "arp": 3, "bridge": 7, "netdev": 5}
+# enum nf_inet_hooks: the hooks of ip, ip6 and inet base chains
+HOOKS = ("prerouting", "input", "forward", "output", "postrouting", "ingress")
 
 # One dump message is at most 32 KiB (the kernel's cap on dump skbs); room to spare.
 RECV_SIZE = 1 << 16
@@ -127,6 +154,7 @@ _NLATTR = struct.Struct("=HH")
 _ERRNO = struct.Struct("=i")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+_S32 = struct.Struct(">i")
 _HEADER = _NLMSGHDR.size + _NFGENMSG.size
 
 
@@ -188,6 +216,27 @@ def object_request(seq: int, family: int, table: str, name: str, kind: int) -> b
         + attr(NFTA_OBJ_TYPE, _U32.pack(kind))
     )
     return encode_request(NFT_MSG_GETOBJ, 0, seq, family, attrs)
+
+
+def sets_request(seq: int, family: int, table: str) -> bytes:
+    """A set dump of one table: each set's metadata (and count), never an element."""
+    return encode_request(
+        NFT_MSG_GETSET, NLM_F_DUMP, seq, family, attr_string(NFTA_SET_TABLE, table)
+    )
+
+
+def element_request(seq: int, family: int, table: str, name: str, key: bytes) -> bytes:
+    """A GET of one element by its key (not a dump). Several keys in one request would get
+    one reply each and an error for the first missing one; one key keeps it simple."""
+    value = attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, attr(NFTA_DATA_VALUE, key))
+    element = attr(NFTA_LIST_ELEM | NLA_F_NESTED, value)
+    elements = attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, element)
+    attrs = (
+        attr_string(NFTA_SET_ELEM_LIST_TABLE, table)
+        + attr_string(NFTA_SET_ELEM_LIST_SET, name)
+        + elements
+    )
+    return encode_request(NFT_MSG_GETSETELEM, 0, seq, family, attrs)
 
 
 # -- decoding (pure: every malformed input is a KernelError) --------------------------------
@@ -333,6 +382,48 @@ def decode_chain(body: bytes) -> ChainInfo:
         _string(attrs, NFTA_CHAIN_NAME, "chain"),
         _int(attrs, NFTA_CHAIN_HANDLE, _U64, "chain handle"),
         digest.digest(),
+    )
+
+
+class BaseChain(NamedTuple):
+    """What the kernel will not change in a base chain in place."""
+
+    hook: str
+    priority: int
+    type: str
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.hook} priority {self.priority}"
+
+
+def decode_base_chain(body: bytes) -> tuple[str, str, BaseChain | None]:
+    """(table, chain, its hook/priority/type or None for a regular chain)."""
+    attrs = _body_attrs(body)
+    table = _string(attrs, NFTA_CHAIN_TABLE, "chain's table")
+    name = _string(attrs, NFTA_CHAIN_NAME, "chain")
+    if NFTA_CHAIN_HOOK not in attrs:
+        return table, name, None
+    hook = parse_attrs(attrs[NFTA_CHAIN_HOOK])
+    number = _int(hook, NFTA_HOOK_HOOKNUM, _U32, "hook number")
+    return (
+        table,
+        name,
+        BaseChain(
+            HOOKS[number] if number < len(HOOKS) else f"hook {number}",
+            _int(hook, NFTA_HOOK_PRIORITY, _S32, "hook priority"),
+            _string(attrs, NFTA_CHAIN_TYPE, "chain type") if NFTA_CHAIN_TYPE in attrs else "?",
+        ),
+    )
+
+
+def decode_set_count(body: bytes) -> tuple[str, str, int | None]:
+    """(table, set, elements in it, or None where the kernel does not say)."""
+    attrs = _body_attrs(body)
+    count = _int(attrs, NFTA_SET_COUNT, _U32, "set count") if NFTA_SET_COUNT in attrs else None
+    return (
+        _string(attrs, NFTA_SET_TABLE, "set's table"),
+        _string(attrs, NFTA_SET_NAME, "set"),
+        count,
     )
 
 
@@ -521,8 +612,8 @@ class RulesetWatch:
             info, (decode_chain(b) for b in chains or ()), (decode_rule(b) for b in rules or ())
         )
 
-    def matching_rules(self, family: str, table: str, chain: str, needle: bytes) -> list[int]:
-        """Handles of the rules of `chain` whose expressions or user data contain `needle`.
+    def chain_rules(self, family: str, table: str, chain: str) -> list[RuleInfo]:
+        """The rules of `chain`, in the order packets meet them (the dump's order).
 
         A missing table or chain has no rules (an empty list, not an error).
         """
@@ -534,12 +625,76 @@ class RulesetWatch:
             except _Interrupted:
                 continue
             rules = (decode_rule(body) for body in replies or ())
-            return [
-                r.handle
-                for r in rules
-                if r.table == table and r.chain == chain and needle in r.content
-            ]
+            return [r for r in rules if r.table == table and r.chain == chain]
         raise KernelError(f"{what}: the ruleset changed during each of {ATTEMPTS} reads")
+
+    def matching_rules(self, family: str, table: str, chain: str, needle: bytes) -> list[int]:
+        """Handles of the rules of `chain` whose expressions or user data contain `needle`.
+
+        A missing table or chain has no rules (an empty list, not an error).
+        """
+        return [r.handle for r in self.chain_rules(family, table, chain) if needle in r.content]
+
+    def base_chains(self, family: str, table: str) -> dict[str, BaseChain]:
+        """The table's base chains: name -> hook, priority, type (chains of other tables of
+        the family, which the kernel's chain dump includes, are left out)."""
+        number = family_number(family)
+        what = f"reading the chains of table {family} {table}"
+        for _attempt in range(ATTEMPTS):
+            try:
+                replies = self._exchange(lambda seq: chains_request(seq, number), what)
+            except _Interrupted:
+                continue
+            found = {}
+            for body in replies or ():
+                owner, name, base = decode_base_chain(body)
+                if owner == table and base is not None:
+                    found[name] = base
+            return found
+        raise KernelError(f"{what}: the ruleset changed during each of {ATTEMPTS} reads")
+
+    def set_counts(self, family: str, table: str) -> dict[str, int | None] | None:
+        """How many elements each set of the table holds: set -> count, or None per set on
+        kernels that do not report it (older ones); None if there is no such table.
+
+        One dump of set metadata: its cost follows the number of sets, not of elements."""
+        number = family_number(family)
+        what = f"reading the sets of table {family} {table}"
+        for _attempt in range(ATTEMPTS):
+            try:
+                replies = self._exchange(lambda seq: sets_request(seq, number, table), what)
+            except _Interrupted:
+                continue
+            if replies is None:
+                return None
+            counts: dict[str, int | None] = {}
+            for body in replies:
+                owner, name, count = decode_set_count(body)
+                if owner == table:
+                    counts[name] = count
+            return counts
+        raise KernelError(f"{what}: the ruleset changed during each of {ATTEMPTS} reads")
+
+    def has_element(self, family: str, table: str, name: str, key: bytes) -> bool:
+        """Whether the set holds `key` (in an interval set: an interval containing it);
+        False if the set or table is gone. `key` is the element's key as nf_tables holds
+        it (an ipv4_addr: 4 bytes; an inet_service: 2 bytes, network order)."""
+        number = family_number(family)
+        what = f"reading set {family} {table} {name}"
+        replies = self._exchange(lambda seq: element_request(seq, number, table, name, key), what)
+        return replies is not None
+
+    def object_handle(self, family: str, table: str, name: str, kind: int) -> int | None:
+        """The handle of a stateful object (None if there is none): a new handle means the
+        object was deleted and created again, and lost what referred to it."""
+        number = family_number(family)
+        what = f"reading object {family} {table} {name}"
+        replies = self._exchange(lambda seq: object_request(seq, number, table, name, kind), what)
+        if replies is None:
+            return None
+        if not replies:
+            raise KernelError(f"{what}: no answer")
+        return _int(_body_attrs(replies[0]), NFTA_OBJ_HANDLE, _U64, "object handle")
 
     def ct_timeout(self, family: str, table: str, name: str) -> dict[int, int] | None:
         """A ct timeout policy: conntrack state number -> seconds (for UDP, 1 unreplied and

@@ -7,6 +7,11 @@ iptables-nft in the raw table (this kernel has no nft queue) — and removes exa
 rule on exit. Both run at priority raw (-300): before conntrack, so a packet accepted
 later creates or joins its stream's conntrack entry only then.
 
+The xt rule is the first of raw PREROUTING, and kept first: a rule ahead of it that ends
+the chain for a packet (`iptables -t raw -I PREROUTING 1 -j ACCEPT`) would keep every
+first packet from the node while the rule itself looks present. It only matches packets
+the node's own table marked, so standing first changes nothing for other traffic.
+
 Fail-closed: the queue rule has no bypass. If the node is not listening, or the queue is
 full, first packets of learning legs are dropped; streams already latched never touch the
 queue and keep flowing.
@@ -24,10 +29,11 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from ipaddress import IPv4Address
+from typing import NamedTuple
 
 from netfilterqueue import NetfilterQueue, Packet
 
-from lrkp_tsl.dataplane.nft import FAMILY, TABLE, NftTable
+from lrkp_tsl.dataplane.nft import FAMILY, QUEUE_CHAIN, TABLE, NftTable
 from lrkp_tsl.dataplane.nftwatch import RulesetWatch
 from lrkp_tsl.errors import HostError, KernelError
 from lrkp_tsl.media import Endpoint
@@ -46,6 +52,7 @@ def unmarked(mark: int) -> int:
 
 QUEUE_MAXLEN = 1024
 XT_COMMENT = "lrkp-tsl first packets"
+XT_TABLE, XT_CHAIN = "raw", "PREROUTING"
 IPPROTO_UDP = 17
 
 
@@ -55,6 +62,22 @@ def xt_rule(queue_num: int) -> list[str]:
         "PREROUTING", "-m", "mark", "--mark", mark, "-m", "comment", "--comment", XT_COMMENT,
         "-j", "NFQUEUE", "--queue-num", str(queue_num),
     ]  # fmt: skip
+
+
+class RuleProblem(NamedTuple):
+    """What is wrong with the queue rule: `gone`, or only misplaced; `text` says which."""
+
+    gone: bool
+    text: str
+
+
+def restore_script(queue_num: int, copies: int) -> str:
+    """iptables-restore input that deletes `copies` copies of the rule and inserts it first,
+    applied as one transaction (`--noflush` leaves every other rule alone)."""
+    chain, *match = (f'"{word}"' if " " in word else word for word in xt_rule(queue_num))
+    rule = " ".join(match)
+    deletes = [f"-D {chain} {rule}"] * copies
+    return "\n".join([f"*{XT_TABLE}", *deletes, f"-I {chain} 1 {rule}", "COMMIT", ""])
 
 
 def parse_udp(payload: bytes) -> tuple[Endpoint, Endpoint] | None:
@@ -96,35 +119,41 @@ class QueueRule:
         # chain lives in the node's own table.)
         self.added = False
         self.created_raw = False
+        self.restore = shutil.which("iptables-nft-restore") or "iptables-nft-restore"
 
     def _xt(self, verb: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [self.iptables, "-w", "-t", "raw", verb, *xt_rule(self.queue_num)],
+            [self.iptables, "-w", "-t", XT_TABLE, verb, *xt_rule(self.queue_num)],
             capture_output=True,
             text=True,
             check=False,
         )
 
-    def install(self) -> None:
+    def _xt_first(self) -> subprocess.CompletedProcess[str]:
+        chain, *match = xt_rule(self.queue_num)
+        return subprocess.run(
+            [self.iptables, "-w", "-t", XT_TABLE, "-I", chain, "1", *match],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    def install(self, watch: RulesetWatch | None = None) -> None:
+        """Install the rule (the xt one first in raw PREROUTING, moved there if it stands
+        elsewhere, in one transaction); `watch` reads the chain (a new one if not given)."""
         if self.path == "nft":
             self.nft.run_text(
-                f"add chain {FAMILY} {TABLE} queue {{ type filter hook prerouting priority "
-                f"-300; policy accept; }}\nflush chain {FAMILY} {TABLE} queue\n"
-                f"add rule {FAMILY} {TABLE} queue meta mark & {QUEUE_MARK:#x} == "
+                f"add chain {FAMILY} {TABLE} {QUEUE_CHAIN} {{ type filter hook prerouting "
+                f"priority -300; policy accept; }}\nflush chain {FAMILY} {TABLE} {QUEUE_CHAIN}\n"
+                f"add rule {FAMILY} {TABLE} {QUEUE_CHAIN} meta mark & {QUEUE_MARK:#x} == "
                 f"{QUEUE_MARK:#x} queue num {self.queue_num}",
                 "installing the nft queue rule",
             )
-        elif self._xt("-C").returncode != 0:
-            with RulesetWatch() as watch:
-                created_raw = watch.fingerprint("ip", "raw") is None
-            result = self._xt("-A")
-            if result.returncode != 0:
-                raise KernelError(
-                    f"installing the xt NFQUEUE rule (iptables-nft -t raw -A "
-                    f"{' '.join(xt_rule(self.queue_num))}) failed: {result.stderr.strip()}"
-                )
-            self.added = True
-            self.created_raw = self.created_raw or created_raw
+        elif watch is None:  # at startup: said even when the rule was there already
+            with RulesetWatch() as own:
+                self._install_first(own)
+        elif not self._install_first(watch):
+            return  # there already, and first
         log.info(
             "first packets: marked %#x -> queue %d via %s",
             QUEUE_MARK,
@@ -132,12 +161,59 @@ class QueueRule:
             "nft queue" if self.path == "nft" else "xt NFQUEUE (iptables-nft, table raw)",
         )
 
-    def present(self, watch: RulesetWatch) -> bool:
-        """Whether the rule is still there (the nft chain is part of the node's table,
-        which the caller watches as a whole)."""
+    def _install_first(self, watch: RulesetWatch) -> bool:
+        """Put the xt rule first, alone; False if it already was."""
+        rules = watch.chain_rules("ip", XT_TABLE, XT_CHAIN)
+        mine = [i for i, rule in enumerate(rules) if XT_COMMENT.encode() in rule.content]
+        if mine == [0]:
+            return False
+        if not mine:  # added by this node: a start that fails takes it back (and raw)
+            self.added = True
+            self.created_raw = self.created_raw or watch.fingerprint("ip", XT_TABLE) is None
+        script = restore_script(self.queue_num, len(mine))
+        if shutil.which(self.restore) is None:  # no iptables-nft-restore: two transactions
+            for _copy in mine:
+                self._xt("-D")
+            result = self._xt_first()
+        else:
+            result = subprocess.run(
+                [self.restore, "-w", "--noflush"],
+                input=script,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        if result.returncode != 0:
+            raise KernelError(
+                f"installing the xt NFQUEUE rule first in raw {XT_CHAIN} "
+                f"(iptables-nft-restore --noflush <<< {script!r}) failed: "
+                f"{result.stderr.strip()}"
+            )
+        return True
+
+    def problem(self, watch: RulesetWatch) -> RuleProblem | None:
+        """What is wrong with the rule, or None (the nft chain is part of the node's table,
+        which the caller watches as a whole). The xt rule must be there, and first."""
         if self.path == "nft":
-            return True
-        return watch.has_rule("ip", "raw", "PREROUTING", XT_COMMENT.encode())
+            return None
+        rules = watch.chain_rules("ip", XT_TABLE, XT_CHAIN)
+        mine = [i for i, rule in enumerate(rules) if XT_COMMENT.encode() in rule.content]
+        where = f"iptables-nft's {XT_TABLE} {XT_CHAIN}"
+        if not mine:
+            return RuleProblem(True, f"the first-packet queue rule is gone from {where}")
+        if mine[0] != 0:
+            ahead = ", ".join(f"#{rule.handle}" for rule in rules[: mine[0]])
+            return RuleProblem(
+                False,
+                f"the first-packet queue rule is no longer first in {where}: {mine[0]} "
+                f"rule(s) ahead of it (handle {ahead}) can end the chain before first "
+                f"packets reach it (`iptables-nft -t {XT_TABLE} -S {XT_CHAIN}`)",
+            )
+        return None
+
+    def present(self, watch: RulesetWatch) -> bool:
+        """Whether the rule is there and first (`problem` says what is wrong otherwise)."""
+        return self.problem(watch) is None
 
     def remove(self) -> None:
         """Remove only the rule this node installed (the nft chain goes with our table)."""

@@ -52,8 +52,11 @@ def sysctl(lab: Lab, name: str, value: str | None = None) -> str:
 
 @pytest.fixture
 def host(lab: Lab) -> Iterator[Lab]:
-    """The relay namespace; its ephemeral range and reserved ports are put back after."""
+    """The relay namespace with no reserved ports (nodes of earlier tests keep what they
+    reserved, as a node that stops without a flush does); its ephemeral range and reserved
+    ports are put back after."""
     ephemeral, reserved = sysctl(lab, EPHEMERAL), sysctl(lab, RESERVED)
+    lab.run("relay", "sh", "-c", "echo > /proc/sys/net/ipv4/ip_local_reserved_ports")
     try:
         yield lab
     finally:

@@ -320,8 +320,10 @@ def test_a_node_without_its_store_adopts_the_calls_it_finds_in_the_kernel(
     ],
 )
 def test_bad_config_exits_naming_key_and_value(args: list[str], message: str) -> None:
+    # --config /dev/null: flags only, whatever /etc/lrkp-tsl/lrkp-tsl.toml holds on this
+    # host (a file there could make a bad flag good and start a node in the host namespace).
     result = subprocess.run(
-        [*LRKP_TSL, "run", "--internal-ip", "10.0.0.1", *args],
+        [*LRKP_TSL, "run", "--config", "/dev/null", "--internal-ip", "10.0.0.1", *args],
         capture_output=True,
         text=True,
         timeout=30,
