@@ -29,7 +29,7 @@ from lrkp_tsl.dataplane import DataPlane
 from lrkp_tsl.dataplane.ctevents import ConntrackEvents, Reaper
 from lrkp_tsl.dataplane.queue import PacketQueue, QueueRule
 from lrkp_tsl.dataplane.routes import routed_networks
-from lrkp_tsl.engine import Engine, Settings
+from lrkp_tsl.engine import Engine, RestoreReport, Settings
 from lrkp_tsl.errors import ConfigError, KernelError, StoreError
 from lrkp_tsl.lock import acquire_instance_lock
 from lrkp_tsl.mgmt import Management
@@ -43,9 +43,13 @@ from lrkp_tsl.store import FILENAME, SqliteStore
 
 log = logging.getLogger("lrkp_tsl.daemon")
 
-# Reading the kernel's maps fails when another nftables change interrupts the dump too
-# often (nftsets.py retries 8 times itself).
+# Reading the kernel's maps can fail (a table removed meanwhile, netlink trouble): tried
+# this often, a second apart. A ruleset that keeps changing is no failure (nftsets.py).
 RECONCILE_ATTEMPTS = 5
+# A read the ruleset changed during is followed by this many more, this far apart, for the
+# elements of no call it may have skipped; the last one settles what is left.
+RECONCILE_REREADS = 2
+REREAD_DELAY = 2.0
 
 
 def reap_interval(idle_timeout: float) -> float:
@@ -94,39 +98,68 @@ async def reconcile(plane: DataPlane, engine: Engine, server: Server, stop: asyn
 
     The kernel's maps are read in a worker thread (the dump is kernel time, O(n^2) in the
     number of elements: seconds at 50k calls), then compared in steps of a few thousand
-    calls, one event-loop turn each. A call changed meanwhile has put its own view back.
+    calls, one event-loop turn each. A call changed meanwhile has put its own view back,
+    and what the node changed since the read began is never judged from it
+    (`Engine.begin_read`). Commands keep changing the ruleset on a busy node, so a read is
+    often not one snapshot: the stored calls are still all compared (engine.reconcile
+    says how), and up to RECONCILE_REREADS more reads look for what it may have skipped.
     """
     loop = asyncio.get_running_loop()
     started = time.monotonic()
-    for attempt in range(1, RECONCILE_ATTEMPTS + 1):
+    reads = failures = 0
+    while not stop.is_set():
+        engine.begin_read()
+        read_at = time.monotonic()
         try:
             state = await loop.run_in_executor(None, plane.state)
-            break
         except KernelError as error:
-            log.error("reading the kernel state failed (attempt %d): %s", attempt, error)
-            if attempt == RECONCILE_ATTEMPTS or stop.is_set():
+            failures += 1
+            log.error("reading the kernel state failed (attempt %d): %s", failures, error)
+            if failures >= RECONCILE_ATTEMPTS:
+                engine.journal = None
                 log.error(
                     "calls not compared with the kernel: each puts its whole state back "
                     "when it next changes; restart the node to compare them all"
                 )
                 return
-            await asyncio.sleep(1.0)
-    read = time.monotonic()
-    if stop.is_set():
-        return
-    try:
-        for _ in engine.reconcile(state, time.monotonic()):
-            server.flush()
-            await asyncio.sleep(0)
-    except Exception:
-        server.stats["error.internal.reconcile"] += 1
-        log.exception("comparing the calls with the kernel failed; the node carries on")
-    server.flush()
-    log.info(
-        "kernel state read in %.3f s and reconciled in %.3f s",
-        read - started,
-        time.monotonic() - read,
-    )
+            await _pause(stop, 1.0)
+            continue
+        reads += 1
+        compared_at = time.monotonic()
+        if stop.is_set():
+            return
+        final = state.consistent or reads > RECONCILE_REREADS
+        report = RestoreReport()
+        try:
+            for _ in engine.reconcile(state, time.monotonic(), report, final=final):
+                server.flush()
+                await asyncio.sleep(0)
+        except Exception:
+            server.stats["error.internal.reconcile"] += 1
+            log.exception("comparing the calls with the kernel failed; the node carries on")
+            return
+        server.flush()
+        log.info(
+            "kernel state read in %.3f s (%s) and compared in %.3f s",
+            compared_at - read_at,
+            "one snapshot" if state.consistent else "the ruleset changed meanwhile",
+            time.monotonic() - compared_at,
+        )
+        if final:
+            log.info(
+                "reconciliation finished %.3f s after it began: %d reads of the kernel, the "
+                "last one %s",
+                time.monotonic() - started,
+                reads,
+                "a snapshot" if state.consistent else "not a snapshot either",
+            )
+            return
+        await _pause(stop, REREAD_DELAY)
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 async def run_pair(

@@ -19,7 +19,7 @@ from lrkp_tsl.engine import (
     Settings,
 )
 from lrkp_tsl.errors import KernelError
-from lrkp_tsl.kernel import EMPTY, KernelView, StreamChange, StreamEvent
+from lrkp_tsl.kernel import EMPTY, KernelState, KernelView, StreamChange, StreamEvent
 from lrkp_tsl.latching import Policy, Rule
 from lrkp_tsl.media import CallMedia, Endpoint, InstalledFlow, PortRange
 from lrkp_tsl.protocol import NodeConfig
@@ -698,9 +698,49 @@ def test_reconciliation_removes_stale_elements_of_a_touched_call_and_adopts_stra
     report = RestoreReport()
     for _ in again.reconcile(snapshot, 7.0, report):
         pass
-    # c1's own four flows (already deleted by its D) are swept again with the stale one.
-    assert report.adopted == ["orphan"] and report.stray_flows == 5
+    # c1's own four flows were deleted by its D after the read (the node's own change: not
+    # swept again); the stale one, no key of any call, is removed.
+    assert report.adopted == ["orphan"] and report.stray_flows == 1
     assert (stale.sender, stale.relay) not in kernel.flows
+    agree(again, kernel)
+
+
+def test_a_call_deleted_after_the_read_is_never_adopted_from_it() -> None:
+    engine, kernel, store = make(Policy.STRICT)
+    ok(engine, s_command("c1"))
+    ok(engine, s_command("c2", relay_port=20100, cookie="1_2"))
+    again = loaded(kernel, store, 5.0)
+    snapshot = kernel.state()  # the read: both calls whole
+    # D right after startup, answered OK, before the read is compared.
+    ok(again, s_command("c1", verb="D", cookie="1_3"), 6.0)
+    ok(again, s_command("c2", relay_port=20100, verb="D", cookie="1_4"), 6.0)
+    report = RestoreReport()
+    for _ in again.reconcile(snapshot, 7.0, report):
+        pass
+    assert report.adopted == [] and len(again.table) == 0
+    assert kernel.flows == {} and kernel.learning == {} and store.records == {}
+
+
+def test_an_inconsistent_read_repairs_what_it_lacks_and_keeps_half_seen_groups() -> None:
+    engine, kernel, store = make(Policy.STRICT)
+    ok(engine, s_command("skipped"))
+    ok(engine, s_command("orphan", relay_port=20100, cookie="1_2"))
+    del store.records["orphan"]  # the kernel has it, the store does not
+    again = loaded(kernel, store, 5.0)
+    full = kernel.state()
+    # The ruleset changed during the read, which skipped one element of each call.
+    lost = {next(f for f in full.flows if f.comment == c) for c in ("skipped", "orphan")}
+    read = KernelState(tuple(f for f in full.flows if f not in lost), full.learning, False)
+    report = RestoreReport()
+    for _ in again.reconcile(read, 6.0, report, final=False):
+        pass
+    assert report.repaired == ["skipped"] and kernel.calls["repair"] == 1
+    assert report.doubtful == ["orphan"] and report.adopted == [] and report.stray_flows == 0
+    assert len(kernel.flows) == 8  # nothing of "orphan" was removed on a partial view
+    again.begin_read()
+    for _ in again.reconcile(kernel.state(), 7.0, report):  # the next read: a snapshot
+        pass
+    assert report.adopted == ["orphan"]
     agree(again, kernel)
 
 
