@@ -3,7 +3,9 @@
 Startup order matters, and each step says why:
 1. the instance lock, before anything touches the kernel: a second node in the same
    network namespace exits here, naming the first, and changes nothing;
-2. the state store (a bad state directory is a config error, found before the kernel);
+2. the state directory, made this node's own (a node that uses it already is named, and
+   this one exits), then the state store in it (a bad state directory is a config error,
+   found before the kernel);
 3. sysctls, kernel probe, the table (reloaded in place: live calls keep flowing);
 4. the conntrack event socket, before the kernel state is read, so no stream that ends
    during the restore goes unnoticed;
@@ -31,7 +33,7 @@ from lrkp_tsl.dataplane.queue import PacketQueue, QueueRule
 from lrkp_tsl.dataplane.routes import routed_networks
 from lrkp_tsl.engine import Engine, RestoreReport, Settings
 from lrkp_tsl.errors import ConfigError, KernelError, StoreError
-from lrkp_tsl.lock import acquire_instance_lock
+from lrkp_tsl.lock import StateDirLock, acquire_instance_lock, lock_state_dir
 from lrkp_tsl.mgmt import Management
 from lrkp_tsl.pair import ROLE_INTERVAL, Following, ReplicatedStore, RoleWatch
 from lrkp_tsl.protocol import NodeConfig
@@ -82,14 +84,18 @@ def node_config(config: Config) -> NodeConfig:
     )
 
 
-def open_store(config: Config) -> SqliteStore:
+def open_store(config: Config) -> tuple[SqliteStore, StateDirLock]:
+    """The state directory, made this node's own (lock.lock_state_dir: a second node naming
+    it is refused, LockedError), and the store in it."""
     try:
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        owned = lock_state_dir(config.state_dir)
     except OSError as exc:
         raise ConfigError(f"state_dir = {str(config.state_dir)!r}: {exc.strerror}") from None
     try:
-        return SqliteStore(config.state_dir / FILENAME)
+        return SqliteStore(config.state_dir / FILENAME), owned
     except StoreError as error:
+        owned.release()
         raise ConfigError(f"state_dir = {str(config.state_dir)!r}: {error.reason}") from None
 
 
@@ -264,7 +270,8 @@ async def _run(
     loop: asyncio.AbstractEventLoop,
     cleanup: list[tuple[str, Callable[[], Any]]],
 ) -> None:
-    store = open_store(config)
+    store, state_dir_lock = open_store(config)
+    cleanup.append(("state_dir lock", state_dir_lock.release))
     cleanup.append(("store", store.close))
     plane = DataPlane(config.rules)
     features = plane.start(config.relay_addrs, config.ports, config.idle_timeout)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -198,3 +199,48 @@ def test_restart_repairs_what_changed_in_the_kernel_while_the_node_was_down(
     assert "stray" not in listing and "21502" not in listing
     burst(caller, call.caller_relay, callee, call.callee_relay, 3, b"A")
     burst(callee, call.callee_relay, caller, call.caller_relay, 3, b"B")
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_node_into_the_namespace(
+    lab: Lab, nodes: list[Node], kamailio: Controller, peers: Peers
+) -> None:
+    first = start(lab, nodes, kamailio)
+    caller, callee = peers("a", 4060), peers("b", 6060)
+    call = Call(kamailio, caller, callee, 20700, "one-per-netns@lab")
+    burst(caller, call.caller_relay, callee, call.callee_relay, 1, b"hello")
+    inode = int(lab.run("relay", "stat", "-L", "-c", "%i", "/proc/self/ns/net").stdout)
+    lock_file = Path(f"/run/lrkp-tsl/netns-{inode}.lock")
+    assert lock_file.read_text().startswith(f"{first.proc.pid}\n")
+    lock_file.unlink()  # a cleanup script, or an operator
+    second = Node(lab, "relay", *ARGS)
+    nodes.append(second)
+    assert second.proc.wait(30) == 2
+    assert f"pid {first.proc.pid}" in second.output()
+    burst(caller, call.caller_relay, callee, call.callee_relay, 3, b"A")
+    burst(callee, call.callee_relay, caller, call.caller_relay, 3, b"B")
+    assert kamailio.command(b"P", CONTROL) == b"P PONG"
+
+
+def test_a_node_in_another_namespace_cannot_share_a_state_dir(
+    lab: Lab, nodes: list[Node], kamailio: Controller, peers: Peers
+) -> None:
+    first = start(lab, nodes, kamailio)
+    caller, callee = peers("a", 4070), peers("b", 6070)
+    call = Call(kamailio, caller, callee, 20800, "own-state@lab")
+    burst(caller, call.caller_relay, callee, call.callee_relay, 1, b"hello")
+    other = (
+        "--internal-ip", "10.201.1.2", "--ports", "20000-21999",
+        "--control", "udp:10.201.1.2:22333", "--allow", "10.201.1.5",
+    )  # fmt: skip
+    second = Node(lab, "relay2", *other, state=first.state)
+    nodes.append(second)
+    assert second.proc.wait(30) == 2
+    namespace = lab.run("relay", "readlink", "/proc/self/ns/net").stdout.strip()
+    assert (
+        f"state_dir {str(first.state)!r} is in use by another lrkp-tsl node, "
+        f"pid {first.proc.pid} (network namespace {namespace})"
+    ) in second.output()
+    # The first node's call, store and kernel state are untouched.
+    burst(caller, call.caller_relay, callee, call.callee_relay, 3, b"A")
+    burst(callee, call.callee_relay, caller, call.caller_relay, 3, b"B")
+    assert "own-state@lab" in lab.run("relay", "nft", "list", "table", "ip", TABLE).stdout
