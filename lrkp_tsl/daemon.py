@@ -401,5 +401,6 @@ async def _run(
             await asyncio.wait_for(stop.wait(), timeout=CHECK_INTERVAL)
         except TimeoutError:
             server.guarded("self-healing", heal.check, time.monotonic())
+            store.alive(time.monotonic())  # every ALIVE_INTERVAL: call ages across a reboot
     await reaping  # stop is set: it ends after the sweep in flight, if any
     await reconciling  # ends after a read in flight: its sockets are the table's

@@ -998,10 +998,20 @@ class Engine:
         Idle clocks resume from the stored times: a call that was live is checked against
         the kernel within one idle timeout after the restart, spread over it. Returns how
         many calls.
+
+        A record whose times come from the wall clock (stored before this boot, or by an
+        older release: `StoredCall.estimated`) may have been aged by a clock step: a
+        restart never makes such a call older than its maximum lifetime less one idle
+        timeout (so it is not ended on the spot: it ends by idleness if its media is gone,
+        or by its lifetime one idle timeout later), nor younger than new.
         """
         self.begin_read()
         conflicts = []
+        capped = 0
         for record in sorted(stored, key=lambda r: r.call.started):
+            if record.estimated:
+                record, changed = self._cap_clocks(record, now)
+                capped += changed
             call = record.call
             for other in self.table.claimed(call.media):
                 conflicts.append(other)
@@ -1020,6 +1030,15 @@ class Engine:
             self.activity.quiet(call.call_id, quiet)
         for call in self.table:
             self._schedule_call(call)
+        if capped:
+            log.warning(
+                "%d stored calls were written before this boot (or by an older release): "
+                "their start times come from the wall clock, and were capped to at most %g s "
+                "ago (their maximum lifetime less one idle timeout) or to now, so that a "
+                "clock step cannot end live calls at startup",
+                capped,
+                max(0.0, self.settings.max_lifetime - self.settings.idle_timeout),
+            )
         if conflicts:
             log.warning(
                 "dropped %d stored calls whose relay ports a newer stored call holds: %s",
@@ -1038,6 +1057,17 @@ class Engine:
         """Record a kernel change while a read is compared (`ReadJournal`)."""
         if self.journal is not None:
             self.journal.note(before, after, calls)
+
+    def _cap_clocks(self, record: StoredCall, now: float) -> tuple[StoredCall, bool]:
+        """A wall-clock record's times within what a restart may give (see `load`)."""
+        call, quiet = record.call, record.quiet_since
+        oldest = now - max(0.0, self.settings.max_lifetime - call.idle_timeout)
+        started = min(max(call.started, oldest), now)
+        if quiet is not None:
+            quiet = min(max(quiet, started), now)
+        if started == call.started and quiet == record.quiet_since:
+            return record, False
+        return StoredCall(replace(call, started=started), quiet, estimated=True), True
 
     def reconcile(
         self,

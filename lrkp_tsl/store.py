@@ -17,6 +17,25 @@ Schema (version 1, kept in `PRAGMA user_version`):
               grow without bound). Emptied at startup; kept in the schema so that the
               previous release can still open the file.
     `revision` in `calls` grows with every change (nothing reads it any more).
+    `boot_id`, `started_mono`, `quiet_mono` in `calls`: the same two times on the node's
+              own clock (CLOCK_MONOTONIC), valid within the boot named by boot_id
+              (/proc/sys/kernel/random/boot_id). Added to version 1 in place (nullable): a
+              release that does not know them leaves them NULL, and such a row falls back to
+              wall-clock time, so the previous release can still open and write the file.
+
+    clock     one row: the boot id, monotonic and wall-clock time at which the node last
+              said it was alive (at start, every ALIVE_INTERVAL, at a clean stop).
+
+Clocks: a call's maximum lifetime is counted from `started`. Wall-clock time alone would
+age every call by a clock step across a restart (NTP correcting a wrong clock by +1 h ended
+live calls at startup, "lasted 3701.8 s"). So:
+- a restart on the same boot reads the monotonic times back, exactly;
+- after a reboot (the monotonic clock starts again), a call's age is its exact age when the
+  node was last alive (`clock`, same old boot) plus the time the node was down as the wall
+  clock says it, at most REBOOT_GAP: a step inside the reboot moves ages by that much at most
+  (a reboot that really lasted longer makes calls live that much past their lifetime);
+- a row an older release wrote (no monotonic times) is read from wall-clock time, and the
+  engine caps the age a restart may give it (engine.load).
 
 Versioning: a database with a higher version than this code knows is refused with a clear
 error (an older node must not rewrite a newer one's data); lower versions are migrated in
@@ -30,6 +49,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from lrkp_tsl.errors import MediaError, StoreError
@@ -40,7 +60,21 @@ log = logging.getLogger("lrkp_tsl.store")
 
 FILENAME = "calls.sqlite3"
 SCHEMA_VERSION = 1
-COLUMNS = [*FIELDS, "revision"]
+CLOCK_COLUMNS = ["boot_id", "started_mono", "quiet_mono"]
+COLUMNS = [*FIELDS, "revision", *CLOCK_COLUMNS]
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+# How often the node records that it is alive (`clock`), and how much of a reboot's
+# wall-clock duration counts towards the age of the calls it restores.
+ALIVE_INTERVAL = 30.0
+REBOOT_GAP = 120.0
+CLOCK_TABLE = """
+    CREATE TABLE IF NOT EXISTS clock (
+        id INTEGER PRIMARY KEY CHECK (id = 0),
+        boot_id TEXT NOT NULL,
+        alive_mono REAL NOT NULL,
+        alive_wall REAL NOT NULL
+    );
+"""
 # How long a write waits for a lock someone else holds (an operator's `sqlite3` shell):
 # short, because the event loop waits with it. A write that times out is refused like a
 # kernel error, and Kamailio's retransmission tries again.
@@ -74,13 +108,23 @@ MIGRATIONS: list[str] = [
 ]
 
 
+def boot_id() -> str:
+    """This boot's id: the monotonic clock's times are comparable only within one boot."""
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return ""  # no /proc: never the same boot, wall-clock time then
+
+
 class SqliteStore:
     """The engine's `Store` (records.py) on SQLite. Not thread-safe: the event loop owns it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, boot: str | None = None) -> None:
         self.path = path
-        # Engine times are monotonic; the file holds wall-clock time (survives a reboot).
+        # Engine times are monotonic; the file holds them with this boot's id, and as
+        # wall-clock time (which survives a reboot, and reads well in `sqlite3`).
         self._offset = time.time() - time.monotonic()
+        self.boot_id = boot_id() if boot is None else boot
         try:
             self._db = sqlite3.connect(
                 path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
@@ -94,6 +138,9 @@ class SqliteStore:
             self._db.execute("DELETE FROM removed")  # an older release's tombstones
         except sqlite3.Error as exc:
             raise StoreError(f"state store {path}: {exc}") from exc
+        self._alive_due = 0.0
+        self._previous = self._read_clock()
+        self.alive(time.monotonic())
         self._put_sql = (
             f"INSERT OR REPLACE INTO calls ({', '.join(COLUMNS)}) "
             f"VALUES ({', '.join('?' for _ in COLUMNS)})"
@@ -108,18 +155,28 @@ class SqliteStore:
                 "release. Run that release, or move the file away to start empty "
                 "(live calls are then adopted from the kernel)."
             )
-        if version == SCHEMA_VERSION:
-            return
-        steps = "".join(MIGRATIONS[version:])
-        try:
-            self._db.executescript(
-                f"BEGIN IMMEDIATE; {steps}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        if version < SCHEMA_VERSION:
+            steps = "".join(MIGRATIONS[version:])
+            self._script(f"{steps}; PRAGMA user_version = {SCHEMA_VERSION};")
+            log.info("state store %s: schema version %d -> %d", self.path, version, SCHEMA_VERSION)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(calls)")}
+        kinds = {"boot_id": "TEXT", "started_mono": "REAL", "quiet_mono": "REAL"}
+        missing = [name for name in CLOCK_COLUMNS if name not in have]
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master")}
+        if missing or "clock" not in tables:  # version 1 of an earlier release, in place
+            self._script(
+                " ".join(f"ALTER TABLE calls ADD COLUMN {n} {kinds[n]};" for n in missing)
+                + CLOCK_TABLE
             )
+
+    def _script(self, steps: str) -> None:
+        """`steps` in one transaction."""
+        try:
+            self._db.executescript(f"BEGIN IMMEDIATE; {steps} COMMIT;")
         except sqlite3.Error:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
-        log.info("state store %s: schema version %d -> %d", self.path, version, SCHEMA_VERSION)
 
     @contextmanager
     def group(self) -> Iterator[None]:
@@ -152,14 +209,31 @@ class SqliteStore:
         return self._offset
 
     def close(self) -> None:
+        self.alive(time.monotonic(), force=True)  # a reboot after a clean stop: exact ages
         self._db.close()
+
+    def alive(self, now: float, *, force: bool = False) -> None:
+        """Record that the node is alive now (at most every ALIVE_INTERVAL unless `force`):
+        after a reboot, the age of each restored call is counted from here. A failure is
+        logged, not raised: it only makes those ages less exact."""
+        if not force and now < self._alive_due:
+            return
+        self._alive_due = now + ALIVE_INTERVAL
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO clock VALUES (0, ?, ?, ?)",
+                [self.boot_id, now, now + self._offset],
+            )
+        except sqlite3.Error as exc:
+            log.warning("state store %s: the node's clock not recorded: %s", self.path, exc)
 
     # -- the Store protocol -------------------------------------------------------------------
 
     def put(self, call: Call, quiet_since: float | None) -> None:
         self._revision += 1
         record = encode(call, quiet_since, self._offset)
-        self._write(self._put_sql, [*record.values(), self._revision], call.call_id)
+        clock = [self.boot_id, call.started, quiet_since]
+        self._write(self._put_sql, [*record.values(), self._revision, *clock], call.call_id)
 
     def delete(self, call_id: str) -> None:
         """One statement: atomic alone, so inside `group` a failure stays this call's."""
@@ -174,9 +248,10 @@ class SqliteStore:
 
     def set_quiet(self, call_id: str, quiet_since: float | None) -> None:
         self._revision += 1
+        wall = None if quiet_since is None else quiet_since + self._offset
         self._write(
-            "UPDATE calls SET quiet_since = ?, revision = ? WHERE call_id = ?",
-            [None if quiet_since is None else quiet_since + self._offset, self._revision, call_id],
+            "UPDATE calls SET quiet_since = ?, quiet_mono = ?, revision = ? WHERE call_id = ?",
+            [wall, quiet_since, self._revision, call_id],
             call_id,
         )
 
@@ -203,5 +278,31 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"state store {self.path}: writing {call_id!r}: {exc}") from exc
 
+    def _read_clock(self) -> tuple[str, float, float] | None:
+        """(boot id, monotonic, wall-clock time) of the last `alive` before this start."""
+        try:
+            row = self._db.execute("SELECT boot_id, alive_mono, alive_wall FROM clock").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: reading the clock: {exc}") from exc
+        return None if row is None else (str(row[0]), float(row[1]), float(row[2]))
+
     def _decode(self, row: tuple[object, ...]) -> StoredCall:
-        return decode(dict(zip(COLUMNS, row, strict=True)), self._offset)
+        """A row back into a call, on this boot's monotonic clock (see the module docstring):
+        exactly within one boot, by the last `alive` across a reboot, else from wall-clock
+        time (`estimated`: the engine caps it)."""
+        record = dict(zip(COLUMNS, row, strict=True))
+        stored = decode(record, self._offset)
+        boot, started, quiet = record["boot_id"], record["started_mono"], record["quiet_mono"]
+        if started is None or not boot or (quiet is None) != (record["quiet_since"] is None):
+            return replace(stored, estimated=True)  # an older release wrote or updated it
+        start, since = float(str(started)), None if quiet is None else float(str(quiet))
+        if boot != self.boot_id:
+            if self._previous is None or self._previous[0] != boot:
+                return replace(stored, estimated=True)
+            _boot, alive_mono, alive_wall = self._previous
+            now = time.monotonic()
+            gap = min(max(0.0, now + self._offset - alive_wall), REBOOT_GAP)
+            shift = now - gap - alive_mono  # old boot's clock + shift = this boot's clock
+            start = min(start, alive_mono) + shift
+            since = None if since is None else min(since, alive_mono) + shift
+        return StoredCall(replace(stored.call, started=start), since)

@@ -9,6 +9,7 @@ packets per second each way, and every packet is counted.
 from __future__ import annotations
 
 import signal
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_lab.node import Controller, Node
 from lrkp_lab.parties import Peers
 from lrkp_tsl.dataplane.nft import TABLE
+from lrkp_tsl.store import FILENAME
 
 IDLE = 2.0
 ARGS = (
@@ -244,3 +246,37 @@ def test_a_node_in_another_namespace_cannot_share_a_state_dir(
     burst(caller, call.caller_relay, callee, call.callee_relay, 3, b"A")
     burst(callee, call.callee_relay, caller, call.caller_relay, 3, b"B")
     assert "own-state@lab" in lab.run("relay", "nft", "list", "table", "ip", TABLE).stdout
+
+
+@pytest.mark.parametrize("boot", ["same-boot", "after-a-reboot"])
+def test_a_wall_clock_step_across_a_restart_does_not_age_live_calls(
+    lab: Lab, nodes: list[Node], kamailio: Controller, peers: Peers, boot: str
+) -> None:
+    """NTP stepping the clock +1 h while the node is down: on the wall clock every stored
+    call is then an hour older, past the maximum lifetime (3600 s by default)."""
+    node = start(lab, nodes, kamailio)
+    caller, callee = peers("c", 4080), peers("b", 6080)
+    call = Call(kamailio, caller, callee, 20900, "clock-step@lab")
+    burst(caller, call.caller_relay, callee, call.callee_relay, 1, b"hello")
+    forward = Stream(caller, call.caller_relay, callee, b"A").start()
+    backward = Stream(callee, call.callee_relay, caller, b"B").start()
+    time.sleep(0.5)
+    node.stop(signal.SIGKILL)
+    # The step, as the restarted node sees it: the stored wall-clock times are an hour older
+    # than the clock now says. A reboot also restarts the monotonic clock: another boot id,
+    # for the calls and for the node's last sign of life.
+    with sqlite3.connect(node.state / FILENAME) as db:
+        db.execute("UPDATE calls SET started = started - 3700, quiet_since = quiet_since - 3700")
+        db.execute("UPDATE clock SET alive_wall = alive_wall - 3700")
+        if boot == "after-a-reboot":
+            db.execute("UPDATE calls SET boot_id = 'another-boot'")
+            db.execute("UPDATE clock SET boot_id = 'another-boot'")
+    restarted = start(lab, nodes, kamailio, Node(lab, "relay", *ARGS, state=node.state))
+    wait_for(restarted, "restored 1 calls from the store", 10.0)
+    time.sleep(1.5)  # the timer has run: a call past its lifetime would have ended by now
+    forward.stop()
+    backward.stop()
+    output = restarted.output()
+    assert "] removed: " not in output, output
+    assert forward.lost() == [] and backward.lost() == []
+    burst(caller, call.caller_relay, callee, call.callee_relay, 2, b"still relayed")

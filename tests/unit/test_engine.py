@@ -3,6 +3,7 @@ failure, against the in-memory fakes (tests/fakes.py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -551,6 +552,25 @@ def test_a_stream_found_from_both_directions_is_one_stream() -> None:
     engine.on_stream_events([StreamEvent(StreamChange.EXPIRED, RTP_KEY)], 200.0)
     engine.on_timer(200.0)
     assert "c1" not in engine.table
+
+
+def test_a_restart_caps_the_age_of_calls_whose_times_come_from_the_wall_clock() -> None:
+    engine, kernel, store = make(Policy.STRICT)
+    ok(engine, s_command("old"))
+    ok(engine, s_command("ahead", relay_port=20100, cookie="1_2"))
+    # Stored before this boot: the wall clock may have stepped since (either way).
+    for call_id, started, quiet in (("old", -10_000.0, None), ("ahead", 50_000.0, 40_000.0)):
+        call = store.records[call_id].call
+        store.records[call_id] = StoredCall(replace(call, started=started), quiet, estimated=True)
+    again = loaded(kernel, store, 100.0)
+    assert again.table.get("old").started == 100.0 - (LIFETIME - IDLE)  # type: ignore[union-attr]
+    assert again.table.get("ahead").started == 100.0  # type: ignore[union-attr]
+    assert again.activity.quiet_since("ahead") == 100.0
+    kernel.entries.update(dict.fromkeys(kernel.flows, IDLE))  # media flows: never idle
+    again.on_timer(100.0)
+    assert "old" in again.table  # not ended at startup: one idle timeout to go
+    again.on_timer(100.0 + IDLE)
+    assert "old" not in again.table and "ahead" in again.table
 
 
 def test_a_kernel_failure_during_restore_is_retried_not_fatal() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -12,8 +13,9 @@ import pytest
 from lrkp_tsl.errors import StoreError
 from lrkp_tsl.latching import Policy
 from lrkp_tsl.media import CallMedia, Endpoint, InstalledFlow
+from lrkp_tsl.records import FIELDS, encode
 from lrkp_tsl.session import Call, CallTable, rebuild
-from lrkp_tsl.store import FILENAME, SCHEMA_VERSION, SqliteStore
+from lrkp_tsl.store import FILENAME, MIGRATIONS, REBOOT_GAP, SCHEMA_VERSION, SqliteStore
 
 
 def ep(text: str) -> Endpoint:
@@ -167,3 +169,70 @@ def test_clear_forgets_every_call(path: Path) -> None:
     assert store.clear() == 1
     assert store.load() == []
     assert rows(path, "calls") == rows(path, "removed") == 0
+
+
+# -- clocks: what a restart makes of a call's age --------------------------------------------
+
+
+def step_wall_clock(path: Path, seconds: float) -> None:
+    """The wall clock stepped forward by `seconds` while the node was down: as the next
+    start reads them, the stored wall-clock times are that much older."""
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "UPDATE calls SET started = started - ?, quiet_since = quiet_since - ?",
+            [seconds, seconds],
+        )
+        db.execute("UPDATE clock SET alive_wall = alive_wall - ?", [seconds])
+
+
+def test_a_wall_clock_step_within_one_boot_changes_no_call_age(path: Path) -> None:
+    call = learned_call()
+    store = SqliteStore(path, boot="boot-1")
+    store.put(call, 123.5)
+    store.close()
+    step_wall_clock(path, 3700)
+    [stored] = SqliteStore(path, boot="boot-1").load()
+    assert stored.call.started == call.started and stored.quiet_since == 123.5
+    assert not stored.estimated
+
+
+def test_after_a_reboot_an_age_counts_the_downtime_at_most_reboot_gap(path: Path) -> None:
+    now = time.monotonic()
+    call = replace(learned_call(), started=now - 100)
+    store = SqliteStore(path, boot="boot-1")
+    store.put(call, now - 30)
+    store.alive(now, force=True)
+    store._db.close()  # killed: no clean stop
+    step_wall_clock(path, 3700)  # a reboot of 3700 s on the wall clock, or a step
+    [stored] = SqliteStore(path, boot="boot-2").load()
+    age = time.monotonic() - stored.call.started
+    assert 100 + REBOOT_GAP <= age < 100 + REBOOT_GAP + 5
+    assert time.monotonic() - stored.quiet_since == pytest.approx(age - 70, abs=5)  # type: ignore[operator]
+    assert not stored.estimated
+
+
+def test_a_row_an_older_release_wrote_is_estimated_from_the_wall_clock(path: Path) -> None:
+    store = SqliteStore(path, boot="boot-1")
+    store.put(learned_call(), None)
+    store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE calls SET boot_id = NULL, started_mono = NULL, quiet_mono = NULL")
+    [stored] = SqliteStore(path, boot="boot-1").load()
+    assert stored.estimated
+    [other_boot] = SqliteStore(path, boot="boot-3").load()  # and no clock of that boot
+    assert other_boot.estimated
+
+
+def test_an_earlier_releases_file_gets_the_clock_columns_in_place(path: Path) -> None:
+    with sqlite3.connect(path) as db:
+        db.executescript(MIGRATIONS[0] + "PRAGMA user_version = 1;")
+        columns = ", ".join([*FIELDS, "revision"])
+        record = encode(learned_call(), None, time.time() - time.monotonic())
+        marks = ", ".join("?" for _ in range(len(FIELDS) + 1))
+        db.execute(f"INSERT INTO calls ({columns}) VALUES ({marks})", [*record.values(), 1])
+    [stored] = SqliteStore(path).load()
+    assert stored.estimated and stored.call.call_id == "abc@host"
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1  # still readable by it
+        have = {row[1] for row in db.execute("PRAGMA table_info(calls)")}
+    assert {"boot_id", "started_mono", "quiet_mono"} <= have
