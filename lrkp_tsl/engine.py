@@ -142,6 +142,7 @@ class _Pending:
     actions: list[Sync] = field(default_factory=list)
     old: Call | None = None
     error: KernelError | StoreError | None = None
+    stale: bool = False  # a D built from an earlier state of its call: answered, not applied
 
 
 @dataclass(slots=True)
@@ -411,6 +412,8 @@ class Engine:
         else:
             item.actions = self.table.on_delete(request.call_id)
             keys.add(request.call_id)
+            if item.actions and self._stale_delete(request, now, item.peer):
+                item.actions, item.stale = [], True
         for action in item.actions:
             keys.add(action.call_id)
             for view in (action.before, action.after):
@@ -419,6 +422,24 @@ class Engine:
                     keys.add(flow.relay)
                     keys.add(flow.relay_out)
         return keys
+
+    def _stale_delete(self, request: DeleteSession, now: float, peer: str) -> bool:
+        """A `D` whose addresses or ports differ from those of its call's current `S`: it
+        was built from an earlier state of the call (before a re-INVITE moved it), and
+        ending the call now would cut the media of its current state. Ignored, logged."""
+        call = self.table.get(request.call_id)
+        if call is None or not request.given:
+            return False
+        current = protocol.given_fields(call.media)
+        differ = [(name, value) for name, value in request.given if current[name] != value]
+        if not differ:
+            return False
+        self.note_remote(now, "stale deletes", "[%s] D from %s ignored: it names %s, the call "
+                         "is at %s now (a D from before a later S of the call)",
+                         request.call_id, peer,
+                         ", ".join(f"{name} {value}" for name, value in differ),
+                         ", ".join(f"{name} {current[name]}" for name, _ in differ))  # fmt: skip
+        return True
 
     def _apply_alone(self, item: _Pending, now: float) -> None:
         try:
@@ -482,7 +503,7 @@ class Engine:
             self.stats[f"command.{_command(request)}.failed"] += 1
             log.error("%s from %s not applied: %s", type(request).__name__, item.peer, failure)
             return protocol.reply_refused(request, failure.code, failure.reason)
-        self.stats[f"command.{_command(request)}.ok"] += 1
+        self.stats[f"command.{_command(request)}.{'stale' if item.stale else 'ok'}"] += 1
         reply = protocol.reply_ok(request)
         if item.with_cookie:
             self.cache.store(item.sender, item.data, reply, now)

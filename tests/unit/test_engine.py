@@ -128,6 +128,25 @@ def test_kamailio6_d_without_s_is_answered_ok_changes_nothing_even_retransmitted
     assert len(engine.table) == 0 and kernel.holds() == EMPTY and store.records == {}
 
 
+def test_a_delete_naming_an_earlier_state_of_its_call_is_answered_and_ignored() -> None:
+    engine, kernel, store = make(Policy.STRICT)
+    ok(engine, s_command("c1"))
+    ok(engine, s_command("c1", callee="10.0.1.31:6100", cookie="1_2"))  # a re-INVITE's answer
+    current = engine.table.get("c1")
+    for cookie, stale in (
+        ("1_3", s_command("c1", verb="D", cookie="1_3")),  # the callee's old port
+        ("1_4", b"1_4 D 10.0.0.21 10.0.0.10   4000 20004   60 c1 "),  # another relay port
+    ):
+        ok(engine, stale)
+        assert engine.table.get("c1") == current, cookie
+    assert engine.stats["command.delete.stale"] == 2 and engine.stats["command.delete.ok"] == 0
+    agree(engine, kernel)
+    assert set(store.records) == {"c1"}
+    # A D naming the call as it is (all fields, or those a CANCEL-time D has) ends it.
+    ok(engine, b"1_5 D 10.0.0.21 10.0.0.10   4000 20000   60 c1 ")
+    assert len(engine.table) == 0 and kernel.holds() == EMPTY
+
+
 def test_kernel_refusal_answers_error_changes_nothing_and_is_retried_by_retransmission() -> None:
     engine, kernel, store = make(Policy.STRICT)
     kernel.fail_next("change")
