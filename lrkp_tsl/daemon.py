@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -41,7 +42,7 @@ from lrkp_tsl.records import Store, StoredCall
 from lrkp_tsl.replication import Follower, Publisher
 from lrkp_tsl.selfheal import CHECK_INTERVAL, SelfHeal
 from lrkp_tsl.server import Server, attach_queue, open_control
-from lrkp_tsl.store import FILENAME, SqliteStore
+from lrkp_tsl.store import FILENAME, SqliteStore, open_state
 
 log = logging.getLogger("lrkp_tsl.daemon")
 
@@ -86,17 +87,26 @@ def node_config(config: Config) -> NodeConfig:
 
 def open_store(config: Config) -> tuple[SqliteStore, StateDirLock]:
     """The state directory, made this node's own (lock.lock_state_dir: a second node naming
-    it is refused, LockedError), and the store in it."""
+    it is refused, LockedError), and the store in it.
+
+    Only what a restart cannot fix is a configuration error (exit code 2, which the systemd
+    unit never restarts): a state_dir that is no directory, or that the node may not use.
+    A bad store file, or a disk that is full or failing, never keeps the node from serving
+    (store.open_state)."""
+    where = f"state_dir = {str(config.state_dir)!r}"
     try:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         owned = lock_state_dir(config.state_dir)
     except OSError as exc:
-        raise ConfigError(f"state_dir = {str(config.state_dir)!r}: {exc.strerror}") from None
+        raise ConfigError(f"{where}: {exc.strerror}") from None
+    if not os.access(config.state_dir, os.W_OK | os.X_OK):
+        owned.release()
+        raise ConfigError(f"{where}: not writable by this node (uid {os.geteuid()})")
     try:
-        return SqliteStore(config.state_dir / FILENAME), owned
+        return open_state(config.state_dir / FILENAME), owned
     except StoreError as error:
         owned.release()
-        raise ConfigError(f"state_dir = {str(config.state_dir)!r}: {error.reason}") from None
+        raise ConfigError(f"{where}: {error.reason}") from None
 
 
 async def reconcile(plane: DataPlane, engine: Engine, server: Server, stop: asyncio.Event) -> None:
@@ -401,6 +411,6 @@ async def _run(
             await asyncio.wait_for(stop.wait(), timeout=CHECK_INTERVAL)
         except TimeoutError:
             server.guarded("self-healing", heal.check, time.monotonic())
-            store.alive(time.monotonic())  # every ALIVE_INTERVAL: call ages across a reboot
+            store.tick(time.monotonic())  # the clock for call ages, retries of the store
     await reaping  # stop is set: it ends after the sweep in flight, if any
     await reconciling  # ends after a read in flight: its sockets are the table's

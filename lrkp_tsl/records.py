@@ -46,7 +46,10 @@ class StoredCall:
 
 
 class Store(Protocol):
-    """Every method raises StoreError (lrkp_tsl.errors) when the change is not durable."""
+    """Every method raises StoreError (lrkp_tsl.errors) when the change must not go ahead
+    (SqliteStore: the file is locked by another process, for seconds). A store that cannot
+    be written at all (disk full, I/O error) keeps the change for later and does not raise:
+    the node serves on without durable records (store.py)."""
 
     def put(self, call: Call, quiet_since: float | None) -> None:
         """Insert or replace the call's record."""
