@@ -1126,8 +1126,11 @@ class Engine:
         report.consistent = state.consistent
         first = self._reconciled == 0
         self._reconciled += 1
-        journal, self.journal = self.journal or ReadJournal(), None
+        # Kept up to date until the read is fully compared: the comparison yields to the
+        # event loop, and commands meanwhile are changes made after the read too.
+        journal = self.journal = self.journal or ReadJournal()
         if journal.reloaded:
+            self.journal = None
             log.warning(
                 "the node's table was reloaded while the kernel was read: every call was "
                 "put back whole, and the read is out of date"
@@ -1143,7 +1146,9 @@ class Engine:
                 pending[start : start + RECONCILE_CHUNK], by_relay, state, report, now, handled
             )
             yield start
-        self._reconcile_strays(by_relay, state, report, now, handled, final, journal)
+        if not journal.reloaded:  # else the kernel holds every call anew: the read is stale
+            self._reconcile_strays(by_relay, state, report, now, handled, final, journal)
+        self.journal = None
         self._log_restore(report, first)
 
     def _reconcile_calls(

@@ -8,6 +8,7 @@ was reading never taken back from what the read saw.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -32,8 +33,10 @@ ARGS = (
     "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}", "--allow", KAMAILIO,
     "--idle-timeout", "600", "--log-level", "info",
 )  # fmt: skip
-CALLS = 5000
-RATE = 100.0  # commands per second: S of new calls and D of restored ones, alternating
+# Measurements at other sizes: LRKP_BUSY_CALLS, LRKP_BUSY_RATE (the suite runs the defaults).
+CALLS = int(os.environ.get("LRKP_BUSY_CALLS", "5000"))
+# Commands per second: S of new calls and D of restored ones, alternating.
+RATE = float(os.environ.get("LRKP_BUSY_RATE", "100"))
 FINISHED = re.compile(r"reconciliation finished ([0-9.]+) s after it began: (\d+) reads")
 # The end of the comparison, however it ends (the last one: how a release before logged it).
 DONE = ("reconciliation finished", "calls not compared with the kernel", "and reconciled in")
@@ -121,7 +124,8 @@ def test_a_busy_restart_compares_every_call_removes_strays_and_adopts_no_deleted
         f"add element ip {TABLE} learning {{ {INTERNAL_IP} . 61002 }}",
     ])  # fmt: skip
 
-    created = blocks("new", 30000 + 4 * CALLS, 2000, str(INTERNAL_IP), CALLER, CALLEE)
+    # New calls take the ports after the restored ones, below the strays at 61000.
+    created = blocks("new", 30000 + 4 * CALLS, 7750 - CALLS, str(INTERNAL_IP), CALLER, CALLEE)
     ended = list(reversed(restored))  # D for restored calls, newest first
     commands = (
         body

@@ -760,6 +760,30 @@ def test_a_call_deleted_after_the_read_is_never_adopted_from_it() -> None:
     assert kernel.flows == {} and kernel.learning == {} and store.records == {}
 
 
+def test_a_call_deleted_while_the_read_is_compared_is_never_adopted_from_it() -> None:
+    engine, kernel, store = make(Policy.STRICT)
+    for index in range(RECONCILE_CHUNK + 2):
+        store.put(
+            engine.table.on_set(
+                CallMedia(f"c{index}", ep("10.0.0.21:4000"), ep(f"10.0.0.10:{20002 + 4 * index}"),
+                          ep("10.0.1.31:6000"), ep(f"10.0.0.10:{20000 + 4 * index}")),
+                IDLE, 0.0,
+            )[0].call,  # type: ignore[arg-type]
+            0.0,
+        )  # fmt: skip
+    again = loaded(kernel, store, 1.0)
+    kernel.install((c.call_id, c.view()) for c in again.table)
+    steps = again.reconcile(kernel.state(), 2.0)
+    next(steps)  # the first chunk is compared; the event loop runs
+    last = next(iter(again.unverified))  # in the next chunk: not compared yet
+    again.delete(last, 2.5)
+    for _ in steps:
+        pass
+    assert last not in again.table and last not in store.records
+    assert not any(call_id == last for _flow, call_id in kernel.flows.values())
+    agree(again, kernel)
+
+
 def test_an_inconsistent_read_repairs_what_it_lacks_and_keeps_half_seen_groups() -> None:
     engine, kernel, store = make(Policy.STRICT)
     ok(engine, s_command("skipped"))
