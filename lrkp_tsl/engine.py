@@ -142,7 +142,9 @@ class _Pending:
     actions: list[Sync] = field(default_factory=list)
     old: Call | None = None
     error: KernelError | StoreError | None = None
-    stale: bool = False  # a D built from an earlier state of its call: answered, not applied
+    # A D built from an earlier state of its call (answered, not applied): what it names
+    # that differs from the call now, as (field, its value, the call's value).
+    stale: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -412,8 +414,9 @@ class Engine:
         else:
             item.actions = self.table.on_delete(request.call_id)
             keys.add(request.call_id)
-            if item.actions and self._stale_delete(request, now, item.peer):
-                item.actions, item.stale = [], True
+            item.stale = self._stale_fields(request) if item.actions else []
+            if item.stale:
+                item.actions = []
         for action in item.actions:
             keys.add(action.call_id)
             for view in (action.before, action.after):
@@ -423,23 +426,16 @@ class Engine:
                     keys.add(flow.relay_out)
         return keys
 
-    def _stale_delete(self, request: DeleteSession, now: float, peer: str) -> bool:
-        """A `D` whose addresses or ports differ from those of its call's current `S`: it
-        was built from an earlier state of the call (before a re-INVITE moved it), and
-        ending the call now would cut the media of its current state. Ignored, logged."""
+    def _stale_fields(self, request: DeleteSession) -> list[tuple[str, str, str]]:
+        """The fields in which a `D` differs from its call's current `S` (field, the D's
+        value, the call's): a D built from an earlier state of the call (before a
+        re-INVITE moved it), which must not end the call as it is now. [] if none."""
         call = self.table.get(request.call_id)
         if call is None or not request.given:
-            return False
+            return []
         current = protocol.given_fields(call.media)
-        differ = [(name, value) for name, value in request.given if current[name] != value]
-        if not differ:
-            return False
-        self.note_remote(now, "stale deletes", "[%s] D from %s ignored: it names %s, the call "
-                         "is at %s now (a D from before a later S of the call)",
-                         request.call_id, peer,
-                         ", ".join(f"{name} {value}" for name, value in differ),
-                         ", ".join(f"{name} {current[name]}" for name, _ in differ))  # fmt: skip
-        return True
+        return [(name, value, current[name]) for name, value in request.given
+                if current[name] != value]  # fmt: skip
 
     def _apply_alone(self, item: _Pending, now: float) -> None:
         try:
@@ -504,6 +500,12 @@ class Engine:
             log.error("%s from %s not applied: %s", type(request).__name__, item.peer, failure)
             return protocol.reply_refused(request, failure.code, failure.reason)
         self.stats[f"command.{_command(request)}.{'stale' if item.stale else 'ok'}"] += 1
+        if item.stale and isinstance(request, DeleteSession):
+            named = ", ".join(f"{name} {value}" for name, value, _ in item.stale)
+            current = ", ".join(f"{name} {value}" for name, _, value in item.stale)
+            self.note_remote(now, "stale deletes", "[%s] D from %s ignored: it names %s, the "
+                             "call is at %s now (a D from before a later S of the call)",
+                             request.call_id, item.peer, named, current)  # fmt: skip
         reply = protocol.reply_ok(request)
         if item.with_cookie:
             self.cache.store(item.sender, item.data, reply, now)
@@ -1242,7 +1244,8 @@ class Engine:
             mine = journal.keys
             if call is not None:  # a call touched since the read: what is no key of it is stale
                 keys = call.view().keys()
-                stray += [f for f in flows if (f.sender, f.relay) not in keys | mine]
+                stray += [f for f in flows if (f.sender, f.relay) not in keys and
+                          (f.sender, f.relay) not in mine]  # fmt: skip
             elif relay in journal.relays:
                 # The node ended a call here since the read: never adopted from it.
                 stray += [f for f in flows if (f.sender, f.relay) not in mine]
