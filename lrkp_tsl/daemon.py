@@ -3,7 +3,9 @@
 Startup order matters, and each step says why:
 1. the instance lock, before anything touches the kernel: a second node in the same
    network namespace exits here, naming the first, and changes nothing;
-2. the state store (a bad state directory is a config error, found before the kernel);
+2. the state directory, made this node's own (a node that uses it already is named, and
+   this one exits), then the state store in it (a bad state directory is a config error,
+   found before the kernel);
 3. sysctls, kernel probe, the table (reloaded in place: live calls keep flowing);
 4. the conntrack event socket, before the kernel state is read, so no stream that ends
    during the restore goes unnoticed;
@@ -23,6 +25,7 @@ import contextlib
 import errno
 import gc
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -37,10 +40,10 @@ from lrkp_tsl.dataplane import DataPlane
 from lrkp_tsl.dataplane.ctevents import ConntrackEvents, Reaper
 from lrkp_tsl.dataplane.queue import PacketQueue, QueueRule
 from lrkp_tsl.dataplane.routes import routed_networks
-from lrkp_tsl.engine import Engine, Settings
+from lrkp_tsl.engine import Engine, RestoreReport, Settings
 from lrkp_tsl.errors import ConfigError, HostError, KernelError, StoreError
 from lrkp_tsl.hostcheck import may_be_absent
-from lrkp_tsl.lock import acquire_instance_lock
+from lrkp_tsl.lock import StateDirLock, acquire_instance_lock, lock_state_dir
 from lrkp_tsl.mgmt import Management
 from lrkp_tsl.pair import ROLE_INTERVAL, Following, ReplicatedStore, RoleWatch
 from lrkp_tsl.protocol import NodeConfig
@@ -48,13 +51,17 @@ from lrkp_tsl.records import Store, StoredCall
 from lrkp_tsl.replication import Follower, Publisher
 from lrkp_tsl.selfheal import CHECK_INTERVAL, SelfHeal
 from lrkp_tsl.server import Server, attach_queue, open_control
-from lrkp_tsl.store import FILENAME, SqliteStore
+from lrkp_tsl.store import FILENAME, SqliteStore, open_state
 
 log = logging.getLogger("lrkp_tsl.daemon")
 
-# Reading the kernel's maps fails when another nftables change interrupts the dump too
-# often (nftsets.py retries 8 times itself).
+# Reading the kernel's maps can fail (a table removed meanwhile, netlink trouble): tried
+# this often, a second apart. A ruleset that keeps changing is no failure (nftsets.py).
 RECONCILE_ATTEMPTS = 5
+# A read the ruleset changed during is followed by this many more, this far apart, for the
+# elements of no call it may have skipped; the last one settles what is left.
+RECONCILE_REREADS = 2
+REREAD_DELAY = 2.0
 
 
 def reap_interval(idle_timeout: float) -> float:
@@ -119,15 +126,28 @@ def cannot_listen(exc: OSError) -> str:
     return f"cannot listen: {exc.strerror or exc}" + (f": {advice}" if advice else "")
 
 
-def open_store(config: Config) -> SqliteStore:
+def open_store(config: Config) -> tuple[SqliteStore, StateDirLock]:
+    """The state directory, made this node's own (lock.lock_state_dir: a second node naming
+    it is refused, LockedError), and the store in it.
+
+    Only what a restart cannot fix is a configuration error (exit code 2, which the systemd
+    unit never restarts): a state_dir that is no directory, or that the node may not use.
+    A bad store file, or a disk that is full or failing, never keeps the node from serving
+    (store.open_state)."""
+    where = f"state_dir = {str(config.state_dir)!r}"
     try:
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        owned = lock_state_dir(config.state_dir)
     except OSError as exc:
-        raise ConfigError(f"state_dir = {str(config.state_dir)!r}: {exc.strerror}") from None
+        raise ConfigError(f"{where}: {exc.strerror}") from None
+    if not os.access(config.state_dir, os.W_OK | os.X_OK):
+        owned.release()
+        raise ConfigError(f"{where}: not writable by this node (uid {os.geteuid()})")
     try:
-        return SqliteStore(config.state_dir / FILENAME)
+        return open_state(config.state_dir / FILENAME), owned
     except StoreError as error:
-        raise ConfigError(f"state_dir = {str(config.state_dir)!r}: {error.reason}") from None
+        owned.release()
+        raise ConfigError(f"{where}: {error.reason}") from None
 
 
 async def reconcile(plane: DataPlane, engine: Engine, server: Server, stop: asyncio.Event) -> None:
@@ -135,39 +155,68 @@ async def reconcile(plane: DataPlane, engine: Engine, server: Server, stop: asyn
 
     The kernel's maps are read in a worker thread (the dump is kernel time, O(n^2) in the
     number of elements: seconds at 50k calls), then compared in steps of a few thousand
-    calls, one event-loop turn each. A call changed meanwhile has put its own view back.
+    calls, one event-loop turn each. A call changed meanwhile has put its own view back,
+    and what the node changed since the read began is never judged from it
+    (`Engine.begin_read`). Commands keep changing the ruleset on a busy node, so a read is
+    often not one snapshot: the stored calls are still all compared (engine.reconcile
+    says how), and up to RECONCILE_REREADS more reads look for what it may have skipped.
     """
     loop = asyncio.get_running_loop()
     started = time.monotonic()
-    for attempt in range(1, RECONCILE_ATTEMPTS + 1):
+    reads = failures = 0
+    while not stop.is_set():
+        engine.begin_read()
+        read_at = time.monotonic()
         try:
             state = await loop.run_in_executor(None, plane.state)
-            break
         except KernelError as error:
-            log.error("reading the kernel state failed (attempt %d): %s", attempt, error)
-            if attempt == RECONCILE_ATTEMPTS or stop.is_set():
+            failures += 1
+            log.error("reading the kernel state failed (attempt %d): %s", failures, error)
+            if failures >= RECONCILE_ATTEMPTS:
+                engine.journal = None
                 log.error(
                     "calls not compared with the kernel: each puts its whole state back "
                     "when it next changes; restart the node to compare them all"
                 )
                 return
-            await asyncio.sleep(1.0)
-    read = time.monotonic()
-    if stop.is_set():
-        return
-    try:
-        for _ in engine.reconcile(state, time.monotonic()):
-            server.flush()
-            await asyncio.sleep(0)
-    except Exception:
-        server.stats["error.internal.reconcile"] += 1
-        log.exception("comparing the calls with the kernel failed; the node carries on")
-    server.flush()
-    log.info(
-        "kernel state read in %.3f s and reconciled in %.3f s",
-        read - started,
-        time.monotonic() - read,
-    )
+            await _pause(stop, 1.0)
+            continue
+        reads += 1
+        compared_at = time.monotonic()
+        if stop.is_set():
+            return
+        final = state.consistent or reads > RECONCILE_REREADS
+        report = RestoreReport()
+        try:
+            for _ in engine.reconcile(state, time.monotonic(), report, final=final):
+                server.flush()
+                await asyncio.sleep(0)
+        except Exception:
+            server.stats["error.internal.reconcile"] += 1
+            log.exception("comparing the calls with the kernel failed; the node carries on")
+            return
+        server.flush()
+        log.info(
+            "kernel state read in %.3f s (%s) and compared in %.3f s",
+            compared_at - read_at,
+            "one snapshot" if state.consistent else "the ruleset changed meanwhile",
+            time.monotonic() - compared_at,
+        )
+        if final:
+            log.info(
+                "reconciliation finished %.3f s after it began: %d reads of the kernel, the "
+                "last one %s",
+                time.monotonic() - started,
+                reads,
+                "a snapshot" if state.consistent else "not a snapshot either",
+            )
+            return
+        await _pause(stop, REREAD_DELAY)
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 async def run_pair(
@@ -291,7 +340,8 @@ async def _run(
     loop: asyncio.AbstractEventLoop,
     cleanup: list[tuple[str, Callable[[], Any]]],
 ) -> None:
-    store = open_store(config)
+    store, state_dir_lock = open_store(config)
+    cleanup.append(("state_dir lock", state_dir_lock.release))
     cleanup.append(("store", store.close))
     plane = DataPlane(config.rules)
     queue_rule: QueueRule | None = None
@@ -434,5 +484,6 @@ async def _run(
             await asyncio.wait_for(stop.wait(), timeout=CHECK_INTERVAL)
         except TimeoutError:
             server.guarded("self-healing", heal.check, time.monotonic())
+            store.tick(time.monotonic())  # the clock for call ages, retries of the store
     await reaping  # stop is set: it ends after the sweep in flight, if any
     await reconciling  # ends after a read in flight: its sockets are the table's

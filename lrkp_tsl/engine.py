@@ -40,6 +40,7 @@ from lrkp_tsl.kernel import (
     Kernel,
     KernelState,
     KernelView,
+    Repair,
     StreamChange,
     StreamEvent,
     StreamKey,
@@ -86,6 +87,9 @@ HOLD_MAX_PER_CALL = 64
 RETRY_INTERVAL = 1.0
 # Calls compared with the kernel per step of `reconcile` (one event-loop turn each).
 RECONCILE_CHUNK = 2000
+# Calls repaired per kernel transaction after an inconsistent read (bounds one netlink
+# batch: a call's deletions and additions are about 1 KiB).
+REPAIR_BATCH = 64
 # Due calls handled per timer run: a burst (every restored call checked one idle timeout
 # after a restart) is spread over several turns of the event loop instead of stalling it.
 TIMER_BUDGET = 256
@@ -138,6 +142,31 @@ class _Pending:
     actions: list[Sync] = field(default_factory=list)
     old: Call | None = None
     error: KernelError | StoreError | None = None
+    # A D built from an earlier state of its call (answered, not applied): what it names
+    # that differs from the call now, as (field, its value, the call's value).
+    stale: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ReadJournal:
+    """What the node changed in the kernel since a read of its maps began: what the read
+    saw there is out of date. The node's own changes leave those elements as it meant."""
+
+    relays: set[Endpoint] = field(default_factory=set)  # relay endpoints of changed calls
+    keys: set[StreamKey] = field(default_factory=set)  # flow keys added or deleted
+    learning: set[Endpoint] = field(default_factory=set)  # learning endpoints changed
+    reloaded: bool = False  # the whole table was reloaded and every call put back
+
+    def note(self, before: KernelView, after: KernelView, calls: Iterable[Call | None]) -> None:
+        for view in (before, after):
+            self.learning |= view.learning
+            self.relays |= view.learning
+            for flow in view.flows:
+                self.keys.add((flow.sender, flow.relay))
+                self.relays.add(flow.relay)
+        for call in calls:
+            if call is not None:
+                self.relays |= call.relay_endpoints()
 
 
 @dataclass(slots=True)
@@ -151,6 +180,10 @@ class RestoreReport:
     conflicts: list[str] = field(default_factory=list)
     stray_flows: int = 0
     stray_learning: int = 0
+    # Kernel flows of no call that form no call, left alone because the read was not
+    # consistent (one of theirs may have been skipped): by comment, for the next read.
+    doubtful: list[str] = field(default_factory=list)
+    consistent: bool = True
 
 
 def _sample(call_ids: list[str], limit: int = 5) -> str:
@@ -189,7 +222,9 @@ def _command(request: SetSession | protocol.DeleteSession) -> str:
     return "set" if isinstance(request, SetSession) else "delete"
 
 
-def _flow_tuple(flow: InstalledFlow) -> tuple[Endpoint, Endpoint, Endpoint | None, Endpoint | None]:
+def _flow_tuple(
+    flow: Flow | InstalledFlow,
+) -> tuple[Endpoint, Endpoint, Endpoint | None, Endpoint | None]:
     return (flow.sender, flow.relay, flow.target, flow.relay_out)
 
 
@@ -225,6 +260,11 @@ class Engine:
         self.held: dict[str, list[Held]] = {}
         self.suspect: dict[str, KernelView] = {}  # Call-ID -> what the kernel may hold too
         self.unverified: set[str] = set()  # loaded, not yet compared with the kernel
+        # While a read of the kernel's maps is compared (`begin_read` to `reconcile`'s end):
+        # what the node changed in the kernel since the read began. What the read saw there
+        # is out of date, and never adopted.
+        self.journal: ReadJournal | None = None
+        self._reconciled = 0  # reads compared so far
         # A single node is always active; in a pair, only the node holding the VIPs is.
         self.active = True
         self.forget_pending: set[StreamKey] = set()
@@ -374,6 +414,9 @@ class Engine:
         else:
             item.actions = self.table.on_delete(request.call_id)
             keys.add(request.call_id)
+            item.stale = self._stale_fields(request) if item.actions else []
+            if item.stale:
+                item.actions = []
         for action in item.actions:
             keys.add(action.call_id)
             for view in (action.before, action.after):
@@ -382,6 +425,17 @@ class Engine:
                     keys.add(flow.relay)
                     keys.add(flow.relay_out)
         return keys
+
+    def _stale_fields(self, request: DeleteSession) -> list[tuple[str, str, str]]:
+        """The fields in which a `D` differs from its call's current `S` (field, the D's
+        value, the call's): a D built from an earlier state of the call (before a
+        re-INVITE moved it), which must not end the call as it is now. [] if none."""
+        call = self.table.get(request.call_id)
+        if call is None or not request.given:
+            return []
+        current = protocol.given_fields(call.media)
+        return [(name, value, current[name]) for name, value in request.given
+                if current[name] != value]  # fmt: skip
 
     def _apply_alone(self, item: _Pending, now: float) -> None:
         try:
@@ -445,7 +499,13 @@ class Engine:
             self.stats[f"command.{_command(request)}.failed"] += 1
             log.error("%s from %s not applied: %s", type(request).__name__, item.peer, failure)
             return protocol.reply_refused(request, failure.code, failure.reason)
-        self.stats[f"command.{_command(request)}.ok"] += 1
+        self.stats[f"command.{_command(request)}.{'stale' if item.stale else 'ok'}"] += 1
+        if item.stale and isinstance(request, DeleteSession):
+            named = ", ".join(f"{name} {value}" for name, value, _ in item.stale)
+            current = ", ".join(f"{name} {value}" for name, _, value in item.stale)
+            self.note_remote(now, "stale deletes", "[%s] D from %s ignored: it names %s, the "
+                             "call is at %s now (a D from before a later S of the call)",
+                             request.call_id, item.peer, named, current)  # fmt: skip
         reply = protocol.reply_ok(request)
         if item.with_cookie:
             self.cache.store(item.sender, item.data, reply, now)
@@ -695,12 +755,13 @@ class Engine:
         """Before the kernel: a suspect or unverified call made whole, then the store.
         Returns the call as the table holds it (None: new)."""
         call_id = sync.call_id
+        old = self.table.get(call_id)
+        self._note_change(sync.before, sync.after, old, sync.call)
         if call_id in self.suspect:
             self._resync(call_id)
         if call_id in self.unverified and sync.call is not None:
             self._verify_by_reinstall(call_id)
         self.unverified.discard(call_id)
-        old = self.table.get(call_id)
         if sync.call is None:
             self.store.delete(call_id)
         elif quiet_since is not None:
@@ -854,7 +915,9 @@ class Engine:
             log.error("[%s] store not reverted after a kernel failure: %s", call_id, error)
 
     def _forget(self, flows: Iterable[Flow | InstalledFlow], now: float) -> None:
-        keys = {(flow.sender, flow.relay) for flow in flows}
+        self._forget_keys({(flow.sender, flow.relay) for flow in flows}, now)
+
+    def _forget_keys(self, keys: set[StreamKey], now: float) -> None:
         if not keys:
             return
         try:
@@ -890,6 +953,7 @@ class Engine:
         extra = self.suspect[call_id]
         call = self.table.get(call_id)
         desired = call.view() if call is not None else EMPTY
+        self._note_change(extra, desired, call)
         stray = KernelView(
             frozenset(
                 f
@@ -961,9 +1025,20 @@ class Engine:
         Idle clocks resume from the stored times: a call that was live is checked against
         the kernel within one idle timeout after the restart, spread over it. Returns how
         many calls.
+
+        A record whose times come from the wall clock (stored before this boot, or by an
+        older release: `StoredCall.estimated`) may have been aged by a clock step: a
+        restart never makes such a call older than its maximum lifetime less one idle
+        timeout (so it is not ended on the spot: it ends by idleness if its media is gone,
+        or by its lifetime one idle timeout later), nor younger than new.
         """
+        self.begin_read()
         conflicts = []
+        capped = 0
         for record in sorted(stored, key=lambda r: r.call.started):
+            if record.estimated:
+                record, changed = self._cap_clocks(record, now)
+                capped += changed
             call = record.call
             for other in self.table.claimed(call.media):
                 conflicts.append(other)
@@ -982,6 +1057,15 @@ class Engine:
             self.activity.quiet(call.call_id, quiet)
         for call in self.table:
             self._schedule_call(call)
+        if capped:
+            log.warning(
+                "%d stored calls were written before this boot (or by an older release): "
+                "their start times come from the wall clock, and were capped to at most %g s "
+                "ago (their maximum lifetime less one idle timeout) or to now, so that a "
+                "clock step cannot end live calls at startup",
+                capped,
+                max(0.0, self.settings.max_lifetime - self.settings.idle_timeout),
+            )
         if conflicts:
             log.warning(
                 "dropped %d stored calls whose relay ports a newer stored call holds: %s",
@@ -991,35 +1075,87 @@ class Engine:
         log.info("loaded %d calls from the store", len(self.table))
         return len(self.table)
 
+    def begin_read(self) -> None:
+        """A read of the kernel's maps for `reconcile` starts now: from here on, note the
+        relay endpoints the node changes (what the read sees there is out of date)."""
+        self.journal = ReadJournal()
+
+    def _note_change(self, before: KernelView, after: KernelView, *calls: Call | None) -> None:
+        """Record a kernel change while a read is compared (`ReadJournal`)."""
+        if self.journal is not None:
+            self.journal.note(before, after, calls)
+
+    def _cap_clocks(self, record: StoredCall, now: float) -> tuple[StoredCall, bool]:
+        """A wall-clock record's times within what a restart may give (see `load`)."""
+        call, quiet = record.call, record.quiet_since
+        oldest = now - max(0.0, self.settings.max_lifetime - call.idle_timeout)
+        started = min(max(call.started, oldest), now)
+        if quiet is not None:
+            quiet = min(max(quiet, started), now)
+        if started == call.started and quiet == record.quiet_since:
+            return record, False
+        return StoredCall(replace(call, started=started), quiet, estimated=True), True
+
     def reconcile(
-        self, state: KernelState, now: float, report: RestoreReport | None = None
+        self,
+        state: KernelState,
+        now: float,
+        report: RestoreReport | None = None,
+        *,
+        final: bool = True,
     ) -> Iterator[int]:
         """Make the kernel hold exactly what the loaded calls need; yields after every
         RECONCILE_CHUNK calls, so the caller can let the event loop run in between.
 
-        `state` is a snapshot read after `load`. Calls touched since (a command, a learned
-        packet, expiry) put their own view back when first touched and are skipped here.
-        For the others, by what the snapshot holds at their relay endpoints:
+        `state` is a read made after `begin_read` (or `load`). Calls touched since (a
+        command, a learned packet, expiry) put their own view back when first touched and
+        are skipped here. For the others, by what the read holds at their relay endpoints:
         - complete: taken as it is (no kernel work: the common restart);
         - partly there: repaired (stray elements deleted, the view re-added); nothing
           there (a reboot, a flushed ruleset): reinstalled. Either way media flows again.
         Then, elements at relay endpoints no call owns: adopted when they form a call (the
         store was lost, or this is the first start after an upgrade), else removed; so are
         elements of touched calls that are no key of theirs, and learning endpoints that
-        belong to no call. One log line per case.
+        belong to no call. What the read saw at relay endpoints the node changed since
+        the read began (a call it ended meanwhile) is never adopted: it is removed if still
+        there. One log line per case.
+
+        A read that is not consistent (commands changed the ruleset while it ran) proves
+        presence, never absence (kernel.KernelState): a call missing an element there has
+        the elements it lacks deleted and added back in one transaction (right whether they
+        were there or not), and flows that form no call are left for the next read
+        (`report.doubtful`) rather than removed, unless this is the `final` read the caller
+        will make: then they are removed (each of the reads merged into it lacked an
+        element of theirs).
         """
         report = report if report is not None else RestoreReport()
+        report.consistent = state.consistent
+        first = self._reconciled == 0
+        self._reconciled += 1
+        # Kept up to date until the read is fully compared: the comparison yields to the
+        # event loop, and commands meanwhile are changes made after the read too.
+        journal = self.journal = self.journal or ReadJournal()
+        if journal.reloaded:
+            self.journal = None
+            log.warning(
+                "the node's table was reloaded while the kernel was read: every call was "
+                "put back whole, and the read is out of date"
+            )
+            return
         by_relay: dict[Endpoint, list[InstalledFlow]] = {}
         for flow in state.flows:
             by_relay.setdefault(flow.relay, []).append(flow)
+        handled: set[Endpoint] = set()
         pending = list(self.unverified)
-        for first in range(0, len(pending), RECONCILE_CHUNK):
+        for start in range(0, len(pending), RECONCILE_CHUNK):
             self._reconcile_calls(
-                pending[first : first + RECONCILE_CHUNK], by_relay, state, report, now
+                pending[start : start + RECONCILE_CHUNK], by_relay, state, report, now, handled
             )
-            yield first
-        self._reconcile_strays(by_relay, state, report, now)
-        self._log_restore(report)
+            yield start
+        if not journal.reloaded:  # else the kernel holds every call anew: the read is stale
+            self._reconcile_strays(by_relay, state, report, now, handled, final, journal)
+        self.journal = None
+        self._log_restore(report, first)
 
     def _reconcile_calls(
         self,
@@ -1028,9 +1164,11 @@ class Engine:
         state: KernelState,
         report: RestoreReport,
         now: float,
+        handled: set[Endpoint],
     ) -> None:
         stray: list[InstalledFlow] = []
         install: list[tuple[str, KernelView]] = []
+        redo: list[Repair] = []
         for call_id in call_ids:
             call = self.table.get(call_id)
             if call is None or call_id not in self.unverified:
@@ -1038,15 +1176,25 @@ class Engine:
             self.unverified.discard(call_id)
             view = call.view()
             relays = call.relay_endpoints()
+            handled |= relays
             present = [f for relay in relays for f in by_relay.get(relay, ())]
             wanted = {(f.sender, f.relay, f.target, f.relay_out) for f in view.flows}
+            seen = {_flow_tuple(f) for f in present}
             have_learning = state.learning & relays
-            if {_flow_tuple(f) for f in present} == wanted and have_learning == view.learning:
+            if seen == wanted and have_learning == view.learning:
                 report.intact += 1
                 continue
-            stray += [f for f in present if _flow_tuple(f) not in wanted]
+            extra = [f for f in present if _flow_tuple(f) not in wanted]
             (report.repaired if present or have_learning else report.reinstalled).append(call_id)
-            install.append((call_id, view))
+            if state.consistent:
+                stray += extra
+                install.append((call_id, view))
+                continue
+            # What the read lacks may be there all the same, possibly with other data: each
+            # such element is deleted (missing is fine) and added back, with the strays.
+            unseen = {(f.sender, f.relay) for f in view.flows if _flow_tuple(f) not in seen}
+            stale = unseen | {(f.sender, f.relay) for f in extra}
+            redo.append((call_id, frozenset(stale), have_learning - view.learning, view))
         if stray:
             self._remove_strays(stray, (), now)
         if install:
@@ -1061,6 +1209,23 @@ class Engine:
                 for call_id, view in install:
                     self.suspect[call_id] = _merge(self.suspect.get(call_id, EMPTY), view)
                 self.schedule.set_earlier(RETRY, now + RETRY_INTERVAL)
+        for start in range(0, len(redo), REPAIR_BATCH):
+            self._repair(redo[start : start + REPAIR_BATCH], now)
+
+    def _repair(self, redo: list[Repair], now: float) -> None:
+        """Put calls back whole over what an inconsistent read saw of them (one batch)."""
+        results = self.kernel.repair(redo)
+        forget: set[StreamKey] = set()
+        for (call_id, stale, _learning, view), error in zip(redo, results, strict=True):
+            if error is None:
+                forget |= stale | view.keys()
+                continue
+            self.stats["error.kernel"] += 1
+            log.error("[%s] restoring the call in the kernel failed (will retry): %s",
+                      call_id, error)  # fmt: skip
+            self.suspect[call_id] = _merge(self.suspect.get(call_id, EMPTY), view)
+            self.schedule.set_earlier(RETRY, now + RETRY_INTERVAL)
+        self._forget_keys(forget, now)
 
     def _reconcile_strays(
         self,
@@ -1068,17 +1233,28 @@ class Engine:
         state: KernelState,
         report: RestoreReport,
         now: float,
+        handled: set[Endpoint],
+        final: bool,
+        journal: ReadJournal,
     ) -> None:
         unowned: list[InstalledFlow] = []
         stray: list[InstalledFlow] = []
         for relay, flows in by_relay.items():
+            if relay in handled:
+                continue  # compared with its call above
             owner = self.table.owner(relay)
             call = self.table.get(owner) if owner is not None else None
-            if call is None:
-                unowned += flows
-            else:  # a call touched since the snapshot: what is no key of it is stale
+            # Elements the node added or deleted since the read are as it left them.
+            mine = journal.keys
+            if call is not None:  # a call touched since the read: what is no key of it is stale
                 keys = call.view().keys()
-                stray += [f for f in flows if (f.sender, f.relay) not in keys]
+                stray += [f for f in flows if (f.sender, f.relay) not in keys and
+                          (f.sender, f.relay) not in mine]  # fmt: skip
+            elif relay in journal.relays:
+                # The node ended a call here since the read: never adopted from it.
+                stray += [f for f in flows if (f.sender, f.relay) not in mine]
+            else:
+                unowned += flows
         adopted, orphans = rebuild(unowned, self.settings.idle_timeout, now)
         for call in adopted:
             if self.table.claimed(call.media) or call.call_id in self.table:
@@ -1092,12 +1268,25 @@ class Engine:
             self.activity.quiet(call.call_id, now)
             self._schedule_call(call)
             report.adopted.append(call.call_id)
-        stray += orphans
-        stray_learning = [e for e in state.learning if self.table.owner(e) is None]
+        if state.consistent or final:
+            stray += orphans
+        else:
+            report.doubtful += sorted({f.comment for f in orphans})
+        stray_learning = [
+            e
+            for e in state.learning
+            if e not in handled and e not in journal.learning and self._stale_learning(e)
+        ]
         report.stray_flows += len(stray)
         report.stray_learning += len(stray_learning)
         if stray or stray_learning:
             self._remove_strays(stray, stray_learning, now)
+
+    def _stale_learning(self, endpoint: Endpoint) -> bool:
+        """A learning endpoint that no call's view has (now)."""
+        owner = self.table.owner(endpoint)
+        call = self.table.get(owner) if owner is not None else None
+        return call is None or endpoint not in call.view().learning
 
     def _remove_strays(
         self, flows: list[InstalledFlow], learning: Iterable[Endpoint], now: float
@@ -1116,16 +1305,18 @@ class Engine:
         except StoreError as error:
             log.error("[%s] stored record not deleted: %s", call_id, error)
 
-    def _log_restore(self, report: RestoreReport) -> None:
+    def _log_restore(self, report: RestoreReport, first: bool = True) -> None:
         total = report.intact + len(report.repaired) + len(report.reinstalled)
-        log.info(
-            "restored %d calls from the store: %d intact in the kernel, %d repaired, "
-            "%d reinstalled (others were changed before they were checked)",
-            total,
-            report.intact,
-            len(report.repaired),
-            len(report.reinstalled),
-        )
+        if first or total:
+            log.info(
+                "restored %d calls from the store: %d intact in the kernel, %d repaired, "
+                "%d reinstalled (others were changed before they were checked)%s",
+                total,
+                report.intact,
+                len(report.repaired),
+                len(report.reinstalled),
+                "" if report.consistent else "; the ruleset changed during the read",
+            )
         if report.repaired:
             log.warning(
                 "kernel state of %d stored calls was incomplete and was repaired: %s",
@@ -1152,10 +1343,24 @@ class Engine:
                 report.stray_flows,
                 report.stray_learning,
             )
+        if report.doubtful:
+            log.info(
+                "%d groups of kernel flows of no call form no call in a read the ruleset "
+                "changed during (one of their elements may have been skipped): left for the "
+                "next read: %s",
+                len(report.doubtful),
+                _sample(report.doubtful),
+            )
 
     def reinstall(self, now: float) -> int:
-        """The node's table was reloaded empty: put every call back. Returns how many."""
+        """The node's table was reloaded empty: put every call back. Returns how many.
+
+        Every call is then whole in the kernel (or suspect, and retried): none is left to
+        compare with a read made before, and that read is out of date."""
         views = [(call.call_id, call.view()) for call in self.table]
+        self.unverified.clear()
+        if self.journal is not None:
+            self.journal.reloaded = True
         try:
             self.kernel.install(views)
         except KernelError:

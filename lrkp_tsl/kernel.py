@@ -39,6 +39,9 @@ EMPTY = KernelView()
 KernelChange = tuple[str, KernelView, KernelView, Iterable["StreamKey"]]
 """(Call-ID, before, after, displace): the arguments of one `Kernel.change`."""
 
+Repair = tuple[str, frozenset["StreamKey"], frozenset[Endpoint], KernelView]
+"""(Call-ID, flow keys, learning endpoints, view): one call of `Kernel.repair`."""
+
 
 class StreamChange(Enum):
     """What happened to a conntrack entry, as the kernel reports it (ctnetlink events)."""
@@ -70,10 +73,17 @@ class StreamEvent:
 
 @dataclass(frozen=True, slots=True)
 class KernelState:
-    """What the kernel holds for the node as a whole, read back at startup."""
+    """What the kernel holds for the node as a whole, read back at startup.
+
+    `consistent`: read as one snapshot. Else the ruleset changed during the read (the
+    node's own commands do, on a busy node): every flow and endpoint in it was in the
+    kernel at some instant of the read, but some that were there all along may be missing
+    (dataplane/nftsets.py). The engine never concludes anything from an absence in it.
+    """
 
     flows: tuple[InstalledFlow, ...]
     learning: frozenset[Endpoint]
+    consistent: bool = True
 
 
 class Kernel(Protocol):
@@ -99,6 +109,12 @@ class Kernel(Protocol):
         commit); per change, None if it is committed or the error that refused it. One
         refused change never refuses the others (they are committed without it); a refused
         change leaves its call's elements as `change` does when it raises."""
+
+    def repair(self, calls: Sequence[Repair]) -> list[KernelError | None]:
+        """Per call: delete the flows with these keys and these learning endpoints (missing
+        ones are fine), and add its view, in one transaction with the other calls (a
+        refused call is left out, as in `change_many`): the call is whole afterwards
+        whatever the kernel held at those keys (another target, or exactly the view)."""
 
     def install(self, views: Iterable[tuple[str, KernelView]]) -> None:
         """Add many calls' views (Call-ID, view) in few, large transactions: a restart after
@@ -131,4 +147,6 @@ class Kernel(Protocol):
         """True if the flow carried a packet within the NAT-rebinding guard interval."""
 
     def state(self) -> KernelState:
-        """Every flow and learning endpoint in the node's tables (startup reconciliation)."""
+        """Every flow and learning endpoint in the node's tables (startup reconciliation),
+        as one snapshot if the ruleset holds still long enough, else an inconsistent one
+        (never an error because the ruleset kept changing)."""

@@ -48,7 +48,7 @@ from __future__ import annotations
 import functools
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import ClassVar, Final
 
@@ -285,13 +285,16 @@ class DeleteSession:
     """`D`: stop relaying. `media` is None when Kamailio sent empty fields.
 
     That happens for a call torn down before its answer: the module only knows the offer's
-    half (or nothing), so the Call-ID is the only reliable key.
+    half (or nothing), so the Call-ID is the only reliable key. `given` holds the address
+    and port fields that were not empty, by name, as the node writes them (`given_fields`):
+    what the D says about the state of the call it was built from.
     """
 
     cookie: str | None
     raw: bytes
     call_id: str
     media: CallMedia | None
+    given: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
 
 Request = Ping | GetConfig | SetSession | DeleteSession
@@ -462,17 +465,36 @@ def _parse_session(raw: bytes, cookie: str | None, command: str, rest: str) -> R
     _check_call_id(call_id)
     timeout = _timeout(values["timeout"])
     media_names = SESSION_FIELDS[:8]
-    if command == "D" and any(not values[name] for name in media_names):
-        for name in media_names:  # still refuse garbage in the fields that are there
-            if values[name] and name.endswith("_ip"):
-                _ip(name, values[name])
-            elif values[name]:
-                _port(name, values[name])
-        return DeleteSession(cookie=cookie, raw=raw, call_id=call_id, media=None)
+    if command == "D":
+        given = tuple(  # refuses garbage in the fields that are there
+            (
+                name,
+                str(_ip(name, values[name]) if name.endswith("_ip") else _port(name, values[name])),
+            )
+            for name in media_names
+            if values[name]
+        )
+        if len(given) < len(media_names):
+            return DeleteSession(cookie=cookie, raw=raw, call_id=call_id, media=None, given=given)
+        media = _media(values)
+        return DeleteSession(cookie=cookie, raw=raw, call_id=call_id, media=media, given=given)
     media = _media(values)
-    if command == "S":
-        return SetSession(cookie=cookie, raw=raw, media=media, timeout=timeout)
-    return DeleteSession(cookie=cookie, raw=raw, call_id=call_id, media=media)
+    return SetSession(cookie=cookie, raw=raw, media=media, timeout=timeout)
+
+
+def given_fields(media: CallMedia) -> dict[str, str]:
+    """The eight address and port fields an `S` for `media` carries, as `DeleteSession.given`
+    writes them: what a `D` built from the same state of the call says."""
+    return {
+        "src_ip": str(media.caller.ip),
+        "dst_ip": str(media.callee_relay.ip),
+        "snat_ip": str(media.caller_relay.ip),
+        "dnat_ip": str(media.callee.ip),
+        "src_port": str(media.caller.port),
+        "dst_port": str(media.callee_relay.port),
+        "snat_port": str(media.caller_relay.port),
+        "dnat_port": str(media.callee.port),
+    }
 
 
 def _media(values: dict[str, str]) -> CallMedia:

@@ -3,8 +3,9 @@
 The engine writes every change of a call here in the same step as the kernel change, and
 before it answers `OK` (engine.py); at startup it reads everything back and reconciles it
 with the kernel. `SqliteStore` (store.py) is the implementation; tests use a dict.
-Times are the engine's clock (time.monotonic()); the store converts them to wall-clock
-time on disk, so they survive a reboot of the host and read well in `sqlite3`.
+Times are the engine's clock (time.monotonic()); the store keeps them as they are, valid
+within one boot, and as wall-clock time, which survives a reboot of the host and reads well
+in `sqlite3` (store.py says which it reads back when).
 """
 
 from __future__ import annotations
@@ -39,10 +40,16 @@ receives. Endpoints are `ip:port` text, times are wall-clock (Unix) seconds."""
 class StoredCall:
     call: Call
     quiet_since: float | None  # None: it had live media when last written
+    # Its times were converted from wall-clock time (written before this boot, or by a
+    # release that kept no monotonic time): a clock step may have moved them.
+    estimated: bool = False
 
 
 class Store(Protocol):
-    """Every method raises StoreError (lrkp_tsl.errors) when the change is not durable."""
+    """Every method raises StoreError (lrkp_tsl.errors) when the change must not go ahead
+    (SqliteStore: the file is locked by another process, for seconds). A store that cannot
+    be written at all (disk full, I/O error) keeps the change for later and does not raise:
+    the node serves on without durable records (store.py)."""
 
     def put(self, call: Call, quiet_since: float | None) -> None:
         """Insert or replace the call's record."""

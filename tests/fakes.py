@@ -12,7 +12,7 @@ import collections
 from collections.abc import Iterable, Mapping, Sequence
 
 from lrkp_tsl.errors import KernelError, StoreError
-from lrkp_tsl.kernel import Counters, KernelChange, KernelState, KernelView, StreamKey
+from lrkp_tsl.kernel import Counters, KernelChange, KernelState, KernelView, Repair, StreamKey
 from lrkp_tsl.media import Endpoint, Flow, InstalledFlow
 from lrkp_tsl.records import StoredCall
 from lrkp_tsl.session import Call
@@ -95,6 +95,28 @@ class FakeKernel:
 
     def fail_call(self, call_id: str) -> None:
         self.failing_calls.add(call_id)
+
+    def repair(self, calls: Sequence[Repair]) -> list[KernelError | None]:
+        self.batches.append([call_id for call_id, *_ in calls])
+        results: list[KernelError | None] = []
+        for call_id, keys, learning, view in calls:
+            try:
+                self._enter("repair")
+                if call_id in self.failing_calls:
+                    raise KernelError(f"injected failure of call {call_id}")
+            except KernelError as error:
+                results.append(error)
+                continue
+            for key in keys:
+                self.flows.pop(key, None)
+            for endpoint in learning:
+                self.learning.pop(endpoint, None)
+            for flow in view.flows:
+                self.flows[(flow.sender, flow.relay)] = (flow, call_id)
+            for endpoint in view.learning:
+                self.learning[endpoint] = call_id
+            results.append(None)
+        return results
 
     def install(self, views: Iterable[tuple[str, KernelView]]) -> None:
         self._enter("install")

@@ -23,7 +23,14 @@ from lrkp_tsl.dataplane.reserve import PortReservation
 from lrkp_tsl.dataplane.silence import SilenceWatch
 from lrkp_tsl.defaults import DEFAULT_RULES
 from lrkp_tsl.errors import HostError, KernelError
-from lrkp_tsl.kernel import Counters, KernelChange, KernelState, KernelView, StreamKey
+from lrkp_tsl.kernel import (
+    Counters,
+    KernelChange,
+    KernelState,
+    KernelView,
+    Repair,
+    StreamKey,
+)
 from lrkp_tsl.media import CallMedia, Endpoint, InstalledFlow, PortRange
 
 log = logging.getLogger("lrkp_tsl.dataplane")
@@ -172,6 +179,20 @@ class DataPlane:
             ]
         )
 
+    def repair(self, calls: Sequence[Repair]) -> list[KernelError | None]:
+        return self.nft.change_many(
+            [
+                ElementChange(
+                    call_id,
+                    add=view.flows,
+                    delete=[InstalledFlow(call_id, s, r, None, None) for s, r in keys],
+                    learn=view.learning,
+                    unlearn=learning,
+                )
+                for call_id, keys, learning, view in calls
+            ]
+        )
+
     def install(self, views: Iterable[tuple[str, KernelView]]) -> None:
         self.nft.install((call_id, view.flows, view.learning) for call_id, view in views)
 
@@ -197,7 +218,7 @@ class DataPlane:
         return self.silence.is_seen(sender, relay)
 
     def state(self) -> KernelState:
-        return KernelState(tuple(self.nft.installed()), self.nft.learning())
+        return self.nft.state()
 
     # -- whole calls, for tests and benchmarks --------------------------------------------------
 

@@ -28,6 +28,7 @@ from lrkp_tsl.dataplane.nftsets import SetReader
 from lrkp_tsl.dataplane.nftwatch import BaseChain, RulesetWatch
 from lrkp_tsl.defaults import DEFAULT_RULES
 from lrkp_tsl.errors import KernelError
+from lrkp_tsl.kernel import KernelState
 from lrkp_tsl.media import Endpoint, Flow, InstalledFlow, PortRange
 
 log = logging.getLogger("lrkp_tsl.dataplane.nft")
@@ -300,6 +301,11 @@ class NftTable:
         sockets of this table's namespace. One reader at a time.
         """
         return self._reader.read_flows(FAMILY, TABLE, FLOW_MAPS)
+
+    def state(self) -> KernelState:
+        """Both flow maps and the learning set as one snapshot, consistent or not
+        (nftsets.SetReader.read_state): the startup reconciliation's read."""
+        return self._reader.read_state(FAMILY, TABLE, FLOW_MAPS, "learning")
 
     def counter_packets(self, name: str) -> int:
         output = self.run_text(f"list counter {FAMILY} {TABLE} {name}", f"reading {name}")

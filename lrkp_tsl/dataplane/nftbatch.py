@@ -298,8 +298,13 @@ def commit(
             return results
         for owner, errs in errors.items():
             change = changes[owner]
-            if all(m is not None and m.deletion and c == -errno.ENOENT for m, c in errs):
-                gone = {id(m) for m, _ in errs}
+            # A deletion that found nothing makes nf_tables process the rest of the batch
+            # without the elements it did delete: an addition of one of those keys (another
+            # target for the same flow) then clashes (EEXIST). So while any deletion of the
+            # change is missing, its other errors are only judged once that one is fixed.
+            missing = [m for m, c in errs if m is not None and m.deletion and c == -errno.ENOENT]
+            if missing:
+                gone = {id(m) for m in missing}
                 kept: list[Message] = []
                 for m in change.messages:
                     if id(m) not in gone:

@@ -35,6 +35,18 @@ inside recvmsg, without the GIL, so `read_flows` dumps the two maps on two socke
 Every transaction in the namespace (on any table) interrupts a dump (NLM_F_DUMP_INTR); it is
 read again, at most ATTEMPTS times, so a ruleset that changes more often than a dump lasts
 makes a read fail with a KernelError rather than return a partial map.
+
+The startup reconciliation cannot wait for a quiet ruleset: the node's own commands commit a
+transaction each (100 a second on a busy node), while a dump of 50,000 calls lasts seconds.
+So `read_state` never fails for a changing ruleset: it returns a `Snapshot` that says
+whether it is *consistent* (every message of the three sets from one generation, none
+interrupted). What an inconsistent snapshot holds is still true in one way, and the engine
+relies on that way only: each element it holds was in the kernel at some instant of the
+read (the kernel dumps only committed elements). What it lacks proves nothing: the kernel
+resumes a dump by counting elements from the start of the set again for every message, so
+an element deleted behind the cursor makes the next one be skipped (and a resize of the
+hash table reorders everything). Attempts are merged, so an element is missing only if
+every attempt skipped it.
 """
 
 from __future__ import annotations
@@ -60,6 +72,7 @@ from lrkp_tsl.dataplane.nftwatch import (
     family_number,
 )
 from lrkp_tsl.errors import KernelError, MediaError
+from lrkp_tsl.kernel import KernelState
 from lrkp_tsl.media import Endpoint, InstalledFlow
 
 # enum nf_tables_msg_types (linux/netfilter/nf_tables.h)
@@ -89,6 +102,8 @@ ENDPOINT_SIZE = 8
 
 # The kernel caps a dump datagram at 32 KiB; a 1 MiB buffer leaves any future kernel room.
 RECV_BUFFER = 1 << 20
+# `read_state`: reads of the three sets before an inconsistent snapshot is returned.
+SNAPSHOT_ATTEMPTS = 3
 
 _U32 = struct.Struct(">I")
 _SKIP = NFT_SET_ELEM_INTERVAL_END | NFT_SET_ELEM_CATCHALL
@@ -140,6 +155,17 @@ class SetElements:
 
     def __len__(self) -> int:
         return len(self.values)
+
+    def merge(self, other: SetElements) -> None:
+        """Add what `other` (a later read of the same set) holds: its values win."""
+        self.values.update(other.values)
+        for key in other.values:
+            udata = other.userdata.get(key)
+            if udata is None:
+                self.userdata.pop(key, None)
+            else:
+                self.userdata[key] = udata
+        self.generations |= other.generations
 
     def add(self, body: bytes) -> None:
         """Decode one NFT_MSG_NEWSETELEM reply body (nfgenmsg + attributes) into self."""
@@ -406,21 +432,34 @@ class SetDump(RulesetWatch):
         A dump that crossed a transaction (NLM_F_DUMP_INTR, or replies of two generations)
         is read again, at most ATTEMPTS times. A missing table or set is a KernelError.
         """
+        for _attempt in range(ATTEMPTS):
+            found, consistent = self.dump_once(family, table, name, key_size, data_size)
+            if consistent:
+                return found
+        what = f"reading set {family} {table} {name}"
+        raise KernelError(f"{what}: the ruleset changed during each of {ATTEMPTS} reads")
+
+    def dump_once(
+        self, family: str, table: str, name: str, key_size: int, data_size: int = 0
+    ) -> tuple[SetElements, bool]:
+        """One dump of set `name`, whatever happens meanwhile: (elements, consistent).
+
+        Not consistent when it crossed a transaction: then every element it holds was in
+        the set at some instant of the dump, but some that were there may be missing
+        (see the module docstring). A missing table or set is a KernelError.
+        """
         number = family_number(family)
         what = f"reading set {family} {table} {name}"
-        for _attempt in range(ATTEMPTS):
-            found = SetElements(name, key_size, data_size)
-            try:
-                replies = self._exchange(
-                    lambda seq: setelems_request(seq, number, table, name), what, found.add
-                )
-            except _Interrupted:
-                continue
-            if replies is None:
-                raise KernelError(f"{what}: no such table or set")
-            if len(found.generations) <= 1:
-                return found
-        raise KernelError(f"{what}: the ruleset changed during each of {ATTEMPTS} reads")
+        found = SetElements(name, key_size, data_size)
+        try:
+            replies = self._exchange(
+                lambda seq: setelems_request(seq, number, table, name), what, found.add
+            )
+        except _Interrupted:
+            return found, False
+        if replies is None:
+            raise KernelError(f"{what}: no such table or set")
+        return found, len(found.generations) <= 1
 
 
 class SetReader(SetDump):
@@ -482,6 +521,56 @@ class SetReader(SetDump):
         elements = self.elements(family, table, name, ENDPOINT_SIZE)
         with _gc_paused():
             return endpoint_set(elements)
+
+    def read_state(
+        self,
+        family: str = "ip",
+        table: str = "lrkp",
+        maps: tuple[str, str] = ("dnat_to", "snat_to"),
+        learning: str = "learning",
+        attempts: int = SNAPSHOT_ATTEMPTS,
+    ) -> KernelState:
+        """The flows of both maps and the learning endpoints, as one snapshot.
+
+        Consistent (`KernelState.consistent`) when the three dumps of one attempt were
+        neither interrupted nor of more than one ruleset generation. While commands keep
+        changing the ruleset no attempt may be: after `attempts`, what they all read is
+        merged and returned as an inconsistent snapshot (never an error; see the module
+        docstring for what it can be trusted with). A missing table or set is a
+        KernelError.
+        """
+        union: list[SetElements] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nftsets") as pool:
+            for _attempt in range(max(1, attempts)):
+                pending = pool.submit(
+                    self._peer.dump_once, family, table, maps[1], FLOW_KEY_SIZE, ENDPOINT_SIZE
+                )
+                try:
+                    dnat, dnat_ok = self.dump_once(
+                        family, table, maps[0], FLOW_KEY_SIZE, ENDPOINT_SIZE
+                    )
+                    ends, ends_ok = self.dump_once(family, table, learning, ENDPOINT_SIZE)
+                except BaseException:
+                    wait([pending])
+                    raise
+                snat, snat_ok = pending.result()
+                read = [dnat, snat, ends]
+                generations = dnat.generations | snat.generations | ends.generations
+                if dnat_ok and snat_ok and ends_ok and len(generations) <= 1:
+                    return _state(read, consistent=True)
+                if union is None:
+                    union = read
+                else:
+                    for merged, later in zip(union, read, strict=True):
+                        merged.merge(later)
+        assert union is not None
+        return _state(union, consistent=False)
+
+
+def _state(sets: list[SetElements], *, consistent: bool) -> KernelState:
+    dnat, snat, learning = sets
+    with _gc_paused():
+        return KernelState(tuple(merge_flows(dnat, snat)), endpoint_set(learning), consistent)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import pytest
 
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_lab.parties import PORTS, SILENCE, WAIT, Party, Peers
-from lrkp_tsl.dataplane import DataPlane
+from lrkp_tsl.dataplane import DataPlane, fixed_view
 from lrkp_tsl.errors import KernelError
 from lrkp_tsl.media import CallMedia, Endpoint
 
@@ -279,3 +279,32 @@ def test_the_idle_timeout_policy_follows_the_config(lab: Lab, dataplane: DataPla
     assert dataplane.nft.idle_policy() == 45
     listing = lab.run("relay", "nft", "list", "ct", "timeout", "ip", "lrkp", "relay_idle").stdout
     assert "unreplied : 45, replied : 45" in listing
+
+
+def test_repair_puts_a_call_back_whole_over_whatever_its_keys_hold(
+    lab: Lab, dataplane: DataPlane, peers: Peers
+) -> None:
+    """What the startup comparison does with a call an inconsistent read saw only in part:
+    its keys are deleted and its view added in one transaction, right whether each element
+    was there as it should be, there with another target, or gone."""
+    caller, callee = peers("a", 4900), peers("b", 6900)
+    media = call(
+        "repair@lab", caller, callee, Endpoint(INTERNAL_IP, 20902), Endpoint(INTERNAL_IP, 20900)
+    )
+    dataplane.commit(media)
+    view = fixed_view(media)
+    flows = sorted(view.flows, key=lambda f: (f.relay.port, str(f.sender)))
+    wrong, gone = flows[0], flows[1]
+    key = f"{wrong.sender.ip} . {wrong.sender.port} . {wrong.relay.ip} . {wrong.relay.port}"
+    lab.run("relay", "nft", "delete", "element", "ip", "lrkp", "dnat_to", f"{{ {key} }}")
+    lab.run("relay", "nft", "add", "element", "ip", "lrkp", "dnat_to",
+            f"{{ {key} : 10.201.1.66 . 9 }}")  # fmt: skip
+    gone_key = f"{gone.sender.ip} . {gone.sender.port} . {gone.relay.ip} . {gone.relay.port}"
+    for name in ("dnat_to", "snat_to"):
+        lab.run("relay", "nft", "delete", "element", "ip", "lrkp", name, f"{{ {gone_key} }}")
+    keys = frozenset((f.sender, f.relay) for f in view.flows)
+    with lab.inside("relay"):
+        assert dataplane.repair([("repair@lab", keys, frozenset(), view)]) == [None]
+        found = {(f.sender, f.relay, f.target, f.relay_out) for f in dataplane.state().flows}
+    assert found == {(f.sender, f.relay, f.target, f.relay_out) for f in view.flows}
+    exchange(caller, callee, media, b"after repair")

@@ -278,3 +278,33 @@ def test_fuzzed_control_socket_leaves_the_live_call_untouched(
     assert sent >= EXAMPLES
     log_lines = node.output().count("\n")
     assert log_lines < 400, f"{log_lines} log lines for {sent} datagrams"
+
+
+def test_a_stale_delete_from_before_a_re_invite_leaves_the_call_relayed(
+    node: Node, kamailio: Controller, peers: Peers
+) -> None:
+    """`D` matches its call by Call-ID. One built from the call's state before a re-INVITE
+    moved it (the callee's answer changed its media port) names the old addresses: it must
+    not cut the media of the call as it is now. A `D` naming the current state ends it."""
+    caller, callee, moved = peers("a", 4500), peers("b", 6500), peers("b", 6600)
+    call = Call(kamailio, caller, callee, 21100, "reinvite@lab")
+    burst(caller, call.caller_relay, callee, call.callee_relay, 1, b"before")
+    reinvite = set_command(
+        "S", str(caller.endpoint.ip), str(INTERNAL_IP), str(INTERNAL_IP),
+        str(moved.endpoint.ip), caller.endpoint.port, 21100, 21102, moved.endpoint.port,
+        "reinvite@lab",
+    )  # fmt: skip
+    assert kamailio.command(reinvite, CONTROL) == reinvite + b"OK"
+    burst(caller, call.caller_relay, moved, call.callee_relay, 2, b"moved")
+    stale = b"D" + call.body[1:]  # the addresses of the call before its re-INVITE
+    assert kamailio.command(stale, CONTROL) == stale + b"OK"
+    burst(caller, call.caller_relay, moved, call.callee_relay, 3, b"after stale D")
+    burst(moved, call.callee_relay, caller, call.caller_relay, 3, b"back")
+    assert "[reinvite@lab] D from 10.201.1.5" in node.output()
+    assert "ignored: it names dnat_port 6500, the call is at dnat_port 6600" in node.output()
+    current = b"D" + reinvite[1:]
+    assert kamailio.command(current, CONTROL) == current + b"OK"
+    caller.send(call.caller_relay, b"after D")
+    moved.expect_nothing()
+    assert "[reinvite@lab] removed: deleted by the controlling layer (D)" in node.output()
+    assert counters(node)["command.delete.stale"] == 1

@@ -7,6 +7,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_lab.parties import PORTS, Peers
 from lrkp_tsl.dataplane import DataPlane
@@ -54,6 +56,28 @@ def test_one_refused_change_leaves_the_others_committed(
     for n in (0, 1, 3):
         callers[n].send(calls[n].caller_relay, b"x")
         assert callees[n].expect(b"x") == calls[n].callee_relay
+
+
+@pytest.mark.parametrize("missing_first", [True, False], ids=["missing-first", "missing-last"])
+def test_a_missing_deletion_does_not_refuse_a_key_moved_in_the_same_change(
+    lab: Lab, dataplane: DataPlane, peers: Peers, missing_first: bool
+) -> None:
+    """A change deletes flow K and adds K with another target (a re-INVITE moves the callee,
+    a repair at startup), and one of its other deletions finds nothing. nf_tables then goes
+    on through the batch without the deletions it made, and the addition of K clashes
+    (EEXIST) whenever K came after the missing element: a consequence, not a refusal."""
+    caller, callee, moved = peers("a", 4300), peers("b", 6300), peers("b", 6301)
+    before = media(20, caller.endpoint, callee.endpoint)
+    after = CallMedia(before.call_id, before.caller, before.caller_relay, moved.endpoint,
+                      before.callee_relay)  # fmt: skip
+    dataplane.commit(before)
+    ghost = media(21, Endpoint.parse("10.201.1.99", 999), callee.endpoint).flows()[:1]
+    gone = [*ghost, *before.flows()] if missing_first else [*before.flows(), *ghost]
+    change = ElementChange(before.call_id, add=after.flows(), delete=gone)
+    assert dataplane.nft.change_many([change]) == [None]
+    assert change.missing == 2  # the ghost, in dnat_to and snat_to
+    caller.send(after.caller_relay, b"to the moved callee")
+    assert moved.expect(b"to the moved callee") == after.callee_relay
 
 
 def test_reload_over_an_older_table_drops_its_obsolete_chain_and_set(

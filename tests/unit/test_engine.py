@@ -3,6 +3,7 @@ failure, against the in-memory fakes (tests/fakes.py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -19,7 +20,7 @@ from lrkp_tsl.engine import (
     Settings,
 )
 from lrkp_tsl.errors import KernelError
-from lrkp_tsl.kernel import EMPTY, KernelView, StreamChange, StreamEvent
+from lrkp_tsl.kernel import EMPTY, KernelState, KernelView, StreamChange, StreamEvent
 from lrkp_tsl.latching import Policy, Rule
 from lrkp_tsl.media import CallMedia, Endpoint, InstalledFlow, PortRange
 from lrkp_tsl.protocol import NodeConfig
@@ -125,6 +126,25 @@ def test_kamailio6_d_without_s_is_answered_ok_changes_nothing_even_retransmitted
     # The module matches on Call-ID alone: the same D shape for a live call removes it.
     ok(engine, b"77_2659 D 10.0.0.21 10.0.0.10   4000 20000   60 live ")
     assert len(engine.table) == 0 and kernel.holds() == EMPTY and store.records == {}
+
+
+def test_a_delete_naming_an_earlier_state_of_its_call_is_answered_and_ignored() -> None:
+    engine, kernel, store = make(Policy.STRICT)
+    ok(engine, s_command("c1"))
+    ok(engine, s_command("c1", callee="10.0.1.31:6100", cookie="1_2"))  # a re-INVITE's answer
+    current = engine.table.get("c1")
+    for cookie, stale in (
+        ("1_3", s_command("c1", verb="D", cookie="1_3")),  # the callee's old port
+        ("1_4", b"1_4 D 10.0.0.21 10.0.0.10   4000 20004   60 c1 "),  # another relay port
+    ):
+        ok(engine, stale)
+        assert engine.table.get("c1") == current, cookie
+    assert engine.stats["command.delete.stale"] == 2 and engine.stats["command.delete.ok"] == 0
+    agree(engine, kernel)
+    assert set(store.records) == {"c1"}
+    # A D naming the call as it is (all fields, or those a CANCEL-time D has) ends it.
+    ok(engine, b"1_5 D 10.0.0.21 10.0.0.10   4000 20000   60 c1 ")
+    assert len(engine.table) == 0 and kernel.holds() == EMPTY
 
 
 def test_kernel_refusal_answers_error_changes_nothing_and_is_retried_by_retransmission() -> None:
@@ -553,6 +573,25 @@ def test_a_stream_found_from_both_directions_is_one_stream() -> None:
     assert "c1" not in engine.table
 
 
+def test_a_restart_caps_the_age_of_calls_whose_times_come_from_the_wall_clock() -> None:
+    engine, kernel, store = make(Policy.STRICT)
+    ok(engine, s_command("old"))
+    ok(engine, s_command("ahead", relay_port=20100, cookie="1_2"))
+    # Stored before this boot: the wall clock may have stepped since (either way).
+    for call_id, started, quiet in (("old", -10_000.0, None), ("ahead", 50_000.0, 40_000.0)):
+        call = store.records[call_id].call
+        store.records[call_id] = StoredCall(replace(call, started=started), quiet, estimated=True)
+    again = loaded(kernel, store, 100.0)
+    assert again.table.get("old").started == 100.0 - (LIFETIME - IDLE)  # type: ignore[union-attr]
+    assert again.table.get("ahead").started == 100.0  # type: ignore[union-attr]
+    assert again.activity.quiet_since("ahead") == 100.0
+    kernel.entries.update(dict.fromkeys(kernel.flows, IDLE))  # media flows: never idle
+    again.on_timer(100.0)
+    assert "old" in again.table  # not ended at startup: one idle timeout to go
+    again.on_timer(100.0 + IDLE)
+    assert "old" not in again.table and "ahead" in again.table
+
+
 def test_a_kernel_failure_during_restore_is_retried_not_fatal() -> None:
     engine, kernel, store = make(Policy.STRICT)
     ok(engine, s_command("c1"))
@@ -698,9 +737,73 @@ def test_reconciliation_removes_stale_elements_of_a_touched_call_and_adopts_stra
     report = RestoreReport()
     for _ in again.reconcile(snapshot, 7.0, report):
         pass
-    # c1's own four flows (already deleted by its D) are swept again with the stale one.
-    assert report.adopted == ["orphan"] and report.stray_flows == 5
+    # c1's own four flows were deleted by its D after the read (the node's own change: not
+    # swept again); the stale one, no key of any call, is removed.
+    assert report.adopted == ["orphan"] and report.stray_flows == 1
     assert (stale.sender, stale.relay) not in kernel.flows
+    agree(again, kernel)
+
+
+def test_a_call_deleted_after_the_read_is_never_adopted_from_it() -> None:
+    engine, kernel, store = make(Policy.STRICT)
+    ok(engine, s_command("c1"))
+    ok(engine, s_command("c2", relay_port=20100, cookie="1_2"))
+    again = loaded(kernel, store, 5.0)
+    snapshot = kernel.state()  # the read: both calls whole
+    # D right after startup, answered OK, before the read is compared.
+    ok(again, s_command("c1", verb="D", cookie="1_3"), 6.0)
+    ok(again, s_command("c2", relay_port=20100, verb="D", cookie="1_4"), 6.0)
+    report = RestoreReport()
+    for _ in again.reconcile(snapshot, 7.0, report):
+        pass
+    assert report.adopted == [] and len(again.table) == 0
+    assert kernel.flows == {} and kernel.learning == {} and store.records == {}
+
+
+def test_a_call_deleted_while_the_read_is_compared_is_never_adopted_from_it() -> None:
+    engine, kernel, store = make(Policy.STRICT)
+    for index in range(RECONCILE_CHUNK + 2):
+        store.put(
+            engine.table.on_set(
+                CallMedia(f"c{index}", ep("10.0.0.21:4000"), ep(f"10.0.0.10:{20002 + 4 * index}"),
+                          ep("10.0.1.31:6000"), ep(f"10.0.0.10:{20000 + 4 * index}")),
+                IDLE, 0.0,
+            )[0].call,  # type: ignore[arg-type]
+            0.0,
+        )  # fmt: skip
+    again = loaded(kernel, store, 1.0)
+    kernel.install((c.call_id, c.view()) for c in again.table)
+    steps = again.reconcile(kernel.state(), 2.0)
+    next(steps)  # the first chunk is compared; the event loop runs
+    last = next(iter(again.unverified))  # in the next chunk: not compared yet
+    again.delete(last, 2.5)
+    for _ in steps:
+        pass
+    assert last not in again.table and last not in store.records
+    assert not any(call_id == last for _flow, call_id in kernel.flows.values())
+    agree(again, kernel)
+
+
+def test_an_inconsistent_read_repairs_what_it_lacks_and_keeps_half_seen_groups() -> None:
+    engine, kernel, store = make(Policy.STRICT)
+    ok(engine, s_command("skipped"))
+    ok(engine, s_command("orphan", relay_port=20100, cookie="1_2"))
+    del store.records["orphan"]  # the kernel has it, the store does not
+    again = loaded(kernel, store, 5.0)
+    full = kernel.state()
+    # The ruleset changed during the read, which skipped one element of each call.
+    lost = {next(f for f in full.flows if f.comment == c) for c in ("skipped", "orphan")}
+    read = KernelState(tuple(f for f in full.flows if f not in lost), full.learning, False)
+    report = RestoreReport()
+    for _ in again.reconcile(read, 6.0, report, final=False):
+        pass
+    assert report.repaired == ["skipped"] and kernel.calls["repair"] == 1
+    assert report.doubtful == ["orphan"] and report.adopted == [] and report.stray_flows == 0
+    assert len(kernel.flows) == 8  # nothing of "orphan" was removed on a partial view
+    again.begin_read()
+    for _ in again.reconcile(kernel.state(), 7.0, report):  # the next read: a snapshot
+        pass
+    assert report.adopted == ["orphan"]
     agree(again, kernel)
 
 

@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from lrkp_tsl.lock import (
     LockError,
     acquire_instance_lock,
     lock_path,
+    lock_state_dir,
     netns_inode,
 )
 from tests import nobody
@@ -29,8 +31,16 @@ ROOT = Path(__file__).resolve().parents[2]
 INODE = 4026531999
 
 
+def namespace(inode: int) -> Path:
+    """A stand-in for the file of network namespace `inode` (/proc/self/ns/net): its
+    flock is the namespace's lock. Unique to this test run (other runs share /tmp)."""
+    path = Path(tempfile.gettempdir()) / f"lrkp-test-netns-{os.getpid()}-{inode}"
+    path.touch()
+    return path
+
+
 def acquire(directory: Path, inode: int = INODE) -> InstanceLock:
-    return acquire_instance_lock(directory, inode=lambda: inode)
+    return acquire_instance_lock(directory, namespace=namespace(inode), inode=lambda: inode)
 
 
 # A second process, importing the project: acquires, prints a line, waits for stdin to close.
@@ -39,7 +49,9 @@ import sys
 from pathlib import Path
 from lrkp_tsl.lock import LockError, acquire_instance_lock
 try:
-    lock = acquire_instance_lock(Path(sys.argv[1]), inode=lambda: int(sys.argv[2]))
+    lock = acquire_instance_lock(
+        Path(sys.argv[1]), namespace=Path(sys.argv[3]), inode=lambda: int(sys.argv[2])
+    )
 except LockError as error:
     print(error.code, error.reason, flush=True)
     sys.exit(3)
@@ -55,7 +67,7 @@ def holder(directory: Path, inode: int = INODE) -> Iterator[subprocess.Popen[str
     """A process holding (or failing to take) the lock; stopped at the end whatever happens."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(directory), str(inode)],
+        [sys.executable, "-c", HOLDER, str(directory), str(inode), str(namespace(inode))],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -201,14 +213,17 @@ def test_a_directory_an_unprivileged_node_may_not_create() -> None:
     private), in a directory root owns that nobody can enter but not write."""
     code = (
         "import sys; from pathlib import Path; from lrkp_tsl.lock import LockError, "
-        "acquire_instance_lock\ntry:\n    acquire_instance_lock(Path(sys.argv[1]))\n"
-        "except LockError as e:\n    print(e)"
+        "acquire_instance_lock\ntry:\n    acquire_instance_lock(Path(sys.argv[1]), "
+        "namespace=Path(sys.argv[2]))\nexcept LockError as e:\n    print(e)"
     )
+    # Not the host's own namespace (other test runs may lock it): a stand-in nobody can open.
+    fake = namespace(0)
+    fake.chmod(0o644)
     with nobody.readable_copy() as base:
         parent = base / "root-only"
         parent.mkdir(mode=0o755)
         result = subprocess.run(
-            nobody.argv(base, "-c", code, str(parent / "lrkp-tsl")),
+            nobody.argv(base, "-c", code, str(parent / "lrkp-tsl"), str(fake)),
             capture_output=True,
             text=True,
             check=False,
@@ -216,3 +231,52 @@ def test_a_directory_an_unprivileged_node_may_not_create() -> None:
     assert result.stderr == "", result.stderr
     assert result.stdout.startswith("lock: cannot create the lock directory")
     assert "Permission denied" in result.stdout
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_node_in(tmp_path: Path) -> None:
+    with holder(tmp_path) as proc:
+        assert first_line(proc) == "held"
+        lock_path(tmp_path, INODE).unlink()  # an operator, or a cleanup script
+        with pytest.raises(LockedError) as caught:
+            acquire(tmp_path)
+        # The namespace's own lock names the holder (from /proc/locks).
+        assert f"pid {proc.pid}" in caught.value.reason
+        assert "a lock on the namespace itself" in caught.value.reason
+
+
+# A second process holding a state directory until stdin closes.
+STATE_HOLDER = """
+import sys
+from pathlib import Path
+from lrkp_tsl.lock import lock_state_dir
+lock = lock_state_dir(Path(sys.argv[1]))
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_state_dir_belongs_to_one_node_and_is_freed_with_it(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen(
+        [sys.executable, "-c", STATE_HOLDER, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as proc:
+        try:
+            assert first_line(proc) == "held"
+            with pytest.raises(LockedError) as caught:
+                lock_state_dir(tmp_path)
+            reason = caught.value.reason
+            assert f"state_dir {str(tmp_path)!r} is in use by another lrkp-tsl node" in reason
+            own_namespace = os.readlink("/proc/self/ns/net")
+            assert f"pid {proc.pid} (network namespace {own_namespace})" in reason
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+    owned = lock_state_dir(tmp_path)  # killed: the kernel dropped its lock
+    with pytest.raises(LockedError):
+        lock_state_dir(tmp_path)  # exclusive within one process too
+    owned.release()
+    lock_state_dir(tmp_path).release()

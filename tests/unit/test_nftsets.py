@@ -621,3 +621,43 @@ def test_garbled_dump_is_drained_before_the_next_read() -> None:
         made.read_learning()
     assert made.read_learning() == frozenset({RA})
     assert len(first.sent) == 2 and not first.queue
+
+
+def test_read_state_returns_the_first_consistent_attempt_alone() -> None:
+    intr = nw.NLM_F_MULTI | nw.NLM_F_DUMP_INTR
+    made, _, _ = reader(
+        [
+            dump(
+                1, setelem_reply("dnat_to", element(flow_key(A, RA), raw_endpoint(B)), flags=intr)
+            ),
+            dump(2, setelem_reply("learning", element(raw_endpoint(RA)), seq=2)),
+            dump(3, setelem_reply("dnat_to", element(flow_key(B, RB), raw_endpoint(A)), seq=3)),
+            dump(4, setelem_reply("learning", seq=4)),
+        ],
+        [dump(1, setelem_reply("snat_to", seq=1)), dump(2, setelem_reply("snat_to", seq=2))],
+    )
+    state = made.read_state()
+    assert state.consistent
+    assert state.flows == (InstalledFlow("", B, RB, A, None),)
+    assert state.learning == frozenset()
+
+
+def test_read_state_merges_what_every_attempt_saw_when_none_is_consistent() -> None:
+    made, first, _ = reader(
+        [
+            dump(1, setelem_reply("dnat_to", element(flow_key(A, RA), raw_endpoint(B)), gen=7)),
+            dump(2, setelem_reply("learning", element(raw_endpoint(RA)), seq=2, gen=8)),
+            dump(
+                3, setelem_reply("dnat_to", element(flow_key(B, RB), raw_endpoint(A)), seq=3, gen=9)
+            ),
+            dump(4, setelem_reply("learning", seq=4, gen=10)),
+        ],
+        [dump(1, setelem_reply("snat_to", seq=1, gen=7)), dump(2, setelem_reply("snat_to", seq=2))],
+    )
+    state = made.read_state(attempts=2)
+    assert not state.consistent  # generations 7-10: never one snapshot, and never an error
+    assert sorted(state.flows, key=repr) == sorted(
+        [InstalledFlow("", A, RA, B, None), InstalledFlow("", B, RB, A, None)], key=repr
+    )
+    assert state.learning == frozenset({RA})
+    assert len(first.sent) == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -12,8 +13,16 @@ import pytest
 from lrkp_tsl.errors import StoreError
 from lrkp_tsl.latching import Policy
 from lrkp_tsl.media import CallMedia, Endpoint, InstalledFlow
+from lrkp_tsl.records import FIELDS, encode
 from lrkp_tsl.session import Call, CallTable, rebuild
-from lrkp_tsl.store import FILENAME, SCHEMA_VERSION, SqliteStore
+from lrkp_tsl.store import (
+    FILENAME,
+    MIGRATIONS,
+    REBOOT_GAP,
+    SCHEMA_VERSION,
+    SqliteStore,
+    open_state,
+)
 
 
 def ep(text: str) -> Endpoint:
@@ -167,3 +176,186 @@ def test_clear_forgets_every_call(path: Path) -> None:
     assert store.clear() == 1
     assert store.load() == []
     assert rows(path, "calls") == rows(path, "removed") == 0
+
+
+# -- clocks: what a restart makes of a call's age --------------------------------------------
+
+
+def step_wall_clock(path: Path, seconds: float) -> None:
+    """The wall clock stepped forward by `seconds` while the node was down: as the next
+    start reads them, the stored wall-clock times are that much older."""
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "UPDATE calls SET started = started - ?, quiet_since = quiet_since - ?",
+            [seconds, seconds],
+        )
+        db.execute("UPDATE clock SET alive_wall = alive_wall - ?", [seconds])
+
+
+def test_a_wall_clock_step_within_one_boot_changes_no_call_age(path: Path) -> None:
+    call = learned_call()
+    store = SqliteStore(path, boot="boot-1")
+    store.put(call, 123.5)
+    store.close()
+    step_wall_clock(path, 3700)
+    [stored] = SqliteStore(path, boot="boot-1").load()
+    assert stored.call.started == call.started and stored.quiet_since == 123.5
+    assert not stored.estimated
+
+
+def test_after_a_reboot_an_age_counts_the_downtime_at_most_reboot_gap(path: Path) -> None:
+    now = time.monotonic()
+    call = replace(learned_call(), started=now - 100)
+    store = SqliteStore(path, boot="boot-1")
+    store.put(call, now - 30)
+    store.alive(now, force=True)
+    assert store._db is not None
+    store._db.close()  # killed: no clean stop
+    step_wall_clock(path, 3700)  # a reboot of 3700 s on the wall clock, or a step
+    [stored] = SqliteStore(path, boot="boot-2").load()
+    age = time.monotonic() - stored.call.started
+    assert 100 + REBOOT_GAP <= age < 100 + REBOOT_GAP + 5
+    assert time.monotonic() - stored.quiet_since == pytest.approx(age - 70, abs=5)  # type: ignore[operator]
+    assert not stored.estimated
+
+
+def test_a_row_an_older_release_wrote_is_estimated_from_the_wall_clock(path: Path) -> None:
+    store = SqliteStore(path, boot="boot-1")
+    store.put(learned_call(), None)
+    store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE calls SET boot_id = NULL, started_mono = NULL, quiet_mono = NULL")
+    [stored] = SqliteStore(path, boot="boot-1").load()
+    assert stored.estimated
+    [other_boot] = SqliteStore(path, boot="boot-3").load()  # and no clock of that boot
+    assert other_boot.estimated
+
+
+def test_an_earlier_releases_file_gets_the_clock_columns_in_place(path: Path) -> None:
+    with sqlite3.connect(path) as db:
+        db.executescript(MIGRATIONS[0] + "PRAGMA user_version = 1;")
+        columns = ", ".join([*FIELDS, "revision"])
+        record = encode(learned_call(), None, time.time() - time.monotonic())
+        marks = ", ".join("?" for _ in range(len(FIELDS) + 1))
+        db.execute(f"INSERT INTO calls ({columns}) VALUES ({marks})", [*record.values(), 1])
+    [stored] = SqliteStore(path).load()
+    assert stored.estimated and stored.call.call_id == "abc@host"
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1  # still readable by it
+        have = {row[1] for row in db.execute("PRAGMA table_info(calls)")}
+    assert {"boot_id", "started_mono", "quiet_mono"} <= have
+
+
+# -- a store that cannot be written, or cannot be used ----------------------------------------
+
+
+def full(store: SqliteStore) -> None:
+    """The disk is full, as SQLite reports it (SQLITE_FULL), for this store's connection."""
+    db = store._db
+    assert db is not None
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def freed(store: SqliteStore) -> None:
+    assert store._db is not None
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+
+
+def calls_in(path: Path) -> set[str]:
+    with sqlite3.connect(path) as db:
+        return {row[0] for row in db.execute("SELECT call_id FROM calls")}
+
+
+def named(call: Call, call_id: str) -> Call:
+    return replace(call, media=replace(call.media, call_id=call_id))
+
+
+def test_a_full_disk_keeps_writes_in_memory_and_writes_them_when_it_can(path: Path) -> None:
+    store = SqliteStore(path)
+    call = learned_call()
+    store.put(call, None)
+    gone = named(call, "gone")
+    store.put(gone, None)
+    full(store)
+    bulk = [named(call, f"bulk-{i}") for i in range(50)]
+    with store.group():  # a group commit: none refused, none lost
+        for each in bulk:
+            store.put(each, 1.0)
+    store.delete("gone")
+    store.set_quiet("abc@host", 7.0)
+    store.put(named(call, "late"), None)
+    store.set_quiet("late", 9.0)
+    assert not store.writable
+    assert calls_in(path) == {"abc@host", "gone"}
+    store.tick(time.monotonic() + 1)  # not yet due, and still full anyway
+    assert not store.writable
+    freed(store)
+    store.tick(time.monotonic() + 10)
+    assert store.writable
+    stored = {s.call.call_id: s for s in store.load()}
+    assert set(stored) == {"abc@host", "late"} | {c.call_id for c in bulk}
+    assert stored["abc@host"].quiet_since == 7.0 and stored["late"].quiet_since == 9.0
+    store.put(named(call, "after"), None)  # and writes go straight to the file again
+    assert "after" in calls_in(path)
+
+
+def test_a_store_locked_by_another_process_still_refuses_the_write(path: Path) -> None:
+    store = SqliteStore(path)
+    with sqlite3.connect(path, isolation_level=None) as other:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreError, match="locked"):
+            store.put(learned_call(), None)
+        other.execute("ROLLBACK")
+    assert store.writable  # a lock lasts seconds: Kamailio's retransmission tries again
+
+
+@pytest.mark.parametrize(
+    ("content", "label"),
+    [
+        (b"this is not a database\n" * 100, "bad"),
+        (b"SQLite format 3\0" + b"\xff" * 600, "bad"),  # a header, then nothing of use
+        (None, "newer"),
+        ("foreign", "bad"),
+    ],
+)
+def test_open_state_sets_a_file_it_cannot_use_aside_and_starts_empty(
+    path: Path, content: bytes | str | None, label: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    if content is None:
+        SqliteStore(path).close()
+        with sqlite3.connect(path) as db:
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    elif content == "foreign":
+        with sqlite3.connect(path) as db:
+            db.executescript("CREATE TABLE calls (id INTEGER); PRAGMA user_version = 1;")
+    else:
+        assert isinstance(content, bytes)
+        path.write_bytes(content)
+    before = path.read_bytes()
+    store = open_state(path)
+    assert store.writable and store.load() == []
+    found = path.parent.glob(f"{FILENAME}.{label}-*")
+    (aside,) = (f for f in found if not f.name.endswith(("-wal", "-shm")))
+    assert aside.read_bytes()[:100] == before[:100]  # moved, never rewritten
+    assert f"Moved to {aside}" in caplog.text
+    store.put(learned_call(), None)
+    assert calls_in(path) == {"abc@host"}
+
+
+def test_open_state_of_a_store_it_cannot_write_reads_what_it_holds(path: Path) -> None:
+    store = SqliteStore(path)
+    store.put(learned_call(), None)
+    store.close()
+    path.chmod(0o444)
+    path.parent.chmod(0o555)  # as if the disk were full: nothing can be created there
+    try:
+        reopened = SqliteStore.unavailable(path, StoreError("disk full"))
+        assert [s.call.call_id for s in reopened.load()] == ["abc@host"]
+        assert not reopened.writable
+        reopened.delete("abc@host")  # kept for later
+    finally:
+        path.parent.chmod(0o755)
+        path.chmod(0o644)
+    reopened.tick(time.monotonic() + 10)
+    assert reopened.writable and calls_in(path) == set()
