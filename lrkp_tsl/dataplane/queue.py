@@ -4,7 +4,8 @@ Packets are chosen by the node's own table (chain `to_queue` marks them, within 
 limit); this module installs the one rule that sends marked packets to the queue — the
 native nft `queue` statement where the kernel has it, else the xt NFQUEUE target through
 iptables-nft in the raw table (this kernel has no nft queue) — and removes exactly that
-rule on exit. Both run at priority raw (-300): before conntrack, so a packet accepted
+rule on a flush (its number, and whether iptables-nft's raw table was made for it, are on
+record: added.py). Both run at priority raw (-300): before conntrack, so a packet accepted
 later creates or joins its stream's conntrack entry only then.
 
 Fail-closed: the queue rule has no bypass. If the node is not listening, or the queue is
@@ -24,6 +25,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from ipaddress import IPv4Address
+from typing import TYPE_CHECKING
 
 from netfilterqueue import NetfilterQueue, Packet
 
@@ -31,6 +33,9 @@ from lrkp_tsl.dataplane.nft import FAMILY, TABLE, NftTable
 from lrkp_tsl.dataplane.nftwatch import RulesetWatch
 from lrkp_tsl.errors import HostError, KernelError
 from lrkp_tsl.media import Endpoint
+
+if TYPE_CHECKING:
+    from lrkp_tsl.dataplane.added import AddedRecord
 
 log = logging.getLogger("lrkp_tsl.dataplane.queue")
 
@@ -80,7 +85,9 @@ def parse_udp(payload: bytes) -> tuple[Endpoint, Endpoint] | None:
 class QueueRule:
     """The one rule that sends marked packets to our queue: installed, checked, removed."""
 
-    def __init__(self, path: str, queue_num: int, nft: NftTable) -> None:
+    def __init__(
+        self, path: str, queue_num: int, nft: NftTable, record: AddedRecord | None = None
+    ) -> None:
         if path not in ("nft", "xt"):
             raise HostError(
                 "no first-packet queue on this kernel: neither the nft queue statement "
@@ -93,9 +100,11 @@ class QueueRule:
         # Whether install() added the xt rule (it was not there), and created iptables-nft's
         # `raw` table for it: a start that fails removes only what it added, and an empty
         # base chain left behind would still cost every packet a hook. (The nft path's
-        # chain lives in the node's own table.)
+        # chain lives in the node's own table.) A raw table an earlier node of this
+        # namespace created is the node's too (`record`).
+        self.record = record
         self.added = False
-        self.created_raw = False
+        self.created_raw = record is not None and record.added.created_raw
 
     def _xt(self, verb: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -125,6 +134,8 @@ class QueueRule:
                 )
             self.added = True
             self.created_raw = self.created_raw or created_raw
+        if self.path == "xt" and self.record is not None:
+            self.record.update(queue_num=self.queue_num, created_raw=self.created_raw)
         log.info(
             "first packets: marked %#x -> queue %d via %s",
             QUEUE_MARK,
@@ -139,24 +150,41 @@ class QueueRule:
             return True
         return watch.has_rule("ip", "raw", "PREROUTING", XT_COMMENT.encode())
 
-    def remove(self) -> None:
-        """Remove only the rule this node installed (the nft chain goes with our table)."""
-        if self.path == "xt":
-            while self._xt("-C").returncode == 0:
-                if self._xt("-D").returncode != 0:
-                    break
+    def remove(self) -> list[str]:
+        """Remove only the rule this node installed (the nft chain goes with our table), and
+        iptables-nft's raw table if the node created it and nothing else is in it. Returns
+        what was removed, for the operator; KernelError if iptables-nft refuses."""
+        removed: list[str] = []
+        if self.path != "xt":
+            return removed
+        while self._xt("-C").returncode == 0:
+            result = self._xt("-D")
+            if result.returncode != 0:
+                raise KernelError(
+                    f"removing the xt NFQUEUE rule (iptables-nft -t raw -D "
+                    f"{' '.join(xt_rule(self.queue_num))}) failed: {result.stderr.strip()}"
+                )
+            removed = [f"the queue rule ('{XT_COMMENT}', queue {self.queue_num}, iptables-nft "
+                       "table raw)"]  # fmt: skip
+        if removed:
             log.info("removed the xt NFQUEUE rule")
-            if self.created_raw:
-                self._drop_raw_if_empty()
+        if self.created_raw and self._drop_raw_if_empty():
+            removed.append("iptables-nft's raw table (created for the queue rule, now empty)")
+        self.added = self.created_raw = False
+        if self.record is not None:
+            self.record.update(queue_num=None, created_raw=False)
+        return removed
 
-    def _drop_raw_if_empty(self) -> None:
+    def _drop_raw_if_empty(self) -> bool:
         """iptables-nft's `raw` table, created for the queue rule, goes if nothing else put a
         rule in it since."""
         with RulesetWatch() as watch:
             raw = watch.fingerprint("ip", "raw")
-        if raw is not None and not raw.rules:
-            self.nft.run_text("delete table ip raw", "removing the empty raw table")
-            log.info("removed iptables-nft's empty raw table (created for the queue rule)")
+        if raw is None or raw.rules:
+            return False
+        self.nft.run_text("delete table ip raw", "removing the empty raw table")
+        log.info("removed iptables-nft's empty raw table (created for the queue rule)")
+        return True
 
 
 class PacketQueue:
