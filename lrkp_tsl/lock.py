@@ -37,9 +37,15 @@ class LockError(LrkpError):
 
 
 class LockedError(LockError):
-    """Another node already runs in this network namespace."""
+    """Another node already runs in this network namespace: `holder` says which (its pid),
+    `path` is the lock it holds."""
 
     code = "locked"
+
+    def __init__(self, reason: str, holder: str = "", path: Path | None = None) -> None:
+        super().__init__(reason)
+        self.holder = holder
+        self.path = path
 
 
 def netns_inode() -> int:
@@ -125,12 +131,15 @@ def acquire_instance_lock(
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
+        holder = describe_holder(path)
         raise LockedError(
-            f"another lrkp-tsl node, {describe_holder(path)}, already runs in this network "
+            f"another lrkp-tsl node, {holder}, already runs in this network "
             f"namespace (inode {namespace}; it holds {path}). Two nodes cannot share one "
             "network namespace: a second one would fight the first over the same kernel "
             "tables (table ip lrkp, the NFQUEUE rule, conntrack). Stop that node first, or "
-            "run this one in another network namespace."
+            "run this one in another network namespace.",
+            holder,
+            path,
         ) from None
     except OSError as exc:
         os.close(fd)
