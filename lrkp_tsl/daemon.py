@@ -26,6 +26,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -310,7 +311,8 @@ async def _run(
             ", ".join(f"{k}={v}" for k, v in sorted(engine.stats.items())) or "none",
         )
         # The same removal as `lrkp-tsl flush` (flush.py) makes after a stop.
-        plane.shutdown(config.flush_on_exit, queue_rule.remove if queue_rule else None)
+        remove_rule = partial(queue_rule.remove, recorded=True) if queue_rule else None
+        plane.shutdown(config.flush_on_exit, remove_rule)
         if config.flush_on_exit:
             log.info("flushed: %d calls forgotten by the state store", store.clear())
 

@@ -16,6 +16,7 @@ and no node starts while it works.
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
 
 from lrkp_tsl import lock
@@ -62,7 +63,7 @@ def flush(
         plane = DataPlane(record=record)
         try:
             rule = queue_rule(plane, record, queue_num)
-            flushed = plane.flush(rule.remove if rule is not None else None)
+            flushed = plane.flush(partial(rule.remove, recorded=True) if rule else None)
         finally:
             plane.close()
         record.save()  # removes it once empty, and a stale one of another namespace

@@ -241,7 +241,8 @@ class DataPlane:
 
     def flush(self, remove_queue_rule: Callable[[], list[str]] | None = None) -> Flushed:
         """Remove everything the node put in this namespace's kernel: the queue rule
-        (`remove_queue_rule`: QueueRule.remove, with the raw table the node made for it),
+        (`remove_queue_rule`: QueueRule.remove(recorded=True), with the raw table a node
+        made for it),
         the table, the conntrack entries of the flows in its maps (NAT bindings live on in
         conntrack: without this, calls would keep flowing) and the reserved ports a node
         added (reserve.py, on record). Each step runs even if one before failed.

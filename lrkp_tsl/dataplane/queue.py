@@ -100,11 +100,11 @@ class QueueRule:
         # Whether install() added the xt rule (it was not there), and created iptables-nft's
         # `raw` table for it: a start that fails removes only what it added, and an empty
         # base chain left behind would still cost every packet a hook. (The nft path's
-        # chain lives in the node's own table.) A raw table an earlier node of this
-        # namespace created is the node's too (`record`).
+        # chain lives in the node's own table.) Whether an earlier node of this namespace
+        # created it is on `record`, for a flush.
         self.record = record
         self.added = False
-        self.created_raw = record is not None and record.added.created_raw
+        self.created_raw = False
 
     def _xt(self, verb: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -135,7 +135,8 @@ class QueueRule:
             self.added = True
             self.created_raw = self.created_raw or created_raw
         if self.path == "xt" and self.record is not None:
-            self.record.update(queue_num=self.queue_num, created_raw=self.created_raw)
+            claimed = self.record.added.created_raw
+            self.record.update(queue_num=self.queue_num, created_raw=self.created_raw or claimed)
         log.info(
             "first packets: marked %#x -> queue %d via %s",
             QUEUE_MARK,
@@ -150,10 +151,11 @@ class QueueRule:
             return True
         return watch.has_rule("ip", "raw", "PREROUTING", XT_COMMENT.encode())
 
-    def remove(self) -> list[str]:
+    def remove(self, *, recorded: bool = False) -> list[str]:
         """Remove only the rule this node installed (the nft chain goes with our table), and
-        iptables-nft's raw table if the node created it and nothing else is in it. Returns
-        what was removed, for the operator; KernelError if iptables-nft refuses."""
+        iptables-nft's raw table if this run created it (with `recorded`, a flush: or a node
+        did, on record) and nothing else is in it. Returns what was removed, for the
+        operator; KernelError if iptables-nft refuses."""
         removed: list[str] = []
         if self.path != "xt":
             return removed
@@ -168,11 +170,15 @@ class QueueRule:
                        "table raw)"]  # fmt: skip
         if removed:
             log.info("removed the xt NFQUEUE rule")
-        if self.created_raw and self._drop_raw_if_empty():
+        claimed = self.record is not None and self.record.added.created_raw
+        dropped = (self.created_raw or (recorded and claimed)) and self._drop_raw_if_empty()
+        if dropped:
             removed.append("iptables-nft's raw table (created for the queue rule, now empty)")
         self.added = self.created_raw = False
         if self.record is not None:
-            self.record.update(queue_num=None, created_raw=False)
+            # A start that fails leaves an earlier node's raw table, and its claim, alone.
+            keep = claimed and not dropped and not recorded
+            self.record.update(queue_num=None, created_raw=keep)
         return removed
 
     def _drop_raw_if_empty(self) -> bool:

@@ -173,3 +173,27 @@ def test_flush_is_refused_while_a_node_runs(host: Lab, peers: Peers) -> None:
         assert table_present(host) and queue_rules(host)
         assert reserved(host) == "8080,20000-21999"
         assert stored_calls(node.state) == 1
+
+
+def test_a_failed_start_leaves_an_earlier_nodes_raw_table_to_the_flush(host: Lab) -> None:
+    """A start that fails takes back only what it added: iptables-nft's raw table, made by
+    an earlier node (on record), stays, and the flush removes it."""
+    with running(host) as (node, _kamailio):
+        pass
+    # Someone removed the rule and the table by hand; the empty raw table stays.
+    host.run("relay", "iptables-nft", "-w", "-t", "raw", "-F")
+    host.run("relay", "nft", "delete", "table", "ip", TABLE)
+    assert raw_present(host) and queue_rules(host) == []
+    control = host.udp_socket("relay", CONTROL[0], CONTROL[1])
+    try:
+        failed = Node(host, "relay", *ARGS, state=node.state)
+        assert failed.proc.wait(30) == 2, failed.output()
+        failed.stop()
+    finally:
+        control.close()
+    assert "first packets: marked" in failed.output()  # it had added the rule, and took it back
+    assert raw_present(host) and queue_rules(host) == [] and not table_present(host)
+    flushed = flush(host, node.state)
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    assert "removed iptables-nft's raw table" in flushed.stdout
+    assert not raw_present(host)
