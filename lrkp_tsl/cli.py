@@ -91,6 +91,10 @@ FLAGS: dict[str, tuple[str, dict[str, Any], str]] = {
 }
 
 
+# The keys `flush` reads: the rest of the file is not checked (flush.py says why).
+FLUSH_KEYS = ("state_dir", "kernel.queue_num")
+
+
 def dest(key: str) -> str:
     return FLAGS[key][0].removeprefix("--").replace("-", "_")
 
@@ -103,9 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lrkp-tsl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = config.default_texts()
-    for name, text in (
-        ("run", "run the node in the foreground (logs to stderr)"),
-        ("check-config", "validate the configuration and the host, and exit"),
+    for name, text, keys in (
+        ("run", "run the node in the foreground (logs to stderr)", tuple(FLAGS)),
+        ("check-config", "validate the configuration and the host, and exit", tuple(FLAGS)),
+        (
+            "flush",
+            "remove what a stopped node left in the kernel of this network namespace (its "
+            "table, queue rule, calls' conntrack entries, reserved ports) and its stored "
+            "calls; refused while a node runs here",
+            FLUSH_KEYS,
+        ),
     ):
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument(
@@ -114,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"TOML config file (default: {config.DEFAULT_CONFIG} if it exists; "
             "--config /dev/null: flags only)",
         )
-        for key, (flag, options, what) in FLAGS.items():
+        for key in keys:
+            flag, options, what = FLAGS[key]
             shown = defaults[key].replace("%", "%%")
             cmd.add_argument(flag, dest=dest(key), help=f"{what} (default: {shown})", **options)
     return parser
@@ -170,9 +182,58 @@ def check_config(path: Path | None, node_config: config.Config, given: set[str])
     return 0
 
 
+def flush(path: Path | None, args: argparse.Namespace) -> int:
+    """`lrkp-tsl flush`: what it removed on stdout; exit 0 (also when nothing was left), 2
+    when refused (a node runs here, a bad key), 1 when something could not be removed."""
+    try:
+        values = config.read(path, {key: getattr(args, dest(key)) for key in FLUSH_KEYS})
+        fields = config.some(values, FLUSH_KEYS)
+    except ConfigError as error:
+        print_problems(error)
+        return EXIT_CONFIG
+    from lrkp_tsl import hostdeps
+
+    try:
+        hostdeps.check()
+    except hostdeps.MissingDependency as error:
+        print(f"lrkp-tsl flush: {error.reason}", file=sys.stderr)
+        return EXIT_CONFIG
+    from lrkp_tsl.flush import flush as flush_kernel
+    from lrkp_tsl.lock import LockedError
+    from lrkp_tsl.logfmt import setup_logging
+
+    setup_logging("warning", "text")
+    try:
+        flushed = flush_kernel(fields["state_dir"], fields["queue_num"])
+    except LockedError as error:
+        print(
+            f"lrkp-tsl flush: refused: a node, {error.holder}, runs in this network namespace "
+            f"(it holds {error.path}), and its calls are live in the kernel. Stop it first "
+            "(systemctl stop lrkp-tsl), then flush; or have it flush as it stops "
+            "(kernel.flush_on_exit = true).",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    except LrkpError as error:
+        print(f"lrkp-tsl flush: {error.reason}", file=sys.stderr)
+        return EXIT_RUNTIME
+    for removed in flushed.removed:
+        print(f"lrkp-tsl flush: removed {removed}")
+    for failed in flushed.failed:
+        print(f"lrkp-tsl flush: could not remove {failed}", file=sys.stderr)
+    if not flushed.removed and not flushed.failed:
+        print(
+            "lrkp-tsl flush: nothing to remove in this network namespace (no table ip lrkp, "
+            "no queue rule, no reserved ports on record, no stored calls)"
+        )
+    return EXIT_RUNTIME if flushed.failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     path = config_path(args)
+    if args.command == "flush":
+        return flush(path, args)
     try:
         values = config.read(path, overrides(args))
         node_config = config.from_mapping(values, source=str(path) if path else "flags")

@@ -427,6 +427,27 @@ def from_mapping(values: dict[str, Any], *, source: str = "config") -> Config:
     return Config(**fields)
 
 
+def some(values: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The Config fields of `keys` (by field name), each checked as `from_mapping` checks
+    it, or its default when unset; the other keys of `values` are not looked at. For a
+    command that needs a few keys of a configuration that may not run a node: `lrkp-tsl
+    flush` with the packaged file before internal_ip is set, or a file being removed."""
+    problems: list[str] = []
+    fields: dict[str, Any] = {}
+    for key in keys:
+        name, convert = KEYS[key]
+        if key not in values:
+            fields[name] = Config.__dataclass_fields__[name].default
+            continue
+        try:
+            fields[name] = convert(key, values[key])
+        except ConfigError as error:
+            problems += getattr(error, "problems", [error.reason])
+    if problems:
+        raise ConfigErrors(problems)
+    return fields
+
+
 CROSS_CHECKED = {"internal_ip", "external_ip", "ports", "control", "metrics.listen"}
 
 

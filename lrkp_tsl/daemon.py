@@ -29,6 +29,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from lrkp_tsl.admission import NodeLimits
 from lrkp_tsl.config import DEFAULT_CONFIG, Config
 from lrkp_tsl.ctcapacity import Capacity
 from lrkp_tsl.dataplane import DataPlane
+from lrkp_tsl.dataplane.added import AddedRecord
 from lrkp_tsl.dataplane.ctevents import ConntrackEvents, Reaper
 from lrkp_tsl.dataplane.queue import PacketQueue, QueueRule
 from lrkp_tsl.dataplane.routes import routed_networks
@@ -325,7 +327,7 @@ async def serve(
     lock = acquire_instance_lock()
     cleanup.append(("lock", lock.release))
     try:
-        await _run(config, stop, loop, cleanup)
+        await _run(config, stop, loop, cleanup, AddedRecord.beside(lock))
     finally:
         for what, action in reversed(cleanup):
             try:
@@ -339,11 +341,12 @@ async def _run(
     stop: asyncio.Event,
     loop: asyncio.AbstractEventLoop,
     cleanup: list[tuple[str, Callable[[], Any]]],
+    record: AddedRecord,
 ) -> None:
     store, state_dir_lock = open_store(config)
     cleanup.append(("state_dir lock", state_dir_lock.release))
     cleanup.append(("store", store.close))
-    plane = DataPlane(config.rules)
+    plane = DataPlane(config.rules, record)
     queue_rule: QueueRule | None = None
     up = False  # set once the node serves: until then, a failure takes the start back
 
@@ -352,14 +355,14 @@ async def _run(
             added_rule = queue_rule if queue_rule is not None and queue_rule.added else None
             plane.abandon_start(added_rule.remove if added_rule is not None else None)
             return
-        if config.flush_on_exit and queue_rule is not None:
-            queue_rule.remove()
         log.info(
             "stopping: %d live calls; counters: %s",
             len(engine.table),
             ", ".join(f"{k}={v}" for k, v in sorted(engine.stats.items())) or "none",
         )
-        plane.shutdown(flush=config.flush_on_exit)
+        # The same removal as `lrkp-tsl flush` (flush.py) makes after a stop.
+        remove_rule = partial(queue_rule.remove, recorded=True) if queue_rule else None
+        plane.shutdown(config.flush_on_exit, remove_rule)
         if config.flush_on_exit:
             log.info("flushed: %d calls forgotten by the state store", store.clear())
 
@@ -408,7 +411,7 @@ async def _run(
     log.info("store loaded in %.3f s", time.monotonic() - started)
     gc.freeze()  # the restored calls: live for minutes, never garbage of a cycle
     server = Server(engine, config)
-    queue_rule = QueueRule(features.queue_path, config.queue_num, plane.nft)
+    queue_rule = QueueRule(features.queue_path, config.queue_num, plane.nft, record)
     try:
         queue_rule.install()
     except KernelError as error:

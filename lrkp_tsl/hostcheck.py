@@ -1,5 +1,5 @@
-"""What the host must offer a configuration: its relay IPs, its listening addresses and its
-rules file, checked before the node touches the kernel.
+"""What the host must offer a configuration: its relay IPs, its listening addresses, its
+rules file and relay ports no local socket holds, checked before the node touches the kernel.
 
 `check-config` runs every check and prints what it found (problems: the node would not
 start; warnings: it would, and this will likely go wrong); `run` refuses to start on the
@@ -7,6 +7,12 @@ problems (exit 2) before it changes anything in the kernel. The decisions are pu
 (`address_findings`, given the host's local networks); reading the host is two small
 adapters (`local_networks`: `ip route show table local`; `rules_findings`: libnftables' dry
 run of the very transaction the node would load).
+
+Local sockets holding a relay port without a peer (dataplane/localsockets.py): `run` finds
+them in DataPlane.start, once it holds the instance lock and knows whether it reserved the
+relay range; `check-config` reports the same findings (`socket_findings`): a socket bound
+to a relay IP is a problem (`run` would refuse to start), one on the wildcard address a
+warning.
 
 Why relay IPs are checked: Kamailio writes them into SDP, so parties send media there; an
 address that is on no interface of the host receives nothing, and the node would answer
@@ -20,11 +26,16 @@ from __future__ import annotations
 import errno
 import json
 import subprocess
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import TYPE_CHECKING
 
 from lrkp_tsl.config import Config
 from lrkp_tsl.errors import KernelError, LrkpError
+
+if TYPE_CHECKING:  # the package's __init__ loads nftables: imported where used (hostdeps)
+    from lrkp_tsl.dataplane.localsockets import UdpSocket
 
 Network = IPv4Network | IPv6Network
 WILDCARDS = (IPv4Address("0.0.0.0"), IPv6Address("::"))
@@ -155,10 +166,63 @@ def rules_findings(config: Config, *, dry_run: bool) -> Findings:
     return found
 
 
+def socket_findings(
+    config: Config,
+    sockets: Iterable[UdpSocket],
+    owners: Callable[[set[int]], dict[int, str]],
+    reserves: bool,
+) -> Findings:
+    """Sockets without a peer on a relay port, as `run` would find them when it starts
+    (`owners`: inode -> the process, for the message; `reserves`: whether the node would
+    reserve the relay range, which decides what to do about a wildcard socket)."""
+    from lrkp_tsl.dataplane import localsockets
+
+    found = Findings()
+    held = localsockets.holders(sockets, config.relay_addrs, config.ports)
+    if not held.bound and not held.wildcard:
+        return found
+    named = owners({sock.inode for sock in (*held.bound, *held.wildcard)})
+    for sock in held.bound:
+        problem = localsockets.bound_problem(sock, named.get(sock.inode), config.ports)
+        found.problems.append(f"{problem}; `run` refuses to start while it is there")
+    fix = localsockets.RESTART_LATER if reserves else localsockets.MOVE
+    for sock in held.wildcard:
+        found.warnings.append(
+            localsockets.wildcard_warning(sock, named.get(sock.inode), config.ports, fix)
+        )
+    return found
+
+
+def reserves_range(config: Config) -> bool:
+    """Whether the node would reserve the relay range here (reserve.py's plan, unwritten)."""
+    from lrkp_tsl.dataplane import reserve, sysctl
+
+    try:
+        before = reserve.parse(sysctl.read(reserve.RESERVED))
+        return reserve.plan(before, reserve.read_ephemeral(), config.ports).reserved
+    except (OSError, ValueError):
+        return False
+
+
 def _not_permitted(error: Exception, reason: str) -> bool:
     if isinstance(error, OSError) and error.errno in (errno.EPERM, errno.EACCES):
         return True
     return "Operation not permitted" in reason
+
+
+def local_socket_findings(config: Config) -> Findings:
+    """`socket_findings` for the sockets of this network namespace."""
+    try:
+        from lrkp_tsl.dataplane import localsockets
+    except ImportError:
+        return Findings()  # no nftables binding: rules_findings has said so
+    try:
+        sockets = localsockets.read_sockets()
+    except OSError as error:
+        return Findings(
+            warnings=[f"the host's UDP sockets could not be listed, not checked: {error}"]
+        )
+    return socket_findings(config, sockets, localsockets.owners, reserves_range(config))
 
 
 def check(config: Config, *, at_start: bool) -> Findings:
@@ -171,4 +235,6 @@ def check(config: Config, *, at_start: bool) -> Findings:
     else:
         found.extend(address_findings(config, local, at_start=at_start))
     found.extend(rules_findings(config, dry_run=not at_start))
+    if not at_start:  # `run` finds them in DataPlane.start
+        found.extend(local_socket_findings(config))
     return found

@@ -49,9 +49,15 @@ class LockError(LrkpError):
 
 
 class LockedError(LockError):
-    """Another node already runs in this network namespace."""
+    """Another node already runs in this network namespace: `holder` says which (its pid),
+    `path` is the lock it holds."""
 
     code = "locked"
+
+    def __init__(self, reason: str, holder: str = "", path: Path | None = None) -> None:
+        super().__init__(reason)
+        self.holder = holder
+        self.path = path
 
 
 def netns_inode() -> int:
@@ -174,7 +180,8 @@ def acquire_instance_lock(
         path = lock_path(directory, number)
         if not _flock(namespace_fd):
             holder = flock_holder(namespace_fd)
-            raise LockedError(_locked(describe_holder(path, holder), number, path))
+            holder_text = describe_holder(path, holder)
+            raise LockedError(_locked(holder_text, number, path), holder_text, path)
         return _take_file(directory, path, number, namespace_fd)
     except BaseException:
         os.close(namespace_fd)
@@ -212,7 +219,8 @@ def _take_file(directory: Path, path: Path, namespace: int, namespace_fd: int) -
         raise LockError(f"cannot lock {path}: {exc.strerror or exc}") from None
     if not taken:  # a node of an earlier release, which locks only the file
         os.close(fd)
-        raise LockedError(_locked(describe_holder(path), namespace, path))
+        holder_text = describe_holder(path)
+        raise LockedError(_locked(holder_text, namespace, path), holder_text, path)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     content = f"{os.getpid()}\nnetns {namespace}\nstarted {started}\n".encode()
     try:

@@ -16,13 +16,14 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from lrkp_tsl.dataplane import localsockets, sysctl
+from lrkp_tsl.dataplane.added import AddedRecord
 from lrkp_tsl.dataplane.conntrack import ConntrackTable
 from lrkp_tsl.dataplane.nft import ElementChange, NftTable
 from lrkp_tsl.dataplane.probe import KernelFeatures, probe_kernel
-from lrkp_tsl.dataplane.reserve import PortReservation
+from lrkp_tsl.dataplane.reserve import PortReservation, render
 from lrkp_tsl.dataplane.silence import SilenceWatch
 from lrkp_tsl.defaults import DEFAULT_RULES
-from lrkp_tsl.errors import HostError, KernelError
+from lrkp_tsl.errors import HostError, KernelError, LrkpError
 from lrkp_tsl.kernel import (
     Counters,
     KernelChange,
@@ -51,19 +52,28 @@ class StartFootprint:
     sysctls: dict[str, str]  # sysctls set, with their previous values
 
 
+@dataclass(slots=True)
+class Flushed:
+    """What a flush removed, and what it could not, one phrase each for the operator."""
+
+    removed: list[str]
+    failed: list[str]
+
+
 def fixed_view(media: CallMedia | None) -> KernelView:
     """The kernel state of a call relayed between its SDP addresses, learning nothing."""
     return KernelView(frozenset(media.flows()) if media is not None else frozenset())
 
 
 class DataPlane:
-    def __init__(self, rules_path: Path = DEFAULT_RULES) -> None:
+    def __init__(self, rules_path: Path = DEFAULT_RULES, record: AddedRecord | None = None) -> None:
+        """`record`: what the node added besides its table, kept for a flush (added.py)."""
         self.nft = NftTable(rules_path)
         self.conntrack = ConntrackTable()
         self.silence = SilenceWatch(self.conntrack.lookup, 60.0)
         self.features: KernelFeatures | None = None
         self.footprint: StartFootprint | None = None
-        self.reservation = PortReservation()
+        self.reservation = PortReservation(record)
 
     def start(
         self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle_timeout: float
@@ -106,7 +116,7 @@ class DataPlane:
         localsockets.warn(holders.wildcard, ports, reserved)
         return self.features
 
-    def abandon_start(self, remove_queue_rule: Callable[[], None] | None = None) -> None:
+    def abandon_start(self, remove_queue_rule: Callable[[], object] | None = None) -> None:
         """The start failed before the node came up: take back what it added, so a host the
         node could not run on is left as it was, and release the sockets.
 
@@ -134,9 +144,15 @@ class DataPlane:
                 self.nft.drop()
                 log.info("start failed: table ip lrkp, created by this start, removed")
             if remove_queue_rule is not None:
-                remove_queue_rule()
+                try:
+                    remove_queue_rule()
+                except LrkpError as error:
+                    log.error("start failed: the queue rule stays: %s", error.reason)
             sysctl.restore(footprint.sysctls)
-            self.reservation.release()
+            try:
+                self.reservation.release()
+            except LrkpError as error:
+                log.error("start failed: %s", error.reason)
         finally:
             self.close()
 
@@ -244,21 +260,52 @@ class DataPlane:
         """Stop relaying `media` at once: elements out, then its streams' entries deleted."""
         self.sync(media.call_id, fixed_view(media), KernelView())
 
-    def shutdown(self, flush: bool) -> None:
-        """Leave live calls flowing (default), or remove everything the node installed:
-        the table, the calls' conntrack entries and the ports it reserved (reserve.py)."""
+    def flush(self, remove_queue_rule: Callable[[], list[str]] | None = None) -> Flushed:
+        """Remove everything the node put in this namespace's kernel: the queue rule
+        (`remove_queue_rule`: QueueRule.remove(recorded=True), with the raw table a node
+        made for it),
+        the table, the conntrack entries of the flows in its maps (NAT bindings live on in
+        conntrack: without this, calls would keep flowing) and the reserved ports a node
+        added (reserve.py, on record). Each step runs even if one before failed.
+
+        The one path of kernel.flush_on_exit at exit and of `lrkp-tsl flush` after a stop."""
+        flushed = Flushed([], [])
+        steps: list[tuple[str, Callable[[], list[str]]]] = [
+            ("table ip lrkp", self._drop_table),
+            ("reserved ports", self._release_ports),
+        ]
+        if remove_queue_rule is not None:
+            steps.insert(0, ("the queue rule", remove_queue_rule))
+        for what, step in steps:
+            try:
+                flushed.removed += step()
+            except (LrkpError, OSError) as exc:
+                reason = exc.reason if isinstance(exc, LrkpError) else str(exc)
+                flushed.failed.append(f"{what}: {reason}")
+        return flushed
+
+    def _drop_table(self) -> list[str]:
+        if not self.nft.present():
+            return []
+        keys = self.nft.flow_keys()
+        self.nft.drop()
+        deleted = self.conntrack.forget_keys(keys)
+        return [f"table ip lrkp ({len(keys)} flows) and its calls' conntrack entries ({deleted})"]
+
+    def _release_ports(self) -> list[str]:
+        taken = self.reservation.release(recorded=True)
+        return [f"reserved ports {render(taken)} (ip_local_reserved_ports)"] if taken else []
+
+    def shutdown(
+        self, flush: bool, remove_queue_rule: Callable[[], list[str]] | None = None
+    ) -> None:
+        """Leave live calls flowing (default), or remove everything the node installed
+        (`flush`)."""
         if flush:
-            if self.nft.exists():
-                keys = self.nft.flow_keys()
-                self.nft.drop()
-                # NAT bindings live on in conntrack: without this, calls would keep flowing.
-                deleted = self.conntrack.forget_keys(keys)
-                log.info(
-                    "flushed: table ip lrkp removed (%d flows), %d conntrack entries deleted",
-                    len(keys),
-                    deleted,
-                )
-            self.reservation.release()
+            flushed = self.flush(remove_queue_rule)
+            log.info("flushed: removed %s", "; ".join(flushed.removed) or "nothing (none left)")
+            for failure in flushed.failed:
+                log.error("flush: could not remove %s", failure)
         else:
             log.info(
                 "kept kernel state%s: live calls keep flowing; a restart re-adopts them",

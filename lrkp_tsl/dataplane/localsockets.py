@@ -149,21 +149,42 @@ def owners(inodes: set[int], proc: Path = PROC) -> dict[int, str]:
     return found
 
 
+def bound_problem(sock: UdpSocket, owner: str | None, ports: PortRange) -> str:
+    return (
+        f"{sock.describe(owner)} is bound to relay IP {sock.ip} on a relay port (ports = "
+        f"{ports}) and has no peer: it would take the first packets of every call Kamailio "
+        "puts on that port, so those calls could never learn where their parties are. Move "
+        "that socket off the relay IP or out of the relay range, or change `ports`"
+    )
+
+
+def wildcard_warning(sock: UdpSocket, owner: str | None, ports: PortRange, fix: str) -> str:
+    return (
+        f"{sock.describe(owner)} holds relay port {sock.port} on every address without a "
+        "peer: it gets the packets to that port that belong to no call (the guard lets them "
+        "through), but while a call uses the port, packets sent to it go to the call first "
+        f"(ports = {ports}); {fix}"
+    )
+
+
+# What to do about a wildcard socket: the reservation keeps a restarted process off the range.
+RESTART_NOW = "restart that process: the relay range is now reserved, so it gets a port outside"
+RESTART_LATER = (
+    "restart that process once the node runs: the node reserves the relay range, so it then "
+    "gets a port outside"
+)
+MOVE = "move it out of the relay range"
+
+
 def check(relay_addrs: Sequence[IPv4Address], ports: PortRange) -> Holders:
     """Refuse a socket bound to a relay IP on a relay port without a peer (ConfigErrors);
     return every such socket, those on the wildcard address included (warned by `warn`)."""
     found = holders(read_sockets(), relay_addrs, ports)
     if found.bound:
         named = owners({sock.inode for sock in found.bound})
-        problems = [
-            f"{sock.describe(named.get(sock.inode))} is bound to relay IP {sock.ip} on a relay "
-            f"port (ports = {ports}) and has no peer: it would take the first packets of every "
-            "call Kamailio puts on that port, so those calls could never learn where their "
-            "parties are. Move that socket off the relay IP or out of the relay range, or "
-            "change `ports`"
-            for sock in found.bound
-        ]
-        raise ConfigErrors(problems)
+        raise ConfigErrors(
+            [bound_problem(sock, named.get(sock.inode), ports) for sock in found.bound]
+        )
     return found
 
 
@@ -171,15 +192,6 @@ def warn(wildcard: Sequence[UdpSocket], ports: PortRange, reserved: bool) -> Non
     if not wildcard:
         return
     named = owners({sock.inode for sock in wildcard})
-    fix = (
-        "restart that process: the relay range is now reserved, so it gets a port outside"
-        if reserved
-        else "move it out of the relay range"
-    )
+    fix = RESTART_NOW if reserved else MOVE
     for sock in wildcard:
-        log.warning(
-            "%s holds relay port %d on every address without a peer: it gets the packets to "
-            "that port that belong to no call (the guard lets them through), but while a call "
-            "uses the port, packets sent to it go to the call first (ports = %s); %s",
-            sock.describe(named.get(sock.inode)), sock.port, ports, fix,
-        )  # fmt: skip
+        log.warning("%s", wildcard_warning(sock, named.get(sock.inode), ports, fix))

@@ -4,7 +4,8 @@ Packets are chosen by the node's own table (chain `to_queue` marks them, within 
 limit); this module installs the one rule that sends marked packets to the queue — the
 native nft `queue` statement where the kernel has it, else the xt NFQUEUE target through
 iptables-nft in the raw table (this kernel has no nft queue) — and removes exactly that
-rule on exit. Both run at priority raw (-300): before conntrack, so a packet accepted
+rule on a flush (its number, and whether iptables-nft's raw table was made for it, are on
+record: added.py). Both run at priority raw (-300): before conntrack, so a packet accepted
 later creates or joins its stream's conntrack entry only then.
 
 The xt rule is the first of raw PREROUTING, and kept first: a rule ahead of it that ends
@@ -29,7 +30,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from ipaddress import IPv4Address
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from netfilterqueue import NetfilterQueue, Packet
 
@@ -37,6 +38,9 @@ from lrkp_tsl.dataplane.nft import FAMILY, QUEUE_CHAIN, TABLE, NftTable
 from lrkp_tsl.dataplane.nftwatch import RulesetWatch
 from lrkp_tsl.errors import HostError, KernelError
 from lrkp_tsl.media import Endpoint
+
+if TYPE_CHECKING:
+    from lrkp_tsl.dataplane.added import AddedRecord
 
 log = logging.getLogger("lrkp_tsl.dataplane.queue")
 
@@ -103,7 +107,9 @@ def parse_udp(payload: bytes) -> tuple[Endpoint, Endpoint] | None:
 class QueueRule:
     """The one rule that sends marked packets to our queue: installed, checked, removed."""
 
-    def __init__(self, path: str, queue_num: int, nft: NftTable) -> None:
+    def __init__(
+        self, path: str, queue_num: int, nft: NftTable, record: AddedRecord | None = None
+    ) -> None:
         if path not in ("nft", "xt"):
             raise HostError(
                 "no first-packet queue on this kernel: neither the nft queue statement "
@@ -116,7 +122,9 @@ class QueueRule:
         # Whether install() added the xt rule (it was not there), and created iptables-nft's
         # `raw` table for it: a start that fails removes only what it added, and an empty
         # base chain left behind would still cost every packet a hook. (The nft path's
-        # chain lives in the node's own table.)
+        # chain lives in the node's own table.) Whether an earlier node of this namespace
+        # created it is on `record`, for a flush.
+        self.record = record
         self.added = False
         self.created_raw = False
         self.restore = shutil.which("iptables-nft-restore") or "iptables-nft-restore"
@@ -154,6 +162,9 @@ class QueueRule:
                 self._install_first(own)
         elif not self._install_first(watch):
             return  # there already, and first
+        if self.path == "xt" and self.record is not None:
+            claimed = self.record.added.created_raw
+            self.record.update(queue_num=self.queue_num, created_raw=self.created_raw or claimed)
         log.info(
             "first packets: marked %#x -> queue %d via %s",
             QUEUE_MARK,
@@ -215,24 +226,46 @@ class QueueRule:
         """Whether the rule is there and first (`problem` says what is wrong otherwise)."""
         return self.problem(watch) is None
 
-    def remove(self) -> None:
-        """Remove only the rule this node installed (the nft chain goes with our table)."""
-        if self.path == "xt":
-            while self._xt("-C").returncode == 0:
-                if self._xt("-D").returncode != 0:
-                    break
+    def remove(self, *, recorded: bool = False) -> list[str]:
+        """Remove only the rule this node installed (the nft chain goes with our table), and
+        iptables-nft's raw table if this run created it (with `recorded`, a flush: or a node
+        did, on record) and nothing else is in it. Returns what was removed, for the
+        operator; KernelError if iptables-nft refuses."""
+        removed: list[str] = []
+        if self.path != "xt":
+            return removed
+        while self._xt("-C").returncode == 0:
+            result = self._xt("-D")
+            if result.returncode != 0:
+                raise KernelError(
+                    f"removing the xt NFQUEUE rule (iptables-nft -t raw -D "
+                    f"{' '.join(xt_rule(self.queue_num))}) failed: {result.stderr.strip()}"
+                )
+            removed = [f"the queue rule ('{XT_COMMENT}', queue {self.queue_num}, iptables-nft "
+                       "table raw)"]  # fmt: skip
+        if removed:
             log.info("removed the xt NFQUEUE rule")
-            if self.created_raw:
-                self._drop_raw_if_empty()
+        claimed = self.record is not None and self.record.added.created_raw
+        dropped = (self.created_raw or (recorded and claimed)) and self._drop_raw_if_empty()
+        if dropped:
+            removed.append("iptables-nft's raw table (created for the queue rule, now empty)")
+        self.added = self.created_raw = False
+        if self.record is not None:
+            # A start that fails leaves an earlier node's raw table, and its claim, alone.
+            keep = claimed and not dropped and not recorded
+            self.record.update(queue_num=None, created_raw=keep)
+        return removed
 
-    def _drop_raw_if_empty(self) -> None:
+    def _drop_raw_if_empty(self) -> bool:
         """iptables-nft's `raw` table, created for the queue rule, goes if nothing else put a
         rule in it since."""
         with RulesetWatch() as watch:
             raw = watch.fingerprint("ip", "raw")
-        if raw is not None and not raw.rules:
-            self.nft.run_text("delete table ip raw", "removing the empty raw table")
-            log.info("removed iptables-nft's empty raw table (created for the queue rule)")
+        if raw is None or raw.rules:
+            return False
+        self.nft.run_text("delete table ip raw", "removing the empty raw table")
+        log.info("removed iptables-nft's empty raw table (created for the queue rule)")
+        return True
 
 
 class PacketQueue:

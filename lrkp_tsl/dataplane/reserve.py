@@ -20,9 +20,13 @@ them: if its range would, it reserves nothing and says why (the guard still prot
 socket with a peer).
 
 At exit the reservation stays, like the table: live calls keep flowing on those ports and a
-restarted node finds it. With kernel.flush_on_exit the node takes back the ports it added
-when it started, and only those (what was reserved before it started stays reserved,
-including what a node killed before its exit left behind).
+restarted node finds it. The ports a node added are on record (added.py), so a flush
+(kernel.flush_on_exit at exit, or `lrkp-tsl flush` once the node has stopped) takes back
+those a node added in this namespace, this one or an earlier one, and only those: what the
+operator reserved stays reserved. The claim holds only while every port of it is still
+reserved: a list rewritten since (`sysctl -w`, systemd-sysctl) may hold some of them again
+as the operator's own, so a claim with a port missing is dropped and its ports are left to
+the operator. A start that fails takes back only what it added itself.
 """
 
 from __future__ import annotations
@@ -30,10 +34,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lrkp_tsl.dataplane import sysctl
 from lrkp_tsl.errors import HostError
 from lrkp_tsl.media import PortRange
+
+if TYPE_CHECKING:
+    from lrkp_tsl.dataplane.added import AddedRecord
 
 log = logging.getLogger("lrkp_tsl.dataplane.reserve")
 
@@ -147,11 +155,17 @@ def read_ephemeral() -> tuple[int, int]:
 
 
 class PortReservation:
-    """The relay range in ip_local_reserved_ports of this network namespace."""
+    """The relay range in ip_local_reserved_ports of this network namespace; `record`, if
+    any, keeps which ports are the node's beyond this run (added.py)."""
 
-    def __init__(self) -> None:
-        self.added: Ranges = ()
+    def __init__(self, record: AddedRecord | None = None) -> None:
+        self.record = record
+        self.added: Ranges = ()  # by this run's `apply`
         self.reserved = False  # the whole relay range is reserved (as `apply` left it)
+
+    @property
+    def recorded(self) -> Ranges:
+        return self.record.added.reserved if self.record is not None else ()
 
     def apply(self, relay: PortRange) -> Plan:
         """Merge the relay range into the reserved ports; log what was done and why."""
@@ -192,24 +206,52 @@ class PortReservation:
                 "on it. To keep them apart, make ip_local_port_range and `ports` overlap less.",
                 relay, found.left_if_reserved, low, high, MIN_EPHEMERAL,
             )  # fmt: skip
+        if self.record is not None:
+            claim = self.recorded
+            if difference(claim, found.before):
+                log.info(
+                    "reserved ports %s, added by an earlier node here, are no longer all "
+                    "reserved: the list was rewritten since, so the node no longer counts "
+                    "the rest as its own", render(claim),
+                )  # fmt: skip
+                claim = ()
+            self.record.update(reserved=union(claim, self.added))
         return found
 
-    def release(self) -> None:
-        """Take back the ports `apply` added (the operator's, and any added since, stay)."""
-        added, self.added = self.added, ()
+    def release(self, *, recorded: bool = False) -> Ranges:
+        """Take back the ports `apply` added (the operator's, and any added since, stay);
+        with `recorded`, also those the record says an earlier node of this namespace added
+        (a flush), if every one of them is still reserved (else the list was rewritten since:
+        those left are left, with a warning). Returns the ports taken back; HostError if the
+        sysctl cannot be read or written."""
+        ours = union(self.added, self.recorded) if recorded else self.added
+        self.added = ()
         self.reserved = False
-        if not added:
-            return
+        if not ours:
+            return ()
         try:
             current = parse(sysctl.read(RESERVED))
-            remaining = difference(current, added)
-            if remaining != current:
+            remaining = difference(current, ours)
+            if recorded and difference(ours, current) and remaining != current:
+                log.warning(
+                    "not taking back reserved ports %s: %s no longer holds all of them, so "
+                    "it was rewritten since a node added them, and those left may be the "
+                    "operator's own; remove them by hand if they are not",
+                    render(ours), RESERVED,
+                )  # fmt: skip
+                remaining = current
+            elif remaining != current:
                 sysctl.write(RESERVED, render(remaining))
         except (OSError, ValueError) as exc:
-            log.error("could not take back reserved ports %s (%s): %s", render(added),
-                      RESERVED, exc)  # fmt: skip
-            return
-        log.info(
-            "took back reserved ports %s (sysctl %s=%s)",
-            render(added), RESERVED, render(remaining) or "empty",
-        )  # fmt: skip
+            raise HostError(
+                f"could not take back reserved ports {render(ours)} ({RESERVED}): {exc}"
+            ) from exc
+        if self.record is not None:
+            self.record.update(reserved=difference(self.recorded, ours))
+        taken = difference(current, remaining)
+        if taken:
+            log.info(
+                "took back reserved ports %s (sysctl %s=%s)",
+                render(taken), RESERVED, render(remaining) or "empty",
+            )  # fmt: skip
+        return taken

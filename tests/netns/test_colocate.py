@@ -21,7 +21,7 @@ import pytest
 
 from lrkp_lab.calls import Call, burst
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab, address
-from lrkp_lab.node import Controller, Node
+from lrkp_lab.node import LRKP_TSL, Controller, Node
 from lrkp_lab.parties import Peers
 from lrkp_tsl.dataplane.nft import TABLE
 
@@ -280,6 +280,40 @@ def test_a_socket_bound_to_a_relay_ip_without_peer_refuses_the_start(host: Lab) 
         listener.close()
 
 
+def test_check_config_reports_local_sockets_on_relay_ports_as_run_does(host: Lab) -> None:
+    """check-config (the unit's ExecStartPre) finds what the start would: a socket on the
+    relay IP is a problem (exit 2, as `run`), one on the wildcard address a warning."""
+
+    def check_config() -> tuple[int, str]:
+        result = host.run("relay", *LRKP_TSL, "check-config", "--config", "/dev/null",
+                          *node_args(), check=False)  # fmt: skip
+        return result.returncode, result.stderr
+
+    listener = local_socket(host, (str(INTERNAL_IP), 21500))
+    try:
+        code, err = check_config()
+    finally:
+        listener.close()
+    assert code == 2, err
+    assert re.search(
+        r"udp 10\.201\.1\.1:21500 \(python[^,]*, pid \d+\) is bound to relay IP 10\.201\.1\.1 "
+        r"on a relay port .*`run` refuses to start while it is there",
+        err,
+    ), err
+    wildcard = local_socket(host, ("0.0.0.0", 21600))
+    try:
+        code, err = check_config()
+    finally:
+        wildcard.close()
+    assert code == 0, err
+    assert re.search(
+        r"warning: udp 0\.0\.0\.0:21600 \(python[^,]*, pid \d+\) holds relay port 21600 on "
+        r"every address without a peer.*restart that process once the node runs",
+        err,
+    ), err
+    assert check_config() == (0, "")
+
+
 def test_a_wildcard_socket_without_peer_is_named_in_a_warning(host: Lab) -> None:
     sysctl(host, EPHEMERAL, "20500 39999")
     listener = local_socket(host, ("0.0.0.0", 21600))
@@ -306,7 +340,13 @@ def test_reservation_merges_with_the_operators_and_is_taken_back_on_flush(host: 
         pass
     assert node.proc.returncode == 0
     assert sysctl(host, RESERVED) == "8080,20000-21999,30000"
-    # A restart finds it in place and adds nothing; its flush leaves what it did not add.
+    # A restart finds it in place and adds nothing, but the ports are on record as the
+    # node's (dataplane/added.py): its flush takes them back, and only them.
+    with started(host, "--flush-on-exit") as node:
+        assert "ports 20000-21999 already reserved" in node.output()
+    assert sysctl(host, RESERVED) == "8080,21000-21010,30000"
+    # Reserved by the operator before any node: a node's flush leaves every one of them.
+    sysctl(host, RESERVED, "8080,20000-21999,30000")
     with started(host, "--flush-on-exit") as node:
         assert "ports 20000-21999 already reserved" in node.output()
     assert sysctl(host, RESERVED) == "8080,20000-21999,30000"

@@ -6,8 +6,10 @@ any lintian error. Here the package is installed with apt as an operator would: 
 are on PATH, the unit is where systemd looks and systemd accepts it, the configuration is a
 conffile that stops the node until internal_ip is set, nothing is enabled or started. The
 packaged node then runs in the lab's relay namespace with its default rules file, state
-directory and lock directory, and answers `P`. Purging removes every file the package and
-its node added: a scan of /etc, /usr, /var/lib and /run finds nothing left.
+directory and lock directory, and answers `P`; it is stopped with SIGTERM, which leaves its
+table and queue rule in the kernel as every stop does. Purging (run in that namespace, where
+the prerm's `lrkp-tsl flush` acts) removes every file the package and its node added (a
+scan of /etc, /usr, /var/lib and /run finds nothing left) and the node's kernel state.
 
 This installs a package on the machine that runs the tests (and purges it after): it refuses
 to touch a machine where lrkp-tsl is already installed.
@@ -33,6 +35,8 @@ from lrkp_lab.calls import CONTROL, KAMAILIO_IP, NODE_ARGS
 from lrkp_lab.lab import Lab
 from lrkp_lab.node import Controller, Node
 from lrkp_tsl import config, lock
+from lrkp_tsl.dataplane.nft import TABLE
+from lrkp_tsl.dataplane.queue import XT_COMMENT
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "scripts" / "build-deb.sh"
@@ -45,6 +49,8 @@ DROP_IN = Path("/usr/share/lrkp-tsl/lrkp-tsl.service.d/pair.conf")
 # Where anything the package or its node adds would be; /run/netns holds the labs.
 SCANNED = ("/etc", "/usr", "/var/lib", "/run")
 APT = ["apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=300"]
+# The packaged node stops as the unit stops it: its kernel state stays (no --flush-on-exit).
+PACKAGED_NODE_ARGS = tuple(arg for arg in NODE_ARGS if arg != "--flush-on-exit")
 
 
 def need(condition: bool, why: str) -> None:
@@ -72,6 +78,13 @@ def named_lrkp() -> set[str]:
     """Every path under SCANNED whose name holds 'lrkp' (the labs' namespaces aside)."""
     found = run("find", *SCANNED, "-xdev", "-name", "*lrkp*", "-not", "-path", "/run/netns/*")
     return set(found.stdout.split())
+
+
+def kernel_state(lab: Lab) -> dict[str, bool]:
+    """Whether the node's table and queue rule are in the relay namespace."""
+    table = lab.run("relay", "nft", "list", "table", "ip", TABLE, check=False)
+    raw = lab.run("relay", "iptables-nft", "-w", "-t", "raw", "-S", "PREROUTING", check=False)
+    return {"table": table.returncode == 0, "queue rule": XT_COMMENT in raw.stdout}
 
 
 def held(path: Path) -> bool:
@@ -176,16 +189,17 @@ def test_the_packaged_node_answers_p(
     lab: Lab, installed: Installed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The installed command, the shipped conffile (flags set what it leaves out), the
-    default rules file, state directory and lock directory."""
+    default rules file, state directory and lock directory. Stopped by SIGTERM, it leaves
+    its kernel state for the purge to remove."""
     monkeypatch.setattr(daemon, "LRKP_TSL", ["/usr/bin/lrkp-tsl"])
-    node = Node(lab, "relay", *NODE_ARGS, state=STATE_DIR)
+    node = Node(lab, "relay", *PACKAGED_NODE_ARGS, state=STATE_DIR)
     kamailio = Controller(lab, "sip", KAMAILIO_IP)
     try:
         node.wait_ready(CONTROL, kamailio)
         assert kamailio.command(b"P", CONTROL) == b"P PONG"
     finally:
         kamailio.close()
-        node.close()
+        node.stop()
     log = node.output()
     assert node.proc.returncode == 0, log
     assert "Debian's python3-nftables, loaded from" in log  # the venv has no copy of its own
@@ -194,7 +208,9 @@ def test_the_packaged_node_answers_p(
     assert list(lock.DEFAULT_DIRECTORY.glob("netns-*.lock"))
 
 
-def test_purge_removes_everything(installed: Installed) -> None:
+def test_purge_removes_everything(lab: Lab, installed: Installed) -> None:
+    """Purged in the relay namespace, where the packaged node ran: the prerm stops the node
+    and flushes what it left in that namespace's kernel."""
     with contextlib.suppress(FileNotFoundError):
         CONFFILE.write_text(CONFFILE.read_text() + "# edited by the operator\n")
     # The packaged node's lock (and any other no node holds) must go; a lock held by a node
@@ -202,8 +218,16 @@ def test_purge_removes_everything(installed: Installed) -> None:
     locks = lock.DEFAULT_DIRECTORY
     free = {path for path in locks.glob("*.lock") if not held(path)}
     assert free, "the packaged node left its lock file: the purge is to remove it"
-    purged = run(*APT, "purge", PACKAGE)
+    assert kernel_state(lab) == {"table": True, "queue rule": True}, "the node left nothing"
+    try:
+        purged = run("ip", "netns", "exec", lab.ns("relay"), *APT, "purge", PACKAGE)
+    finally:
+        after = kernel_state(lab)
+        lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
+        lab.run("relay", "conntrack", "-F", check=False)
     assert "warning" not in (purged.stdout + purged.stderr).lower(), purged
+    assert "lrkp-tsl flush: removed table ip lrkp" in purged.stdout, purged.stdout
+    assert after == {"table": False, "queue rule": False}
     assert installed_status() == ""
     for path in (CONFFILE.parent, STATE_DIR, Path("/usr/lib/lrkp-tsl"), DROP_IN.parents[1]):
         assert not path.exists(), path

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
-from lrkp_tsl.dataplane.localsockets import holders, parse
+from lrkp_tsl import hostcheck
+from lrkp_tsl.config import from_mapping
+from lrkp_tsl.dataplane.localsockets import MOVE, RESTART_LATER, holders, parse
 from lrkp_tsl.media import PortRange
 
 # Captured from a network namespace: 127.0.0.1:21000 and 0.0.0.0:21001 without a peer,
@@ -57,3 +59,38 @@ def test_holders_are_sockets_without_peer_on_a_relay_port() -> None:
     # Another relay IP, or outside the relay range: nobody's business.
     assert holders(sockets, [IPv4Address("10.0.0.1")], PortRange(21000, 21003)).bound == ()
     assert holders(sockets, [LOOPBACK], PortRange(30000, 40000)) == holders([], [], PortRange(1, 2))
+
+
+def test_check_config_reports_them_as_run_would() -> None:
+    """A socket bound to the relay IP is a problem (run refuses it), one on the wildcard
+    address a warning, whose advice depends on whether the node would reserve the range."""
+    config = from_mapping({"internal_ip": "127.0.0.1", "ports": "21000-21999"})
+    sockets = parse(UDP, "udp") + parse(UDP6, "udp6")
+    asked: list[set[int]] = []
+
+    def owners(inodes: set[int]) -> dict[int, str]:
+        asked.append(inodes)
+        return {1942700: "kamailio, pid 7"}
+
+    found = hostcheck.socket_findings(config, sockets, owners, reserves=True)
+    assert asked == [{1942700, 1942701, 1942703, 1942704}]
+    assert found.problems[1].startswith("udp6 127.0.0.1:21004 (uid 0, inode 1942704; ")
+    assert found.problems[:1] == [
+        "udp 127.0.0.1:21000 (kamailio, pid 7) is bound to relay IP 127.0.0.1 on a relay port "
+        "(ports = 21000-21999) and has no peer: it would take the first packets of every call "
+        "Kamailio puts on that port, so those calls could never learn where their parties "
+        "are. Move that socket off the relay IP or out of the relay range, or change `ports`; "
+        "`run` refuses to start while it is there"
+    ]
+    assert [w.split(" holds relay port ")[0] for w in found.warnings] == [
+        "udp 0.0.0.0:21001 (uid 104, inode 1942701; `ss -uanp` names its process)",
+        "udp6 [::]:21003 (uid 0, inode 1942703; `ss -uanp` names its process)",
+    ]
+    assert all(w.endswith(f"(ports = 21000-21999); {RESTART_LATER}") for w in found.warnings)
+    kept = hostcheck.socket_findings(config, sockets, owners, reserves=False)
+    assert all(w.endswith(f"; {MOVE}") for w in kept.warnings)
+    # Nothing on the relay range: no finding, and no walk of /proc for owners.
+    asked.clear()
+    other = from_mapping({"internal_ip": "127.0.0.1", "ports": "30000-39999"})
+    assert hostcheck.socket_findings(other, sockets, owners, reserves=True) == hostcheck.Findings()
+    assert asked == []
