@@ -44,6 +44,7 @@ from lrkp_tsl.dataplane.queue import PacketQueue, QueueRule
 from lrkp_tsl.dataplane.routes import routed_networks
 from lrkp_tsl.engine import Engine, RestoreReport, Settings
 from lrkp_tsl.errors import ConfigError, HostError, KernelError, StoreError
+from lrkp_tsl.frontends.lrkproxy import LrkproxyFrontEnd
 from lrkp_tsl.hostcheck import may_be_absent
 from lrkp_tsl.lock import StateDirLock, acquire_instance_lock, lock_state_dir
 from lrkp_tsl.mgmt import Management
@@ -381,8 +382,7 @@ async def _run(
         config.idle_timeout,
         config.policy,
         tuple(routed),
-        node_config(config),
-        NodeLimits(frozenset(config.relay_addrs), config.ports),
+        config.ports,
     )
     engine_store: Store = store
     replicated: ReplicatedStore | None = None
@@ -396,6 +396,8 @@ async def _run(
         )
         engine_store = replicated
     engine = Engine(settings, plane, engine_store)
+    limits = NodeLimits(frozenset(config.relay_addrs), config.ports)
+    LrkproxyFrontEnd(engine, node_config(config), limits)
     if drainfile.is_set(config.state_dir):
         engine.draining = True
         log.warning(

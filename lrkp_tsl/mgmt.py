@@ -110,8 +110,8 @@ def _leg_state(leg: Leg) -> str:
     return "latched" if learned_from_a_packet(leg) else "trusted"
 
 
-def _side(side: str, legs: tuple[Leg, Leg], relay: Endpoint, heard: Heard) -> dict[str, Any]:
-    rtp, rtcp = legs
+def _side(side: str, legs: tuple[Leg, ...], relay: Endpoint, heard: Heard) -> dict[str, Any]:
+    rtp, rtcp = legs[0], legs[1]
     rtp_heard, rtcp_heard = ((side, leg.stream) in heard for leg in legs)
     return {
         "sdp": str(rtp.sdp),
@@ -143,8 +143,8 @@ def session_row(engine: Engine, call: Call, entries: Entries, now: float) -> dic
         "idle": None if idle is None else round(idle, 1),
         "media": "live" if entries else "quiet",
         "streams": len(entries),
-        "caller": _side("caller", call.caller, call.media.caller_relay, heard),
-        "callee": _side("callee", call.callee, call.media.callee_relay, heard),
+        "caller": _side("caller", call.caller, call.streams[0].caller_relay, heard),
+        "callee": _side("callee", call.callee, call.streams[0].callee_relay, heard),
         **tally.as_dict(),
     }
 

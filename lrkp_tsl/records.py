@@ -17,6 +17,7 @@ from typing import Protocol
 
 from lrkp_tsl.latching import Rule
 from lrkp_tsl.media import RTCP_PORT_OFFSET, CallMedia, Endpoint, Stream
+from lrkp_tsl.operations import StreamSpec
 from lrkp_tsl.session import Call, Leg
 
 LEGS = ("caller_rtp", "caller_rtcp", "callee_rtp", "callee_rtcp")
@@ -77,18 +78,20 @@ def _endpoint(text: str) -> Endpoint:
 
 def encode(call: Call, quiet_since: float | None, wall_offset: float) -> dict[str, object]:
     """The record of `call` (engine times + `wall_offset` = wall-clock times)."""
-    media = call.media
+    (spec,) = call.streams
+    assert spec.caller is not None and spec.callee is not None
     record: dict[str, object] = {
-        "call_id": media.call_id,
-        "caller": _text(media.caller),
-        "caller_relay": _text(media.caller_relay),
-        "callee": _text(media.callee),
-        "callee_relay": _text(media.callee_relay),
+        "call_id": call.call_id,
+        "caller": _text(spec.caller),
+        "caller_relay": _text(spec.caller_relay),
+        "callee": _text(spec.callee),
+        "callee_relay": _text(spec.callee_relay),
         "idle_timeout": call.idle_timeout,
         "started": call.started + wall_offset,
         "quiet_since": None if quiet_since is None else quiet_since + wall_offset,
     }
     for name, leg in zip(LEGS, (*call.caller, *call.callee), strict=True):
+        assert leg.sdp is not None
         record[f"{name}_sdp"] = _text(leg.sdp)
         record[f"{name}_rule"] = leg.rule.value
         record[f"{name}_latched"] = None if leg.latched is None else _text(leg.latched)
@@ -124,8 +127,21 @@ def decode(record: Mapping[str, object], wall_offset: float) -> StoredCall:
             )
         )
     quiet = record["quiet_since"]
+
+    def rtcp(rtp: Endpoint, leg: Leg) -> Endpoint | None:
+        return None if leg.sdp == rtp.offset(RTCP_PORT_OFFSET) else leg.sdp
+
+    spec = StreamSpec(
+        media.caller,
+        media.caller_relay,
+        media.callee,
+        media.callee_relay,
+        caller_rtcp=rtcp(media.caller, legs[1]),
+        callee_rtcp=rtcp(media.callee, legs[3]),
+    )
     call = Call(
-        media,
+        media.call_id,
+        (spec,),
         float(text("idle_timeout")),
         float(text("started")) - wall_offset,
         (legs[0], legs[1]),

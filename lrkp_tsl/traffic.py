@@ -169,7 +169,7 @@ def live_of(call: Call, entries: Mapping[StreamKey, Counters]) -> list[tuple[Str
     return [(key, counters) for key, counters in entries.items() if key in keys]
 
 
-def _addresses(side: str, legs: tuple[Leg, Leg], heard: Heard) -> list[str | None]:
+def _addresses(side: str, legs: tuple[Leg, ...], heard: Heard) -> list[str | None]:
     """[RTP, RTCP] addresses the party was heard from (None: it sent nothing there)."""
     return [
         str(leg.latched) if leg.latched is not None and (side, leg.stream) in heard else None
@@ -177,7 +177,7 @@ def _addresses(side: str, legs: tuple[Leg, Leg], heard: Heard) -> list[str | Non
     ]
 
 
-def _learned(side: str, legs: tuple[Leg, Leg], heard: Heard) -> str:
+def _learned(side: str, legs: tuple[Leg, ...], heard: Heard) -> str:
     return "/".join(address or "-" for address in _addresses(side, legs, heard))
 
 
@@ -204,8 +204,8 @@ def call_summary(
         "detail": detail,
         "duration": round(duration, 3),
         **tally.as_dict(),
-        "caller_sdp": str(call.media.caller),
-        "callee_sdp": str(call.media.callee),
+        "caller_sdp": str(call.streams[0].caller) if call.streams else None,
+        "callee_sdp": str(call.streams[0].callee) if call.streams else None,
         "caller_learned": _addresses("caller", call.caller, heard),
         "callee_learned": _addresses("callee", call.callee, heard),
     }
