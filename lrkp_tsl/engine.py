@@ -26,9 +26,9 @@ import collections
 import contextlib
 import logging
 import zlib
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from typing import cast
 
@@ -70,7 +70,7 @@ from lrkp_tsl.session import (
     Verdict,
     rebuild,
 )
-from lrkp_tsl.traffic import Traffic, call_summary, live_of
+from lrkp_tsl.traffic import Tally, Traffic, call_summary, live_of
 
 log = logging.getLogger("lrkp_tsl.engine")
 calls_log = logging.getLogger("lrkp_tsl.calls")
@@ -286,6 +286,12 @@ _Found = dict[StreamKey, tuple[StreamKey, Counters] | None]
 """What an ending call's conntrack keys found (`Kernel.streams`), by key."""
 
 
+def _touches_kernel(sync: Sync) -> bool:
+    """Whether the change is one for the kernel: a change of the front-end's record only
+    (an ng offer before its answer, a scheduled delete) is not."""
+    return sync.before != sync.after or bool(sync.displaced)
+
+
 def _summarised(sync: Sync, old: Call | None) -> bool:
     """The change ends a call with a summary line (a replica's removal has none)."""
     return sync.call is None and old is not None and sync.reason is not Reason.REPLICATED
@@ -345,6 +351,25 @@ class Engine:
         """A control protocol's adapter serves through this engine (operations.py)."""
         self.front_ends[front_end.protocol] = front_end
 
+    def carried(self, call_id: str) -> tuple[Tally, Tally]:
+        """What the call carried so far, (RTP, RTCP): its ended entries' counters and its
+        live ones' (one conntrack exchange: for a query, never per packet)."""
+        call = self.table.get(call_id)
+        if call is None:
+            return Tally(), Tally()
+        try:
+            live = self.kernel.counters(call.view().keys())
+        except KernelError as error:
+            self.stats["error.conntrack"] += 1
+            log.error("[%s] counters not read: %s", call_id, error)
+            live = {}
+        return self.traffic.by_kind(call, live_of(call, live))
+
+    def about(self, call: Call) -> Mapping[str, object]:
+        """What the call's front-end says of it for humans (ng: its tags); {} if none."""
+        front_end = self.front_ends.get(call.protocol)
+        return front_end.describe(call) if front_end is not None else {}
+
     def batch(self, now: float) -> Batch:
         """Operations that arrived together, committed together (group commit)."""
         return Batch(self, now)
@@ -366,7 +391,7 @@ class Engine:
                         f"call {op.call_id!r} is relayed for the {call.protocol} protocol: "
                         "one Call-ID, one protocol",
                     )
-                item.actions = self.table.on_delete(op.call_id)
+                item.actions = self.table.on_delete(op.call_id, op.command)
                 if call is not None and op.stale is not None:
                     item.stale = op.stale(call)
                     if item.stale:
@@ -414,9 +439,13 @@ class Engine:
             self.stats["kernel.group_commits"] += 1
             self.stats["kernel.group_commands"] += len(ready)
             syncs = [item.actions[0] for item in ready]
-            results = self.kernel.change_many(
-                [(sync.call_id, sync.before, sync.after, sync.displaced) for sync in syncs]
-            )
+            changes = [
+                (sync.call_id, sync.before, sync.after, sync.displaced)
+                for sync in syncs
+                if _touches_kernel(sync)
+            ]
+            refusals = iter(self.kernel.change_many(changes) if changes else ())
+            results = [next(refusals) if _touches_kernel(sync) else None for sync in syncs]
             done: list[tuple[_Item, Sync]] = []
             for item, sync, refused in zip(ready, syncs, results, strict=True):
                 if refused is None:
@@ -457,7 +486,7 @@ class Engine:
                 return
             del self.displaced[(source, relay)]
         try:
-            decision = self.table.on_packet(source, relay, self._silent)
+            decision = self.table.on_packet(source, relay, self._silent, now)
             for action in decision.actions:
                 self._commit(action, now, f"packet from {source}")
         except (KernelError, StoreError) as error:
@@ -576,15 +605,20 @@ class Engine:
             log.error("[%s] media state not stored: %s", call_id, error)
 
     def _schedule_call(self, call: Call) -> None:
-        """A call wakes at its maximum lifetime, or when it may have been idle too long.
+        """A call wakes at its maximum lifetime, when it may have been idle too long, or at
+        the end its front-end scheduled (`end_at`). A call with no stream to relay yet (an
+        ng offer waiting for its answer, which may ring for minutes) has no media to lack:
+        only its lifetime and its scheduled end apply.
 
         Not while standby: the active node ends calls, and the standby follows."""
         if not self.active:
             return
         when = call.started + self.settings.max_lifetime
         quiet = self.activity.quiet_since(call.call_id)
-        if quiet is not None:
+        if quiet is not None and call.streams:
             when = min(when, quiet + call.idle_timeout)
+        if call.end_at is not None:
+            when = min(when, call.end_at)
         self.schedule.set(("call", call.call_id), when)
 
     # -- time ------------------------------------------------------------------------------------
@@ -609,8 +643,12 @@ class Engine:
                     continue
                 if now >= call.started + self.settings.max_lifetime:
                     self._end(call, Reason.LIFETIME, f"{self.settings.max_lifetime:g} s", now)
-                else:
+                elif call.end_at is not None and now >= call.end_at:
+                    self._end(call, Reason.DELETED, "delete-delay", now)
+                elif call.streams:
                     check.append(call)
+                else:
+                    self._schedule_call(call)  # woken early (its end moved): nothing due
         if check:
             self._check_idle(check, now)
 
@@ -664,11 +702,12 @@ class Engine:
         `quiet_since`: what to record as the call's quiet time (a replicated record's);
         by default the engine's own."""
         old = self._prepare(sync, now, quiet_since)
-        try:
-            self.kernel.change(sync.call_id, sync.before, sync.after, sync.displaced)
-        except KernelError:
-            self._refused(sync, old, now)
-            raise
+        if _touches_kernel(sync):
+            try:
+                self.kernel.change(sync.call_id, sync.before, sync.after, sync.displaced)
+            except KernelError:
+                self._refused(sync, old, now)
+                raise
         self._finish(sync, now, origin, old, quiet_since)
 
     def _prepare(self, sync: Sync, now: float, quiet_since: float | None = None) -> Call | None:
@@ -713,6 +752,12 @@ class Engine:
 
         `ends`: what `_read_ends` found for ending calls, by Call-ID (else read here)."""
         call_id = sync.call_id
+        # What the front-end says of an ending call, while it still knows the call.
+        about = (
+            self.about(old)
+            if old is not None and old.protocol != LRKPROXY and _summarised(sync, old)
+            else None
+        )
         self.table.applied(sync)
         summary = None
         changed = sync.before.flows ^ sync.after.flows
@@ -720,7 +765,7 @@ class Engine:
             assert old is not None
             found = ends[call_id] if ends and call_id in ends else self._read_end(sync, old)
             if calls_log.isEnabledFor(logging.INFO):  # only the log line uses it
-                summary = self._summary(old, sync, now, found)  # before entries are deleted
+                summary = self._summary(old, sync, now, found, about)  # before entries go
             if found is not None and not found:
                 # No entry either way for any of its flows, read after the kernel dropped its
                 # elements: none can appear any more (the guard drops their packets before
@@ -737,6 +782,8 @@ class Engine:
             self._drop_held(call_id)
             self.stats["calls.removed"] += 1
             self.stats[f"calls.removed.{sync.reason.value}"] += 1
+            if old is not None:
+                self.stats[f"protocol.{old.protocol}.ended"] += 1
             if summary is not None:
                 calls_log.info(summary[0], extra={"call_summary": summary[1]})
             elif not _summarised(sync, old):
@@ -745,8 +792,12 @@ class Engine:
                 self._displace(call_id, sync.displaced, now)
             return
         self.stats[f"calls.{sync.reason.value}"] += 1
+        if sync.reason is Reason.RELAYING:
+            self.stats[f"protocol.{sync.call.protocol}.started"] += 1
         if old is None or quiet_since is not None:
             self.activity.quiet(call_id, now if quiet_since is None else quiet_since)
+        elif not old.streams and sync.call.streams:
+            self.activity.quiet(call_id, now)  # its first stream: the idle clock starts now
         self._schedule_call(sync.call)
         if sync.reason in (Reason.RELAYING, Reason.UPDATED):
             calls_log.info(
@@ -791,16 +842,22 @@ class Engine:
         return self._read_ends([(sync, old)]).get(sync.call_id)
 
     def _summary(
-        self, call: Call, sync: Sync, now: float, found: _Found | None
+        self,
+        call: Call,
+        sync: Sync,
+        now: float,
+        found: _Found | None,
+        about: Mapping[str, object] | None,
     ) -> tuple[str, dict[str, object]]:
         """The call's one summary line (text, fields), with the counters of its live
-        entries as `_read_ends` found them (an idle call has none left to read)."""
+        entries as `_read_ends` found them (an idle call has none left to read), and what
+        its front-end says of it (`about`: None for lrkproxy's)."""
         live = {got[0]: got[1] for got in (found or {}).values() if got is not None}
         mine = live_of(call, live)
         tally = self.traffic.total(call, mine)
         heard = self.traffic.heard(call, mine)
         return call_summary(
-            call, sync.reason.value, sync.describe(), tally, now - call.started, heard
+            call, sync.reason.value, sync.describe(), tally, now - call.started, heard, about
         )
 
     def _displace(self, call_id: str, keys: frozenset[StreamKey], now: float) -> None:
@@ -1010,7 +1067,7 @@ class Engine:
             quiet = min(max(quiet, started), now)
         if started == call.started and quiet == record.quiet_since:
             return record, False
-        return StoredCall(replace(call, started=started), quiet, estimated=True), True
+        return StoredCall(call.started_at(started), quiet, estimated=True), True
 
     def reconcile(
         self,

@@ -24,7 +24,7 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -62,6 +62,7 @@ class Snapshot:
     active: bool
     held: int
     latency: Latency
+    protocols: dict[str, int] = field(default_factory=dict)  # live calls by protocol
 
 
 def take_snapshot(engine: Engine, latency: Latency, ports_total: int) -> Snapshot:
@@ -74,6 +75,7 @@ def take_snapshot(engine: Engine, latency: Latency, ports_total: int) -> Snapsho
         bool(engine.active),
         sum(len(held) for held in engine.held.values()),
         latency.copy(),
+        dict(engine.table.protocols),
     )
 
 
@@ -139,6 +141,7 @@ def engine_metrics(snap: Snapshot) -> Iterator[Metric]:
         "Calls set up by an S command",
         value=stats.get("calls.relaying", 0),
     )
+    yield from protocol_metrics(snap)
     closed = CounterMetricFamily(
         f"{PREFIX}_closed_sessions", "Calls ended, by reason", labels=["reason"]
     )
@@ -208,6 +211,43 @@ def engine_metrics(snap: Snapshot) -> Iterator[Metric]:
         "1 if this node answers commands (0: a pair's standby)",
         int(snap.active),
     )
+
+
+PROTOCOLS = ("lrkproxy", "ng")  # shown at 0 before their first call
+# The ng front-end's counters (frontends/ng.py): stats prefix -> (metric, doc, label).
+NG_FAMILIES = {
+    "ng.request.": ("ng_requests", "ng requests read, by command", "command"),
+    "ng.error.": ("ng_errors", "ng requests answered with an error, by code", "code"),
+    "ng.call.": ("ng_calls", "ng call changes carried out, by outcome", "outcome"),
+}
+
+
+def protocol_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """Calls by control protocol (lrkproxy, ng), and the ng front-end's own counters."""
+    stats = snap.stats
+    live = GaugeMetricFamily(
+        f"{PREFIX}_sessions_by_protocol", "Live calls, by control protocol", labels=["protocol"]
+    )
+    started = CounterMetricFamily(
+        f"{PREFIX}_protocol_sessions_started",
+        "Calls set up, by control protocol (lrkproxy S, ng offer)",
+        labels=["protocol"],
+    )
+    closed = CounterMetricFamily(
+        f"{PREFIX}_protocol_closed_sessions",
+        "Calls ended, by control protocol",
+        labels=["protocol"],
+    )
+    names = sorted({*PROTOCOLS, *snap.protocols})
+    for protocol in names:
+        live.add_metric([protocol], snap.protocols.get(protocol, 0))
+        started.add_metric([protocol], stats.get(f"protocol.{protocol}.started", 0))
+        closed.add_metric([protocol], stats.get(f"protocol.{protocol}.ended", 0))
+    yield live
+    yield started
+    yield closed
+    for prefix, (name, doc, label) in NG_FAMILIES.items():
+        yield _by_prefix(name, doc, label, stats, prefix)
 
 
 def kernel_metrics(counters: dict[str, tuple[int, int]] | None) -> Iterator[Metric]:

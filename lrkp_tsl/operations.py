@@ -14,7 +14,7 @@ callee_relay)` and back; RTCP on every relay port + 1 when the stream has it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import TYPE_CHECKING, Final, Protocol
@@ -86,11 +86,13 @@ class End:
 
     `stale(call)` names what the command says that differs from the call as it is now
     (() if nothing does): a command built from an earlier state of the call ends nothing.
+    `command`: what the controlling layer sent, as the call's summary names it.
     """
 
     call_id: str
     protocol: str
     stale: Callable[[Call], Stale] | None = None
+    command: str = "D"
 
 
 Operation = Relay | End
@@ -135,3 +137,7 @@ class FrontEnd(Protocol):
 
     def on_datagrams(self, datagrams: Sequence[Datagram], now: float) -> list[bytes | None]:
         """Requests that arrived together -> their replies, in order (None: no reply)."""
+
+    def describe(self, call: Call) -> Mapping[str, object]:
+        """What this protocol knows of the call that a human wants to see (ng: its tags),
+        for summaries and lrkp-ctl; from the call's record."""

@@ -25,6 +25,7 @@ Rules:
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -136,6 +137,12 @@ class Call:
         yield from self.caller
         yield from self.callee
 
+    def started_at(self, started: float) -> Call:
+        """The call as if it had started at `started` (a restart's clocks): its end, if it
+        has one, moves with it."""
+        end_at = None if self.end_at is None else self.end_at + started - self.started
+        return replace(self, started=started, end_at=end_at)
+
     def view(self) -> KernelView:
         if self._view is None:
             object.__setattr__(self, "_view", self._compute_view())
@@ -208,7 +215,7 @@ class Sync:
         """The reason as the log line says it."""
         text = {
             Reason.REPLACED: "relay ports reassigned to call {} (newest wins)",
-            Reason.DELETED: "deleted by the controlling layer (D)",
+            Reason.DELETED: "deleted by the controlling layer ({})",
             Reason.IDLE: "no media for {}",
             Reason.LIFETIME: "reached the maximum lifetime of {}",
             Reason.ADOPTED: "adopted from the kernel (no stored record)",
@@ -317,6 +324,11 @@ class CallTable:
         # compares them with the kernel's element counts without walking the calls).
         self.flow_count = 0
         self.learning_count = 0
+        self.protocols: collections.Counter[str] = collections.Counter()  # live calls of each
+        # Told of every change the table records, as (before, after): a front-end that keeps
+        # its own state of its calls (ng) follows what it did not decide itself (a restart's
+        # load, a standby following its active node, an idle call's end).
+        self.watchers: list[Callable[[Call | None, Call | None], None]] = []
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -416,11 +428,13 @@ class CallTable:
             actions.append(Sync(op.call_id, existing.view(), call, Reason.UPDATED))
         return actions
 
-    def on_delete(self, call_id: str) -> list[Action]:
+    def on_delete(self, call_id: str, command: str = "D") -> list[Action]:
+        """End a call because the controlling layer said so (`command`: what it sent, for
+        the log: lrkproxy's `D`, an ng `delete`)."""
         call = self._calls.get(call_id)
         if call is None:
             return []
-        return [Sync(call_id, call.view(), None, Reason.DELETED)]
+        return [Sync(call_id, call.view(), None, Reason.DELETED, command)]
 
     def on_expire(self, call_id: str, reason: Reason, detail: str = "") -> list[Action]:
         """End a call for a reason the engine decided (idle, lifetime)."""
@@ -508,21 +522,25 @@ class CallTable:
             view = existing.view()
             self.flow_count -= len(view.flows)
             self.learning_count -= len(view.learning)
+            self.protocols[existing.protocol] -= 1
             for endpoint in existing.relay_endpoints():
                 if self._owner.get(endpoint) == action.call_id:
                     del self._owner[endpoint]
                     self.ports.release((endpoint.port,))
         if action.call is None:
             self._calls.pop(action.call_id, None)
-            return
-        self._calls[action.call_id] = action.call
-        view = action.call.view()
-        self.flow_count += len(view.flows)
-        self.learning_count += len(view.learning)
-        for endpoint in action.call.relay_endpoints():
-            if self._owner.get(endpoint) is None:
-                self.ports.take((endpoint.port,))
-            self._owner[endpoint] = action.call_id
+        else:
+            self._calls[action.call_id] = action.call
+            self.protocols[action.call.protocol] += 1
+            view = action.call.view()
+            self.flow_count += len(view.flows)
+            self.learning_count += len(view.learning)
+            for endpoint in action.call.relay_endpoints():
+                if self._owner.get(endpoint) is None:
+                    self.ports.take((endpoint.port,))
+                self._owner[endpoint] = action.call_id
+        for watch in self.watchers:
+            watch(existing, action.call)
 
     def claimed(self, call_id: str, relays: Iterable[Endpoint]) -> list[str]:
         """Call-IDs of calls other than `call_id` owning any of `relays`."""

@@ -22,7 +22,7 @@ Counters go to the engine's (`command.<set|delete|ping|config>.<result>`, `error
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Final
@@ -87,6 +87,10 @@ class LrkproxyFrontEnd:
         self.stats = engine.stats
         self.cache = RetransmitCache(RETRANSMIT_BYTES, RETRANSMIT_AGE)
         engine.attach(self)
+
+    def describe(self, call: Call) -> Mapping[str, object]:
+        """Nothing beyond the call itself: an `S` carries addresses only."""
+        return {}
 
     def node_config(self) -> NodeConfig:
         """The `G` reply: where Kamailio should allocate next (ports.py)."""
