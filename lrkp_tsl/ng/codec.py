@@ -92,6 +92,7 @@ class NgError(LrkpError):
         self.code = code
         self.cookie = cookie
         self.command: str | None = None  # the request's command, once it was read
+        self.detail = ""  # more than the reason says, for the node's log only
 
 
 # Error codes (metrics: `ng.error.<code>`); sdp.py adds `bad-sdp` and `unsupported-sdp`.

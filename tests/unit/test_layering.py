@@ -36,6 +36,8 @@ PURE = [
     "operations",
     "frontends/__init__",
     "frontends/lrkproxy",
+    "frontends/ng",
+    "ng/record",
 ]
 FORBIDDEN = {
     "socket",
