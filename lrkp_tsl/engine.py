@@ -276,6 +276,18 @@ def describe_streams(call: Call) -> str:
     return text if call.protocol == LRKPROXY else f"{call.protocol} call, {text}"
 
 
+class _Described:
+    """`describe_streams(call)`, computed when a log line that is emitted formats it."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+
+    def __str__(self) -> str:
+        return describe_streams(self.call)
+
+
 def _flow_tuple(
     flow: Flow | InstalledFlow,
 ) -> tuple[Endpoint, Endpoint, Endpoint | None, Endpoint | None]:
@@ -439,13 +451,14 @@ class Engine:
             self.stats["kernel.group_commits"] += 1
             self.stats["kernel.group_commands"] += len(ready)
             syncs = [item.actions[0] for item in ready]
+            kernel = [_touches_kernel(sync) for sync in syncs]
             changes = [
                 (sync.call_id, sync.before, sync.after, sync.displaced)
-                for sync in syncs
-                if _touches_kernel(sync)
+                for sync, touches in zip(syncs, kernel, strict=True)
+                if touches
             ]
             refusals = iter(self.kernel.change_many(changes) if changes else ())
-            results = [next(refusals) if _touches_kernel(sync) else None for sync in syncs]
+            results = [next(refusals) if touches else None for touches in kernel]
             done: list[tuple[_Item, Sync]] = []
             for item, sync, refused in zip(ready, syncs, results, strict=True):
                 if refused is None:
@@ -804,7 +817,7 @@ class Engine:
                 "[%s] %s: %s, idle timeout %g s (%s)",
                 call_id,
                 sync.reason.value,
-                describe_streams(sync.call),
+                _Described(sync.call),  # formatted only if the line is logged
                 sync.call.idle_timeout,
                 origin,
             )

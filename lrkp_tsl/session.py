@@ -34,7 +34,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from lrkp_tsl.errors import MediaError
 from lrkp_tsl.kernel import EMPTY, KernelView, StreamKey
-from lrkp_tsl.latching import HINT_GRACE, Policy, Rule, start
+from lrkp_tsl.latching import HINT_GRACE, Policy, Rule, initial, start
 from lrkp_tsl.media import (
     RTCP_PORT_OFFSET,
     CallMedia,
@@ -163,7 +163,11 @@ class Call:
     def relay_endpoints(self) -> frozenset[Endpoint]:
         """Every relay ip:port this call owns: its legs' and the reserved ones."""
         if self._relays is None:
-            relays = frozenset(leg.relay for leg in self.legs()) | self.reserved
+            relays = frozenset(
+                [leg.relay for leg in self.caller] + [leg.relay for leg in self.callee]
+            )
+            if self.reserved:
+                relays |= self.reserved
             object.__setattr__(self, "_relays", relays)
         assert self._relays is not None
         return self._relays
@@ -265,12 +269,20 @@ def _legs_for(
             (caller, spec.caller, spec.caller_relay, spec.caller_rtcp, spec.caller_hint),
             (callee, spec.callee, spec.callee_relay, spec.callee_rtcp, spec.callee_hint),
         ):
-            rule, latched, anchor = start(policy, sdp, routed, hint)
+            if sdp is not None and hint is None:  # every lrkproxy leg: the short way
+                rule, latched = initial(policy, sdp, routed)
+                anchor = None
+            else:
+                rule, latched, anchor = start(policy, sdp, routed, hint)
             legs.append(Leg(Stream.RTP, sdp, relay, rule, latched, index, anchor, now))
             if spec.rtcp:
                 if rtcp is None and sdp is not None:
                     rtcp = sdp.offset(RTCP_PORT_OFFSET)
-                rule, latched, anchor = start(policy, rtcp, routed, hint)
+                if rtcp is not None and hint is None:
+                    rule, latched = initial(policy, rtcp, routed)
+                    anchor = None
+                else:
+                    rule, latched, anchor = start(policy, rtcp, routed, hint)
                 legs.append(
                     Leg(
                         Stream.RTCP,

@@ -66,10 +66,12 @@ def _stale(request: DeleteSession, call: Call) -> Stale:
     """The fields in which a `D` differs from its call's current `S` (field, the D's value,
     the call's): a D built from an earlier state of the call (before a re-INVITE moved
     it), which must not end the call as it is now."""
-    media = call.media
-    if media is None:
+    if len(call.streams) != 1:
         return ()
-    current = protocol.given_fields(media)
+    spec = call.streams[0]
+    if spec.caller is None or spec.callee is None:
+        return ()
+    current = protocol.fields_of(spec.caller, spec.caller_relay, spec.callee, spec.callee_relay)
     return tuple((name, value, current[name]) for name, value in request.given
                  if current[name] != value)  # fmt: skip
 
