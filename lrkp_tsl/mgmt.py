@@ -426,6 +426,7 @@ class Management:
                 "draining": self.engine.draining,
                 "active": self.engine.active,
                 "control": [str(address) for address in self.config.control],
+                "ng": [str(address) for address in self.config.ng],
             }
         )
 
