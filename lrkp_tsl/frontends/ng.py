@@ -30,8 +30,9 @@ lrkproxy is refused (and an lrkproxy `S` or `D` about an ng call).
 
 Also here: the retransmission cache (an ng reply carries SDP: up to 64 MiB, 30 s), and
 `lrkp-ctl drain`: a draining node answers an offer for a call it does not have with
-`result: load limit`, which makes Kamailio's module send it to the next node of its set;
-offers for its calls, answers and deletes are served as usual.
+`result: load limit` (`Parallel session limit reached` to a client that did not send
+`supports: ["load limit"]`), which makes Kamailio's module send it to the next node of its
+set; offers for its calls, answers and deletes are served as usual.
 """
 
 from __future__ import annotations
@@ -63,7 +64,11 @@ RETRANSMIT_AGE: Final = 30.0
 RETRANSMIT_BYTES: Final = 64 << 20
 
 LOAD_LIMIT: Final = "load limit"
-"""The result that sends Kamailio's rtpengine module to the next node of its set."""
+"""The result that sends Kamailio's rtpengine module to the next node of its set (it says
+it understands it with `supports: ["load limit"]`)."""
+SESSION_LIMIT: Final = "Parallel session limit reached"
+"""rtpengine's error-reason for the same, to a client that did not say so; Kamailio's
+module tries the next node on it too (it compares the reason whole)."""
 
 
 def _spec(stream: StreamMedia, call: NgCall) -> StreamSpec:
@@ -184,8 +189,11 @@ class NgFrontEnd:
             return self.decider.refuse(request, error)
         if self.engine.draining and isinstance(request, Offer) and call is None:
             self.stats["drain.offer_refused"] += 1
-            reply = codec.reply(request.cookie, {"result": LOAD_LIMIT, "message": "draining"})
-            return Decision(request, reply)  # not cached: an undrain takes the resend
+            if request.load_limit:
+                body = {"result": LOAD_LIMIT, "message": "draining"}
+            else:  # rtpengine's words for a client that knows no load limit
+                body = {"result": "error", "error-reason": SESSION_LIMIT}
+            return Decision(request, codec.reply(request.cookie, body))  # not cached
         return None
 
     def _operation(self, change: Change) -> Operation:

@@ -354,8 +354,11 @@ def test_a_draining_node_sends_new_calls_elsewhere_and_serves_its_own() -> None:
     node = Node()
     ok(node.offer("mine"))
     node.engine.draining = True
-    limit = node.offer("new")
+    limit = node.offer("new", None, supports=["load limit"])
     assert limit == {"result": b"load limit", "message": b"draining"}
+    # A client that did not say it knows "load limit" gets rtpengine's error for it.
+    refused = node.offer("new")
+    assert refused == {"result": b"error", "error-reason": b"Parallel session limit reached"}
     assert "new" not in node.engine.table and len(node.ng.pool) == 2
     ok(node.offer("mine"))  # a re-offer of a call it has
     ok(node.answer("mine"))
