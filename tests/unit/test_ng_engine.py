@@ -15,12 +15,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lrkp_tsl.ctl import show_call, show_sessions
 from lrkp_tsl.engine import Engine, Settings
 from lrkp_tsl.frontends.lrkproxy import LrkproxyFrontEnd
 from lrkp_tsl.frontends.ng import NgFrontEnd
 from lrkp_tsl.kernel import EMPTY
 from lrkp_tsl.latching import Policy
 from lrkp_tsl.media import Endpoint, PortRange
+from lrkp_tsl.mgmt import session_row
 from lrkp_tsl.ng.bencode import Value, decode, encode
 from lrkp_tsl.ng.callmodel import Interfaces
 from lrkp_tsl.session import Verdict
@@ -454,3 +456,29 @@ def test_ports_in_use_are_exactly_the_live_calls(actions: list[tuple[str, str]])
         node.engine.delete(live.call_id, now)
     assert len(node.engine.table) == 0 and len(node.ng.calls) == 0
     assert len(node.engine.table.ports) == 0
+
+
+def test_lrkp_ctl_prints_an_ng_call_with_its_protocol_tags_and_streams() -> None:
+    node = Node()
+    body = sdp(CALLER, AUDIO.format(4000), *(line.format(4002) for line in VIDEO_MUX))
+    ok(node.offer("c", body))
+    ok(
+        node.answer(
+            "c", sdp(CALLEE, AUDIO.format(6000), *(line.format(6002) for line in VIDEO_MUX))
+        )
+    )
+    ok(node.offer("ringing"))
+    rows = []
+    for call_id in ("c", "ringing"):
+        call = node.engine.table.get(call_id)
+        assert call is not None
+        row = session_row(node.engine, call, {}, 5.0)
+        rows.append(row | {"flows": [], "learning": [], "idle_timeout": IDLE})
+    table = show_sessions(rows, {"calls": 2})
+    assert "c [ng, tags A/B]" in table and "  stream 2" in table
+    assert "ringing [ng, tags A/-]" in table and "(no stream yet)" in table
+    shown = show_call(rows[0])
+    assert shown.startswith("call c (ng, tags A/B)")
+    assert "  stream 2 caller: SDP 10.0.0.21:4002" in shown
+    assert "RTCP none (rtcp-mux, or not RTP)" in shown
+    assert "no stream relayed yet" in show_call(rows[1])
