@@ -361,3 +361,14 @@ def test_an_ng_socket_on_a_vip_binds_before_the_vip_arrives(lab: Lab) -> None:
     finally:
         node.close()
         lab.run("relay", "ip", "addr", "del", f"{vip}/24", "dev", "int0", check=False)
+
+
+def test_the_allow_list_applies_to_the_ng_socket(lab: Lab, node: Node) -> None:
+    """A sender not on `allow` gets nothing, whatever it sends; Kamailio's address does."""
+    stranger = UdpNgPeer("stranger", lab.udp_socket("a", "10.201.1.10", 0), NG, 0.5)
+    try:
+        with pytest.raises(TimeoutError):
+            stranger.request({"command": "ping"})
+    finally:
+        stranger.close()
+    assert "not in the allow list" in node.output()
