@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +44,11 @@ class StoredCall:
 
 class Store(Protocol):
     """Every method raises StoreError (lrkp_tsl.errors) when the change is not durable."""
+
+    def group(self) -> AbstractContextManager[None]:
+        """The writes inside share one transaction (group commit: one durable commit for a
+        batch of commands). A write that fails fails alone; if the commit fails, StoreError
+        and none of the writes inside is durable."""
 
     def put(self, call: Call, quiet_since: float | None) -> None:
         """Insert or replace the call's record."""

@@ -11,14 +11,25 @@ imports this module.
 Keys (records are `lrkp_tsl.records.encode` dicts, serialised as compact JSON):
 
     lrkp:calls     hash: field = Call-ID, value = the call's record. The current table.
+    lrkp:quiet     hash: field = Call-ID, value = JSON: when the call went quiet (wall-clock
+                   seconds) or null (it has media), if that changed since its record was
+                   written; it overrides the record's `quiet_since`.
     lrkp:changes   stream (XADD ... MAXLEN ~ 100000): one entry per change, fields
                    op=put id=<Call-ID> rec=<record>   a call was added or changed
                    op=del id=<Call-ID>                a call ended
-                   op=reset                           the hash was replaced as a whole
+                   op=quiet id=<Call-ID> q=<JSON>     its media went quiet (q: since when)
+                                                      or live again (q: null)
+                   op=reset                           the hashes were replaced as a whole
+    lrkp:standby   string (expires): what the standby node last said about itself (JSON:
+                   in sync or not, why, lag, calls), written by the standby into the
+                   active's Redis, so that the active shows whether a standby follows it.
 
-Every change is ONE MULTI/EXEC transaction (HSET or HDEL or DEL+HSET, then XADD), so the
-hash and the stream never disagree, on the master or on a replica: Redis propagates a
-transaction to its replicas wrapped in MULTI/EXEC and applies it there atomically.
+Every change is written in a MULTI/EXEC transaction (HSET or HDEL or DEL+HSET, then XADD;
+`Publisher.write` puts a batch of changes in one), so the hashes and the stream never
+disagree, on the master or on a replica: Redis propagates a transaction to its replicas
+wrapped in MULTI/EXEC and applies it there atomically. Each change sets or deletes one
+field (last writer wins), so replaying changes on a state that already holds some of them
+gives the same table: a reset may overlap the changes queued after it.
 
 Why a stream *and* a hash: the hash alone is the state but says nothing about what changed
 (a follower would have to diff 50k records); the stream alone is the changes but grows
@@ -26,7 +37,7 @@ without end, and a follower that starts (or falls behind) would need all of it. 
 follower loads the hash once, then applies the stream from the ID it loaded at.
 
 A consistent snapshot on a replica (`Follower.snapshot`): MULTI, XREVRANGE COUNT 1 (the
-last stream ID), HGETALL, INFO replication, EXEC. Redis runs client commands and the
+last stream ID), HGETALL of both hashes, INFO replication, EXEC. Redis runs client commands and the
 master's replication stream on one thread, and runs both the master's transactions and
 ours whole, so the snapshot shows the state after some transaction of the master and the
 last stream ID is exactly that transaction's entry: applying every entry after it gives
@@ -62,15 +73,16 @@ the caller must then `reset` with its whole table, which `Publisher.needs_reset`
 A follower whose master lost its data sees an empty snapshot (last ID 0-0) until that reset
 arrives; a caller that would rather not drop its calls meanwhile can wait for the reset.
 
-Every call is a few round trips on a short socket timeout (the publisher runs on the
-node's event loop); errors of every kind become `ReplicationError`, naming the Redis and
-what failed. `Follower.changes` blocks in XREAD: run it in a worker thread.
+Every call is a few round trips on a short socket timeout, and every one may wait that
+long: call them from worker threads, never from the node's event loop (publishing.py runs
+the publisher, pair.py the follower and the health probes). Errors of every kind become
+`ReplicationError`, naming the Redis and what failed.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -82,10 +94,12 @@ from redis.retry import Retry
 from lrkp_tsl.errors import LrkpError
 
 CALLS = "lrkp:calls"
+QUIET = "lrkp:quiet"
 CHANGES = "lrkp:changes"
+STANDBY = "lrkp:standby"
 MAXLEN = 100_000
 """Stream entries kept (approximately, whole radix nodes): ~200 s of changes at 500/s."""
-OPS = ("put", "del", "reset")
+OPS = ("put", "del", "quiet", "reset")
 ZERO_ID = "0-0"
 """The stream ID before any entry: what `snapshot` returns for a stream never written."""
 RESET_CHUNK = 1000
@@ -106,10 +120,38 @@ class ReplicationGap(ReplicationError):
 
 @dataclass(frozen=True, slots=True)
 class Change:
+    """One entry of the change stream, as a follower reads it."""
+
     stream_id: str
     op: str  # one of OPS
-    call_id: str | None  # put, del
+    call_id: str | None  # put, del, quiet
     record: dict[str, object] | None  # put
+    quiet: float | None = None  # quiet: since when (wall-clock), None: live
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Insert or replace a call's record (`records.encode`)."""
+
+    record: Mapping[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """A call ended."""
+
+    call_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Quiet:
+    """A call's media went quiet (`since`, wall-clock seconds) or live again (None)."""
+
+    call_id: str
+    since: float | None
+
+
+Op = Put | Delete | Quiet
 
 
 def redacted(url: str) -> str:
@@ -186,6 +228,17 @@ def _json(text: str, what: str) -> dict[str, object]:
     return value
 
 
+def _since(text: str, what: str) -> float | None:
+    """A media state (`null`, or wall-clock seconds as JSON)."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ReplicationError(f"{what} is not JSON: {exc}") from None
+    if value is not None and not isinstance(value, int | float):
+        raise ReplicationError(f"{what}: {value!r} is no time")
+    return None if value is None else float(value)
+
+
 class _Client:
     def __init__(self, url: str, timeout: float) -> None:
         self.url = url
@@ -226,10 +279,11 @@ class _Client:
 class Publisher(_Client):
     """The active node's side: every change of the call table, into its local Redis.
 
-    Call it from one thread (the event loop): changes must reach Redis in the order they
-    happened. A change that failed with a timeout may still be applied, late, once Redis
-    runs again (seen in the tests with a frozen Redis), even after a `reset` that followed
-    it on a new connection: the call's next change, or the next reset, puts it right.
+    Call it from one thread (publishing.py's worker): changes must reach Redis in the order
+    they happened. A change that failed with a timeout may still be applied, late, once
+    Redis runs again (seen in the tests with a frozen Redis), even after a `reset` that
+    followed it on a new connection: the call's next change, or the next reset, puts it
+    right.
     """
 
     def __init__(
@@ -248,7 +302,35 @@ class Publisher(_Client):
         changes (unreachable, restarted empty) or hold a failed one, so the caller must
         `reset` with its table."""
 
-    def _write(self, what: str, commands: list[tuple[object, ...]]) -> None:
+    def _commands(self, op: Op) -> list[tuple[object, ...]]:
+        if isinstance(op, Put):
+            call_id = op.record["call_id"]
+            if not isinstance(call_id, str):
+                raise ReplicationError(f"record's call_id is not text: {call_id!r}")
+            rec = json.dumps(op.record, separators=(",", ":"))
+            return [
+                ("HSET", CALLS, call_id, rec),
+                ("HDEL", QUIET, call_id),
+                ("XADD", CHANGES, *self._trim, "*", "op", "put", "id", call_id, "rec", rec),
+            ]
+        if isinstance(op, Delete):
+            return [
+                ("HDEL", CALLS, op.call_id),
+                ("HDEL", QUIET, op.call_id),
+                ("XADD", CHANGES, *self._trim, "*", "op", "del", "id", op.call_id),
+            ]
+        since = json.dumps(op.since)
+        return [
+            ("HSET", QUIET, op.call_id, since),
+            ("XADD", CHANGES, *self._trim, "*", "op", "quiet", "id", op.call_id, "q", since),
+        ]
+
+    def write(self, ops: Sequence[Op]) -> None:
+        """`ops` in order, in one transaction (all or, on an error, maybe none)."""
+        if not ops:
+            return
+        commands = [command for op in ops for command in self._commands(op)]
+        what = f"{len(ops)} changes" if len(ops) > 1 else _describe(ops[0])
         try:
             self._transaction(what, commands)
         except ReplicationError:
@@ -257,27 +339,11 @@ class Publisher(_Client):
 
     def put(self, record: Mapping[str, object]) -> None:
         """Insert or replace the call's record (`records.encode`)."""
-        call_id = record["call_id"]
-        if not isinstance(call_id, str):
-            raise ReplicationError(f"record's call_id is not text: {call_id!r}")
-        rec = json.dumps(record, separators=(",", ":"))
-        self._write(
-            f"put of call {call_id!r}",
-            [
-                ("HSET", CALLS, call_id, rec),
-                ("XADD", CHANGES, *self._trim, "*", "op", "put", "id", call_id, "rec", rec),
-            ],
-        )
+        self.write([Put(record)])
 
     def delete(self, call_id: str) -> None:
         """Forget the call (no error if unknown)."""
-        self._write(
-            f"delete of call {call_id!r}",
-            [
-                ("HDEL", CALLS, call_id),
-                ("XADD", CHANGES, *self._trim, "*", "op", "del", "id", call_id),
-            ],
-        )
+        self.write([Delete(call_id)])
 
     def reset(self, records: Iterable[Mapping[str, object]]) -> None:
         """Replace the whole table by `records`, and tell followers to reload it.
@@ -293,7 +359,7 @@ class Publisher(_Client):
             if not isinstance(call_id, str):
                 raise ReplicationError(f"record's call_id is not text: {call_id!r}")
             fields += (call_id, json.dumps(record, separators=(",", ":")))
-        commands: list[tuple[object, ...]] = [("DEL", CALLS)]
+        commands: list[tuple[object, ...]] = [("DEL", CALLS), ("DEL", QUIET)]
         step = 2 * RESET_CHUNK
         for start in range(0, len(fields), step):
             commands.append(("HSET", CALLS, *fields[start : start + step]))
@@ -317,6 +383,43 @@ class Publisher(_Client):
         """How many calls Redis holds (HLEN): the active compares it with its table, so a
         Redis restarted empty is noticed without waiting for the next change."""
         return int(str(self._command("size of the call table", "HLEN", CALLS)))
+
+
+def _describe(op: Op) -> str:
+    if isinstance(op, Put):
+        return f"put of call {op.record.get('call_id')!r}"
+    if isinstance(op, Delete):
+        return f"delete of call {op.call_id!r}"
+    return f"media state of call {op.call_id!r}"
+
+
+class Status(_Client):
+    """Read-only looks at a Redis for the pair's health probes (INFO, sizes), and the
+    standby's report to the active. Quick calls on a short timeout; never the event loop."""
+
+    def replication(self) -> dict[str, str]:
+        """INFO replication (and `loading` from persistence)."""
+        text = self._command("INFO replication", "INFO", "replication", "persistence")
+        return _info(str(text))
+
+    def size(self) -> int:
+        """How many calls the table in this Redis holds (HLEN)."""
+        return int(str(self._command("size of the call table", "HLEN", CALLS)))
+
+    def last_change(self) -> str:
+        """The ID of the change stream's last entry (ZERO_ID: none)."""
+        last = self._command("last change", "XREVRANGE", CHANGES, "+", "-", "COUNT", "1")
+        return str(last[0][0]) if last else ZERO_ID
+
+    def report(self, status: Mapping[str, object], ttl: float) -> None:
+        """The standby's status into the active's Redis (STANDBY, expires after `ttl`)."""
+        text = json.dumps(status, separators=(",", ":"))
+        self._command("standby report", "SET", STANDBY, text, "PX", str(int(ttl * 1000)))
+
+    def standby_report(self) -> dict[str, object] | None:
+        """What the standby last reported (None: nothing, or it expired)."""
+        text = self._command("standby report", "GET", STANDBY)
+        return None if text is None else _json(str(text), f"{self.where} {STANDBY}")
 
 
 class Follower(_Client):
@@ -345,11 +448,12 @@ class Follower(_Client):
         Also remembers the replica's replication ID at that instant: `changes` raises
         `ReplicationGap` once Redis has replaced its data since.
         """
-        last, table, info = self._transaction(
+        last, table, quiet, info = self._transaction(
             "snapshot",
             [
                 ("XREVRANGE", CHANGES, "+", "-", "COUNT", "1"),
                 ("HGETALL", CALLS),
+                ("HGETALL", QUIET),
                 ("INFO", "replication"),
             ],
         )
@@ -358,6 +462,10 @@ class Follower(_Client):
             str(call_id): _json(str(text), f"{self.where} {CALLS}[{call_id!r}]")
             for call_id, text in table.items()
         }
+        for call_id, text in quiet.items():
+            record = records.get(str(call_id))
+            if record is not None:  # a media state outlives its call only until its del
+                record["quiet_since"] = _since(str(text), f"{self.where} {QUIET}[{call_id!r}]")
         self._replid = _info(str(info)).get("master_replid")
         return stream_id, records
 
@@ -445,6 +553,8 @@ class Follower(_Client):
             raise ReplicationError(f"{what}: unknown change {dict(fields)!r}")
         if op == "del":
             return Change(stream_id, op, call_id, None)
+        if op == "quiet":
+            return Change(stream_id, op, call_id, None, _since(fields.get("q", ""), what))
         rec = fields.get("rec")
         if rec is None:
             raise ReplicationError(f"{what}: put without a record")

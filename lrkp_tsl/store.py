@@ -146,6 +146,25 @@ class SqliteStore:
                 self._db.execute("ROLLBACK")
             raise StoreError(f"state store {self.path}: committing a group: {exc}") from exc
 
+    def records(self) -> list[dict[str, object]]:
+        """Every stored call as `records.encode` makes it (wall-clock times), read on a
+        connection of its own: callable from a worker thread (publishing.py republishes
+        the table to Redis with it) while the event loop writes; WAL lets both run. One
+        read transaction: the calls as of one commit. Raises StoreError."""
+        try:
+            db = sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT, isolation_level=None
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: opening for a read: {exc}") from exc
+        try:
+            rows = db.execute(f"SELECT {', '.join(FIELDS)} FROM calls").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: reading calls: {exc}") from exc
+        finally:
+            db.close()
+        return [dict(zip(FIELDS, row, strict=True)) for row in rows]
+
     @property
     def wall_offset(self) -> float:
         """Wall-clock time minus the engine's monotonic clock, as this store converts."""

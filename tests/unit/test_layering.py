@@ -25,6 +25,7 @@ PURE = [
     "ports",
     "ratelog",
     "traffic",
+    "pairhealth",
 ]
 FORBIDDEN = {
     "socket",
@@ -40,6 +41,10 @@ FORBIDDEN = {
     "lrkp_tsl.store",
     "sqlite3",
     "time",
+    "redis",
+    "lrkp_tsl.replication",
+    "lrkp_tsl.publishing",
+    "lrkp_tsl.pair",
 }
 PACKAGE = Path(__file__).resolve().parents[2] / "lrkp_tsl"
 
