@@ -194,7 +194,10 @@ class Following:
                 self._follow_once(stop)
             except ReplicationGap as gap:
                 log.warning("following: reloading the active's table (%s)", gap)
-            except (LrkpError, OSError) as error:
+            except LrkpError as error:
+                self._failed(error.reason)
+                stop.wait(RETRY_INTERVAL)
+            except OSError as error:
                 self._failed(str(error))
                 stop.wait(RETRY_INTERVAL)
 
@@ -309,7 +312,7 @@ class Prober:
             peer = self.peer.replication()
             peer_calls = self.peer.size()
         except ReplicationError as error:
-            peer_error = str(error)
+            peer_error = error.reason
         if peer is not None and peer.get("role") == "master":
             with contextlib.suppress(ReplicationError):
                 self.peer.report(self.report(), REPORT_TTL)
@@ -319,7 +322,7 @@ class Prober:
             local = self.local.replication()
             last = self.local.last_change()
         except ReplicationError as error:
-            local_error = str(error)
+            local_error = error.reason
         return Probe(at, local, local_error, last, peer, peer_error, peer_calls)
 
     def active(self) -> Probe:
@@ -328,7 +331,7 @@ class Prober:
             local = self.local.replication()
             report = self.local.standby_report()
         except ReplicationError as error:
-            return Probe(at, None, str(error))
+            return Probe(at, None, error.reason)
         return Probe(at, local, standby=report)
 
 

@@ -305,8 +305,11 @@ class PairHealth:
                     "this node's Redis)"
                 )
         elif not report.get("in_sync"):
-            said = "; ".join(str(p) for p in report.get("problems", [])) or "no reason given"
-            problems.append(f"the standby is not in sync: {said}")
+            said = "; ".join(str(p) for p in report.get("problems", [])) or "it is starting"
+            # A standby starting or copying this node's table has its own time to do so.
+            (problems if report.get("state") == "not following" else soft).append(
+                f"the standby is not in sync: {said}"
+            )
         in_sync = not problems and not soft
         self._status = {
             "role": "active",
@@ -344,6 +347,7 @@ class PairHealth:
         status = self._status
         return {
             "in_sync": bool(status.get("in_sync")),
+            "state": status.get("state", "starting"),
             "problems": status.get("problems", []),
             "lag": status.get("lag"),
             "calls": status.get("calls"),

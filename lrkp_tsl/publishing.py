@@ -298,7 +298,7 @@ class Publishing:
             log.error(
                 "replication: %s; the standby misses changes until this node's Redis "
                 "answers (retrying every %g s)",
-                error,
+                error.reason,
                 self.retry_interval,
             )
-        self._error = str(error)
+        self._error = error.reason

@@ -203,3 +203,22 @@ def test_replicas_are_read_from_info() -> None:
         {"ip": "10.0.0.2", "port": "6379", "state": "online", "offset": "5", "lag": "1"}
     ]
     assert replicas({}) == []
+
+
+def test_the_active_alarms_at_once_when_its_standby_says_it_does_not_follow(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    line = "ip=10.0.0.2,port=6379,state=online,offset=90,lag=0"
+    for state, alarm_at in (("not following", ALARM_AFTER), ("catching up", NO_STANDBY_ALARM)):
+        health = PairHealth(PEER)
+        health.became("active", 0.0)
+        report = {"in_sync": False, "state": state, "problems": ["the link is down"]}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "lrkp_tsl.pair"):
+            for now in (1.0, 1.0 + alarm_at - 0.1):
+                health.probed_active(Probe(now, master(100, line), standby=report), PUBLISHING,
+                                     3, now)  # fmt: skip
+            assert caplog.records == []
+            health.probed_active(Probe(2.0, master(100, line), standby=report), PUBLISHING, 3,
+                                 1.0 + alarm_at)  # fmt: skip
+        assert "the standby is not in sync: the link is down" in caplog.text
