@@ -149,3 +149,57 @@ def running_pair(lab: Lab, *, idle: float = IDLE, examples: bool = False) -> Ite
             lab.run(host, "nft", "delete", "table", "ip", TABLE, check=False)
             lab.run(host, "iptables-nft", "-t", "raw", "-F", check=False)
             lab.run(host, "conntrack", "-F", check=False)
+
+
+LONE_CONTROL = ("127.0.0.1", 22333)
+LONE_PORTS = (1024, 65535)
+
+
+def scrape(lab: Lab, host: str, port: int = METRICS[1]) -> str:
+    """GET /metrics of the node on `host` (from inside its namespace): the text."""
+    with lab.inside(host):
+        sock = socket.create_connection((METRICS[0], port), timeout=10)
+    with sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    return body.decode()
+
+
+@contextlib.contextmanager
+def lone_active(lab: Lab, *extra: str) -> Iterator[tuple[Node, dict[str, RedisServer]]]:
+    """One node in pair mode on `relay`, active at once: its relay addresses are relay's
+    own (10.201.1.1, 10.201.2.1), so no keepalived is needed. Its Redis on relay, the
+    peer's on relay2 (a replica of it); control on loopback, relay ports 1024-65535 (room
+    for 16,000 calls per relay address), metrics on. For what pair mode costs the active
+    (bench/control_clients.py --pair) and how Redis's troubles reach it
+    (tests/netns/test_pair_stall.py)."""
+    redis = {host: RedisServer(lab, host, ip) for host, ip in HOSTS.items()}
+    node: Node | None = None
+    try:
+        for server in redis.values():
+            server.start()
+        replica = redis["relay2"].client()
+        replica.replicaof(HOSTS["relay"], redis["relay"].port)
+        replica.close()
+        node = Node(
+            lab, "relay",
+            "--internal-ip", HOSTS["relay"], "--external-ip", "10.201.2.1",
+            "--ports", f"{LONE_PORTS[0]}-{LONE_PORTS[1]}",
+            "--control", f"udp:{LONE_CONTROL[0]}:{LONE_CONTROL[1]}",
+            "--pair-redis", redis["relay"].url, "--pair-peer-redis", redis["relay2"].tcp_url,
+            "--metrics-listen", f"{METRICS[0]}:{METRICS[1]}", "--flush-on-exit", *extra,
+        )  # fmt: skip
+        wait_log(node, "active: this node holds the relay addresses", 20)
+        yield node, redis
+    finally:
+        if node is not None:
+            node.stop()
+        for server in redis.values():
+            server.remove()
+        lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
+        lab.run("relay", "iptables-nft", "-t", "raw", "-F", check=False)
+        lab.run("relay", "conntrack", "-F", check=False)

@@ -156,6 +156,14 @@ class RedisServer:
         """SIGSTOP: the kernel still accepts connections, nothing answers."""
         self.proc_signal(signal.SIGSTOP)
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash: without persistence it comes back empty (`start` again)."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
     def thaw(self) -> None:
         self.proc_signal(signal.SIGCONT)
 

@@ -96,7 +96,7 @@ class Publishing:
     def __init__(
         self,
         publisher: Publisher,
-        read_table: Callable[[], list[dict[str, object]]],
+        read_table: Callable[[], list[tuple[str, str]]],
         wall_offset: float,
         *,
         max_queued: int = MAX_QUEUED,
@@ -273,7 +273,7 @@ class Publishing:
             started = time.monotonic()
             records = self.read_table()
             read = time.monotonic()
-            self.publisher.reset(records)
+            self.publisher.reset_encoded(records)
         except (ReplicationError, StoreError) as error:
             self._failed(error)
             return

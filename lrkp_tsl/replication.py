@@ -353,12 +353,17 @@ class Publisher(_Client):
         error (`needs_reset`). Changes made while it runs (from another thread) may be
         overwritten by it: give it the table as of its call, and nothing concurrently.
         """
-        fields: list[str] = []
+        encoded = []
         for record in records:
             call_id = record["call_id"]
             if not isinstance(call_id, str):
                 raise ReplicationError(f"record's call_id is not text: {call_id!r}")
-            fields += (call_id, json.dumps(record, separators=(",", ":")))
+            encoded.append((call_id, json.dumps(record, separators=(",", ":"))))
+        self.reset_encoded(encoded)
+
+    def reset_encoded(self, records: Iterable[tuple[str, str]]) -> None:
+        """`reset` with records already JSON: (Call-ID, record) pairs."""
+        fields = [text for pair in records for text in pair]
         commands: list[tuple[object, ...]] = [("DEL", CALLS), ("DEL", QUIET)]
         step = 2 * RESET_CHUNK
         for start in range(0, len(fields), step):

@@ -3,6 +3,7 @@ Redis failure never fails one, and whatever Redis missed is made good."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -57,9 +58,9 @@ class FakePublisher:
                 self.quiet[op.call_id] = op.since
         self.writes += 1
 
-    def reset(self, records: Iterable[Mapping[str, object]]) -> None:
+    def reset_encoded(self, records: Iterable[tuple[str, str]]) -> None:
         self._check()
-        self.table = {str(r["call_id"]): r for r in records}
+        self.table = {call_id: json.loads(text) for call_id, text in records}
         self.quiet = {}
         self.resets += 1
 
