@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 log = logging.getLogger("lrkp_tsl.pair")
 
@@ -182,6 +183,8 @@ class PairHealth:
 
     def __init__(self, peer: str) -> None:
         self.peer = peer  # the peer's Redis as configured (password redacted)
+        where = urlsplit(peer)
+        self._peer_address = f"{where.hostname}:{where.port or 6379}"
         self.role = "starting"
         self.role_since = 0.0
         self.standby_alarm = _standby_alarm()
@@ -366,7 +369,7 @@ class PairHealth:
             problems.append(f"this node's Redis is not a replica of the active's (role {role})")
             return "none"
         master = f"{info.get('master_host')}:{info.get('master_port')}"
-        if not self.peer.endswith(f"//{master}") and f"@{master}" not in self.peer:
+        if master != self._peer_address:
             problems.append(f"this node's Redis replicates {master}, not {self.peer}")
             return "wrong master"
         if info.get("master_link_status") != "up":

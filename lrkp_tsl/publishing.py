@@ -48,6 +48,11 @@ RETRY_INTERVAL = 1.0
 """How often the worker tries again to reach a Redis that failed."""
 IDLE_WAKE = 1.0
 """The worker looks at its state this often when nothing is queued."""
+LINGER = 0.002
+"""After the first change, the worker waits this long for more to write with it: under
+load one transaction then carries several changes (a write costs the node ~100 µs of CPU
+alone, ~25 µs per change in a batch of 8, mostly the system calls); the standby is that
+much later, against a takeover gap of ~0.3 s."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +226,8 @@ class Publishing:
             items = [self._queue.get(timeout=wait)]
         except queue.Empty:
             return []
+        if self._master and not self._broken and self._queue.qsize() < BATCH:
+            time.sleep(LINGER)
         while len(items) < BATCH:
             try:
                 items.append(self._queue.get_nowait())

@@ -166,6 +166,12 @@ def test_a_redis_that_is_no_replica_or_replicates_elsewhere_is_a_problem() -> No
     assert "is not a replica of the active's" in health.status()["problems"][0]
     standby(health, 2.0, 100, local=replica(100, master_host="10.9.9.9"))
     assert "replicates 10.9.9.9:6379, not" in health.status()["problems"][0]
+    for url in ("redis://:***@10.0.0.1:6379/0", "redis://10.0.0.1"):  # the same peer
+        other = PairHealth(url)
+        other.became("standby", 0.0)
+        other.table_loaded("5-0")
+        standby(other, 1.0, 100)
+        assert other.status()["in_sync"], other.status()["problems"]
 
 
 def test_the_active_is_followed_when_a_replica_acks_and_the_standby_reports_in_sync(
