@@ -163,6 +163,8 @@ def show_pair(pair: dict[str, Any]) -> str:
         verdict = (
             "followed by a standby in sync"
             if pair.get("in_sync")
+            else f"SPLIT BRAIN (the peer is active too) for {since}"
+            if pair.get("split_brain")
             else f"NOT FOLLOWED by a standby in sync for {since}"
         )
         replica = pair.get("replica")

@@ -28,6 +28,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -271,6 +272,7 @@ class Prober:
     ) -> None:
         self.local = Status(local_url, PROBE_TIMEOUT)
         self.peer = Status(peer_url, PROBE_TIMEOUT)
+        self.node = uuid.uuid4().hex  # this process, in its active announcements
         self.role = role
         self.report = report
         self.deliver = deliver
@@ -328,11 +330,23 @@ class Prober:
     def active(self) -> Probe:
         at = time.monotonic()
         try:
+            self.local.announce_active(self.node, REPORT_TTL)
             local = self.local.replication()
             report = self.local.standby_report()
         except ReplicationError as error:
             return Probe(at, None, error.reason)
-        return Probe(at, local, standby=report)
+        return Probe(at, local, standby=report, peer_active=self._peer_active())
+
+    def _peer_active(self) -> bool | None:
+        """Whether the peer node is active too: its Redis is a master and another node
+        announced itself active there (None: its Redis does not answer)."""
+        try:
+            if self.peer.replication().get("role") != "master":
+                return False
+            announced = self.peer.announced_active()
+        except ReplicationError:
+            return None
+        return announced is not None and announced != self.node
 
 
 class RoleWatch:

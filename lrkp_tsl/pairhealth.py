@@ -86,6 +86,7 @@ class Probe:
     peer_error: str | None = None
     peer_calls: int | None = None  # standby: the calls the active's Redis holds
     standby: Mapping[str, Any] | None = None  # active: the standby node's report
+    peer_active: bool | None = None  # active: the peer node is active too (None: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +280,13 @@ class PairHealth:
             return
         problems: list[str] = []
         soft: list[str] = []
+        if probe.peer_active:
+            problems.append(
+                "SPLIT BRAIN: the peer node is active too (its Redis is a master and it "
+                "announces itself): both nodes hold the VIPs, so VRRP between them is lost; "
+                "when it returns, the node that loses the VIPs drops the calls set up on it "
+                "meanwhile (README, 'Split brain')"
+            )
         if probe.local_error is not None:
             problems.append(f"this node's Redis does not answer: {_short(probe.local_error)}")
         elif publish.error is not None:
@@ -318,7 +326,12 @@ class PairHealth:
             "role": "active",
             "peer": self.peer,
             "in_sync": in_sync,
-            "state": "followed" if in_sync else "not followed",
+            "state": "followed"
+            if in_sync
+            else "split brain"
+            if probe.peer_active
+            else "not followed",
+            "split_brain": bool(probe.peer_active),
             "problems": problems + soft,
             "replica": replica,
             "standby": dict(report) if report is not None else None,

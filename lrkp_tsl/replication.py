@@ -23,6 +23,9 @@ Keys (records are `lrkp_tsl.records.encode` dicts, serialised as compact JSON):
     lrkp:standby   string (expires): what the standby node last said about itself (JSON:
                    in sync or not, why, lag, calls), written by the standby into the
                    active's Redis, so that the active shows whether a standby follows it.
+    lrkp:active    string (expires): the active node says it is active (JSON: its node
+                   id), in its own Redis; an active node that finds another node's in the
+                   peer's Redis, a master, knows both nodes are active (split brain).
 
 Every change is written in a MULTI/EXEC transaction (HSET or HDEL or DEL+HSET, then XADD;
 `Publisher.write` puts a batch of changes in one), so the hashes and the stream never
@@ -99,6 +102,7 @@ CALLS = "lrkp:calls"
 QUIET = "lrkp:quiet"
 CHANGES = "lrkp:changes"
 STANDBY = "lrkp:standby"
+ACTIVE = "lrkp:active"
 MAXLEN = 100_000
 """Stream entries kept (approximately, whole radix nodes): ~200 s of changes at 500/s."""
 OPS = ("put", "del", "quiet", "reset")
@@ -568,6 +572,18 @@ class Status(_Client):
         """The standby's status into the active's Redis (STANDBY, expires after `ttl`)."""
         text = json.dumps(status, separators=(",", ":"))
         self._command("standby report", "SET", STANDBY, text, "PX", str(int(ttl * 1000)))
+
+    def announce_active(self, node: str, ttl: float) -> None:
+        """This node is active (ACTIVE, in its own Redis, expiring after `ttl`)."""
+        text = json.dumps({"node": node}, separators=(",", ":"))
+        self._command("active announcement", "SET", ACTIVE, text, "PX", str(int(ttl * 1000)))
+
+    def announced_active(self) -> str | None:
+        """The node id that announced itself active in this Redis (None: none lately)."""
+        text = self._command("active announcement", "GET", ACTIVE)
+        if text is None:
+            return None
+        return str(_json(str(text), f"{self.where} {ACTIVE}").get("node"))
 
     def standby_report(self) -> dict[str, object] | None:
         """What the standby last reported (None: nothing, or it expired)."""

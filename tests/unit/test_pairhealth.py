@@ -228,3 +228,14 @@ def test_the_active_alarms_at_once_when_its_standby_says_it_does_not_follow(
             health.probed_active(Probe(2.0, master(100, line), standby=report), PUBLISHING, 3,
                                  1.0 + alarm_at)  # fmt: skip
         assert "the standby is not in sync: the link is down" in caplog.text
+
+
+def test_both_nodes_active_is_a_split_brain(caplog: pytest.LogCaptureFixture) -> None:
+    health = PairHealth(PEER)
+    health.became("active", 0.0)
+    with caplog.at_level(logging.WARNING, "lrkp_tsl.pair"):
+        for now in (1.0, 1.0 + ALARM_AFTER):
+            health.probed_active(Probe(now, master(100), peer_active=True), PUBLISHING, 3, now)
+    status = health.status()
+    assert status["split_brain"] and status["state"] == "split brain"
+    assert "SPLIT BRAIN: the peer node is active too" in caplog.text
