@@ -315,6 +315,10 @@ class Prober:
             peer_calls = self.peer.size()
         except ReplicationError as error:
             peer_error = error.reason
+            if "Timeout" not in peer_error and "DENIED" not in peer_error:
+                said = self.peer.greeting()
+                if said is not None:  # why it hangs up: the news, before redis-py's words
+                    peer_error = f"it refuses this node: {said} ({peer_error})"
         if peer is not None and peer.get("role") == "master":
             with contextlib.suppress(ReplicationError):
                 self.peer.report(self.report(), REPORT_TTL)

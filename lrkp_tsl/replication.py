@@ -554,6 +554,30 @@ class Status(_Client):
     """Read-only looks at a Redis for the pair's health probes (INFO, sizes), and the
     standby's report to the active. Quick calls on a short timeout; never the event loop."""
 
+    def greeting(self, wait: float = 0.2) -> str | None:
+        """What this Redis says to a new connection before any command: nothing, unless it
+        refuses the client (protected mode: `-DENIED ...`, then it hangs up). A command
+        sent at once races that refusal (the reset may come before the reply is read),
+        so when a probe fails this asks without sending anything."""
+        params: dict[str, Any] = parse_url(self.url)  # type: ignore[no-untyped-call]
+        try:
+            if params.get("path") is not None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self.timeout)
+                sock.connect(str(params["path"]))
+            else:
+                address = (str(params["host"]), int(params.get("port") or 6379))
+                sock = socket.create_connection(address, timeout=self.timeout)
+        except OSError:
+            return None
+        with sock:
+            sock.settimeout(wait)
+            try:
+                said = sock.recv(1024)
+            except OSError:
+                return None
+        return said.decode(errors="replace").strip().lstrip("-") or None
+
     def replication(self) -> dict[str, str]:
         """INFO replication (and `loading` from persistence)."""
         text = self._command("INFO replication", "INFO", "replication", "persistence")
