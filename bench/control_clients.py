@@ -10,8 +10,9 @@ real daemon in the relay namespace, controlled over loopback.
         [--pair]
 
 --pair: the node runs in pair mode, active (lrkp_lab.pairnodes.lone_active: its Redis on
-relay, the peer's on relay2 replicating it; no standby node): what replication costs the
-active's control path, against the same run without it.
+relay, the peer's on relay2; no standby node): what replication costs the active's host,
+against the same run without it. The peer's Redis replicates it only with --replica: in a
+real pair it runs on the other host, here it would take this VM's CPU from the node.
 """
 
 from __future__ import annotations
@@ -137,6 +138,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/control_clients.json"))
     parser.add_argument("--pair", action="store_true", help="the node in pair mode, active")
+    parser.add_argument(
+        "--replica",
+        action="store_true",
+        help="--pair: also a replica Redis (in this one VM, its CPU competes with the node's)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (network namespaces)", file=sys.stderr)
@@ -150,7 +156,9 @@ def main() -> int:
     rows = []
     with Lab() as lab, contextlib.ExitStack() as stack:
         if args.pair:
-            node, _redis = stack.enter_context(lone_active(lab, "--log-level", "warning"))
+            node, _redis = stack.enter_context(
+                lone_active(lab, "--log-level", "warning", replica=args.replica)
+            )
         else:
             node = Node(lab, "relay", "--internal-ip", str(INTERNAL_IP), "--external-ip",
                         str(EXTERNAL_IP), "--ports", f"{PORTS[0]}-{PORTS[1]}", "--control",

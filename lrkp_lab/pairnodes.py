@@ -170,10 +170,14 @@ def scrape(lab: Lab, host: str, port: int = METRICS[1]) -> str:
 
 
 @contextlib.contextmanager
-def lone_active(lab: Lab, *extra: str) -> Iterator[tuple[Node, dict[str, RedisServer]]]:
+def lone_active(
+    lab: Lab, *extra: str, replica: bool = True
+) -> Iterator[tuple[Node, dict[str, RedisServer]]]:
     """One node in pair mode on `relay`, active at once: its relay addresses are relay's
     own (10.201.1.1, 10.201.2.1), so no keepalived is needed. Its Redis on relay, the
-    peer's on relay2 (a replica of it); control on loopback, relay ports 1024-65535 (room
+    peer's on relay2 (a replica of it, unless `replica` is false: on this one VM the
+    replica's CPU would be the active host's, as it never is in a real pair); control on
+    loopback, relay ports 1024-65535 (room
     for 16,000 calls per relay address), metrics on. For what pair mode costs the active
     (bench/control_clients.py --pair) and how Redis's troubles reach it
     (tests/netns/test_pair_stall.py)."""
@@ -182,9 +186,10 @@ def lone_active(lab: Lab, *extra: str) -> Iterator[tuple[Node, dict[str, RedisSe
     try:
         for server in redis.values():
             server.start()
-        replica = redis["relay2"].client()
-        replica.replicaof(HOSTS["relay"], redis["relay"].port)
-        replica.close()
+        if replica:
+            client = redis["relay2"].client()
+            client.replicaof(HOSTS["relay"], redis["relay"].port)
+            client.close()
         node = Node(
             lab, "relay",
             "--internal-ip", HOSTS["relay"], "--external-ip", "10.201.2.1",

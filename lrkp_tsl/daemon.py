@@ -39,7 +39,7 @@ from lrkp_tsl.pairhealth import PairHealth, Probe
 from lrkp_tsl.protocol import NodeConfig
 from lrkp_tsl.publishing import Publishing
 from lrkp_tsl.records import Store, StoredCall
-from lrkp_tsl.replication import Follower, Publisher, redacted
+from lrkp_tsl.replication import Follower, redacted
 from lrkp_tsl.selfheal import CHECK_INTERVAL, SelfHeal
 from lrkp_tsl.server import Server, attach_queue, open_control
 from lrkp_tsl.store import FILENAME, SqliteStore
@@ -49,8 +49,6 @@ log = logging.getLogger("lrkp_tsl.daemon")
 # Reading the kernel's maps fails when another nftables change interrupts the dump too
 # often (nftsets.py retries 8 times itself).
 RECONCILE_ATTEMPTS = 5
-# How long the publishing worker waits for its Redis per write (a thread: nothing else waits).
-PUBLISH_TIMEOUT = 0.5
 
 
 def reap_interval(idle_timeout: float) -> float:
@@ -158,12 +156,10 @@ class PairParts:
 
 
 def pair_parts(config: Config, store: SqliteStore, engine: Callable[[], Engine]) -> PairParts:
-    """The publishing worker and the replicated store (started: the engine writes through
-    it from the first command on), and the pair's health."""
+    """The publisher and the replicated store (started, on the running event loop: the
+    engine writes through it from the first command on), and the pair's health."""
     assert config.pair_redis is not None and config.pair_peer_redis is not None
-    publishing = Publishing(
-        Publisher(config.pair_redis, timeout=PUBLISH_TIMEOUT), store.records, store.wall_offset
-    )
+    publishing = Publishing(config.pair_redis, store.records, store.wall_offset)
     publishing.start()
     replicated = ReplicatedStore(store, publishing, lambda: engine().active)
     return PairParts(publishing, replicated, PairHealth(redacted(config.pair_peer_redis)))

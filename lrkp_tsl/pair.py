@@ -46,7 +46,7 @@ from lrkp_tsl.pairhealth import (
     Probe,
 )
 from lrkp_tsl.publishing import Publishing
-from lrkp_tsl.records import StoredCall, decode
+from lrkp_tsl.records import StoredCall, decode, encode
 from lrkp_tsl.replication import Change, Follower, ReplicationError, ReplicationGap, Status
 from lrkp_tsl.session import Call
 from lrkp_tsl.store import SqliteStore
@@ -95,13 +95,17 @@ class ReplicatedStore:
                 yield
         finally:
             self._held = None
-        for publish in held:  # committed: now the standby may see them
-            publish()
+        with self.publishing.batch():  # committed: now the standby may see them, at once
+            for publish in held:
+                publish()
 
     def put(self, call: Call, quiet_since: float | None) -> None:
-        self.local.put(call, quiet_since)
-        if self.active():
-            self._publish(lambda: self.publishing.put(call, quiet_since))
+        if not self.active():
+            self.local.put(call, quiet_since)
+            return
+        record = encode(call, quiet_since, self.local.wall_offset)  # once, for both
+        self.local.put_record(record)
+        self._publish(lambda: self.publishing.put(record))
 
     def delete(self, call_id: str) -> None:
         self.local.delete(call_id)

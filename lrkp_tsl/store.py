@@ -183,9 +183,13 @@ class SqliteStore:
     # -- the Store protocol -------------------------------------------------------------------
 
     def put(self, call: Call, quiet_since: float | None) -> None:
+        self.put_record(encode(call, quiet_since, self._offset))
+
+    def put_record(self, record: dict[str, object]) -> None:
+        """`put` of a record already encoded (`records.encode`, with this store's
+        `wall_offset`): a pair's store encodes once for here and for Redis."""
         self._revision += 1
-        record = encode(call, quiet_since, self._offset)
-        self._write(self._put_sql, [*record.values(), self._revision], call.call_id)
+        self._write(self._put_sql, [*record.values(), self._revision], str(record["call_id"]))
 
     def delete(self, call_id: str) -> None:
         """One statement: atomic alone, so inside `group` a failure stays this call's."""
