@@ -232,7 +232,6 @@ class Publishing:
         self._sent: deque[_Sent] = deque()
         self._flush_soon = False
         self._master = False
-        self._promoted = False
         self._ready = False  # master, and Redis holds the whole table: changes go out
         self._collecting = False  # a reset's table is being read: keep changes for after it
         self._recovery: asyncio.Task[None] | None = None
@@ -283,13 +282,13 @@ class Publishing:
 
     def master(self) -> None:
         """The node took the VIPs: make this Redis a master and publish the whole table."""
-        self._master, self._promoted, self._ready = True, False, False
+        self._master, self._ready = True, False
         self._recover_soon()
 
     def standby(self) -> threading.Event:
         """The node lost the VIPs: write nothing more (the connection is dropped now). The
         event, for the follower's thread, is set at once."""
-        self._master = self._promoted = self._ready = self._collecting = False
+        self._master = self._ready = self._collecting = False
         if self._recovery is not None:
             self._recovery.cancel()
             self._recovery = None
@@ -476,9 +475,10 @@ class Publishing:
 
     async def _reset(self) -> None:
         await self._connect()
-        if not self._promoted:
-            await self._command(("REPLICAOF", "NO", "ONE"), "REPLICAOF NO ONE")
-            self._promoted = True
+        # Every time, not only on promotion (a no-op on a master): a Redis made a replica
+        # behind the node's back (the follower's last REPLICAOF racing a takeover, an
+        # operator) refuses every write until it is a master again.
+        await self._command(("REPLICAOF", "NO", "ONE"), "REPLICAOF NO ONE")
         self._pending.clear()
         self._collecting = True  # changes from now on are written after the reset
         assert self._loop is not None

@@ -197,3 +197,26 @@ def test_standby_stops_writing_at_once(redis_server: RedisServer, tmp_path: Path
             assert active.held() == set() and active.publishing.state().queued == 0
 
     run(test)
+
+
+def test_a_redis_made_a_replica_behind_the_nodes_back_is_taken_back(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The follower's last REPLICAOF can race a takeover; an operator can type one: the
+    active's Redis then refuses every write (READONLY) until it is a master again."""
+
+    async def test() -> None:
+        with Active(redis_server, tmp_path) as active:
+            active.publishing.master()
+            await until("promoted", lambda: active.publishing.state().ok)
+            client = redis_server.client()
+            client.replicaof("10.201.1.99", 6379)  # nobody there
+            try:
+                active.store.put(call(1), None)  # READONLY: dropped, then republished
+                await until("a master again", lambda: active.held() == {"c1"})
+                assert client.info("replication")["role"] == "master"
+            finally:
+                client.replicaof("no", "one")
+                client.close()
+
+    run(test)
