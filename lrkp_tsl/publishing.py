@@ -13,10 +13,11 @@ writes disabled).
 Failures: no reply within `timeout`, an error reply, a lost connection, more than
 `max_queued` changes waiting or MAX_BUFFER bytes unsent. Then the connection is dropped, so
 is what was queued (the state store has it), and a recovery task reconnects every
-`retry_interval`, makes Redis a master if it must, reads the whole table from the state
-store (in a worker thread: SQLite builds the JSON, store.py) and writes it as one reset
-transaction, in chunks across loop turns; changes made meanwhile are kept and written after
-it. The same reset runs on promotion, and when Redis holds a different number of calls
+`retry_interval`, makes Redis a master, reads the whole table from the state store (in a
+worker thread: SQLite builds the JSON, store.py), writes it into a key of its own a chunk
+at a time, each answered before the next (neither Redis nor the loop is busy for long),
+and switches it in with the reset entry in one transaction; changes made meanwhile are
+kept and written after it. The same reset runs on promotion, and when Redis holds a different number of calls
 than the node (`check`: a Redis restarted empty). A change both in the table read and
 written after it changes nothing: each sets or deletes one field (replication.py).
 
@@ -55,7 +56,8 @@ from lrkp_tsl.replication import (
     pack,
     parse,
     redacted,
-    reset_commands,
+    reset_fill_commands,
+    reset_switch_commands,
     transaction_failure,
     trim,
 )
@@ -79,7 +81,8 @@ then carries the changes of several commands (one `send`, one wake-up of Redis, 
 one per loop turn); the standby is that much later, against a takeover gap of ~0.3 s."""
 MULTI = pack(("MULTI",))
 EXEC = pack(("EXEC",))
-RESET_RECORDS_PER_TURN = 2000
+RESET_CHUNK_RECORDS = 500
+"""Records per command of a reset: a few ms of Redis's time, and of the event loop's."""
 
 
 @dataclass(slots=True)
@@ -485,19 +488,15 @@ class Publishing:
         started = time.monotonic()
         records = await self._loop.run_in_executor(None, self.read_table)
         read = time.monotonic()
-        commands = [("MULTI",), *reset_commands(records, self._trim), ("EXEC",)]
+        # The table into a key of its own, a chunk at a time, each answered before the next
+        # (Redis is never busy long, nor is the loop), then switched in one transaction.
+        for command in reset_fill_commands(records, RESET_CHUNK_RECORDS):
+            await self._command(command, f"reset with {len(records)} calls", self.reset_timeout)
+        switch = [("MULTI",), *reset_switch_commands(bool(records), self._trim), ("EXEC",)]
+        assert self._loop is not None
         done: asyncio.Future[list[object]] = self._loop.create_future()
-        sent = _Sent(len(commands), 0, time.monotonic(), self.reset_timeout,
-                     f"reset with {len(records)} calls", done=done)  # fmt: skip
-        self._sent.append(sent)
-        step = 1 + RESET_RECORDS_PER_TURN // 1000  # HSETs of RESET_CHUNK records per turn
-        for start in range(0, len(commands), step):  # the event loop serves in between
-            connection = self._connection
-            if connection is None:
-                raise ReplicationError("connection dropped during the reset")
-            connection.write(b"".join(pack(c) for c in commands[start : start + step]))
-            await asyncio.sleep(0)
-        sent.at = time.monotonic()  # its timeout counts from the last byte written
+        self._write(switch, _Sent(len(switch), 0, time.monotonic(), self.timeout,
+                                  f"reset with {len(records)} calls", done=done))  # fmt: skip
         await self._awaited(done)
         recovered = self._error is not None
         self._error = None
@@ -542,12 +541,14 @@ class Publishing:
         if self.params.get("db"):
             await self._command(("SELECT", self.params["db"]), "SELECT")
 
-    async def _command(self, command: Sequence[object], what: str) -> list[object]:
+    async def _command(
+        self, command: Sequence[object], what: str, timeout: float | None = None
+    ) -> list[object]:
         assert self._loop is not None
         done: asyncio.Future[list[object]] = self._loop.create_future()
         if self._connection is None:
             raise ReplicationError(f"{what}: not connected")
-        self._write([command], _Sent(1, 0, time.monotonic(), self.timeout, what,
+        self._write([command], _Sent(1, 0, time.monotonic(), timeout or self.timeout, what,
                                      transaction=False, done=done))  # fmt: skip
         return await self._awaited(done)
 

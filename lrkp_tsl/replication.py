@@ -11,6 +11,9 @@ imports this module.
 Keys (records are `lrkp_tsl.records.encode` dicts, serialised as compact JSON):
 
     lrkp:calls     hash: field = Call-ID, value = the call's record. The current table.
+    lrkp:calls:new hash: a whole table being written by the active node's publisher, a
+                   chunk at a time, then renamed to lrkp:calls with the reset entry
+                   (`reset_fill_commands`, `reset_switch_commands`).
     lrkp:quiet     hash: field = Call-ID, value = JSON: when the call went quiet (wall-clock
                    seconds) or null (it has media), if that changed since its record was
                    written; it overrides the record's `quiet_since`.
@@ -99,6 +102,7 @@ from redis.retry import Retry
 from lrkp_tsl.errors import LrkpError
 
 CALLS = "lrkp:calls"
+CALLS_NEW = "lrkp:calls:new"
 QUIET = "lrkp:quiet"
 CHANGES = "lrkp:changes"
 STANDBY = "lrkp:standby"
@@ -580,6 +584,26 @@ def reset_commands(
         commands.append(("HSET", CALLS, *(text for pair in chunk for text in pair)))
     commands.append(("XADD", CHANGES, *trimmed, "*", "op", "reset"))
     return commands
+
+
+def reset_fill_commands(
+    records: Sequence[tuple[str, str]], chunk: int = RESET_CHUNK
+) -> list[tuple[object, ...]]:
+    """A whole table into CALLS_NEW, `chunk` records per command: each is a short step for
+    Redis, where one transaction of 15,000 records held it (and its replica) for a few
+    hundred ms, which on a small host is CPU the node needs. Followers never read it."""
+    commands: list[tuple[object, ...]] = [("DEL", CALLS_NEW)]
+    for start in range(0, len(records), chunk):
+        part = records[start : start + chunk]
+        commands.append(("HSET", CALLS_NEW, *(text for pair in part for text in pair)))
+    return commands
+
+
+def reset_switch_commands(filled: bool, trimmed: Sequence[str]) -> list[tuple[object, ...]]:
+    """After `reset_fill_commands`, in one MULTI/EXEC: CALLS_NEW becomes the table (or
+    the table is emptied, if nothing was `filled`), and followers are told to reload it."""
+    table = ("RENAME", CALLS_NEW, CALLS) if filled else ("DEL", CALLS)
+    return [table, ("DEL", QUIET), ("XADD", CHANGES, *trimmed, "*", "op", "reset")]
 
 
 def parse(buffer: bytes | bytearray, at: int = 0) -> tuple[object, int] | None:

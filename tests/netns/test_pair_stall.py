@@ -132,7 +132,7 @@ def durations(lab: Lab) -> tuple[int, int]:
 
 @pytest.fixture
 def active(lab: Lab) -> Iterator[tuple[Node, dict[str, RedisServer]]]:
-    with lone_active(lab, "--log-level", "info") as made:
+    with lone_active(lab, "--log-level", "warning") as made:
         client = Controller(lab, "relay", "127.0.0.1")
         try:
             fill(client, CALLS)
@@ -141,20 +141,25 @@ def active(lab: Lab) -> Iterator[tuple[Node, dict[str, RedisServer]]]:
         yield made
 
 
-def redis_holds(redis: RedisServer, calls: int) -> bool:
+def held(redis: RedisServer) -> int:
+    """The calls in Redis's table (-1 while it does not answer)."""
     client = redis.client()
     try:
-        return int(client.hlen("lrkp:calls")) == calls
+        return int(client.hlen("lrkp:calls"))
     except Exception:
-        return False
+        return -1
     finally:
         client.close()
+
+
+def redis_holds(redis: RedisServer, calls: int) -> bool:
+    return held(redis) == calls
 
 
 def test_a_frozen_or_restarted_redis_never_delays_a_command(
     lab: Lab, active: tuple[Node, dict[str, RedisServer]]
 ) -> None:
-    node, redis = active
+    _node, redis = active
     master = redis["relay"]
     wait_for("Redis holds the table", lambda: redis_holds(master, CALLS), 30.0, step=0.1)
     before = durations(lab)
@@ -166,12 +171,9 @@ def test_a_frozen_or_restarted_redis_never_delays_a_command(
         time.sleep(2.0)
         master.kill()  # killed, restarted empty: the table republished
         master.start()
-        wait_for(
-            "the whole table republished",
-            lambda: node.output().count("published the whole table") >= 2,
-            30.0,
-            step=0.05,
-        )
+        # Asked of Redis (a small query), not of the node's log: on 2 cores, re-reading a
+        # log of 15,000 calls 20 times a second took CPU from the node under test.
+        wait_for("the whole table republished", lambda: held(master) >= CALLS, 30.0, step=0.1)
         time.sleep(2.0)
     after = durations(lab)
     commands, within = after[0] - before[0], after[1] - before[1]
