@@ -17,9 +17,10 @@ is what was queued (the state store has it), and a recovery task reconnects ever
 worker thread: SQLite builds the JSON, store.py), writes it into a key of its own a chunk
 at a time, each answered before the next (neither Redis nor the loop is busy for long),
 and switches it in with the reset entry in one transaction; changes made meanwhile are
-kept and written after it. The same reset runs on promotion, and when Redis holds a different number of calls
-than the node (`check`: a Redis restarted empty). A change both in the table read and
-written after it changes nothing: each sets or deletes one field (replication.py).
+kept and written after it. The same reset runs on promotion, and when Redis holds a
+different number of calls than the node (`check`: a Redis restarted empty). A change both
+in the table read and written after it changes nothing: each sets or deletes one field
+(replication.py).
 
 Roles: `master()` when the node takes the VIPs; `standby()` when it loses them: the
 connection is dropped at once, so nothing more is written, and the follower makes Redis a
