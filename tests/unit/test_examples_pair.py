@@ -17,7 +17,7 @@ from lrkp_lab.redis import example_substitutions as redis_substitutions
 
 def changed(shipped: str, used: str) -> list[tuple[str, str]]:
     """(shipped line, line used) for every line the lab changed."""
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     matcher = difflib.SequenceMatcher(a=shipped.splitlines(), b=used.splitlines())
     for tag, a0, a1, b0, b1 in matcher.get_opcodes():
         assert tag in ("equal", "replace"), (tag, shipped.splitlines()[a0:a1])
