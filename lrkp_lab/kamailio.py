@@ -508,8 +508,11 @@ def sipp_argv(
     pause_ms: int = 1000,
     sip_port: int = SIP_PORT,
     timeout: float = CALL_TIMEOUT,
+    count: int = 1,
+    rate: int = 10,
 ) -> list[str]:
-    """A SIPp command line for one call with one of our scenarios (path or name in SCENARIOS).
+    """A SIPp command line for `count` calls (at most `count` at once, `rate` new ones per
+    second) with one of our scenarios (path or name in SCENARIOS).
 
     SIPp's own media port (-mp) is moved away from `rtp_port` so it never holds the port
     the test binds; the scenarios use no media keywords, so SIPp sends nothing there.
@@ -528,9 +531,11 @@ def sipp_argv(
         "-mp",
         str(rtp_port + 1000 if rtp_port < 60000 else rtp_port - 1000),
         "-m",
-        "1",
+        str(count),
         "-l",
-        "1",
+        str(count),
+        "-r",
+        str(rate),
         "-d",
         str(pause_ms),
         "-key",
@@ -647,8 +652,12 @@ def call(
     uac_scenario: str = "uac.xml",
     timeout: float = CALL_TIMEOUT,
     site: Site = OWN_HOST,
+    count: int = 1,
+    rate: int = 10,
 ) -> Iterator[Call]:
-    """Start the callee (UAS) and then the caller (UAC); kill both on exit.
+    """Start the callee (UAS) and then the caller (UAC); kill both on exit. `count` calls
+    between the same two parties (SDP addresses), `rate` new ones per second: the `Call`'s
+    SDP and Call-ID properties are the first call's.
 
     The caller's INVITE goes to Kamailio's address on the caller's network (of `site`, where
     Kamailio runs), with the R-URI sip:callee@<callee ip>:5060. The block typically calls
@@ -664,7 +673,7 @@ def call(
         callee,
         "uas",
         workdir,
-        sipp_argv(uas_scenario, callee_ip, rtp_port=callee_rtp_port, timeout=timeout),
+        sipp_argv(uas_scenario, callee_ip, rtp_port=callee_rtp_port, timeout=timeout, count=count),
     )
     uac = Sipp(
         lab,
@@ -679,6 +688,8 @@ def call(
             remote=f"{proxy}:{SIP_PORT}",
             callee_uri=f"sip:callee@{callee_ip}:{SIP_PORT}",
             timeout=timeout,
+            count=count,
+            rate=rate,
         ),
     )
     running = Call(

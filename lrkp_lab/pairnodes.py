@@ -10,10 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import socket
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from lrkp_lab.lab import Lab
 from lrkp_lab.node import Node
@@ -27,12 +30,16 @@ RATE = 50  # packets per second each way
 HOSTS = {"relay": "10.201.1.1", "relay2": "10.201.1.2"}
 
 
-def node_args(redis: RedisServer, peer: RedisServer) -> tuple[str, ...]:
+METRICS = ("127.0.0.1", 9733)  # each node's, in its own namespace
+
+
+def node_args(redis: RedisServer, peer: RedisServer, idle: float = IDLE) -> tuple[str, ...]:
     return (
         "--internal-ip", str(INTERNAL_VIP), "--external-ip", str(EXTERNAL_VIP),
         "--ports", "20000-21999", "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",
-        "--allow", "10.201.1.5", "--idle-timeout", str(IDLE), "--log-level", "debug",
+        "--allow", "10.201.1.5", "--idle-timeout", f"{idle:g}", "--log-level", "debug",
         "--pair-redis", redis.url, "--pair-peer-redis", peer.tcp_url,
+        "--metrics-listen", f"{METRICS[0]}:{METRICS[1]}",
     )  # fmt: skip
 
 
@@ -72,23 +79,56 @@ class Members:
     redis: dict[str, RedisServer]
     nodes: dict[str, Node]
     started: list[Node]
+    idle: float = IDLE
 
     def start_node(self, host: str, state: Path | None = None) -> Node:
         peer = "relay2" if host == "relay" else "relay"
-        node = Node(self.lab, host, *node_args(self.redis[host], self.redis[peer]), state=state)
+        args = node_args(self.redis[host], self.redis[peer], self.idle)
+        node = Node(self.lab, host, *args, state=state)
         self.nodes[host] = node
         self.started.append(node)
         wait_log(node, "node up", 20)
         return node
 
+    def ctl(self, host: str, *argv: str) -> dict[str, Any]:
+        """`lrkp-ctl --json ARGV` against the node on `host`: its result."""
+        done = self.lab.run(host, sys.executable, "-m", "lrkp_tsl.ctl", "--json", *argv)
+        return cast(dict[str, Any], json.loads(done.stdout))
+
+    def pair_status(self, host: str) -> dict[str, Any]:
+        """The node's pair health, as `lrkp-ctl ping` shows it."""
+        return cast(dict[str, Any], self.ctl(host, "ping")["pair"])
+
+    def metrics(self, host: str) -> dict[str, float]:
+        """The node's /metrics (read from inside its namespace): unlabelled samples by name."""
+        with self.lab.inside(host):
+            sock = socket.create_connection(METRICS, timeout=10)
+        with sock:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200"), head
+        found = {}
+        for line in body.decode().splitlines():
+            name, _, value = line.partition(" ")
+            if line and not line.startswith("#") and "{" not in name:
+                found[name] = float(value)
+        return found
+
 
 @contextlib.contextmanager
-def running_pair(lab: Lab) -> Iterator[Members]:
+def running_pair(lab: Lab, *, idle: float = IDLE, examples: bool = False) -> Iterator[Members]:
     """Both Redis servers, keepalived (relay first: it holds the VIPs) and both nodes; all
-    stopped, and the namespaces cleared, at the end."""
-    redis = {host: RedisServer(lab, host, ip) for host, ip in HOSTS.items()}
-    pair = Pair(lab)
-    made = Members(lab, pair, redis, {}, [])
+    stopped, and the namespaces cleared, at the end.
+
+    `examples`: Redis and keepalived run examples/redis-pair.conf and
+    examples/keepalived.conf as shipped, with only addresses, interfaces and paths filled
+    in (lrkp_lab.redis.example_substitutions, lrkp_lab.pairlab.example_substitutions)."""
+    redis = {host: RedisServer(lab, host, ip, example=examples) for host, ip in HOSTS.items()}
+    pair = Pair(lab, example=examples)
+    made = Members(lab, pair, redis, {}, [], idle)
     try:
         for server in redis.values():
             server.start()
@@ -109,3 +149,62 @@ def running_pair(lab: Lab) -> Iterator[Members]:
             lab.run(host, "nft", "delete", "table", "ip", TABLE, check=False)
             lab.run(host, "iptables-nft", "-t", "raw", "-F", check=False)
             lab.run(host, "conntrack", "-F", check=False)
+
+
+LONE_CONTROL = ("127.0.0.1", 22333)
+LONE_PORTS = (1024, 65535)
+
+
+def scrape(lab: Lab, host: str, port: int = METRICS[1]) -> str:
+    """GET /metrics of the node on `host` (from inside its namespace): the text."""
+    with lab.inside(host):
+        sock = socket.create_connection((METRICS[0], port), timeout=10)
+    with sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    return body.decode()
+
+
+@contextlib.contextmanager
+def lone_active(
+    lab: Lab, *extra: str, replica: bool = True
+) -> Iterator[tuple[Node, dict[str, RedisServer]]]:
+    """One node in pair mode on `relay`, active at once: its relay addresses are relay's
+    own (10.201.1.1, 10.201.2.1), so no keepalived is needed. Its Redis on relay, the
+    peer's on relay2 (a replica of it, unless `replica` is false: on this one VM the
+    replica's CPU would be the active host's, as it never is in a real pair); control on
+    loopback, relay ports 1024-65535 (room
+    for 16,000 calls per relay address), metrics on. For what pair mode costs the active
+    (bench/control_clients.py --pair) and how Redis's troubles reach it
+    (tests/netns/test_pair_stall.py)."""
+    redis = {host: RedisServer(lab, host, ip) for host, ip in HOSTS.items()}
+    node: Node | None = None
+    try:
+        for server in redis.values():
+            server.start()
+        if replica:
+            client = redis["relay2"].client()
+            client.replicaof(HOSTS["relay"], redis["relay"].port)
+            client.close()
+        node = Node(
+            lab, "relay",
+            "--internal-ip", HOSTS["relay"], "--external-ip", "10.201.2.1",
+            "--ports", f"{LONE_PORTS[0]}-{LONE_PORTS[1]}",
+            "--control", f"udp:{LONE_CONTROL[0]}:{LONE_CONTROL[1]}",
+            "--pair-redis", redis["relay"].url, "--pair-peer-redis", redis["relay2"].tcp_url,
+            "--metrics-listen", f"{METRICS[0]}:{METRICS[1]}", "--flush-on-exit", *extra,
+        )  # fmt: skip
+        wait_log(node, "active: this node holds the relay addresses", 20)
+        yield node, redis
+    finally:
+        if node is not None:
+            node.stop()
+        for server in redis.values():
+            server.remove()
+        lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
+        lab.run("relay", "iptables-nft", "-t", "raw", "-F", check=False)
+        lab.run("relay", "conntrack", "-F", check=False)

@@ -18,10 +18,12 @@ from lrkp_lab.lab import Lab, address
 from lrkp_lab.pairlab import (
     EXTERNAL_VIP,
     INTERNAL_VIP,
+    KEEPALIVED_EXAMPLE,
     NODES,
     VIPS,
     Pair,
     addresses,
+    example_config,
     mac,
     measure_takeover,
     neighbour_mac,
@@ -177,3 +179,20 @@ def test_nonlocal_bind_does_not_fool_the_role_check(lab: Lab) -> None:
             assert nonlocal_bind_enabled() is False, "the sysctl is per namespace"
     finally:
         lab.run("relay2", "sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=0")
+
+
+def test_the_shipped_keepalived_conf_checks_clean_with_only_placeholders_filled(
+    lab: Lab, keepalived: None, tmp_path: Path
+) -> None:
+    """examples/keepalived.conf as shipped, its placeholders filled in (example_config:
+    name, priority, interfaces, VIPs), passes `keepalived -t` where its interfaces exist
+    (a lab namespace here; on a build host, a throwaway namespace with dummy interfaces
+    of those names: docs/operator-guide.md). As shipped, the check fails and says why."""
+    for host in NODES:
+        path = tmp_path / f"{host}.conf"
+        path.write_text(example_config(host))
+        checked = lab.run(host, "keepalived", "-t", "-f", str(path), check=False)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert "WARNING" not in checked.stdout + checked.stderr
+    raw = lab.run("relay", "keepalived", "-t", "-f", str(KEEPALIVED_EXAMPLE), check=False)
+    assert raw.returncode != 0 and "INT_IF" in raw.stdout + raw.stderr
