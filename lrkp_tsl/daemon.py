@@ -477,6 +477,10 @@ async def _run(
     started = time.monotonic()
     engine.load(store.load(), started)
     log.info("store loaded in %.3f s", time.monotonic() - started)
+    if plane.policy_replaced:
+        plane.policy_replaced = False
+        renewed = engine.renew_streams(time.monotonic())
+        log.info("idle timeout changed: the conntrack entries of %d live calls renewed", renewed)
     gc.freeze()  # the restored calls: live for minutes, never garbage of a cycle
     server = Server(engine, config)
     queue_rule = QueueRule(features.queue_path, config.queue_num, plane.nft, record)

@@ -1035,12 +1035,19 @@ class Engine:
         """
         self.begin_read()
         conflicts = []
-        capped = 0
+        capped = retimed = 0
+        idle = self.settings.idle_timeout
         for record in sorted(stored, key=lambda r: r.call.started):
             if record.estimated:
                 record, changed = self._cap_clocks(record, now)
                 capped += changed
             call = record.call
+            if call.idle_timeout != idle:
+                # The kernel holds one idle policy for the node (its entries expire after
+                # the node's timeout, whatever the call was set up with): the call follows
+                # it, or it would end by the old one's reckoning. Stored at its next change.
+                call = replace(call, idle_timeout=idle)
+                retimed += 1
             for other in self.table.claimed(call.media):
                 conflicts.append(other)
                 self.table.applied(Sync(other, EMPTY, None, Reason.REPLACED))
@@ -1066,6 +1073,13 @@ class Engine:
                 "clock step cannot end live calls at startup",
                 capped,
                 max(0.0, self.settings.max_lifetime - self.settings.idle_timeout),
+            )
+        if retimed:
+            log.info(
+                "%d stored calls were set up with another idle timeout: they follow the "
+                "node's %g s from now on",
+                retimed,
+                idle,
             )
         if conflicts:
             log.warning(

@@ -415,3 +415,31 @@ def test_a_stream_that_starts_while_a_map_is_empty_is_relayed_after_the_repair(
     burst(caller_rtcp, caller_relay_rtcp, callee_rtcp, Endpoint(INTERNAL_IP, 20141), 5, b"late")
     forward.stop()
     backward.stop()
+
+
+def test_a_restart_with_another_idle_timeout_gives_live_calls_the_new_one(
+    lab: Lab, nodes: list[Node], kamailio: Controller, peers: Peers, streams: list[Stream]
+) -> None:
+    """The load makes the idle policy anew when its value changes, and the kernel takes the
+    old one off every live entry: without a renewal the call's streams would run on the
+    kernel's 120 s default, and the call would outlive its idle timeout by minutes."""
+    first = start(lab, nodes, kamailio, "--idle-timeout", "60")
+    forward, backward = streaming(
+        streams, kamailio, peers("c", 4140), peers("b", 6140), 20140, "retimed@lab"
+    )
+    time.sleep(0.5)
+    assert max(entry_timeouts(lab, 20140)) > 50  # the old policy
+    first.stop()
+    idle = 4
+    node = start(lab, nodes, kamailio, "--idle-timeout", str(idle), state=first.state)
+    wait_for(node, "idle timeout changed: the conntrack entries of 1 live calls renewed")
+    restarted_at = len(forward.sent)
+    time.sleep(1.0)
+    timeouts = entry_timeouts(lab, 20140) + entry_timeouts(lab, 20142)
+    forward.stop()
+    backward.stop()
+    assert timeouts and max(timeouts) <= idle, timeouts  # the new policy, not 120 s
+    assert [seq for seq in forward.lost() if seq > restarted_at + 2] == []
+    assert [seq for seq in backward.lost() if seq > restarted_at + 2] == []
+    assert "1 stored calls were set up with another idle timeout" in node.output()
+    wait_for(node, f"[retimed@lab] removed: no media for {idle} s", timeout=30.0)
