@@ -97,6 +97,14 @@ def distinct(seen: list[Seen]) -> list[Seen]:
     return list(unique.values())
 
 
+def by_cookie(seen: list[Seen]) -> list[Seen]:
+    """Commands once per cookie: a command sent again (its reply lost) counts once."""
+    unique: dict[bytes, Seen] = {}
+    for s in seen:
+        unique.setdefault(s.cookie, s)
+    return list(unique.values())
+
+
 def tag(message: SipMessage, header: str) -> str:
     found = re.search(r";\s*tag=([^;>\s]+)", message.header(header) or "")
     assert found, message.text
@@ -339,7 +347,8 @@ def test_cancel_leaves_no_state(
     lab: Lab, relay: NgRelay, kamailio_build: KamailioBuild, tmp_path: Path
 ) -> None:
     """A call cancelled while ringing: one `offer`, no `answer`; `delete` on the CANCEL and
-    again on the 487 (the second finds nothing and must be harmless); nothing left."""
+    again when the 487 ends the INVITE (failure_route: the second finds nothing and must be
+    harmless); nothing left."""
     with (
         kamailio_to(lab, tmp_path, kamailio_build) as tap,
         call(
@@ -354,18 +363,85 @@ def test_cancel_leaves_no_state(
         made.wait_done()
         assert len(distinct(tap.commands("offer"))) == 1
         assert tap.commands("answer") == []
-        deletes = distinct(tap.commands("delete"))
-        assert [ng(d)["received-from"] for d in deletes] == [
-            ["IP4", "10.201.1.10"],  # the CANCEL, from the caller
-            ["IP4", "10.201.1.11"],  # the 487, from the callee
-        ]
-        for delete in deletes:
-            assert ng(delete)["call-id"] == made.call_id
-        assert [ng(r)["result"] for r in tap.ng_replies("delete")] == ["ok", "ok"]
+        deletes = by_cookie(tap.commands("delete"))  # the same bytes twice: not a retry
+        assert len(deletes) == 2, [d.data for d in deletes]
+        invite = first(made.caller.messages(), "INVITE")
+        for delete in deletes:  # the CANCEL's; the INVITE's, in failure_route
+            sent = ng(delete)
+            assert sent["call-id"] == made.call_id
+            assert sent["from-tag"] == tag(invite, "From") and "to-tag" not in sent
+            assert sent["received-from"] == ["IP4", "10.201.1.10"]  # both: the caller's
+        cancel_200 = first(made.caller.received(), "CANCEL", 200)
+        ended = first(made.caller.received(), "INVITE", 487)
+        replies = tap.ng_replies("delete")
+        assert [ng(r)["result"] for r in replies] == ["ok", "ok"]
+        assert cancel_200.at is not None and ended.at is not None
+        assert replies[0].at < cancel_200.at and replies[1].at < ended.at
     assert made.call_id not in relay.calls()
     if relay.kernel:
         assert relay_flows(lab, relay) == []
         assert str(made.call_id) not in nft_table(lab)
+
+
+@pytest.mark.parametrize(
+    ("uac", "uas", "status"),
+    [
+        ("uac_486.xml", "uas_486.xml", 486),  # the callee refuses
+        ("uac_408.xml", "uas_silent.xml", 408),  # no reply at all: tm's own 408 after fr_timer
+    ],
+    ids=["refused", "unanswered"],
+)
+def test_a_failed_call_leaves_no_state(
+    lab: Lab,
+    relay: NgRelay,
+    kamailio_build: KamailioBuild,
+    tmp_path: Path,
+    uac: str,
+    uas: str,
+    status: int,
+) -> None:
+    """An INVITE that fails (a refusal, or no reply at all) ends in failure_route, which
+    sends one `delete` before the failure reaches the caller; nothing is left."""
+    with (
+        kamailio_to(lab, tmp_path, kamailio_build) as tap,
+        call(
+            lab, tmp_path / "call", caller="a", callee="b", uac_scenario=uac, uas_scenario=uas
+        ) as made,
+    ):
+        made.wait_done()
+        assert len(by_cookie(tap.commands("offer"))) == 1
+        assert tap.commands("answer") == []
+        (delete,) = by_cookie(tap.commands("delete"))
+        assert ng(delete)["call-id"] == made.call_id
+        (reply,) = tap.ng_replies("delete")
+        failure = first(made.caller.received(), "INVITE", status)
+        assert failure.at is not None and reply.at < failure.at
+    assert made.call_id not in relay.calls()
+    if relay.kernel:
+        assert relay_flows(lab, relay) == []
+
+
+def test_without_an_answering_relay_the_call_is_rejected(
+    lab: Lab, kamailio_build: KamailioBuild, tmp_path: Path
+) -> None:
+    """The config's safeguard: when the relay does not answer (or refuses the offer), the
+    INVITE gets 503 from Kamailio and never reaches the callee with an SDP the relay did not
+    rewrite: no call ever looks relayed while its media goes around the relay."""
+    silent = "udp:10.201.1.1:2999"  # nothing listens there
+    with (
+        ng_kamailio(lab, tmp_path / "kam", [silent], build=kamailio_build) as running,
+        call(
+            lab,
+            tmp_path / "call",
+            caller="a",
+            callee="x",
+            uac_scenario="uac_503.xml",
+            uas_scenario="uas_silent.xml",
+        ) as made,
+    ):
+        assert made.caller.wait() == 0, made.caller.diagnostics()
+        assert made.callee.received() == []
+        assert "media relay refused or did not answer the offer" in running.log()
 
 
 def test_what_the_module_sends(
