@@ -1,5 +1,5 @@
-"""End-to-end harness: Kamailio with the stock lrkproxy module, and SIPp parties, in the lab's
-namespaces.
+"""End-to-end harness: Kamailio with the stock lrkproxy module (or its rtpengine module), and
+SIPp parties, in the lab's namespaces.
 
     kamailio(lab, workdir, nodes=[...])   Kamailio in the `sip` namespace running
                                           examples/kamailio.cfg, started and ready on entry,
@@ -8,6 +8,11 @@ namespaces.
                                           (see KamailioBuild; conftest's `kamailio_build`);
                                           `site=COLOCATED`: in the node's own namespace,
                                           on the relay IPs, as on a host running both
+    ng_kamailio(lab, workdir, relays=[...])
+                                          the same with examples/kamailio-rtpengine.cfg:
+                                          Kamailio's `rtpengine` module, speaking
+                                          rtpengine's ng protocol (to rtpengine, or to the
+                                          node's `--ng` socket)
     call(lab, workdir, caller=..., ...)   a SIPp UAS in one party namespace and a SIPp UAC in
                                           another, with the scenarios in scenarios/; exposes the
                                           SDP each side received and always kills both
@@ -27,8 +32,9 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -36,6 +42,7 @@ from lrkp_lab.lab import Lab, address
 
 ROOT = Path(__file__).resolve().parents[1]
 KAMAILIO_CFG = ROOT / "examples" / "kamailio.cfg"
+KAMAILIO_NG_CFG = ROOT / "examples" / "kamailio-rtpengine.cfg"  # the rtpengine module (ng)
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 
 SIP_PORT = 5060
@@ -216,6 +223,45 @@ def _options(target: object, local: object, port: int, attempt: int) -> bytes:
     ).encode()
 
 
+def base_argv(
+    workdir: Path,
+    *,
+    binary: str,
+    config: Path,
+    children: int,
+    debug: int,
+    site: Site,
+    mpath: str | None,
+) -> list[str]:
+    """What every config of ours takes: foreground, log to stderr, own runtime dir and pid
+    file, the two SIP sockets of `site`, the networks, the workers and the log level."""
+    optional = define("MPATH", quoted(mpath)) if mpath is not None else []
+    return [
+        binary,
+        "-DD",
+        "-E",
+        "-f",
+        str(config),
+        "-Y",
+        str(workdir),
+        "-P",
+        str(workdir / "kamailio.pid"),
+        "-w",
+        str(workdir),
+        "-m",
+        "64",
+        "-M",
+        "8",
+        *define("CHILDREN", children),
+        *define("DEBUG_LEVEL", debug),
+        *define("LISTEN_INT", f"udp:{site.internal}:{SIP_PORT}"),
+        *define("LISTEN_EXT", f"udp:{site.external}:{SIP_PORT}"),
+        *define("INT_NET", quoted(INTERNAL_NET)),
+        *define("EXT_NET", quoted(EXTERNAL_NET)),
+        *optional,
+    ]
+
+
 def kamailio_argv(
     workdir: Path,
     nodes: Sequence[str],
@@ -234,45 +280,63 @@ def kamailio_argv(
     end_port: int | None = None,
     site: Site = OWN_HOST,
 ) -> list[str]:
-    """The Kamailio command line: foreground, log to stderr, own runtime dir and pid file.
+    """The Kamailio command line for examples/kamailio.cfg (lrkproxy).
 
     `mpath`: the module directory (default: the cfg's, Debian's); `start_port`/`end_port`:
     the lrkproxy modparams of 5.7+ (the cfg sets them only when defined)."""
     optional = []
-    if mpath is not None:
-        optional += define("MPATH", quoted(mpath))
     if start_port is not None:
         optional += define("LRKP_START_PORT", start_port)
     if end_port is not None:
         optional += define("LRKP_END_PORT", end_port)
     return [
-        binary,
-        "-DD",
-        "-E",
-        "-f",
-        str(config),
-        "-Y",
-        str(workdir),
-        "-P",
-        str(workdir / "kamailio.pid"),
-        "-w",
-        str(workdir),
-        "-m",
-        "64",
-        "-M",
-        "8",
+        *base_argv(
+            workdir,
+            binary=binary,
+            config=config,
+            children=children,
+            debug=debug,
+            site=site,
+            mpath=mpath,
+        ),
         *define("LRKP_SOCK", quoted(" ".join(nodes))),
         *define("LRKP_ALG", alg),
         *define("LRKP_GT", gt),
         *define("LRKP_TOUT", tout),
         *define("LRKP_RETR", retr),
-        *define("CHILDREN", children),
-        *define("DEBUG_LEVEL", debug),
-        *define("LISTEN_INT", f"udp:{site.internal}:{SIP_PORT}"),
-        *define("LISTEN_EXT", f"udp:{site.external}:{SIP_PORT}"),
-        *define("INT_NET", quoted(INTERNAL_NET)),
-        *define("EXT_NET", quoted(EXTERNAL_NET)),
         *optional,
+        *extra,
+    ]
+
+
+def ng_kamailio_argv(
+    workdir: Path,
+    relays: Sequence[str],
+    *,
+    tout_ms: int = 1000,
+    retr: int = 2,
+    children: int = 2,
+    debug: int = 2,
+    extra: Sequence[str] = (),
+    binary: str = "kamailio",
+    mpath: str | None = None,
+    config: Path = KAMAILIO_NG_CFG,
+    site: Site = OWN_HOST,
+) -> list[str]:
+    """The Kamailio command line for examples/kamailio-rtpengine.cfg (the ng protocol)."""
+    return [
+        *base_argv(
+            workdir,
+            binary=binary,
+            config=config,
+            children=children,
+            debug=debug,
+            site=site,
+            mpath=mpath,
+        ),
+        *define("RTPE_SOCK", quoted(" ".join(relays))),
+        *define("RTPE_TOUT_MS", tout_ms),
+        *define("RTPE_RETR", retr),
         *extra,
     ]
 
@@ -327,6 +391,45 @@ def kamailio(
         yield running
 
 
+@contextlib.contextmanager
+def ng_kamailio(
+    lab: Lab,
+    workdir: Path,
+    relays: Sequence[str],
+    *,
+    tout_ms: int = 1000,
+    retr: int = 2,
+    children: int = 2,
+    debug: int = 2,
+    build: KamailioBuild | None = None,
+    config: Path = KAMAILIO_NG_CFG,
+    extra: Sequence[str] = (),
+    site: Site = OWN_HOST,
+) -> Iterator[Kamailio]:
+    """Kamailio with its `rtpengine` module (examples/kamailio-rtpengine.cfg), ready, for
+    the duration of the block; always killed.
+
+    `relays` are rtpengine_sock URLs, e.g. ["udp:10.201.1.1:2223"]; `tout_ms` and `retr`
+    the module's rtpengine_tout_ms and rtpengine_retr; `build` picks the Kamailio (default:
+    Debian's 5.6)."""
+    chosen = build or DEBIAN_KAMAILIO
+    argv = ng_kamailio_argv(
+        workdir,
+        relays,
+        tout_ms=tout_ms,
+        retr=retr,
+        children=children,
+        debug=debug,
+        extra=extra,
+        binary=chosen.binary,
+        mpath=None if build is None else chosen.mpath,
+        config=config,
+        site=site,
+    )
+    with Kamailio(lab, workdir, argv, site) as running:
+        yield running
+
+
 # --------------------------------------------------------------------------- SIP / SDP
 
 
@@ -334,6 +437,7 @@ def kamailio(
 class SipMessage:
     direction: str  # "sent" or "received"
     text: str
+    at: float | None = None  # when SIPp sent or received it (time.time()), from the trace
 
     @property
     def first_line(self) -> str:
@@ -396,7 +500,7 @@ class Sdp:
 
 
 _TRACE_HEAD = re.compile(
-    r"^-{10,} [^\n]*\n(UDP|TCP|SCTP|TLS) message (sent|received) "
+    r"^-{10,} ([^\n]*)\n(UDP|TCP|SCTP|TLS) message (sent|received) "
     r"(?:\[\d+\] bytes ?|\(\d+ bytes\)):\n\n",
     re.MULTILINE,
 )
@@ -405,17 +509,25 @@ _TRACE_HEAD = re.compile(
 def parse_message_trace(text: str) -> list[SipMessage]:
     """The SIP messages of a SIPp `-trace_msg` log, in order.
 
-    SIPp 3.6 heads each message with a dashed line and a timestamp, then
-    "UDP message sent (585 bytes):" or "UDP message received [277] bytes :", a blank line
-    and the message (its lines end in LF in the trace).
+    SIPp 3.6 heads each message with a dashed line and a timestamp (local time, to the
+    microsecond: "2024-05-01 12:00:00.123456"), then "UDP message sent (585 bytes):" or
+    "UDP message received [277] bytes :", a blank line and the message (its lines end in LF
+    in the trace).
     """
     heads = list(_TRACE_HEAD.finditer(text))
     messages = []
     for index, head in enumerate(heads):
         end = heads[index + 1].start() if index + 1 < len(heads) else len(text)
         body = text[head.end() : end].rstrip("\n") + "\n"
-        messages.append(SipMessage(head.group(2), body))
+        messages.append(SipMessage(head.group(3), body, _trace_time(head.group(1))))
     return messages
+
+
+def _trace_time(stamp: str) -> float | None:
+    try:
+        return datetime.strptime(stamp.strip(), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------- SIPp
@@ -578,6 +690,39 @@ class Call:
                 return message.sdp
         return None
 
+    def offers(self) -> list[Sdp]:
+        """Every SDP offer the callee received (the INVITE, then each re-INVITE), once each
+        (a retransmission has the same CSeq)."""
+        return _once_per_cseq(
+            m for m in self.callee.received() if m.method == "INVITE" and m.status is None
+        )
+
+    def answers(self) -> list[Sdp]:
+        """Every SDP answer of a 200 to an INVITE the caller received, once each."""
+        return _once_per_cseq(
+            m for m in self.caller.received() if m.method == "INVITE" and m.status == 200
+        )
+
+    def wait_answers(self, count: int, timeout: float = 15.0) -> tuple[list[Sdp], list[Sdp]]:
+        """Wait until the caller got `count` answers (the INVITE's, then re-INVITEs');
+        return (answers the caller got, offers the callee got)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            answers, offers = self.answers(), self.offers()
+            if len(answers) >= count and len(offers) >= count:
+                return answers, offers
+            for side in (self.caller, self.callee):
+                if side.proc is not None and side.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"sipp {side.name} exited early "
+                        f"({side.proc.returncode}):\n{side.diagnostics()}"
+                    )
+            time.sleep(0.05)
+        raise TimeoutError(
+            f"{count} answers not received within {timeout}s:\n"
+            f"{self.caller.diagnostics()}\n{self.callee.diagnostics()}"
+        )
+
     @property
     def callee_sdp(self) -> Sdp | None:
         """The SDP offer the callee received (the relay address the callee must send to)."""
@@ -636,6 +781,15 @@ class Call:
     def stop(self) -> None:
         self.caller.stop()
         self.callee.stop()
+
+
+def _once_per_cseq(messages: Iterable[SipMessage]) -> list[Sdp]:
+    seen: dict[str | None, Sdp] = {}
+    for message in messages:
+        sdp = message.sdp
+        if sdp is not None:
+            seen.setdefault(message.header("CSeq"), sdp)
+    return list(seen.values())
 
 
 @contextlib.contextmanager
