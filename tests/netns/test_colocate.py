@@ -86,7 +86,11 @@ def local_socket(lab: Lab, bind: tuple[str, int] | None = None) -> socket.socket
     with lab.inside("relay"):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     if bind is not None:
-        sock.bind(bind)
+        try:
+            sock.bind(bind)
+        except OSError:
+            sock.close()  # a failed bind must not leak a socket into later tests
+            raise
     return sock
 
 
@@ -170,7 +174,9 @@ def test_started_after_a_local_socket_took_a_relay_port(host: Lab) -> None:
             autobound = short_lived_clients(host)
             assert not any(in_range(port) for port, _answered in autobound), autobound
             assert unanswered(autobound) == []
-            inside = [(str(INTERNAL_IP), 21100 + index) for index in range(CLIENTS)]
+            # Ports in the range on purpose, never the one `early` got from the kernel.
+            ports = [port for port in range(21100, 21100 + CLIENTS + 1) if port != early_port]
+            inside = [(str(INTERNAL_IP), port) for port in ports[:CLIENTS]]
             bound = short_lived_clients(host, inside)
             assert [port for port, _answered in bound] == [port for _ip, port in inside]
             assert unanswered(bound) == []
