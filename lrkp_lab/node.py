@@ -49,6 +49,19 @@ class Node:
                 return
         raise AssertionError(f"node not answering P on {control}:\n{self.output()}")
 
+    def wait_log(self, text: str, timeout: float, step: float = 0.01) -> float:
+        """Seconds until `text` is in the node's log; fails at once, with the log, when the
+        node exits without having logged it."""
+        started = time.monotonic()
+        while True:
+            exited = self.proc.poll() is not None  # before the read: it sees the last lines
+            output = self.output()
+            if text in output:
+                return time.monotonic() - started
+            assert not exited, f"node exited {self.proc.returncode}, {text!r} not logged:\n{output}"
+            assert time.monotonic() - started < timeout, f"{text!r} not logged:\n{output}"
+            time.sleep(step)
+
     def output(self) -> str:
         if not self._log_file.closed:
             self._log_file.flush()

@@ -43,16 +43,6 @@ def node_args(redis: RedisServer, peer: RedisServer, idle: float = IDLE) -> tupl
     )  # fmt: skip
 
 
-def wait_log(node: Node, text: str, timeout: float) -> float:
-    """Seconds until `text` is in the node's log."""
-    started = time.monotonic()
-    while text not in node.output():
-        assert node.proc.poll() is None, f"node exited:\n{node.output()}"
-        assert time.monotonic() - started < timeout, f"{text!r} not logged:\n{node.output()}"
-        time.sleep(0.01)
-    return time.monotonic() - started
-
-
 def flows(lab: Lab, host: str) -> set[tuple[str, str]]:
     """The (key, data) of every element of the host's dnat_to map."""
     listing = lab.run(host, "nft", "-j", "list", "map", "ip", TABLE, "dnat_to").stdout
@@ -87,7 +77,7 @@ class Members:
         node = Node(self.lab, host, *args, state=state)
         self.nodes[host] = node
         self.started.append(node)
-        wait_log(node, "node up", 20)
+        node.wait_log("node up", 20)
         return node
 
     def ctl(self, host: str, *argv: str) -> dict[str, Any]:
@@ -134,9 +124,9 @@ def running_pair(lab: Lab, *, idle: float = IDLE, examples: bool = False) -> Ite
             server.start()
         pair.start(first="relay")
         active = made.start_node("relay")
-        wait_log(active, "active: this node holds the relay addresses", 5)
+        active.wait_log("active: this node holds the relay addresses", 5)
         standby = made.start_node("relay2")
-        wait_log(standby, "following: the active node's table loaded", 10)
+        standby.wait_log("following: the active node's table loaded", 10)
         yield made
     finally:
         for node in made.started:
@@ -198,7 +188,7 @@ def lone_active(
             "--pair-redis", redis["relay"].url, "--pair-peer-redis", redis["relay2"].tcp_url,
             "--metrics-listen", f"{METRICS[0]}:{METRICS[1]}", "--flush-on-exit", *extra,
         )  # fmt: skip
-        wait_log(node, "active: this node holds the relay addresses", 20)
+        node.wait_log("active: this node holds the relay addresses", 20)
         yield node, redis
     finally:
         if node is not None:

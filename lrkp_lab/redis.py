@@ -15,7 +15,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -202,15 +201,3 @@ class RedisServer:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.remove()
-
-
-def wait_for(
-    what: str, check: Callable[[], bool], timeout: float = 5.0, step: float = 0.005
-) -> float:
-    """Poll `check()` until true; return how long it took; fail naming `what` otherwise."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(step)
-    return time.monotonic() - start

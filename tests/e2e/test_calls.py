@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,11 +50,7 @@ def start_node(
         str(idle),
         "--flush-on-exit",
     )
-    deadline = time.monotonic() + 15
-    while "node up" not in node.output():
-        if node.proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"node on {host} did not start:\n{node.output()}")
-        time.sleep(0.05)
+    node.wait_log("node up", 15)
     return node
 
 
@@ -202,9 +197,7 @@ def test_call_expires_after_bye_without_d(lab: Lab, node: Node, tmp_path: Path) 
     call_id = made.call_id
     assert call_id is not None
     assert call_id in lab.run("relay", "nft", "list", "table", "ip", TABLE).stdout
-    deadline = time.monotonic() + IDLE * 4
-    while f"[{call_id}] removed" not in node.output() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    node.wait_log(f"[{call_id}] removed", IDLE * 4)
     assert f"[{call_id}] removed: no media for {IDLE:g} s" in node.output()
     assert call_id not in lab.run("relay", "nft", "list", "table", "ip", TABLE).stdout
     relay = endpoint(caller_sdp)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import select
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,11 +61,7 @@ def start_node(lab: Lab) -> Node:
         "--ports", "%d-%d" % PORTS, "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",  # noqa: UP031
         "--allow", RELAY_IP, "--idle-timeout", "3", "--flush-on-exit",
     )  # fmt: skip
-    deadline = time.monotonic() + 15
-    while "node up" not in node.output():
-        if node.proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"node did not start:\n{node.output()}")
-        time.sleep(0.05)
+    node.wait_log("node up", 15)
     return node
 
 

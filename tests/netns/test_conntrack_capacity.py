@@ -16,7 +16,7 @@ import errno
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -143,15 +143,6 @@ def scrape(lab: Lab) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     }
 
 
-def wait_for(check: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 @pytest.fixture
 def filled(lab: Lab) -> Iterator[Filler]:
     limit = proc(lab, "nf_conntrack_max")
@@ -185,7 +176,7 @@ def test_a_conntrack_table_short_of_room_is_warned_of_and_its_drops_counted(
     try:
         node.wait_ready(CONTROL, kamailio)
         # At start: 100 entries free, the 250 calls of the range need up to 500.
-        assert wait_for(lambda: "conntrack may run out" in node.output(), 15), node.output()
+        node.wait_log("conntrack may run out", 15)
         warning = next(line for line in node.output().splitlines() if "may run out" in line)
         assert f"nf_conntrack_max={limit} entries are free" in warning
         assert f"can take 250 more calls, which need up to {NEEDED}" in warning
@@ -209,7 +200,7 @@ def test_a_conntrack_table_short_of_room_is_warned_of_and_its_drops_counted(
         caller_relay, callee_relay = (Endpoint.parse(RELAY_IP, p) for p in (30002, 30000))
         caller.send(caller_relay, b"no room")
         callee.expect_nothing()  # the stream's first packet found no conntrack entry
-        assert wait_for(lambda: "conntrack could not keep" in node.output(), 30), node.output()
+        node.wait_log("conntrack could not keep", 30)
         # Room again: the kernel counted the drop, and the stream goes through.
         lab.run(HOST, "conntrack", "-F")
         samples = scrape(lab)
@@ -218,7 +209,7 @@ def test_a_conntrack_table_short_of_room_is_warned_of_and_its_drops_counted(
         assert samples[("lrkp_conntrack_shortfall", frozenset())] == 0
         caller.send(caller_relay, b"room again")
         assert callee.expect(b"room again") == callee_relay
-        assert wait_for(lambda: "conntrack has room again" in node.output(), 30), node.output()
+        node.wait_log("conntrack has room again", 30)
     finally:
         kamailio.close()
         node.stop()

@@ -29,11 +29,10 @@ from lrkp_lab.pairnodes import (
     Members,
     flows,
     running_pair,
-    wait_log,
     wait_same_flows,
 )
 from lrkp_lab.parties import Peers
-from lrkp_lab.redis import wait_for
+from lrkp_lab.waiting import wait_for
 from lrkp_tsl.media import Endpoint
 
 
@@ -86,7 +85,7 @@ def test_a_call_survives_the_loss_of_the_active_node(
             assert stream.foreign == []
         assert forward.sources == {to_b} and backward.sources == {to_a}  # the same relay
         new_active = members.nodes["relay2"]
-        wait_log(new_active, "active: this node holds the relay addresses", 2.0)
+        new_active.wait_log("active: this node holds the relay addresses", 2.0)
 
         # A new call through Kamailio is set up and relayed by the new active node.
         with call(lab, tmp_path / "call2", caller="a", callee="x", caller_rtp_port=30100,
@@ -113,7 +112,7 @@ def test_a_call_survives_the_loss_of_the_active_node(
     # The old active comes back (links, keepalived, node): standby, in sync with the active.
     members.keepalived.recover("relay")
     returning = members.start_node("relay", state=members.nodes["relay"].state)
-    synced = wait_log(returning, "following: the active node's table loaded", 5.0)
+    synced = returning.wait_log("following: the active node's table loaded", 5.0)
     assert wait_same_flows(lab, 1.0) < 1.0
     members.keepalived.wait_holder("relay2", 0.1)  # nopreempt: relay stays backup
     assert "active: this node holds" not in returning.output().split("node up")[-1]
@@ -157,7 +156,7 @@ def test_a_thousand_live_calls_relay_after_a_takeover(
         caller.send(relay, b"call-%d" % index)
         assert callee.expect(b"call-%d" % index) == relay
     # Calls from before the takeover still end by themselves (no media for IDLE).
-    wait_log(members.nodes["relay2"], "removed: no media for 5 s", IDLE + 15)
+    members.nodes["relay2"].wait_log("removed: no media for 5 s", IDLE + 15)
 
 
 def calls_held(members: Members, host: str) -> int:
@@ -205,7 +204,7 @@ def test_a_takeover_keeps_every_call_until_its_own_idle_timeout(
         took = take_over(members)
         taken = time.monotonic()
         new_active = members.nodes["relay2"]
-        wait_log(new_active, "active: this node holds the relay addresses; 301 calls", 2.0)
+        new_active.wait_log("active: this node holds the relay addresses; 301 calls", 2.0)
         time.sleep(max(0.0, taken + 12.0 - time.monotonic()))
         held = calls_held(members, "relay2")
         forward.stop()

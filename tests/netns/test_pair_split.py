@@ -26,9 +26,9 @@ from lrkp_lab.calls import Stream, burst
 from lrkp_lab.kamailio import Sdp, call, kamailio
 from lrkp_lab.lab import Lab
 from lrkp_lab.pairlab import INTERNAL_VIP, mac, neighbour_mac, vip_holders
-from lrkp_lab.pairnodes import CONTROL, RATE, Members, flows, running_pair, wait_log
+from lrkp_lab.pairnodes import CONTROL, RATE, Members, flows, running_pair
 from lrkp_lab.parties import Peers
-from lrkp_lab.redis import wait_for
+from lrkp_lab.waiting import wait_for
 from lrkp_tsl.media import Endpoint
 
 RELAY_ADDRESSES = "10.201.1.1, 10.201.2.1"
@@ -83,7 +83,7 @@ def test_a_split_brain_keeps_the_winners_calls_and_crosses_none(
         # The link between the nodes is cut: both become MASTER.
         cut(lab)
         wait_for("both hold the VIPs", lambda: len(vip_holders(lab)) == 2, 5.0)
-        wait_log(relay2, "active: this node holds the relay addresses; 1 calls", 2.0)
+        relay2.wait_log("active: this node holds the relay addresses; 1 calls", 2.0)
         # relay2's gratuitous ARPs took every neighbour (Kamailio, A's parties): relay
         # still holds the VIPs but hears nothing.
         relay2_mac = mac(lab, "relay2", "int0")
@@ -106,8 +106,8 @@ def test_a_split_brain_keeps_the_winners_calls_and_crosses_none(
             healed = time.monotonic()
             heal(lab)
             wait_for("relay alone holds the VIPs", lambda: vip_holders(lab) == ["relay"], 5.0)
-            wait_log(relay2, "standby: the relay addresses are elsewhere", 2.0)
-            wait_log(relay2, "calls of this node are not on the active node: removed", 5.0)
+            relay2.wait_log("standby: the relay addresses are elsewhere", 2.0)
+            relay2.wait_log("calls of this node are not on the active node: removed", 5.0)
             wait_for(  # relay's gratuitous ARPs reach every neighbour
                 "the neighbours at relay",
                 lambda: neighbour_mac(lab, "a", INTERNAL_VIP) not in (None, relay2_mac),
@@ -144,7 +144,7 @@ def test_both_nodes_say_split_brain_when_only_vrrp_is_lost(lab: Lab, members: Me
     try:
         wait_for("both hold the VIPs", lambda: len(vip_holders(lab)) == 2, 5.0)
         for host in ("relay", "relay2"):
-            wait_log(members.nodes[host], "SPLIT BRAIN: the peer node is active too", 5.0)
+            members.nodes[host].wait_log("SPLIT BRAIN: the peer node is active too", 5.0)
             status = members.pair_status(host)
             assert status["role"] == "active" and status["split_brain"], status
             assert members.metrics(host)["lrkp_pair_in_sync"] == 0

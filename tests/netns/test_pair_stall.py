@@ -28,7 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from lrkp_lab.lab import Lab
 from lrkp_lab.node import Controller, Node, set_command
 from lrkp_lab.pairnodes import LONE_CONTROL, lone_active, scrape
-from lrkp_lab.redis import RedisServer, wait_for
+from lrkp_lab.redis import RedisServer
+from lrkp_lab.waiting import wait_for
 
 CALLS = 15_000
 PER_IP = 16_000  # relay ports 1024-65535, 4 per call

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,10 +215,7 @@ def test_a_relay_ip_on_no_interface_is_refused_unless_it_may_appear_later(host: 
     node = Node(host, HOST, *args, "--relay-ips-may-appear-later", "--flush-on-exit")
     kamailio = Controller(host, "sip", KAMAILIO_IP)
     try:
-        deadline = time.monotonic() + 15
-        while "node up" not in node.output():
-            assert node.proc.poll() is None and time.monotonic() < deadline, node.output()
-            time.sleep(0.05)
+        node.wait_log("node up", 15)
         host.run(HOST, "ip", "addr", "add", f"{vip}/24", "dev", "int0")
         node.wait_ready((vip, 22333), kamailio)
         assert node.stop() == 0
