@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from lrkp_lab import scraping
 from lrkp_lab.lab import Lab
 from lrkp_lab.node import Node
 from lrkp_lab.pairlab import EXTERNAL_VIP, INTERNAL_VIP, Pair
@@ -91,21 +91,8 @@ class Members:
 
     def metrics(self, host: str) -> dict[str, float]:
         """The node's /metrics (read from inside its namespace): unlabelled samples by name."""
-        with self.lab.inside(host):
-            sock = socket.create_connection(METRICS, timeout=10)
-        with sock:
-            sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.0 200"), head
-        found = {}
-        for line in body.decode().splitlines():
-            name, _, value = line.partition(" ")
-            if line and not line.startswith("#") and "{" not in name:
-                found[name] = float(value)
-        return found
+        samples = scraping.metrics(self.lab, host, METRICS[1], METRICS[0])
+        return {name: value for (name, labels), value in samples.items() if not labels}
 
 
 @contextlib.contextmanager
@@ -143,20 +130,6 @@ def running_pair(lab: Lab, *, idle: float = IDLE, examples: bool = False) -> Ite
 
 LONE_CONTROL = ("127.0.0.1", 22333)
 LONE_PORTS = (1024, 65535)
-
-
-def scrape(lab: Lab, host: str, port: int = METRICS[1]) -> str:
-    """GET /metrics of the node on `host` (from inside its namespace): the text."""
-    with lab.inside(host):
-        sock = socket.create_connection((METRICS[0], port), timeout=10)
-    with sock:
-        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200"), head
-    return body.decode()
 
 
 @contextlib.contextmanager

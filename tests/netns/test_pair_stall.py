@@ -27,8 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lrkp_lab.lab import Lab
 from lrkp_lab.node import Controller, Node, set_command
-from lrkp_lab.pairnodes import LONE_CONTROL, lone_active, scrape
+from lrkp_lab.pairnodes import LONE_CONTROL, METRICS, lone_active
 from lrkp_lab.redis import RedisServer
+from lrkp_lab.scraping import metrics_text
 from lrkp_lab.waiting import wait_for
 
 CALLS = 15_000
@@ -120,7 +121,7 @@ class Flow:
 def durations(lab: Lab) -> tuple[int, int]:
     """The node's command-duration histogram: (commands, commands within BAR)."""
     count = within = 0
-    for family in text_string_to_metric_families(scrape(lab, "relay")):
+    for family in text_string_to_metric_families(metrics_text(lab, "relay", METRICS[1])):
         if family.name != "lrkp_command_duration_seconds":
             continue
         for sample in family.samples:
