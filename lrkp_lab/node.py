@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from lrkp_lab.lab import Lab
+from lrkp_tsl.dataplane.nft import TABLE
 
 LRKP_TSL = [sys.executable, "-m", "lrkp_tsl.cli"]
 
@@ -86,8 +87,17 @@ class Node:
     def close(self) -> None:
         """Stop the node and clear what it left in its namespace, for the next test."""
         self.stop()
-        self.lab.run(self.host, "nft", "delete", "table", "ip", "lrkp", check=False)
+        self.lab.run(self.host, "nft", "delete", "table", "ip", TABLE, check=False)
         self.lab.run(self.host, "conntrack", "-F", check=False)
+
+
+def clear_host(lab: Lab, host: str) -> None:
+    """Remove what nodes left in `host`'s namespace when they stopped without flushing (a
+    SIGKILL, a test of a restart): the node's nft table, the raw table's rules, and every
+    conntrack entry; for the next test."""
+    lab.run(host, "nft", "delete", "table", "ip", TABLE, check=False)
+    lab.run(host, "iptables-nft", "-t", "raw", "-F", check=False)
+    lab.run(host, "conntrack", "-F", check=False)
 
 
 class Controller:

@@ -19,7 +19,7 @@ from typing import Any, cast
 
 from lrkp_lab import scraping
 from lrkp_lab.lab import Lab
-from lrkp_lab.node import Node
+from lrkp_lab.node import Node, clear_host
 from lrkp_lab.pairlab import EXTERNAL_VIP, INTERNAL_VIP, Pair
 from lrkp_lab.redis import RedisServer
 from lrkp_tsl.dataplane.nft import TABLE
@@ -123,9 +123,7 @@ def running_pair(lab: Lab, *, idle: float = IDLE, examples: bool = False) -> Ite
             server.stop()
             server.remove()
         for host in (*HOSTS, "nat"):
-            lab.run(host, "nft", "delete", "table", "ip", TABLE, check=False)
-            lab.run(host, "iptables-nft", "-t", "raw", "-F", check=False)
-            lab.run(host, "conntrack", "-F", check=False)
+            clear_host(lab, host)
 
 
 LONE_CONTROL = ("127.0.0.1", 22333)
@@ -168,6 +166,4 @@ def lone_active(
             node.stop()
         for server in redis.values():
             server.remove()
-        lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
-        lab.run("relay", "iptables-nft", "-t", "raw", "-F", check=False)
-        lab.run("relay", "conntrack", "-F", check=False)
+        clear_host(lab, "relay")

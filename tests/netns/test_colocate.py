@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from lrkp_lab.calls import Call, burst
+from lrkp_lab.calls import BASE_NODE_ARGS, Call, burst
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab, address
 from lrkp_lab.node import LRKP_TSL, Controller, Node
 from lrkp_lab.parties import Peers
@@ -37,11 +37,7 @@ REPLY_WAIT = 5.0
 
 
 def node_args(*extra: str) -> tuple[str, ...]:
-    return (
-        "--internal-ip", str(INTERNAL_IP), "--external-ip", str(EXTERNAL_IP),
-        "--ports", "20000-21999", "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",
-        "--allow", "10.201.1.5", "--allow", str(INTERNAL_IP), "--log-level", "debug", *extra,
-    )  # fmt: skip
+    return (*BASE_NODE_ARGS, "--allow", str(INTERNAL_IP), "--log-level", "debug", *extra)
 
 
 def sysctl(lab: Lab, name: str, value: str | None = None) -> str:

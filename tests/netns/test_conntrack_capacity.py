@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from lrkp_lab.lab import Lab
-from lrkp_lab.node import Controller, Node, set_command
+from lrkp_lab.node import Controller, Node, clear_host, set_command
 from lrkp_lab.parties import Peers
 from lrkp_lab.scraping import metrics
 from lrkp_tsl.ctcapacity import ENTRIES_PER_CALL
@@ -139,9 +139,7 @@ def filled(lab: Lab) -> Iterator[Filler]:
         yield filler
     finally:
         filler.close()
-        lab.run(HOST, "conntrack", "-F", check=False)
-        lab.run(HOST, "nft", "delete", "table", "ip", "lrkp", check=False)
-        lab.run(HOST, "iptables-nft", "-t", "raw", "-F", check=False)
+        clear_host(lab, HOST)
 
 
 def test_a_conntrack_table_short_of_room_is_warned_of_and_its_drops_counted(

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from lrkp_lab.calls import CONTROL, KAMAILIO_IP, Call, burst
-from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, NETNS_DIR, Lab
-from lrkp_lab.node import LRKP_TSL, Controller, Node
+from lrkp_lab.calls import BASE_NODE_ARGS, CONTROL, KAMAILIO_IP, Call, burst
+from lrkp_lab.lab import NETNS_DIR, Lab
+from lrkp_lab.node import LRKP_TSL, Controller, Node, clear_host
 from lrkp_lab.parties import Peers
 from lrkp_tsl import lock
 from lrkp_tsl.dataplane.added import SUFFIX
@@ -29,11 +29,7 @@ from lrkp_tsl.dataplane.queue import XT_COMMENT
 RESERVED = "net.ipv4.ip_local_reserved_ports"
 OPERATORS = "8080,21000-21010"  # reserved by the operator, partly inside the relay range
 QUEUE_NUM = "4712"
-ARGS = (
-    "--internal-ip", str(INTERNAL_IP), "--external-ip", str(EXTERNAL_IP),
-    "--ports", "20000-21999", "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",
-    "--allow", KAMAILIO_IP, "--queue-num", QUEUE_NUM,
-)  # fmt: skip
+ARGS = (*BASE_NODE_ARGS, "--queue-num", QUEUE_NUM)
 
 
 def reserved(lab: Lab) -> str:
@@ -93,9 +89,7 @@ def host(lab: Lab) -> Iterator[Lab]:
     try:
         yield lab
     finally:
-        lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
-        lab.run("relay", "iptables-nft", "-w", "-t", "raw", "-F", check=False)
-        lab.run("relay", "conntrack", "-F", check=False)
+        clear_host(lab, "relay")
         set_reserved(lab, before)
         record_path(lab).unlink(missing_ok=True)
 

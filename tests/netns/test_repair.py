@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lrkp_lab.calls import CONTROL, Call, Stream, burst
+from lrkp_lab.calls import BASE_NODE_ARGS, CONTROL, Call, Stream, burst
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_lab.node import Controller, Node, set_command
 from lrkp_lab.parties import PORTS, Party, Peers
@@ -33,27 +33,9 @@ from lrkp_tsl.protocol import NodeConfig
 from lrkp_tsl.selfheal import SelfHeal
 from tests.fakes import MemoryStore
 
-ARGS = (
-    "--internal-ip", str(INTERNAL_IP), "--external-ip", str(EXTERNAL_IP),
-    "--ports", "20000-21999", "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",
-    "--allow", "10.201.1.5",
-)  # fmt: skip
 REPAIRED = "repaired:"
 # A repair happens within a check interval or two of the damage (selfheal.CHECK_INTERVAL).
 REPAIR_WAIT = 10.0
-
-
-@pytest.fixture
-def nodes(lab: Lab) -> Iterator[list[Node]]:
-    """Nodes a test starts; all stopped, and the relay namespace cleared, at the end."""
-    started: list[Node] = []
-    yield started
-    for node in started:
-        node.stop(signal.SIGKILL)
-    lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
-    lab.run("relay", "iptables-nft", "-t", "raw", "-F", check=False)
-    for host in ("relay", "nat"):
-        lab.run(host, "conntrack", "-F", check=False)
 
 
 @pytest.fixture
@@ -65,15 +47,8 @@ def streams(peers: Peers) -> Iterator[list[Stream]]:
         stream.stop()
 
 
-@pytest.fixture
-def kamailio(lab: Lab) -> Iterator[Controller]:
-    client = Controller(lab, "sip", "10.201.1.5")
-    yield client
-    client.close()
-
-
 def start(lab: Lab, nodes: list[Node], kamailio: Controller, *args: str, **kw: Path) -> Node:
-    node = Node(lab, "relay", *ARGS, *args, **kw)
+    node = Node(lab, "relay", *BASE_NODE_ARGS, *args, **kw)
     nodes.append(node)
     node.wait_ready(CONTROL, kamailio)
     return node

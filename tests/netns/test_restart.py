@@ -19,41 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from lrkp_lab.calls import CONTROL, Call, Stream, burst
-from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.calls import BASE_NODE_ARGS, CONTROL, Call, Stream, burst
+from lrkp_lab.lab import Lab
 from lrkp_lab.node import Controller, Node
 from lrkp_lab.parties import Peers
 from lrkp_tsl.dataplane.nft import TABLE
 from lrkp_tsl.store import FILENAME
 
 IDLE = 2.0
-ARGS = (
-    "--internal-ip", str(INTERNAL_IP), "--external-ip", str(EXTERNAL_IP),
-    "--ports", "20000-21999", "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",
-    "--allow", "10.201.1.5", "--idle-timeout", str(IDLE), "--log-level", "debug",
-)  # fmt: skip
+ARGS = (*BASE_NODE_ARGS, "--idle-timeout", str(IDLE), "--log-level", "debug")
 # The kernel's conntrack GC reaps expired entries lazily (seconds after their timeout).
 EXPIRY_WAIT = 30.0
-
-
-@pytest.fixture
-def nodes(lab: Lab) -> Iterator[list[Node]]:
-    """Nodes a test starts; all stopped, and the relay namespace cleared, at the end."""
-    started: list[Node] = []
-    yield started
-    for node in started:
-        node.stop(signal.SIGKILL)
-    lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
-    lab.run("relay", "iptables-nft", "-t", "raw", "-F", check=False)
-    for host in ("relay", "nat"):
-        lab.run(host, "conntrack", "-F", check=False)
-
-
-@pytest.fixture
-def kamailio(lab: Lab) -> Iterator[Controller]:
-    client = Controller(lab, "sip", "10.201.1.5")
-    yield client
-    client.close()
 
 
 def start(lab: Lab, nodes: list[Node], kamailio: Controller, node: Node | None = None) -> Node:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lrkp_lab.lab import Lab
-from lrkp_lab.node import LRKP_TSL, Controller, Node, set_command
+from lrkp_lab.node import LRKP_TSL, Controller, Node, clear_host, set_command
 from lrkp_lab.parties import Peers
 from lrkp_tsl import __version__
 from lrkp_tsl.dataplane import sysctl
@@ -62,9 +62,7 @@ def host(lab: Lab) -> Iterator[Lab]:
     try:
         yield lab
     finally:
-        lab.run(HOST, "nft", "delete", "table", "ip", "lrkp", check=False)
-        lab.run(HOST, "iptables-nft", "-t", "raw", "-F", check=False)
-        lab.run(HOST, "conntrack", "-F", check=False)
+        clear_host(lab, HOST)
 
 
 def run_to_exit(lab: Lab, *args: str, state: Path | None = None) -> tuple[int, str]:
