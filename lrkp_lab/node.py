@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from lrkp_lab.lab import Lab
+from lrkp_lab.processes import terminate
 from lrkp_tsl.dataplane.nft import TABLE
 
 LRKP_TSL = [sys.executable, "-m", "lrkp_tsl.cli"]
@@ -69,13 +70,7 @@ class Node:
         return self.log.read_text()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, sig, timeout, reap=None)
         self._log_file.close()
         return self.proc.returncode
 

@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from lrkp_lab.lab import Lab
+from lrkp_lab.processes import terminate
 
 PORT = 26379  # not 6379: a distribution's own redis-server may run in the root namespace
 START_WAIT = 5.0
@@ -178,15 +179,9 @@ class RedisServer:
 
     def stop(self) -> None:
         """Stop the server (even a frozen one) and wait for it."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGCONT)
-                self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)  # a frozen server acts on no other signal
+            terminate(self.proc, grace=5)
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
 
