@@ -85,6 +85,24 @@ def burst(
         assert receiver.expect(b"%s-%d" % (tag, seq)) == expect_from, (tag, seq)
 
 
+def both_ways(
+    caller: Party,
+    caller_relay: Endpoint,
+    callee: Party,
+    callee_relay: Endpoint,
+    count: int,
+    caller_tag: bytes = b"A",
+    callee_tag: bytes = b"B",
+) -> None:
+    """`count` exchanges: a packet from the caller, then one from the callee, each
+    delivered exactly once, in order, from the relay endpoint the receiver was given."""
+    for seq in range(count):
+        caller.send(caller_relay, b"%s-%d" % (caller_tag, seq))
+        assert callee.expect(b"%s-%d" % (caller_tag, seq)) == callee_relay, (caller_tag, seq)
+        callee.send(callee_relay, b"%s-%d" % (callee_tag, seq))
+        assert caller.expect(b"%s-%d" % (callee_tag, seq)) == caller_relay, (callee_tag, seq)
+
+
 class Stream:
     """RTP-like packets at a fixed rate from one party to a relay endpoint, every arrival
     recorded at the other party: `lost()` counts exactly what did not arrive."""

@@ -24,7 +24,7 @@ import pytest
 from lrkp_lab.kamailio import COLOCATED, KamailioBuild, call, kamailio
 from lrkp_lab.lab import Lab
 from lrkp_lab.node import Node
-from tests.e2e.test_calls import media_both_ways
+from lrkp_lab.sipmedia import media_both_ways
 
 RELAY_IP, EXTERNAL_IP = str(COLOCATED.internal), str(COLOCATED.external)
 CONTROL = (RELAY_IP, 22333)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lrkp_lab.calls import Stream, burst
-from lrkp_lab.kamailio import Sdp, call, kamailio
+from lrkp_lab.kamailio import call, kamailio
 from lrkp_lab.lab import Lab
 from lrkp_lab.node import Controller, set_command
 from lrkp_lab.pairlab import INTERNAL_VIP
@@ -32,6 +32,7 @@ from lrkp_lab.pairnodes import (
     wait_same_flows,
 )
 from lrkp_lab.parties import Peers
+from lrkp_lab.sipmedia import endpoint
 from lrkp_lab.waiting import wait_for
 from lrkp_tsl.media import Endpoint
 
@@ -40,10 +41,6 @@ from lrkp_tsl.media import Endpoint
 def members(lab: Lab) -> Iterator[Members]:
     with running_pair(lab) as made:
         yield made
-
-
-def endpoint(sdp: Sdp) -> Endpoint:
-    return Endpoint.parse(*sdp.endpoint)
 
 
 def take_over(members: Members) -> float:

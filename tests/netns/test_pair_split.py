@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 
 from lrkp_lab.calls import Stream, burst
-from lrkp_lab.kamailio import Sdp, call, kamailio
+from lrkp_lab.kamailio import call, kamailio
 from lrkp_lab.lab import Lab
 from lrkp_lab.pairlab import INTERNAL_VIP, mac, neighbour_mac, vip_holders
 from lrkp_lab.pairnodes import CONTROL, RATE, Members, flows, running_pair
 from lrkp_lab.parties import Peers
+from lrkp_lab.sipmedia import endpoint
 from lrkp_lab.waiting import wait_for
-from lrkp_tsl.media import Endpoint
 
 RELAY_ADDRESSES = "10.201.1.1, 10.201.2.1"
 CUT = "lrkp_test_split"
@@ -39,10 +39,6 @@ CUT = "lrkp_test_split"
 def members(lab: Lab) -> Iterator[Members]:
     with running_pair(lab, idle=60) as made:
         yield made
-
-
-def endpoint(sdp: Sdp) -> Endpoint:
-    return Endpoint.parse(*sdp.endpoint)
 
 
 def cut(lab: Lab, vrrp_only: bool = False) -> None:
