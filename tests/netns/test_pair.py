@@ -20,7 +20,7 @@ import pytest
 from lrkp_lab.calls import Stream, burst
 from lrkp_lab.kamailio import call, kamailio
 from lrkp_lab.lab import Lab
-from lrkp_lab.node import Controller, set_command
+from lrkp_lab.node import Controller, Node, set_command
 from lrkp_lab.pairlab import INTERNAL_VIP
 from lrkp_lab.pairnodes import (
     CONTROL,
@@ -49,6 +49,19 @@ def take_over(members: Members) -> float:
     crashed = time.monotonic()
     members.keepalived.crash("relay")
     return members.keepalived.wait_holder("relay2", 2.0) - crashed
+
+
+def a_new_call_is_relayed_by(node: Node, lab: Lab, peers: Peers, workdir: Path) -> None:
+    """A call a -> x through Kamailio: set up on `node`, and relayed by it both ways."""
+    with call(lab, workdir, caller="a", callee="x", caller_rtp_port=30100,
+              callee_rtp_port=32100, pause_ms=1000) as second:  # fmt: skip
+        sdp_a, sdp_x = second.wait_answered()
+        party_a = peers("a", second.caller_rtp[1])
+        party_x = peers("x", second.callee_rtp[1])
+        burst(party_a, endpoint(sdp_a), party_x, endpoint(sdp_x), 3, b"A2")
+        burst(party_x, endpoint(sdp_x), party_a, endpoint(sdp_a), 3, b"B2")
+        second.wait_done()
+    assert f"[{second.call_id}] relaying" in node.output()
 
 
 def test_a_call_survives_the_loss_of_the_active_node(
@@ -85,15 +98,7 @@ def test_a_call_survives_the_loss_of_the_active_node(
         new_active.wait_log("active: this node holds the relay addresses", 2.0)
 
         # A new call through Kamailio is set up and relayed by the new active node.
-        with call(lab, tmp_path / "call2", caller="a", callee="x", caller_rtp_port=30100,
-                  callee_rtp_port=32100, pause_ms=1000) as second:  # fmt: skip
-            sdp_a, sdp_x = second.wait_answered()
-            party_a = peers("a", second.caller_rtp[1])
-            party_x = peers("x", second.callee_rtp[1])
-            burst(party_a, endpoint(sdp_a), party_x, endpoint(sdp_x), 3, b"A2")
-            burst(party_x, endpoint(sdp_x), party_a, endpoint(sdp_a), 3, b"B2")
-            second.wait_done()
-        assert f"[{second.call_id}] relaying" in new_active.output()
+        a_new_call_is_relayed_by(new_active, lab, peers, tmp_path / "call2")
 
         # The call from before the takeover is managed: D (Kamailio 5.7+) removes it.
         stand_in = Controller(lab, "sip", "10.201.1.5")
@@ -220,12 +225,4 @@ def test_a_takeover_keeps_every_call_until_its_own_idle_timeout(
         # of the 300 calls is stopped first: a and x are the new call's parties; Kamailio
         # 5.6 sends no D, so their calls stay on the node).
         quiet.stop()
-        with call(lab, tmp_path / "new", caller="a", callee="x", caller_rtp_port=30100,
-                  callee_rtp_port=32100, pause_ms=1000) as second:  # fmt: skip
-            sdp_a, sdp_x = second.wait_answered()
-            party_a = peers("a", second.caller_rtp[1])
-            party_x = peers("x", second.callee_rtp[1])
-            burst(party_a, endpoint(sdp_a), party_x, endpoint(sdp_x), 3, b"A2")
-            burst(party_x, endpoint(sdp_x), party_a, endpoint(sdp_a), 3, b"B2")
-            second.wait_done()
-        assert f"[{second.call_id}] relaying" in new_active.output()
+        a_new_call_is_relayed_by(new_active, lab, peers, tmp_path / "new")
