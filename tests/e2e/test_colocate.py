@@ -37,22 +37,16 @@ REPLY_WAIT = 5.0  # a bound for a lost reply, not a speed limit
 CALLS = (("a", "x"), ("c", "b"), ("x", "a"))
 
 
-def sysctl(lab: Lab, name: str, value: str | None = None) -> str:
-    if value is not None:
-        lab.run("relay", "sysctl", "-qw", f"{name}={value}")
-    return lab.run("relay", "sysctl", "-n", name).stdout.strip()
-
-
 @pytest.fixture
 def overlapping(lab: Lab) -> Iterator[None]:
     """The relay namespace's ephemeral range set to the relay range; put back after."""
-    ephemeral, reserved = sysctl(lab, EPHEMERAL), sysctl(lab, RESERVED)
-    sysctl(lab, EPHEMERAL, "%d %d" % PORTS)  # noqa: UP031
+    ephemeral, reserved = lab.sysctl("relay", EPHEMERAL), lab.sysctl("relay", RESERVED)
+    lab.set_sysctl("relay", EPHEMERAL, "%d %d" % PORTS)  # noqa: UP031
     try:
         yield
     finally:
-        sysctl(lab, EPHEMERAL, ephemeral)
-        lab.run("relay", "sh", "-c", f"echo '{reserved}' > /proc/sys/net/ipv4/{RESERVED[9:]}")
+        lab.set_sysctl("relay", EPHEMERAL, ephemeral)
+        lab.set_sysctl("relay", RESERVED, reserved)
 
 
 def start_node(lab: Lab) -> Node:

@@ -40,19 +40,13 @@ def node_args(*extra: str) -> tuple[str, ...]:
     return (*BASE_NODE_ARGS, "--allow", str(INTERNAL_IP), "--log-level", "debug", *extra)
 
 
-def sysctl(lab: Lab, name: str, value: str | None = None) -> str:
-    if value is not None:
-        lab.run("relay", "sysctl", "-qw", f"{name}={value}")
-    return lab.run("relay", "sysctl", "-n", name).stdout.strip()
-
-
 @pytest.fixture
 def host(lab: Lab) -> Iterator[Lab]:
     """The relay namespace with no reserved ports (nodes of earlier tests keep what they
     reserved, as a node that stops without a flush does); its ephemeral range and reserved
     ports are put back after."""
-    ephemeral, reserved = sysctl(lab, EPHEMERAL), sysctl(lab, RESERVED)
-    lab.run("relay", "sh", "-c", "echo > /proc/sys/net/ipv4/ip_local_reserved_ports")
+    ephemeral, reserved = lab.sysctl("relay", EPHEMERAL), lab.sysctl("relay", RESERVED)
+    lab.set_sysctl("relay", RESERVED, "")
     try:
         yield lab
     finally:
@@ -60,10 +54,8 @@ def host(lab: Lab) -> Iterator[Lab]:
         lab.run("relay", "conntrack", "-F", check=False)
         for box in ("nat", "nat2"):
             lab.run(box, "conntrack", "-F", check=False)
-        sysctl(lab, EPHEMERAL, ephemeral)
-        lab.run(
-            "relay", "sh", "-c", f"echo '{reserved}' > /proc/sys/net/ipv4/ip_local_reserved_ports"
-        )
+        lab.set_sysctl("relay", EPHEMERAL, ephemeral)
+        lab.set_sysctl("relay", RESERVED, reserved)
 
 
 @contextlib.contextmanager
@@ -142,31 +134,31 @@ def counter(lab: Lab, name: str) -> int:
 def test_no_room_to_reserve_every_local_client_still_gets_its_answer(host: Lab) -> None:
     """The issue's reproduction, at its worst: the whole ephemeral range is the relay range,
     so every autobound socket lands on a relay port and the node cannot reserve it."""
-    sysctl(host, EPHEMERAL, RANGE)
+    host.set_sysctl("relay", EPHEMERAL, RANGE)
     with started(host) as node:
         clients = short_lived_clients(host)
         assert all(in_range(port) for port, _answered in clients)
         assert unanswered(clients) == []
         assert counter(host, "local_socket") >= CLIENTS
         assert "not reserving ports 20000-21999" in node.output()
-        assert sysctl(host, RESERVED) == ""
+        assert host.sysctl("relay", RESERVED) == ""
 
 
 def test_started_after_a_local_socket_took_a_relay_port(host: Lab) -> None:
     """Kamailio started first: its sockets got ports inside the range before the node
     reserved it. With room to reserve, later sockets get ports outside the range; clients
     bound inside it on purpose are answered too."""
-    sysctl(host, EPHEMERAL, "21000 21999")
+    host.set_sysctl("relay", EPHEMERAL, "21000 21999")
     early = local_socket(host)
     early.connect(CONTROL)
     early_port = early.getsockname()[1]
     assert in_range(early_port)
-    sysctl(host, EPHEMERAL, "20500 39999")
+    host.set_sysctl("relay", EPHEMERAL, "20500 39999")
     try:
         with started(host) as node:
             assert ping(early, b"1_1") == b"1_1 P PONG"
             assert "reserved ports 20000-21999 from automatic port allocation" in node.output()
-            assert sysctl(host, RESERVED) == "20000-21999"
+            assert host.sysctl("relay", RESERVED) == "20000-21999"
             autobound = short_lived_clients(host)
             assert not any(in_range(port) for port, _answered in autobound), autobound
             assert unanswered(autobound) == []
@@ -185,7 +177,7 @@ def test_started_after_a_local_socket_took_a_relay_port(host: Lab) -> None:
 def test_replies_from_other_hosts_reach_local_sockets(host: Lab, peers: Peers) -> None:
     """A resolver's query from a relay port (connected, or sendto() from 0.0.0.0) gets its
     answer from a server on the network."""
-    sysctl(host, EPHEMERAL, RANGE)
+    host.set_sysctl("relay", EPHEMERAL, RANGE)
     server = peers("x", 53)
     with started(host):
         connected = local_socket(host, (str(EXTERNAL_IP), 21300))
@@ -210,7 +202,7 @@ def test_replies_from_other_hosts_reach_local_sockets(host: Lab, peers: Peers) -
 def test_strangers_to_relay_ports_are_still_dropped(host: Lab, peers: Peers) -> None:
     """No call and no local socket: dropped in the kernel (no ICMP error goes back); a port a
     connected local socket holds is not open to anyone but its peer."""
-    sysctl(host, EPHEMERAL, RANGE)
+    host.set_sysctl("relay", EPHEMERAL, RANGE)
     with started(host):
         held = local_socket(host, (str(INTERNAL_IP), 21400))
         held.connect(CONTROL)
@@ -236,7 +228,7 @@ def test_a_call_learns_on_a_port_a_local_socket_holds(host: Lab, peers: Peers) -
     """Kamailio hands a call the very port one of its own lrkproxy sockets holds: the NAT'd
     caller's first packet is learned (its source is not the socket's peer), and the node's
     replies to that socket are delivered to it, before and after, never taken for media."""
-    sysctl(host, EPHEMERAL, RANGE)
+    host.set_sysctl("relay", EPHEMERAL, RANGE)
     with started(host) as node:
         kamailio = Controller(host, "sip", "10.201.1.5")
         worker = local_socket(host, (str(INTERNAL_IP), 20502))  # the caller's relay port
@@ -267,7 +259,7 @@ def test_a_call_learns_on_a_port_a_local_socket_holds(host: Lab, peers: Peers) -
 
 def test_a_socket_bound_to_a_relay_ip_without_peer_refuses_the_start(host: Lab) -> None:
     """It would take the first packets of every call on its port: refused, nothing changed."""
-    reserved = sysctl(host, RESERVED)
+    reserved = host.sysctl("relay", RESERVED)
     listener = local_socket(host, (str(INTERNAL_IP), 21500))
     try:
         node = Node(host, "relay", *node_args())
@@ -277,7 +269,7 @@ def test_a_socket_bound_to_a_relay_ip_without_peer_refuses_the_start(host: Lab) 
         assert "udp 10.201.1.1:21500 (python" in output, output
         assert "is bound to relay IP 10.201.1.1 on a relay port" in output
         assert host.run("relay", "nft", "list", "table", "ip", TABLE, check=False).returncode
-        assert sysctl(host, RESERVED) == reserved
+        assert host.sysctl("relay", RESERVED) == reserved
     finally:
         listener.close()
 
@@ -317,7 +309,7 @@ def test_check_config_reports_local_sockets_on_relay_ports_as_run_does(host: Lab
 
 
 def test_a_wildcard_socket_without_peer_is_named_in_a_warning(host: Lab) -> None:
-    sysctl(host, EPHEMERAL, "20500 39999")
+    host.set_sysctl("relay", EPHEMERAL, "20500 39999")
     listener = local_socket(host, ("0.0.0.0", 21600))
     try:
         with started(host) as node:
@@ -332,33 +324,33 @@ def test_a_wildcard_socket_without_peer_is_named_in_a_warning(host: Lab) -> None
 
 
 def test_reservation_merges_with_the_operators_and_is_taken_back_on_flush(host: Lab) -> None:
-    sysctl(host, EPHEMERAL, "20500 39999")
-    sysctl(host, RESERVED, "8080,21000-21010,30000")
+    host.set_sysctl("relay", EPHEMERAL, "20500 39999")
+    host.set_sysctl("relay", RESERVED, "8080,21000-21010,30000")
     with started(host, "--flush-on-exit"):
-        assert sysctl(host, RESERVED) == "8080,20000-21999,30000"
-    assert sysctl(host, RESERVED) == "8080,21000-21010,30000"
+        assert host.sysctl("relay", RESERVED) == "8080,20000-21999,30000"
+    assert host.sysctl("relay", RESERVED) == "8080,21000-21010,30000"
     # Without a flush the reservation stays with the table (calls keep flowing on it).
     with started(host) as node:
         pass
     assert node.proc.returncode == 0
-    assert sysctl(host, RESERVED) == "8080,20000-21999,30000"
+    assert host.sysctl("relay", RESERVED) == "8080,20000-21999,30000"
     # A restart finds it in place and adds nothing, but the ports are on record as the
     # node's (dataplane/added.py): its flush takes them back, and only them.
     with started(host, "--flush-on-exit") as node:
         assert "ports 20000-21999 already reserved" in node.output()
-    assert sysctl(host, RESERVED) == "8080,21000-21010,30000"
+    assert host.sysctl("relay", RESERVED) == "8080,21000-21010,30000"
     # Reserved by the operator before any node: a node's flush leaves every one of them.
-    sysctl(host, RESERVED, "8080,20000-21999,30000")
+    host.set_sysctl("relay", RESERVED, "8080,20000-21999,30000")
     with started(host, "--flush-on-exit") as node:
         assert "ports 20000-21999 already reserved" in node.output()
-    assert sysctl(host, RESERVED) == "8080,20000-21999,30000"
+    assert host.sysctl("relay", RESERVED) == "8080,20000-21999,30000"
 
 
 def test_upgrade_over_the_previous_release_table(host: Lab, peers: Peers, tmp_path: Path) -> None:
     """A node of this release starts over the table the previous release left (its rules
     file: tests/netns/data/lrkp-previous.nft) with a live call: the call keeps flowing and
     local sockets get their traffic."""
-    sysctl(host, EPHEMERAL, RANGE)
+    host.set_sysctl("relay", EPHEMERAL, RANGE)
     previous = Path(__file__).parent / "data" / "lrkp-previous.nft"
     caller, callee = peers("a", 4100), peers("b", 6100)
     with started(host, "--rules", str(previous)) as old:

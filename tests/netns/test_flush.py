@@ -32,14 +32,6 @@ QUEUE_NUM = "4712"
 ARGS = (*BASE_NODE_ARGS, "--queue-num", QUEUE_NUM)
 
 
-def reserved(lab: Lab) -> str:
-    return lab.run("relay", "sysctl", "-n", RESERVED).stdout.strip()
-
-
-def set_reserved(lab: Lab, value: str) -> None:
-    lab.run("relay", "sh", "-c", f"echo '{value}' > /proc/sys/net/ipv4/ip_local_reserved_ports")
-
-
 def table_present(lab: Lab) -> bool:
     return lab.run("relay", "nft", "list", "table", "ip", TABLE, check=False).returncode == 0
 
@@ -82,15 +74,15 @@ def flush(lab: Lab, state: Path) -> subprocess.CompletedProcess[str]:
 def host(lab: Lab) -> Iterator[Lab]:
     """The relay namespace with the operator's reserved ports and no raw table (so the node
     makes it); put back as it was after."""
-    before = reserved(lab)
+    before = lab.sysctl("relay", RESERVED)
     for table in (TABLE, "raw"):
         lab.run("relay", "nft", "delete", "table", "ip", table, check=False)
-    set_reserved(lab, OPERATORS)
+    lab.set_sysctl("relay", RESERVED, OPERATORS)
     try:
         yield lab
     finally:
         clear_host(lab, "relay")
-        set_reserved(lab, before)
+        lab.set_sysctl("relay", RESERVED, before)
         record_path(lab).unlink(missing_ok=True)
 
 
@@ -125,7 +117,7 @@ def test_flush_removes_what_a_stopped_node_left_and_keeps_the_operators_ports(
     assert len(queue_rules(host)) == 1 and f"--queue-num {QUEUE_NUM}" in queue_rules(host)[0]
     entries = len(conntrack_entries(host, call))
     assert entries >= 1
-    assert reserved(host) == "8080,20000-21999"
+    assert host.sysctl("relay", RESERVED) == "8080,20000-21999"
     assert stored_calls(node.state) == 1
 
     flushed = flush(host, node.state)
@@ -142,7 +134,7 @@ def test_flush_removes_what_a_stopped_node_left_and_keeps_the_operators_ports(
     assert not table_present(host)
     assert queue_rules(host) == [] and not raw_present(host)
     assert conntrack_entries(host, call) == []
-    assert reserved(host) == OPERATORS
+    assert host.sysctl("relay", RESERVED) == OPERATORS
     assert stored_calls(node.state) == 0
     assert not record_path(host).exists()
     caller.send(call.caller_relay, b"after the flush")
@@ -151,7 +143,7 @@ def test_flush_removes_what_a_stopped_node_left_and_keeps_the_operators_ports(
     again = flush(host, node.state)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.startswith("lrkp-tsl flush: nothing to remove"), again.stdout
-    assert reserved(host) == OPERATORS
+    assert host.sysctl("relay", RESERVED) == OPERATORS
 
 
 def test_flush_is_refused_while_a_node_runs(host: Lab, peers: Peers) -> None:
@@ -165,7 +157,7 @@ def test_flush_is_refused_while_a_node_runs(host: Lab, peers: Peers) -> None:
         # Nothing was touched: the call still flows, its state is all there.
         burst(caller, call.caller_relay, callee, call.callee_relay, 3, b"still")
         assert table_present(host) and queue_rules(host)
-        assert reserved(host) == "8080,20000-21999"
+        assert host.sysctl("relay", RESERVED) == "8080,20000-21999"
         assert stored_calls(node.state) == 1
 
 

@@ -47,7 +47,7 @@ def kernel(lab: Lab) -> dict[str, str]:
     """What the node could touch in relay2: its whole ruleset and the sysctls it sets."""
     state = {"ruleset": lab.run(HOST, "nft", "list", "ruleset").stdout}
     for name in (*sysctl.REQUIRED, RESERVED):
-        state[name] = lab.run(HOST, "sysctl", "-n", name).stdout.strip()
+        state[name] = lab.sysctl(HOST, name)
     return state
 
 
@@ -57,8 +57,8 @@ def host(lab: Lab) -> Iterator[Lab]:
     back as the next test expects it."""
     lab.run(HOST, "nft", "delete", "table", "ip", "lrkp", check=False)
     for name, value in BEFORE.items():
-        lab.run(HOST, "sysctl", "-qw", f"{name}={value}")
-    lab.run(HOST, "sh", "-c", "echo > /proc/sys/net/ipv4/ip_local_reserved_ports")
+        lab.set_sysctl(HOST, name, value)
+    lab.set_sysctl(HOST, RESERVED, "")
     try:
         yield lab
     finally:
