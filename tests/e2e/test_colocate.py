@@ -14,8 +14,6 @@ Against Debian's 5.6 and the 6.x snapshot. Each run prints its figures (pytest -
 from __future__ import annotations
 
 import re
-import select
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import pytest
 
 from lrkp_lab.kamailio import COLOCATED, KamailioBuild, call, kamailio
 from lrkp_lab.lab import Lab
+from lrkp_lab.localclients import CLIENTS, short_lived_clients
 from lrkp_lab.node import Node
 from lrkp_lab.sipmedia import media_both_ways
 
@@ -31,8 +30,6 @@ CONTROL = (RELAY_IP, 22333)
 PORTS = (20000, 21999)
 EPHEMERAL = "net.ipv4.ip_local_port_range"
 RESERVED = "net.ipv4.ip_local_reserved_ports"
-CLIENTS = 40
-REPLY_WAIT = 5.0  # a bound for a lost reply, not a speed limit
 # Caller, callee: internal to external, behind NAT to internal, external to internal.
 CALLS = (("a", "x"), ("c", "b"), ("x", "a"))
 
@@ -71,25 +68,6 @@ def lrkproxy_ports(lab: Lab) -> list[int]:
     ]
 
 
-def local_clients(lab: Lab) -> list[tuple[int, bool]]:
-    """CLIENTS short-lived sockets beside Kamailio, each sends one `P` as lrkproxy does and
-    waits for its answer: (local port, answered) of each."""
-    results = []
-    for index in range(CLIENTS):
-        with lab.inside("relay"):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.connect(CONTROL)
-            port = sock.getsockname()[1]
-            cookie = b"%d_%d" % (port, index)
-            sock.send(cookie + b" P")
-            ready, _, _ = select.select([sock], [], [], REPLY_WAIT)
-            results.append((port, bool(ready) and sock.recv(100) == cookie + b" P PONG"))
-        finally:
-            sock.close()
-    return results
-
-
 def node_counters(output: str) -> dict[str, int]:
     found = re.search(r"stopping: \d+ live calls; counters: (.*)", output)
     assert found, output
@@ -117,7 +95,7 @@ def test_kamailio_beside_the_node_with_the_ephemeral_range_on_the_relay_range(
                     caller_sdp, callee_sdp = made.wait_answered()
                     media_both_ways(lab, made, caller_sdp, callee_sdp, packets=10)
                     made.wait_done()
-            clients = local_clients(lab)
+            clients = short_lived_clients(lab, CONTROL)
         kamailio_log = kam.log()
     finally:
         node.stop()

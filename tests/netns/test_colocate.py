@@ -13,7 +13,6 @@ import contextlib
 import re
 import select
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 
 from lrkp_lab.calls import BASE_NODE_ARGS, Call, burst
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab, address
+from lrkp_lab.localclients import CLIENTS, REPLY_WAIT, local_socket, ping, short_lived_clients
 from lrkp_lab.node import LRKP_TSL, Controller, Node
 from lrkp_lab.parties import Peers
 from lrkp_tsl.dataplane.nft import TABLE
@@ -30,10 +30,6 @@ RELAY_PORTS = (20000, 21999)
 RANGE = "20000 21999"  # the relay range, as ip_local_port_range
 EPHEMERAL = "net.ipv4.ip_local_port_range"
 RESERVED = "net.ipv4.ip_local_reserved_ports"
-CLIENTS = 40
-# How long a local client waits for the node's reply before it counts it lost: a bound for a
-# lost datagram, not a speed limit (replies take well under a millisecond here).
-REPLY_WAIT = 5.0
 
 
 def node_args(*extra: str) -> tuple[str, ...]:
@@ -70,51 +66,6 @@ def started(lab: Lab, *extra: str, state: Path | None = None) -> Iterator[Node]:
         node.stop()
 
 
-def local_socket(lab: Lab, bind: tuple[str, int] | None = None) -> socket.socket:
-    with lab.inside("relay"):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    if bind is not None:
-        try:
-            sock.bind(bind)
-        except OSError:
-            sock.close()  # a failed bind must not leak a socket into later tests
-            raise
-    return sock
-
-
-def ping(sock: socket.socket, cookie: bytes, wait: float = REPLY_WAIT) -> bytes | None:
-    """`P` as lrkproxy sends it (cookie `<number>_<number>`), from a connected socket; the
-    reply, or None if none came."""
-    sock.send(cookie + b" P")
-    deadline = time.monotonic() + wait
-    while (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([sock], [], [], left)
-        if not ready:
-            return None
-        reply = sock.recv(4096)
-        if reply.startswith(cookie + b" "):
-            return reply
-    return None
-
-
-def short_lived_clients(
-    lab: Lab, bind: list[tuple[str, int]] | None = None
-) -> list[tuple[int, bool]]:
-    """CLIENTS sockets on the relay IP, one after the other: each connects to the control
-    socket, sends one `P` and closes. (local port, answered) of each."""
-    results = []
-    for index in range(CLIENTS):
-        sock = local_socket(lab, bind[index] if bind else None)
-        try:
-            sock.connect(CONTROL)
-            port = sock.getsockname()[1]
-            cookie = b"%d_%d" % (port, index)
-            results.append((port, ping(sock, cookie) == cookie + b" P PONG"))
-        finally:
-            sock.close()
-    return results
-
-
 def unanswered(results: list[tuple[int, bool]]) -> list[int]:
     assert len(results) == CLIENTS
     return [port for port, answered in results if not answered]
@@ -136,7 +87,7 @@ def test_no_room_to_reserve_every_local_client_still_gets_its_answer(host: Lab) 
     so every autobound socket lands on a relay port and the node cannot reserve it."""
     host.set_sysctl("relay", EPHEMERAL, RANGE)
     with started(host) as node:
-        clients = short_lived_clients(host)
+        clients = short_lived_clients(host, CONTROL)
         assert all(in_range(port) for port, _answered in clients)
         assert unanswered(clients) == []
         assert counter(host, "local_socket") >= CLIENTS
@@ -159,13 +110,13 @@ def test_started_after_a_local_socket_took_a_relay_port(host: Lab) -> None:
             assert ping(early, b"1_1") == b"1_1 P PONG"
             assert "reserved ports 20000-21999 from automatic port allocation" in node.output()
             assert host.sysctl("relay", RESERVED) == "20000-21999"
-            autobound = short_lived_clients(host)
+            autobound = short_lived_clients(host, CONTROL)
             assert not any(in_range(port) for port, _answered in autobound), autobound
             assert unanswered(autobound) == []
             # Ports in the range on purpose, never the one `early` got from the kernel.
             ports = [port for port in range(21100, 21100 + CLIENTS + 1) if port != early_port]
             inside = [(str(INTERNAL_IP), port) for port in ports[:CLIENTS]]
-            bound = short_lived_clients(host, inside)
+            bound = short_lived_clients(host, CONTROL, inside)
             assert [port for port, _answered in bound] == [port for _ip, port in inside]
             assert unanswered(bound) == []
             assert ping(early, b"1_2") == b"1_2 P PONG"
@@ -367,7 +318,7 @@ def test_upgrade_over_the_previous_release_table(host: Lab, peers: Peers, tmp_pa
     with started(host, "--flush-on-exit", state=old.state) as new:
         burst(caller, call.caller_relay, callee, call.callee_relay, 3, b"new")
         burst(callee, call.callee_relay, caller, call.caller_relay, 3, b"back")
-        assert unanswered(short_lived_clients(host)) == []
+        assert unanswered(short_lived_clients(host, CONTROL)) == []
         assert "loaded 1 calls from the store" in new.output()
         assert (
             "local_socket"
