@@ -22,7 +22,7 @@ from lrkp_lab.kamailio import KamailioBuild, call, kamailio
 from lrkp_lab.lab import Lab
 from lrkp_lab.node import Node
 from lrkp_lab.parties import Peers
-from lrkp_lab.sipmedia import endpoint, media_both_ways
+from lrkp_lab.sipmedia import endpoint, media_both_ways, parties
 from lrkp_tsl.dataplane.nft import TABLE
 from tests.e2e.relaynode import IDLE, NODE1, NODE2, conntrack, start_node
 
@@ -167,9 +167,7 @@ def test_caller_behind_nat_through_kamailio(
     ):
         caller_sdp, callee_sdp = made.wait_answered()
         with Peers(lab) as peers:
-            caller = peers("c", made.caller_rtp[1])
-            callee = peers("x", made.callee_rtp[1])
-            to_a, to_b = endpoint(caller_sdp), endpoint(callee_sdp)
+            caller, to_a, callee, to_b = parties(peers, made, caller_sdp, callee_sdp)
             if first == "callee":
                 for seq in range(3):  # held until the caller's first packet
                     callee.send(to_b, b"early-%d" % seq)

@@ -27,12 +27,12 @@ from typing import Any
 import pytest
 
 from lrkp_lab import ngrelay, rtpengine
-from lrkp_lab.calls import both_ways
+from lrkp_lab.calls import both_ways, burst
 from lrkp_lab.kamailio import KamailioBuild, Sdp, SipMessage, call, ng_kamailio
 from lrkp_lab.lab import Lab
 from lrkp_lab.ngrelay import NG_ADDRESS, NgRelay
 from lrkp_lab.parties import Peers
-from lrkp_lab.sipmedia import endpoint, media_both_ways
+from lrkp_lab.sipmedia import endpoint, media_both_ways, parties
 from lrkp_tsl.dataplane.nft import TABLE
 from tests.e2e.control_tap import ControlTap, Seen
 from tests.e2e.relaynode import conntrack
@@ -204,9 +204,7 @@ def test_caller_behind_a_port_remapping_nat(
         Peers(lab) as peers,
     ):
         caller_sdp, callee_sdp = made.wait_answered()
-        caller = peers("c", made.caller_rtp[1])
-        callee = peers("x", made.callee_rtp[1])
-        to_a, to_b = endpoint(caller_sdp), endpoint(callee_sdp)
+        caller, to_a, callee, to_b = parties(peers, made, caller_sdp, callee_sdp)
         caller.send(to_a, b"hello")  # a phone behind NAT speaks first: symmetric RTP
         assert callee.expect(b"hello") == to_b
         both_ways(callee, to_b, caller, to_a, 10, b"B", b"A")  # the callee first
@@ -247,11 +245,8 @@ def test_hold_and_resume_keep_the_relay_ports(
         assert hold_answer.endpoint == caller_sdp.endpoint
         assert hold_offer.origin == f"caller 53655765 2353687638 IN IP4 {RELAY_INT}"
         with Peers(lab) as peers:  # on hold: the caller still sends (sendonly)
-            caller = peers("a", made.caller_rtp[1])
-            callee = peers("b", made.callee_rtp[1])
-            for seq in range(5):
-                caller.send(endpoint(caller_sdp), b"held-%d" % seq)
-                assert callee.expect(b"held-%d" % seq) == endpoint(callee_sdp)
+            caller, to_a, callee, to_b = parties(peers, made, caller_sdp, callee_sdp)
+            burst(caller, to_a, callee, to_b, 5, b"held")
 
         answers, offers = made.wait_answers(3)
         resume_offer, resume_answer = offers[2], answers[2]
@@ -309,9 +304,7 @@ def test_bye_ends_the_call_and_nothing_is_relayed_after(
         Peers(lab) as peers,
     ):
         caller_sdp, callee_sdp = made.wait_answered()
-        to_a, to_b = endpoint(caller_sdp), endpoint(callee_sdp)
-        caller = peers("a", made.caller_rtp[1])
-        callee = peers("b", made.callee_rtp[1])
+        caller, to_a, callee, to_b = parties(peers, made, caller_sdp, callee_sdp)
         both_ways(caller, to_a, callee, to_b, 10)
         assert not tap.commands("delete")
 

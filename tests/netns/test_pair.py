@@ -32,7 +32,7 @@ from lrkp_lab.pairnodes import (
     wait_same_flows,
 )
 from lrkp_lab.parties import Peers
-from lrkp_lab.sipmedia import endpoint
+from lrkp_lab.sipmedia import parties
 from lrkp_lab.waiting import wait_for
 from lrkp_tsl.media import Endpoint
 
@@ -55,11 +55,9 @@ def a_new_call_is_relayed_by(node: Node, lab: Lab, peers: Peers, workdir: Path) 
     """A call a -> x through Kamailio: set up on `node`, and relayed by it both ways."""
     with call(lab, workdir, caller="a", callee="x", caller_rtp_port=30100,
               callee_rtp_port=32100, pause_ms=1000) as second:  # fmt: skip
-        sdp_a, sdp_x = second.wait_answered()
-        party_a = peers("a", second.caller_rtp[1])
-        party_x = peers("x", second.callee_rtp[1])
-        burst(party_a, endpoint(sdp_a), party_x, endpoint(sdp_x), 3, b"A2")
-        burst(party_x, endpoint(sdp_x), party_a, endpoint(sdp_a), 3, b"B2")
+        party_a, to_a, party_x, to_x = parties(peers, second, *second.wait_answered())
+        burst(party_a, to_a, party_x, to_x, 3, b"A2")
+        burst(party_x, to_x, party_a, to_a, 3, b"B2")
         second.wait_done()
     assert f"[{second.call_id}] relaying" in node.output()
 
@@ -71,10 +69,7 @@ def test_a_call_survives_the_loss_of_the_active_node(
         kamailio(lab, tmp_path / "kam", [f"udp:{CONTROL[0]}:{CONTROL[1]}"]),
         call(lab, tmp_path / "call", caller="c", callee="b", pause_ms=25000) as made,
     ):
-        caller_sdp, callee_sdp = made.wait_answered()
-        caller = peers("c", made.caller_rtp[1])
-        callee = peers("b", made.callee_rtp[1])
-        to_a, to_b = endpoint(caller_sdp), endpoint(callee_sdp)
+        caller, to_a, callee, to_b = parties(peers, made, *made.wait_answered())
         assert to_a.ip == INTERNAL_VIP and to_b.ip == INTERNAL_VIP
         burst(caller, to_a, callee, to_b, 1, b"hello")  # the NAT'd caller is learned...
         wait_same_flows(lab, 2.0)  # ...and the standby holds its learned flows too
@@ -190,10 +185,7 @@ def test_a_takeover_keeps_every_call_until_its_own_idle_timeout(
         ) as quiet,  # fmt: skip
         call(lab, tmp_path / "media", caller="c", callee="b", pause_ms=120_000) as made,
     ):
-        caller_sdp, callee_sdp = made.wait_answered(20.0)
-        caller = peers("c", made.caller_rtp[1])
-        callee = peers("b", made.callee_rtp[1])
-        to_a, to_b = endpoint(caller_sdp), endpoint(callee_sdp)
+        caller, to_a, callee, to_b = parties(peers, made, *made.wait_answered(20.0))
         burst(caller, to_a, callee, to_b, 1, b"hello")  # the NAT'd caller is learned
         forward = Stream(caller, to_a, callee, b"A", RATE).start()
         backward = Stream(callee, to_b, caller, b"B", RATE).start()

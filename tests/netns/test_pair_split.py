@@ -28,7 +28,7 @@ from lrkp_lab.lab import Lab
 from lrkp_lab.pairlab import INTERNAL_VIP, mac, neighbour_mac, vip_holders
 from lrkp_lab.pairnodes import CONTROL, RATE, Members, flows, running_pair
 from lrkp_lab.parties import Peers
-from lrkp_lab.sipmedia import endpoint
+from lrkp_lab.sipmedia import parties
 from lrkp_lab.waiting import wait_for
 
 RELAY_ADDRESSES = "10.201.1.1, 10.201.2.1"
@@ -68,9 +68,7 @@ def test_a_split_brain_keeps_the_winners_calls_and_crosses_none(
         call(lab, tmp_path / "a", caller="c", callee="b", pause_ms=120_000) as first,
     ):
         # Call A, before the split: on relay, replicated to relay2.
-        sdp_c, sdp_b = first.wait_answered(20.0)
-        c, b = peers("c", first.caller_rtp[1]), peers("b", first.callee_rtp[1])
-        to_c, to_b = endpoint(sdp_c), endpoint(sdp_b)
+        c, to_c, b, to_b = parties(peers, first, *first.wait_answered(20.0))
         burst(c, to_c, b, to_b, 1, b"hello")
         a_out = Stream(c, to_c, b, b"A", RATE).start()
         a_back = Stream(b, to_b, c, b"a", RATE).start()
@@ -87,9 +85,7 @@ def test_a_split_brain_keeps_the_winners_calls_and_crosses_none(
                  lambda: neighbour_mac(lab, "sip", INTERNAL_VIP) == relay2_mac, 5.0)  # fmt: skip
         with call(lab, tmp_path / "b", caller="a", callee="x", caller_rtp_port=30100,
                   callee_rtp_port=32100, pause_ms=120_000) as second:  # fmt: skip
-            sdp_a, sdp_x = second.wait_answered(20.0)
-            a, x = peers("a", second.caller_rtp[1]), peers("x", second.callee_rtp[1])
-            to_a, to_x = endpoint(sdp_a), endpoint(sdp_x)
+            a, to_a, x, to_x = parties(peers, second, *second.wait_answered(20.0))
             burst(a, to_a, x, to_x, 1, b"B-hello")
             b_out = Stream(a, to_a, x, b"B", RATE).start()
             b_back = Stream(x, to_x, a, b"b", RATE).start()
