@@ -82,6 +82,17 @@ def notified(notify_script: Path) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
 
+def wait_notified(notify_script: Path, line: str) -> None:
+    """Until keepalived has run the notify script with `line` (2 s at most)."""
+    wait_for(
+        f"notified {line!r}",
+        lambda: line in notified(notify_script),
+        2.0,
+        step=0.01,
+        detail=lambda: notified(notify_script),
+    )
+
+
 def test_relay_holds_both_vips_at_start(lab: Lab, pair: Pair, notify_script: Path) -> None:
     assert vip_holder(lab, INTERNAL_VIP) == "relay"
     assert vip_holder(lab, EXTERNAL_VIP) == "relay"
@@ -90,13 +101,7 @@ def test_relay_holds_both_vips_at_start(lab: Lab, pair: Pair, notify_script: Pat
     assert ping(lab, "a", INTERNAL_VIP) is not None
     assert ping(lab, "x", EXTERNAL_VIP) is not None
     assert neighbour_mac(lab, "a", INTERNAL_VIP) == mac(lab, "relay", "int0")
-    wait_for(
-        "relay notified as master",
-        lambda: "relay master" in notified(notify_script),
-        2.0,
-        step=0.01,
-        detail=lambda: notified(notify_script),
-    )
+    wait_notified(notify_script, "relay master")
 
 
 def test_crash_moves_both_vips_to_relay2_and_relay_does_not_take_them_back(
@@ -136,13 +141,7 @@ def test_crash_moves_both_vips_to_relay2_and_relay_does_not_take_them_back(
         assert select.select([standby], [], [], 1.0)[0] == [standby]
         data, source = standby.recvfrom(64)
         assert (data, source[0]) == (b"after", str(address("a")))
-    wait_for(
-        "relay2 notified as master",
-        lambda: "relay2 master" in notified(notify_script),
-        2.0,
-        step=0.01,
-        detail=lambda: notified(notify_script),
-    )
+    wait_notified(notify_script, "relay2 master")
 
     # relay returns (links up, keepalived again): nopreempt, so it stays standby although
     # its priority is higher.
