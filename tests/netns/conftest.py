@@ -68,8 +68,8 @@ def nodes(lab: Lab) -> Iterator[list[Node]]:
 
 @pytest.fixture
 def kamailio(lab: Lab) -> Iterator[Controller]:
-    """A controlling-layer stand-in on Kamailio's address (modules that start their node in
-    a fixture have their own, started after it)."""
+    """A controlling-layer stand-in on Kamailio's address. A test that also takes its
+    module's `node` fixture names it first: the node starts before, and stops after."""
     client = Controller(lab, "sip", KAMAILIO_IP)
     yield client
     client.close()

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lrkp_lab.calls import KAMAILIO_IP, NODE_ARGS, Call, Stream, running_node
+from lrkp_lab.calls import NODE_ARGS, Call, Stream, running_node
 from lrkp_lab.lab import INTERNAL_IP, Lab
 from lrkp_lab.node import Controller, Node
 from lrkp_lab.parties import Peers
@@ -29,13 +29,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 def node(lab: Lab) -> Iterator[Node]:
     with running_node(lab, *NODE_ARGS, "--metrics-listen", f"127.0.0.1:{PORT}") as running:
         yield running
-
-
-@pytest.fixture
-def kamailio(lab: Lab, node: Node) -> Iterator[Controller]:
-    client = Controller(lab, "sip", KAMAILIO_IP)
-    yield client
-    client.close()
 
 
 def test_metrics_follow_a_call_from_set_up_to_delete(
