@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from lrkp_lab import load
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_lab.node import Controller, Node, set_command
 from lrkp_lab.pairnodes import lone_active
@@ -63,21 +64,7 @@ def exchange(client: Controller, body: bytes) -> float:
 
 def fill(client: Controller, first: int, last: int) -> None:
     """Set up calls first..last-1, FILL_WINDOW commands in flight."""
-    pending: set[bytes] = set()
-    index = first
-    while index < last or pending:
-        while index < last and len(pending) < FILL_WINDOW:
-            cookie = client.cookie()
-            client.send(cookie + b" " + s_body(index), CONTROL)
-            pending.add(cookie)
-            index += 1
-        reply = client.receive(5.0)
-        if reply is None:
-            raise RuntimeError(f"fill: {len(pending)} replies missing")
-        cookie, _, rest = reply.partition(b" ")
-        if not rest.endswith(b"OK"):
-            raise RuntimeError(f"fill: unexpected reply {reply!r}")
-        pending.discard(cookie)
+    load.fill(client.sock, CONTROL, (s_body(index) for index in range(first, last)), FILL_WINDOW)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -35,7 +35,7 @@ from lrkp_lab.calls import Stream, burst
 from lrkp_lab.lab import Lab
 from lrkp_lab.node import Controller, Node, set_command
 from lrkp_lab.pairlab import INTERNAL_VIP
-from lrkp_lab.pairnodes import CONTROL, RATE, Members, running_pair, wait_log
+from lrkp_lab.pairnodes import CONTROL, RATE, Members, running_pair
 from lrkp_lab.parties import Peers
 from lrkp_tsl.media import Endpoint
 
@@ -103,7 +103,7 @@ def takeover_run(lab: Lab, members: Members, active: str, run: int, quiet: int) 
     nodes[active].stop(signal.SIGKILL)
     pair.recover(active)
     returning = members.start_node(active, state=nodes[active].state)
-    wait_log(returning, "following: the active node's table loaded", 10)
+    returning.wait_log("following: the active node's table loaded", 10)
     return {
         "vips_moved_s": vips,
         "gap_ab_s": streams[0].longest_gap(),

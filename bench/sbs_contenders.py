@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from sbs_lab import (
 
 # After sbs_lab, which puts the repository on sys.path (bench/ scripts run from anywhere).
 from lrkp_lab.ngrelay import node_serves_ng
+from lrkp_lab.processes import terminate
 
 
 class Contender:
@@ -61,13 +61,8 @@ class Contender:
         raise NotImplementedError
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc:
+            terminate(self.proc)
         self.proc = None
 
 

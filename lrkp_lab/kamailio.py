@@ -262,83 +262,78 @@ def base_argv(
     ]
 
 
-def kamailio_argv(
-    workdir: Path,
+def lrkproxy_defines(
     nodes: Sequence[str],
     *,
-    alg: int = 0,
-    gt: int = 0,
-    tout: int = 1,
-    retr: int = 2,
-    children: int = 2,
-    debug: int = 2,
-    extra: Sequence[str] = (),
-    binary: str = "kamailio",
-    mpath: str | None = None,
-    config: Path = KAMAILIO_CFG,
-    start_port: int | None = None,
-    end_port: int | None = None,
-    site: Site = OWN_HOST,
+    alg: int,
+    gt: int,
+    tout: int,
+    retr: int,
+    start_port: int | None,
+    end_port: int | None,
 ) -> list[str]:
-    """The Kamailio command line for examples/kamailio.cfg (lrkproxy).
-
-    `mpath`: the module directory (default: the cfg's, Debian's); `start_port`/`end_port`:
-    the lrkproxy modparams of 5.7+ (the cfg sets them only when defined)."""
+    """The defines of examples/kamailio.cfg's lrkproxy module: its nodes, LRKP_ALG,
+    LRKP_GT, LRKP_TOUT, LRKP_RETR, and the port range of 5.7+ (the cfg sets it only when
+    defined)."""
     optional = []
     if start_port is not None:
         optional += define("LRKP_START_PORT", start_port)
     if end_port is not None:
         optional += define("LRKP_END_PORT", end_port)
     return [
-        *base_argv(
-            workdir,
-            binary=binary,
-            config=config,
-            children=children,
-            debug=debug,
-            site=site,
-            mpath=mpath,
-        ),
         *define("LRKP_SOCK", quoted(" ".join(nodes))),
         *define("LRKP_ALG", alg),
         *define("LRKP_GT", gt),
         *define("LRKP_TOUT", tout),
         *define("LRKP_RETR", retr),
         *optional,
-        *extra,
     ]
 
 
-def ng_kamailio_argv(
-    workdir: Path,
-    relays: Sequence[str],
-    *,
-    tout_ms: int = 1000,
-    retr: int = 2,
-    children: int = 2,
-    debug: int = 2,
-    extra: Sequence[str] = (),
-    binary: str = "kamailio",
-    mpath: str | None = None,
-    config: Path = KAMAILIO_NG_CFG,
-    site: Site = OWN_HOST,
-) -> list[str]:
-    """The Kamailio command line for examples/kamailio-rtpengine.cfg (the ng protocol)."""
+def rtpengine_defines(relays: Sequence[str], *, tout_ms: int, retr: int) -> list[str]:
+    """The defines of examples/kamailio-rtpengine.cfg's rtpengine module (the ng protocol)."""
     return [
+        *define("RTPE_SOCK", quoted(" ".join(relays))),
+        *define("RTPE_TOUT_MS", tout_ms),
+        *define("RTPE_RETR", retr),
+    ]
+
+
+@contextlib.contextmanager
+def _running(
+    lab: Lab,
+    workdir: Path,
+    module_defines: Sequence[str],
+    *,
+    config: Path,
+    children: int,
+    debug: int,
+    build: KamailioBuild | None,
+    binary: str | None,
+    mpath: str | None,
+    extra: Sequence[str],
+    site: Site,
+) -> Iterator[Kamailio]:
+    """Kamailio with `config`, the defines every config of ours takes, then its module's
+    and `extra`: ready for the duration of the block, always killed. `build` picks the
+    Kamailio (default: Debian's 5.6, with the cfg's own module directory); `binary` and
+    `mpath` override its parts."""
+    chosen = build or DEBIAN_KAMAILIO
+    argv = [
         *base_argv(
             workdir,
-            binary=binary,
+            binary=binary or chosen.binary,
             config=config,
             children=children,
             debug=debug,
             site=site,
-            mpath=mpath,
+            mpath=mpath or (None if build is None else chosen.mpath),
         ),
-        *define("RTPE_SOCK", quoted(" ".join(relays))),
-        *define("RTPE_TOUT_MS", tout_ms),
-        *define("RTPE_RETR", retr),
+        *module_defines,
         *extra,
     ]
+    with Kamailio(lab, workdir, argv, site) as running:
+        yield running
 
 
 @contextlib.contextmanager
@@ -369,25 +364,22 @@ def kamailio(
     `build` picks the Kamailio (default: Debian's 5.6); `binary`/`mpath` override its parts;
     `start_port`/`end_port` set lrkproxy's port range (5.7+ only); `site` where it runs.
     """
-    chosen = build or DEBIAN_KAMAILIO
-    argv = kamailio_argv(
+    defines = lrkproxy_defines(
+        nodes, alg=alg, gt=gt, tout=tout, retr=retr, start_port=start_port, end_port=end_port
+    )
+    with _running(
+        lab,
         workdir,
-        nodes,
-        alg=alg,
-        gt=gt,
-        tout=tout,
-        retr=retr,
+        defines,
+        config=config,
         children=children,
         debug=debug,
+        build=build,
+        binary=binary,
+        mpath=mpath,
         extra=extra,
-        binary=binary or chosen.binary,
-        mpath=mpath or (None if build is None else chosen.mpath),
-        config=config,
-        start_port=start_port,
-        end_port=end_port,
         site=site,
-    )
-    with Kamailio(lab, workdir, argv, site) as running:
+    ) as running:
         yield running
 
 
@@ -412,21 +404,20 @@ def ng_kamailio(
     `relays` are rtpengine_sock URLs, e.g. ["udp:10.201.1.1:2223"]; `tout_ms` and `retr`
     the module's rtpengine_tout_ms and rtpengine_retr; `build` picks the Kamailio (default:
     Debian's 5.6)."""
-    chosen = build or DEBIAN_KAMAILIO
-    argv = ng_kamailio_argv(
+    defines = rtpengine_defines(relays, tout_ms=tout_ms, retr=retr)
+    with _running(
+        lab,
         workdir,
-        relays,
-        tout_ms=tout_ms,
-        retr=retr,
+        defines,
+        config=config,
         children=children,
         debug=debug,
+        build=build,
+        binary=None,
+        mpath=None,
         extra=extra,
-        binary=chosen.binary,
-        mpath=None if build is None else chosen.mpath,
-        config=config,
         site=site,
-    )
-    with Kamailio(lab, workdir, argv, site) as running:
+    ) as running:
         yield running
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -18,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from lrkp_lab import scraping
 from lrkp_lab.lab import Lab
-from lrkp_lab.node import Node
+from lrkp_lab.node import Node, clear_host
 from lrkp_lab.pairlab import EXTERNAL_VIP, INTERNAL_VIP, Pair
 from lrkp_lab.redis import RedisServer
 from lrkp_tsl.dataplane.nft import TABLE
@@ -41,16 +41,6 @@ def node_args(redis: RedisServer, peer: RedisServer, idle: float = IDLE) -> tupl
         "--pair-redis", redis.url, "--pair-peer-redis", peer.tcp_url,
         "--metrics-listen", f"{METRICS[0]}:{METRICS[1]}",
     )  # fmt: skip
-
-
-def wait_log(node: Node, text: str, timeout: float) -> float:
-    """Seconds until `text` is in the node's log."""
-    started = time.monotonic()
-    while text not in node.output():
-        assert node.proc.poll() is None, f"node exited:\n{node.output()}"
-        assert time.monotonic() - started < timeout, f"{text!r} not logged:\n{node.output()}"
-        time.sleep(0.01)
-    return time.monotonic() - started
 
 
 def flows(lab: Lab, host: str) -> set[tuple[str, str]]:
@@ -87,7 +77,7 @@ class Members:
         node = Node(self.lab, host, *args, state=state)
         self.nodes[host] = node
         self.started.append(node)
-        wait_log(node, "node up", 20)
+        node.wait_log("node up", 20)
         return node
 
     def ctl(self, host: str, *argv: str) -> dict[str, Any]:
@@ -101,21 +91,8 @@ class Members:
 
     def metrics(self, host: str) -> dict[str, float]:
         """The node's /metrics (read from inside its namespace): unlabelled samples by name."""
-        with self.lab.inside(host):
-            sock = socket.create_connection(METRICS, timeout=10)
-        with sock:
-            sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.0 200"), head
-        found = {}
-        for line in body.decode().splitlines():
-            name, _, value = line.partition(" ")
-            if line and not line.startswith("#") and "{" not in name:
-                found[name] = float(value)
-        return found
+        samples = scraping.metrics(self.lab, host, METRICS[1], METRICS[0])
+        return {name: value for (name, labels), value in samples.items() if not labels}
 
 
 @contextlib.contextmanager
@@ -134,9 +111,9 @@ def running_pair(lab: Lab, *, idle: float = IDLE, examples: bool = False) -> Ite
             server.start()
         pair.start(first="relay")
         active = made.start_node("relay")
-        wait_log(active, "active: this node holds the relay addresses", 5)
+        active.wait_log("active: this node holds the relay addresses", 5)
         standby = made.start_node("relay2")
-        wait_log(standby, "following: the active node's table loaded", 10)
+        standby.wait_log("following: the active node's table loaded", 10)
         yield made
     finally:
         for node in made.started:
@@ -146,27 +123,11 @@ def running_pair(lab: Lab, *, idle: float = IDLE, examples: bool = False) -> Ite
             server.stop()
             server.remove()
         for host in (*HOSTS, "nat"):
-            lab.run(host, "nft", "delete", "table", "ip", TABLE, check=False)
-            lab.run(host, "iptables-nft", "-t", "raw", "-F", check=False)
-            lab.run(host, "conntrack", "-F", check=False)
+            clear_host(lab, host)
 
 
 LONE_CONTROL = ("127.0.0.1", 22333)
 LONE_PORTS = (1024, 65535)
-
-
-def scrape(lab: Lab, host: str, port: int = METRICS[1]) -> str:
-    """GET /metrics of the node on `host` (from inside its namespace): the text."""
-    with lab.inside(host):
-        sock = socket.create_connection((METRICS[0], port), timeout=10)
-    with sock:
-        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200"), head
-    return body.decode()
 
 
 @contextlib.contextmanager
@@ -198,13 +159,11 @@ def lone_active(
             "--pair-redis", redis["relay"].url, "--pair-peer-redis", redis["relay2"].tcp_url,
             "--metrics-listen", f"{METRICS[0]}:{METRICS[1]}", "--flush-on-exit", *extra,
         )  # fmt: skip
-        wait_log(node, "active: this node holds the relay addresses", 20)
+        node.wait_log("active: this node holds the relay addresses", 20)
         yield node, redis
     finally:
         if node is not None:
             node.stop()
         for server in redis.values():
             server.remove()
-        lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
-        lab.run("relay", "iptables-nft", "-t", "raw", "-F", check=False)
-        lab.run("relay", "conntrack", "-F", check=False)
+        clear_host(lab, "relay")

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -24,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from lrkp_lab.lab import Lab
+from lrkp_lab.processes import terminate
 
 PORT = 26379  # not 6379: a distribution's own redis-server may run in the root namespace
 START_WAIT = 5.0
@@ -179,15 +179,9 @@ class RedisServer:
 
     def stop(self) -> None:
         """Stop the server (even a frozen one) and wait for it."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGCONT)
-                self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)  # a frozen server acts on no other signal
+            terminate(self.proc, grace=5)
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
 
@@ -202,15 +196,3 @@ class RedisServer:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.remove()
-
-
-def wait_for(
-    what: str, check: Callable[[], bool], timeout: float = 5.0, step: float = 0.005
-) -> float:
-    """Poll `check()` until true; return how long it took; fail naming `what` otherwise."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(step)
-    return time.monotonic() - start

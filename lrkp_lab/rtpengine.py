@@ -12,7 +12,6 @@ differential tests, and on the relay's internal address (`ng_ip`) for Kamailio's
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from lrkp_lab.lab import Lab
 from lrkp_lab.ngpeer import UdpNgPeer
+from lrkp_lab.processes import terminate
 
 BINARY = "rtpengine"
 
@@ -105,13 +105,8 @@ class Rtpengine:
         return UdpNgPeer("rtpengine", sock, (str(self.ng_ip), self.ng_port), timeout)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            terminate(self.proc)
         self.proc = None
 
     def __enter__(self) -> Rtpengine:

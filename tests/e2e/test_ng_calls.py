@@ -27,13 +27,15 @@ from typing import Any
 import pytest
 
 from lrkp_lab import ngrelay, rtpengine
+from lrkp_lab.calls import both_ways, burst
 from lrkp_lab.kamailio import KamailioBuild, Sdp, SipMessage, call, ng_kamailio
 from lrkp_lab.lab import Lab
 from lrkp_lab.ngrelay import NG_ADDRESS, NgRelay
 from lrkp_lab.parties import Peers
+from lrkp_lab.sipmedia import endpoint, media_both_ways, parties
 from lrkp_tsl.dataplane.nft import TABLE
 from tests.e2e.control_tap import ControlTap, Seen
-from tests.e2e.test_calls import conntrack, endpoint, media_both_ways
+from tests.e2e.relaynode import conntrack
 
 NODE_NOT_YET = (
     "the node does not serve ng yet: `lrkp-tsl run --help` has no --ng (issue 20's engine "
@@ -202,16 +204,10 @@ def test_caller_behind_a_port_remapping_nat(
         Peers(lab) as peers,
     ):
         caller_sdp, callee_sdp = made.wait_answered()
-        caller = peers("c", made.caller_rtp[1])
-        callee = peers("x", made.callee_rtp[1])
-        to_a, to_b = endpoint(caller_sdp), endpoint(callee_sdp)
+        caller, to_a, callee, to_b = parties(peers, made, caller_sdp, callee_sdp)
         caller.send(to_a, b"hello")  # a phone behind NAT speaks first: symmetric RTP
         assert callee.expect(b"hello") == to_b
-        for seq in range(10):
-            callee.send(to_b, b"B-%d" % seq)
-            assert caller.expect(b"B-%d" % seq) == to_a
-            caller.send(to_a, b"A-%d" % seq)
-            assert callee.expect(b"A-%d" % seq) == to_b
+        both_ways(callee, to_b, caller, to_a, 10, b"B", b"A")  # the callee first
         caller.expect_nothing()
         callee.expect_nothing()
         offer = ng(tap.commands("offer")[0])
@@ -249,11 +245,8 @@ def test_hold_and_resume_keep_the_relay_ports(
         assert hold_answer.endpoint == caller_sdp.endpoint
         assert hold_offer.origin == f"caller 53655765 2353687638 IN IP4 {RELAY_INT}"
         with Peers(lab) as peers:  # on hold: the caller still sends (sendonly)
-            caller = peers("a", made.caller_rtp[1])
-            callee = peers("b", made.callee_rtp[1])
-            for seq in range(5):
-                caller.send(endpoint(caller_sdp), b"held-%d" % seq)
-                assert callee.expect(b"held-%d" % seq) == endpoint(callee_sdp)
+            caller, to_a, callee, to_b = parties(peers, made, caller_sdp, callee_sdp)
+            burst(caller, to_a, callee, to_b, 5, b"held")
 
         answers, offers = made.wait_answers(3)
         resume_offer, resume_answer = offers[2], answers[2]
@@ -311,14 +304,8 @@ def test_bye_ends_the_call_and_nothing_is_relayed_after(
         Peers(lab) as peers,
     ):
         caller_sdp, callee_sdp = made.wait_answered()
-        to_a, to_b = endpoint(caller_sdp), endpoint(callee_sdp)
-        caller = peers("a", made.caller_rtp[1])
-        callee = peers("b", made.callee_rtp[1])
-        for seq in range(10):
-            caller.send(to_a, b"A-%d" % seq)
-            assert callee.expect(b"A-%d" % seq) == to_b
-            callee.send(to_b, b"B-%d" % seq)
-            assert caller.expect(b"B-%d" % seq) == to_a
+        caller, to_a, callee, to_b = parties(peers, made, caller_sdp, callee_sdp)
+        both_ways(caller, to_a, callee, to_b, 10)
         assert not tap.commands("delete")
 
         made.wait_done()

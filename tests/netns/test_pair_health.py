@@ -20,8 +20,8 @@ import pytest
 from lrkp_lab.lab import Lab
 from lrkp_lab.node import Controller, set_command
 from lrkp_lab.pairlab import INTERNAL_VIP
-from lrkp_lab.pairnodes import CONTROL, Members, running_pair, wait_log
-from lrkp_lab.redis import wait_for
+from lrkp_lab.pairnodes import CONTROL, Members, running_pair
+from lrkp_lab.waiting import wait_for
 
 ALARM = "standby: NOT following the active node (a takeover now would lose calls)"
 RECOVERED = "standby: following the active node again"
@@ -101,7 +101,7 @@ def test_a_standby_that_cannot_follow_says_so_and_when_it_follows_again(
     lab = members.lab
     set_up(members, 0, 20)
     wait_for("in sync", in_sync(members, 20), 10.0, step=0.05)
-    wait_log(members.nodes["relay2"], "standby: in sync with the active node", 1.0)
+    members.nodes["relay2"].wait_log("standby: in sync with the active node", 1.0)
     status = members.pair_status("relay2")
     assert status["link"] == "up" and status["lag"] < 1.0 and status["last_applied_id"] != "0-0"
     timings = {}

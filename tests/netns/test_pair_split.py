@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 
 from lrkp_lab.calls import Stream, burst
-from lrkp_lab.kamailio import Sdp, call, kamailio
+from lrkp_lab.kamailio import call, kamailio
 from lrkp_lab.lab import Lab
 from lrkp_lab.pairlab import INTERNAL_VIP, mac, neighbour_mac, vip_holders
-from lrkp_lab.pairnodes import CONTROL, RATE, Members, flows, running_pair, wait_log
+from lrkp_lab.pairnodes import CONTROL, RATE, Members, flows, running_pair
 from lrkp_lab.parties import Peers
-from lrkp_lab.redis import wait_for
-from lrkp_tsl.media import Endpoint
+from lrkp_lab.sipmedia import parties
+from lrkp_lab.waiting import wait_for
 
 RELAY_ADDRESSES = "10.201.1.1, 10.201.2.1"
 CUT = "lrkp_test_split"
@@ -39,10 +39,6 @@ CUT = "lrkp_test_split"
 def members(lab: Lab) -> Iterator[Members]:
     with running_pair(lab, idle=60) as made:
         yield made
-
-
-def endpoint(sdp: Sdp) -> Endpoint:
-    return Endpoint.parse(*sdp.endpoint)
 
 
 def cut(lab: Lab, vrrp_only: bool = False) -> None:
@@ -72,9 +68,7 @@ def test_a_split_brain_keeps_the_winners_calls_and_crosses_none(
         call(lab, tmp_path / "a", caller="c", callee="b", pause_ms=120_000) as first,
     ):
         # Call A, before the split: on relay, replicated to relay2.
-        sdp_c, sdp_b = first.wait_answered(20.0)
-        c, b = peers("c", first.caller_rtp[1]), peers("b", first.callee_rtp[1])
-        to_c, to_b = endpoint(sdp_c), endpoint(sdp_b)
+        c, to_c, b, to_b = parties(peers, first, *first.wait_answered(20.0))
         burst(c, to_c, b, to_b, 1, b"hello")
         a_out = Stream(c, to_c, b, b"A", RATE).start()
         a_back = Stream(b, to_b, c, b"a", RATE).start()
@@ -83,7 +77,7 @@ def test_a_split_brain_keeps_the_winners_calls_and_crosses_none(
         # The link between the nodes is cut: both become MASTER.
         cut(lab)
         wait_for("both hold the VIPs", lambda: len(vip_holders(lab)) == 2, 5.0)
-        wait_log(relay2, "active: this node holds the relay addresses; 1 calls", 2.0)
+        relay2.wait_log("active: this node holds the relay addresses; 1 calls", 2.0)
         # relay2's gratuitous ARPs took every neighbour (Kamailio, A's parties): relay
         # still holds the VIPs but hears nothing.
         relay2_mac = mac(lab, "relay2", "int0")
@@ -91,9 +85,7 @@ def test_a_split_brain_keeps_the_winners_calls_and_crosses_none(
                  lambda: neighbour_mac(lab, "sip", INTERNAL_VIP) == relay2_mac, 5.0)  # fmt: skip
         with call(lab, tmp_path / "b", caller="a", callee="x", caller_rtp_port=30100,
                   callee_rtp_port=32100, pause_ms=120_000) as second:  # fmt: skip
-            sdp_a, sdp_x = second.wait_answered(20.0)
-            a, x = peers("a", second.caller_rtp[1]), peers("x", second.callee_rtp[1])
-            to_a, to_x = endpoint(sdp_a), endpoint(sdp_x)
+            a, to_a, x, to_x = parties(peers, second, *second.wait_answered(20.0))
             burst(a, to_a, x, to_x, 1, b"B-hello")
             b_out = Stream(a, to_a, x, b"B", RATE).start()
             b_back = Stream(x, to_x, a, b"b", RATE).start()
@@ -106,8 +98,8 @@ def test_a_split_brain_keeps_the_winners_calls_and_crosses_none(
             healed = time.monotonic()
             heal(lab)
             wait_for("relay alone holds the VIPs", lambda: vip_holders(lab) == ["relay"], 5.0)
-            wait_log(relay2, "standby: the relay addresses are elsewhere", 2.0)
-            wait_log(relay2, "calls of this node are not on the active node: removed", 5.0)
+            relay2.wait_log("standby: the relay addresses are elsewhere", 2.0)
+            relay2.wait_log("calls of this node are not on the active node: removed", 5.0)
             wait_for(  # relay's gratuitous ARPs reach every neighbour
                 "the neighbours at relay",
                 lambda: neighbour_mac(lab, "a", INTERNAL_VIP) not in (None, relay2_mac),
@@ -144,7 +136,7 @@ def test_both_nodes_say_split_brain_when_only_vrrp_is_lost(lab: Lab, members: Me
     try:
         wait_for("both hold the VIPs", lambda: len(vip_holders(lab)) == 2, 5.0)
         for host in ("relay", "relay2"):
-            wait_log(members.nodes[host], "SPLIT BRAIN: the peer node is active too", 5.0)
+            members.nodes[host].wait_log("SPLIT BRAIN: the peer node is active too", 5.0)
             status = members.pair_status(host)
             assert status["role"] == "active" and status["split_brain"], status
             assert members.metrics(host)["lrkp_pair_in_sync"] == 0

@@ -26,9 +26,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lrkp_lab.lab import Lab
+from lrkp_lab.load import fill
 from lrkp_lab.node import Controller, Node, set_command
-from lrkp_lab.pairnodes import LONE_CONTROL, lone_active, scrape
-from lrkp_lab.redis import RedisServer, wait_for
+from lrkp_lab.pairnodes import LONE_CONTROL, METRICS, lone_active
+from lrkp_lab.redis import RedisServer
+from lrkp_lab.scraping import metrics_text
+from lrkp_lab.waiting import wait_for
 
 CALLS = 15_000
 PER_IP = 16_000  # relay ports 1024-65535, 4 per call
@@ -42,23 +45,6 @@ def body(index: int, verb: str = "S") -> bytes:
     party = 2000 + 2 * (index % 30000)
     return set_command(verb, "10.201.1.10", relay, relay, "10.201.1.11", party, port, port + 2,
                        party, f"stall-{index}@lab")  # fmt: skip
-
-
-def fill(client: Controller, count: int) -> None:
-    """Set up calls 0..count-1, WINDOW commands in flight."""
-    pending: set[bytes] = set()
-    index = 0
-    while index < count or pending:
-        while index < count and len(pending) < WINDOW:
-            cookie = client.cookie()
-            client.send(cookie + b" " + body(index), LONE_CONTROL)
-            pending.add(cookie)
-            index += 1
-        reply = client.receive(10.0)
-        assert reply is not None, f"fill: {len(pending)} replies missing"
-        cookie, _, rest = reply.partition(b" ")
-        assert rest.endswith(b"OK"), reply
-        pending.discard(cookie)
 
 
 class Flow:
@@ -119,7 +105,7 @@ class Flow:
 def durations(lab: Lab) -> tuple[int, int]:
     """The node's command-duration histogram: (commands, commands within BAR)."""
     count = within = 0
-    for family in text_string_to_metric_families(scrape(lab, "relay")):
+    for family in text_string_to_metric_families(metrics_text(lab, "relay", METRICS[1])):
         if family.name != "lrkp_command_duration_seconds":
             continue
         for sample in family.samples:
@@ -135,7 +121,7 @@ def active(lab: Lab) -> Iterator[tuple[Node, dict[str, RedisServer]]]:
     with lone_active(lab, "--log-level", "warning") as made:
         client = Controller(lab, "relay", "127.0.0.1")
         try:
-            fill(client, CALLS)
+            fill(client.sock, LONE_CONTROL, (body(index) for index in range(CALLS)), WINDOW)
         finally:
             client.close()
         yield made

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lrkp_lab.calls import CONTROL, Call, Stream, burst
+from lrkp_lab.calls import BASE_NODE_ARGS, CONTROL, Call, Stream, burst
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_lab.node import Controller, Node, set_command
 from lrkp_lab.parties import PORTS, Party, Peers
@@ -33,27 +33,9 @@ from lrkp_tsl.protocol import NodeConfig
 from lrkp_tsl.selfheal import SelfHeal
 from tests.fakes import MemoryStore
 
-ARGS = (
-    "--internal-ip", str(INTERNAL_IP), "--external-ip", str(EXTERNAL_IP),
-    "--ports", "20000-21999", "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",
-    "--allow", "10.201.1.5",
-)  # fmt: skip
 REPAIRED = "repaired:"
 # A repair happens within a check interval or two of the damage (selfheal.CHECK_INTERVAL).
 REPAIR_WAIT = 10.0
-
-
-@pytest.fixture
-def nodes(lab: Lab) -> Iterator[list[Node]]:
-    """Nodes a test starts; all stopped, and the relay namespace cleared, at the end."""
-    started: list[Node] = []
-    yield started
-    for node in started:
-        node.stop(signal.SIGKILL)
-    lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
-    lab.run("relay", "iptables-nft", "-t", "raw", "-F", check=False)
-    for host in ("relay", "nat"):
-        lab.run(host, "conntrack", "-F", check=False)
 
 
 @pytest.fixture
@@ -65,25 +47,11 @@ def streams(peers: Peers) -> Iterator[list[Stream]]:
         stream.stop()
 
 
-@pytest.fixture
-def kamailio(lab: Lab) -> Iterator[Controller]:
-    client = Controller(lab, "sip", "10.201.1.5")
-    yield client
-    client.close()
-
-
 def start(lab: Lab, nodes: list[Node], kamailio: Controller, *args: str, **kw: Path) -> Node:
-    node = Node(lab, "relay", *ARGS, *args, **kw)
+    node = Node(lab, "relay", *BASE_NODE_ARGS, *args, **kw)
     nodes.append(node)
     node.wait_ready(CONTROL, kamailio)
     return node
-
-
-def wait_for(node: Node, text: str, timeout: float = REPAIR_WAIT, count: int = 1) -> None:
-    deadline = time.monotonic() + timeout
-    while node.output().count(text) < count:
-        assert time.monotonic() < deadline, f"{text!r} not logged:\n{node.output()[-4000:]}"
-        time.sleep(0.1)
 
 
 def errors(node: Node) -> list[str]:
@@ -197,7 +165,7 @@ def test_a_guard_priority_changed_by_hand_is_repaired_once(
         f"add chain ip {TABLE} guard {{ type filter hook prerouting priority 0; policy accept; }}\n"
     )
     nft(lab, by_hand, tmp_path)
-    wait_for(node, REPAIRED)
+    node.wait_log(REPAIRED, REPAIR_WAIT)
     time.sleep(3.0)  # a repair loop would have logged again meanwhile
     forward.stop()
     backward.stop()
@@ -224,13 +192,13 @@ def test_a_repair_that_keeps_failing_backs_off_and_says_so(
     node = start(lab, nodes, kamailio, "--rules", str(rules))
     rules.write_text("this is not an nftables ruleset\n")
     lab.run("relay", "nft", "flush", "ruleset")
-    wait_for(node, "repair failed")
+    node.wait_log("repair failed", REPAIR_WAIT)
     time.sleep(8.0)  # a repair every check interval would fail 16 times meanwhile
     failed = node.output().count("repair failed")
     assert 2 <= failed <= 5, node.output()[-4000:]
     assert "next attempt in" in node.output()
     rules.write_text(DEFAULT_RULES.read_text())
-    wait_for(node, REPAIRED, timeout=40.0)
+    node.wait_log(REPAIRED, 40.0)
     new_nat_call(kamailio, peers, 20220, "after-backoff@lab")
 
 
@@ -268,7 +236,7 @@ def test_emptied_maps_and_sets_and_a_bypassed_queue_rule_are_repaired(
     tool, arguments, found = DAMAGE[damage]
     lab.run("relay", tool, *arguments.split())
     damaged_at = len(forward.sent)
-    wait_for(node, REPAIRED, timeout=5.0)
+    node.wait_log(REPAIRED, 5.0)
     repaired_at = len(forward.sent)
     time.sleep(1.0)
     new_nat_call(kamailio, peers, 20230, "after-damage@lab")
@@ -306,7 +274,7 @@ def test_a_call_surviving_a_flushed_ruleset_keeps_its_idle_timeout(
     )
     time.sleep(0.5)
     lab.run("relay", "nft", "flush", "ruleset")
-    wait_for(node, REPAIRED, timeout=5.0)
+    node.wait_log(REPAIRED, 5.0)
     repaired_at = len(forward.sent)
     time.sleep(1.0)
     timeouts = entry_timeouts(lab, 20130) + entry_timeouts(lab, 20132)
@@ -316,7 +284,7 @@ def test_a_call_surviving_a_flushed_ruleset_keeps_its_idle_timeout(
     assert timeouts and max(timeouts) <= idle, timeouts  # the policy, not the kernel's 120 s
     assert [seq for seq in forward.lost() if seq > repaired_at + 2] == []
     assert [seq for seq in backward.lost() if seq > repaired_at + 2] == []
-    wait_for(node, f"[survivor@lab] removed: no media for {idle} s", timeout=30.0)
+    node.wait_log(f"[survivor@lab] removed: no media for {idle} s", 30.0)
     print(f"flushed ruleset: the call ended {time.monotonic() - stopped:.1f} s after its last "
           f"packet (idle timeout {idle} s); lost {len(forward.lost())} + "
           f"{len(backward.lost())} packets")  # fmt: skip
@@ -409,7 +377,7 @@ def test_a_stream_that_starts_while_a_map_is_empty_is_relayed_after_the_repair(
     for seq in range(10):  # RTCP starts now, while the map is empty (every 0.1 s)
         caller_rtcp.send(caller_relay_rtcp, b"early-%d" % seq)
         time.sleep(0.1)
-    wait_for(node, REPAIRED, timeout=5.0)
+    node.wait_log(REPAIRED, 5.0)
     while callee_rtcp.receive(0.2) is not None:
         pass  # whatever of it the repair let through
     burst(caller_rtcp, caller_relay_rtcp, callee_rtcp, Endpoint(INTERNAL_IP, 20141), 5, b"late")
@@ -432,7 +400,9 @@ def test_a_restart_with_another_idle_timeout_gives_live_calls_the_new_one(
     first.stop()
     idle = 4
     node = start(lab, nodes, kamailio, "--idle-timeout", str(idle), state=first.state)
-    wait_for(node, "idle timeout changed: the conntrack entries of 1 live calls renewed")
+    node.wait_log(
+        "idle timeout changed: the conntrack entries of 1 live calls renewed", REPAIR_WAIT
+    )
     restarted_at = len(forward.sent)
     time.sleep(1.0)
     timeouts = entry_timeouts(lab, 20140) + entry_timeouts(lab, 20142)
@@ -442,4 +412,4 @@ def test_a_restart_with_another_idle_timeout_gives_live_calls_the_new_one(
     assert [seq for seq in forward.lost() if seq > restarted_at + 2] == []
     assert [seq for seq in backward.lost() if seq > restarted_at + 2] == []
     assert "1 stored calls were set up with another idle timeout" in node.output()
-    wait_for(node, f"[retimed@lab] removed: no media for {idle} s", timeout=30.0)
+    node.wait_log(f"[retimed@lab] removed: no media for {idle} s", 30.0)

@@ -12,7 +12,8 @@ from ipaddress import IPv4Address
 import pytest
 
 from lrkp_lab.lab import Lab
-from lrkp_lab.redis import RedisServer, wait_for
+from lrkp_lab.redis import RedisServer
+from lrkp_lab.waiting import wait_for
 from lrkp_tsl.latching import Policy
 from lrkp_tsl.media import CallMedia, Endpoint
 from lrkp_tsl.records import StoredCall, decode, encode
