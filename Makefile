@@ -31,7 +31,7 @@ test: deps kamailio bench-deps
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # Kamailio 6.x for the e2e suite: built once per machine into a cache outside the clone,
-# keyed by the source tarball's hash (docs/kamailio.md). No tarball: a loud warning, and the
+# keyed by the source tarball's hash and the module list (docs/kamailio.md). No tarball: a loud warning, and the
 # 6.x tests skip with that reason (set LRKP_KAMAILIO_SRC); a failed build is always an error.
 kamailio: deps
 	@scripts/build-kamailio.sh >/dev/null || { rc=$$?; [ $$rc -eq 3 ] || exit $$rc; \

@@ -7,11 +7,18 @@ node is filled to each size first (pipelined, not measured). Runs as root in a l
 real daemon in the relay namespace, controlled over loopback.
 
     .venv/bin/python bench/control_clients.py [--sizes 1000,10000,24000] [--clients 1,4]
+        [--pair]
+
+--pair: the node runs in pair mode, active (lrkp_lab.pairnodes.lone_active: its Redis on
+relay, the peer's on relay2; no standby node): what replication costs the active's host,
+against the same run without it. The peer's Redis replicates it only with --replica: in a
+real pair it runs on the other host, here it would take this VM's CPU from the node.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
@@ -21,8 +28,10 @@ import threading
 import time
 from pathlib import Path
 
+from lrkp_lab import load
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_lab.node import Controller, Node, set_command
+from lrkp_lab.pairnodes import lone_active
 
 CONTROL = ("127.0.0.1", 22333)
 PORTS = (1024, 65535)
@@ -55,21 +64,7 @@ def exchange(client: Controller, body: bytes) -> float:
 
 def fill(client: Controller, first: int, last: int) -> None:
     """Set up calls first..last-1, FILL_WINDOW commands in flight."""
-    pending: set[bytes] = set()
-    index = first
-    while index < last or pending:
-        while index < last and len(pending) < FILL_WINDOW:
-            cookie = client.cookie()
-            client.send(cookie + b" " + s_body(index), CONTROL)
-            pending.add(cookie)
-            index += 1
-        reply = client.receive(5.0)
-        if reply is None:
-            raise RuntimeError(f"fill: {len(pending)} replies missing")
-        cookie, _, rest = reply.partition(b" ")
-        if not rest.endswith(b"OK"):
-            raise RuntimeError(f"fill: unexpected reply {reply!r}")
-        pending.discard(cookie)
+    load.fill(client.sock, CONTROL, (s_body(index) for index in range(first, last)), FILL_WINDOW)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -129,6 +124,12 @@ def main() -> int:
     parser.add_argument("--sample", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/control_clients.json"))
+    parser.add_argument("--pair", action="store_true", help="the node in pair mode, active")
+    parser.add_argument(
+        "--replica",
+        action="store_true",
+        help="--pair: also a replica Redis (in this one VM, its CPU competes with the node's)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (network namespaces)", file=sys.stderr)
@@ -140,11 +141,17 @@ def main() -> int:
               "IPs, 4 ports per call)", file=sys.stderr)  # fmt: skip
         return 1
     rows = []
-    with Lab() as lab:
-        node = Node(lab, "relay", "--internal-ip", str(INTERNAL_IP), "--external-ip",
-                    str(EXTERNAL_IP), "--ports", f"{PORTS[0]}-{PORTS[1]}", "--control",
-                    f"udp:{CONTROL[0]}:{CONTROL[1]}", "--flush-on-exit",
-                    "--log-level", "warning")  # fmt: skip
+    with Lab() as lab, contextlib.ExitStack() as stack:
+        if args.pair:
+            node, _redis = stack.enter_context(
+                lone_active(lab, "--log-level", "warning", replica=args.replica)
+            )
+        else:
+            node = Node(lab, "relay", "--internal-ip", str(INTERNAL_IP), "--external-ip",
+                        str(EXTERNAL_IP), "--ports", f"{PORTS[0]}-{PORTS[1]}", "--control",
+                        f"udp:{CONTROL[0]}:{CONTROL[1]}", "--flush-on-exit",
+                        "--log-level", "warning")  # fmt: skip
+            stack.callback(node.stop)
         client = Controller(lab, "relay", "127.0.0.1")
         try:
             node.wait_ready(CONTROL, client)
@@ -169,11 +176,11 @@ def main() -> int:
                     rate, _, cpu = pairs(lab, count, args.seconds, node.proc.pid)
                     row[f"pairs_per_s_{count}_clients"] = rate
                     row[f"node_cpu_us_per_pair_{count}_clients"] = cpu
+                row["pair"] = args.pair
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         finally:
             client.close()
-            node.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2))
     return 0

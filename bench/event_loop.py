@@ -39,7 +39,6 @@ import math
 import multiprocessing
 import os
 import re
-import select
 import shutil
 import socket
 import subprocess
@@ -54,6 +53,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
+from lrkp_lab import load
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_lab.node import Controller, Node, set_command
 
@@ -74,9 +74,6 @@ B_DROP = """table inet bench {
 	}
 }
 """
-# How long an `S` waits for its reply before it is sent again (as lrkproxy_tout), how often.
-RESEND_AFTER = 1.0
-RESEND_MAX = 5
 STALL_THRESHOLDS_MS = (50, 200)
 
 # -- the calls ---------------------------------------------------------------------------------
@@ -151,61 +148,19 @@ def fill(
     window: int = 64,
     on_ok: Callable[[int], None] | None = None,
 ) -> FillResult:
-    """Set up the calls `indices` with `S`, `window` requests outstanding at a time.
-
-    Replies are matched by cookie and must be the request + `OK`; a request unanswered for
-    RESEND_AFTER seconds is sent again with the same bytes (the node answers a retransmission
-    from its cache), at most RESEND_MAX times. `on_ok(index)` runs on each call's `OK`.
-    """
-    sock = client.sock
-    prefix = b"%d_" % os.getpid()  # lrkproxy's cookie: <number>_<number>
-    pending: dict[bytes, tuple[int, bytes, bytes, float, int]] = {}  # cookie -> request
-    todo = iter(indices)
-    exhausted = False
-    result = FillResult(len(indices), 0.0)
+    """Set up the calls `indices` with `S`, `window` requests outstanding at a time, each
+    answered `OK` (lrkp_lab.load.fill: a request unanswered for a second is sent again with
+    the same bytes, as lrkproxy does). `on_ok(index)` runs on each call's `OK`."""
     started = time.perf_counter()
-    while not exhausted or pending:
-        while not exhausted and len(pending) < window:
-            index = next(todo, None)
-            if index is None:
-                exhausted = True
-                break
-            cookie = prefix + b"%d" % index
-            body = s_body(index, tag)
-            datagram = cookie + b" " + body
-            sock.sendto(datagram, CONTROL)
-            pending[cookie] = (index, body, datagram, time.monotonic(), 0)
-        if not pending:
-            break
-        oldest = min(sent for _i, _b, _d, sent, _t in pending.values())
-        wait = max(0.0, oldest + RESEND_AFTER - time.monotonic())
-        ready, _, _ = select.select([sock], [], [], wait)
-        while ready:
-            try:
-                reply = sock.recv(4096, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                break
-            cookie, _, answer = reply.partition(b" ")
-            request = pending.pop(cookie, None)
-            if request is None:
-                result.stray_replies += 1  # the answer to a request already answered
-                continue
-            index, body, _datagram, _sent, _tries = request
-            if answer != body + b"OK":
-                raise RuntimeError(f"call {index}: unexpected reply {answer!r} to {body!r}")
-            if on_ok is not None:
-                on_ok(index)
-        now = time.monotonic()
-        for cookie, (index, body, datagram, sent, tries) in list(pending.items()):
-            if now - sent < RESEND_AFTER:
-                continue
-            if tries >= RESEND_MAX:
-                raise RuntimeError(f"call {index}: no reply to {body!r} after {tries + 1} sends")
-            sock.sendto(datagram, CONTROL)
-            result.resent += 1
-            pending[cookie] = (index, body, datagram, now, tries + 1)
-    result.seconds = time.perf_counter() - started
-    return result
+    done = load.fill(
+        client.sock,
+        CONTROL,
+        (s_body(index, tag) for index in indices),
+        window,
+        on_ok=None if on_ok is None else lambda n: on_ok(indices[n]),
+    )
+    seconds = time.perf_counter() - started
+    return FillResult(len(indices), seconds, done.resent, done.stray_replies)
 
 
 # -- media ---------------------------------------------------------------------------------

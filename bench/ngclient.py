@@ -3,6 +3,8 @@
 Run inside the relay namespace by bench/sidebyside.py (adapted from the reference client in
 research/bench-reference/ngclient.py):
 
+    ngclient.py ping 0
+        exit 0 once the server answers `ping` with `pong` (waits up to 20 s).
     ngclient.py calls N PORTFILE_A --a IP:PORT --b IP:PORT
         offer + answer N calls: call i is caller A:(PORT+2i) and callee B:(PORT+2i), as the
         generator sends them. Writes the relay port A must send to, one per line.
@@ -102,6 +104,25 @@ def media_port(text: str) -> int:
     return int(found.group(1))
 
 
+def ping(host: str, port: int, wait: float) -> bool:
+    """True once the server answers `ping` (it is up and serving ng)."""
+    ng = Ng(host, port)
+    ng.sock.settimeout(0.2)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            ng.seq += 1
+            cookie = f"{ng.prefix}_{ng.seq}".encode()
+            ng.sock.send(cookie + b" " + bencode({"command": "ping"}))
+            got, _, body = ng.sock.recv(65535).partition(b" ")
+            reply, _ = bdecode(body)
+            if got == cookie and isinstance(reply, dict) and reply.get("result") == "pong":
+                return True
+        except OSError:  # timeout, or refused: not listening yet
+            time.sleep(0.1)
+    return False
+
+
 def calls(ng: Ng, n: int, a: tuple[str, int], b: tuple[str, int], tag: str) -> list[int]:
     """Offer + answer n calls; the relay port each caller must send to."""
     ports = []
@@ -154,7 +175,7 @@ def cps(host: str, port: int, count: int, clients: int, tag: str) -> dict[str, A
 
 def main() -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["calls", "cps"])
+    parser.add_argument("command", choices=["ping", "calls", "cps"])
     parser.add_argument("n", type=int)
     parser.add_argument("portfile", nargs="?")
     parser.add_argument("--ng", default="127.0.0.1:2223")
@@ -165,7 +186,11 @@ def main() -> dict[str, Any]:
     args = parser.parse_args()
     host, port = endpoint(args.ng)
     result: dict[str, Any]
-    if args.command == "calls":
+    if args.command == "ping":
+        if not ping(host, port, 20.0):
+            raise RuntimeError(f"no pong from {host}:{port} within 20 s")
+        result = {"ready": True}
+    elif args.command == "calls":
         started = time.monotonic()
         ports = calls(Ng(host, port), args.n, endpoint(args.a), endpoint(args.b), args.tag)
         with open(args.portfile, "w") as out:

@@ -5,14 +5,17 @@ Runs as root in a lab: relay and relay2 share the VIPs with keepalived (VRRPv3, 
 the same set-up). Measured:
 
 - takeover, RUNS times, alternating direction: a call with a NAT'd caller streaming 50
-  packets/s each way; the active's daemon and keepalived are SIGKILLed and its links taken
-  down; the gap (last packet before, first after) and packets lost per direction; the
-  failed node then comes back as standby for the next run;
+  packets/s each way, and --quiet-calls calls without media (set up, no packet yet, as
+  while they ring); the active's daemon and keepalived are SIGKILLed and its links taken
+  down; the gap (last packet before, first after), packets lost per direction, and the
+  calls the new active still holds 12 s later (their idle timeout is 60 s: all of them);
+  then they are ended (D) and the failed node comes back as standby for the next run;
 - replication lag: `S` and `D` at --rate commands/s for --seconds against the active; for
   each `S`, from its `OK` to the standby's log line saying the call is in its kernel
   (`replicated from the active node`, logged after the kernel commit; ms resolution).
 
     PYTHONPATH=. .venv/bin/python bench/pair.py [--runs 5] [--rate 500] [--seconds 10]
+        [--quiet-calls 300]
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from lrkp_lab.calls import Stream, burst
 from lrkp_lab.lab import Lab
 from lrkp_lab.node import Controller, Node, set_command
 from lrkp_lab.pairlab import INTERNAL_VIP
-from lrkp_lab.pairnodes import CONTROL, RATE, Members, running_pair, wait_log
+from lrkp_lab.pairnodes import CONTROL, RATE, Members, running_pair
 from lrkp_lab.parties import Peers
 from lrkp_tsl.media import Endpoint
 
@@ -45,18 +48,35 @@ def s_body(index: int, verb: str = "S") -> bytes:
                        "10.201.1.11", 4000, port, port, 6000, f"lag-{index}@bench")  # fmt: skip
 
 
-def takeover_run(lab: Lab, members: Members, active: str, run: int) -> dict[str, float]:
+KEPT_AFTER = 12.0  # seconds after the takeover at which the new active's calls are counted
+
+
+def quiet_body(index: int, verb: str = "S") -> bytes:
+    port = 20000 + 2 * index  # one relay endpoint per call (Kamailio's gt=1)
+    return set_command(verb, "10.201.1.10", str(INTERNAL_VIP), str(INTERNAL_VIP),
+                       "10.201.1.11", 4000 + 2 * index, port, port, 6000 + 2 * index,
+                       f"quiet-{index}@bench")  # fmt: skip
+
+
+def calls_on(lab: Lab, host: str) -> int:
+    done = lab.run(host, sys.executable, "-m", "lrkp_tsl.ctl", "--json", "ping")
+    return int(json.loads(done.stdout)["calls"])
+
+
+def takeover_run(lab: Lab, members: Members, active: str, run: int, quiet: int) -> dict[str, float]:
     standby = OTHER[active]
     pair, nodes = members.keepalived, members.nodes
     with Peers(lab) as peers:
         client = Controller(lab, "sip", "10.201.1.5")
+        for index in range(quiet):
+            body = quiet_body(index)
+            assert client.command(body, CONTROL) == body + b"OK"
         caller, callee = peers("c", 4000 + run), peers("b", 6000 + run)
         port = 21000 + 4 * run
         body = set_command("S", "10.201.3.10", str(INTERNAL_VIP), str(INTERNAL_VIP),
                            "10.201.1.11", caller.endpoint.port, port, port + 2,
                            callee.endpoint.port, f"takeover-{run}@bench")  # fmt: skip
         assert client.command(body, CONTROL) == body + b"OK"
-        client.close()
         to_a, to_b = Endpoint(INTERNAL_VIP, port + 2), Endpoint(INTERNAL_VIP, port)
         burst(caller, to_a, callee, to_b, 1, b"hello")
         time.sleep(0.5)  # replicated (sub-millisecond; the margin costs nothing)
@@ -70,16 +90,28 @@ def takeover_run(lab: Lab, members: Members, active: str, run: int) -> dict[str,
         time.sleep(1.5)
         for stream in streams:
             stream.stop()
+        time.sleep(max(0.0, crashed + KEPT_AFTER - time.monotonic()))
+        kept = calls_on(lab, standby)
+        for index in range(quiet):  # end them, for the next run's
+            body = quiet_body(index, "D")
+            assert client.command(body, CONTROL) == body + b"OK"
+        body = set_command("D", "10.201.3.10", str(INTERNAL_VIP), str(INTERNAL_VIP),
+                           "10.201.1.11", caller.endpoint.port, port, port + 2,
+                           callee.endpoint.port, f"takeover-{run}@bench")  # fmt: skip
+        assert client.command(body, CONTROL) == body + b"OK"
+        client.close()
     nodes[active].stop(signal.SIGKILL)
     pair.recover(active)
     returning = members.start_node(active, state=nodes[active].state)
-    wait_log(returning, "following: the active node's table loaded", 10)
+    returning.wait_log("following: the active node's table loaded", 10)
     return {
         "vips_moved_s": vips,
         "gap_ab_s": streams[0].longest_gap(),
         "gap_ba_s": streams[1].longest_gap(),
         "lost_ab": len(streams[0].lost()),
         "lost_ba": len(streams[1].lost()),
+        "calls": quiet + 1,
+        "kept_after_12_s": kept,
     }
 
 
@@ -140,15 +172,16 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=500)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--out", type=Path, default=Path("bench/results/pair.json"))
+    parser.add_argument("--quiet-calls", type=int, default=300)
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (network namespaces)", file=sys.stderr)
         return 1
-    with Lab() as lab, running_pair(lab) as members:
+    with Lab() as lab, running_pair(lab, idle=60) as members:
         runs = []
         active = "relay"
         for run in range(args.runs):
-            result = takeover_run(lab, members, active, run)
+            result = takeover_run(lab, members, active, run, args.quiet_calls)
             runs.append(result)
             print(f"takeover {run + 1}: {active} -> {OTHER[active]}: " + ", ".join(
                 f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
@@ -163,12 +196,15 @@ def main() -> int:
         "gap_max_s": gaps[-1],
         "lost_p50": statistics.median(lost),
         "lost_max": lost[-1],
+        "calls_kept": f"{min(r['kept_after_12_s'] for r in runs)}-"
+        f"{max(r['kept_after_12_s'] for r in runs)} of {runs[0]['calls']}",
         "replication": lag,
     }
     print(
         f"takeover over {len(runs)} runs: gap p50 {summary['gap_p50_s']:.3f} s, max "
         f"{summary['gap_max_s']:.3f} s; lost per direction p50 {summary['lost_p50']}, max "
-        f"{summary['lost_max']} (at {RATE} packets/s)\n"
+        f"{summary['lost_max']} (at {RATE} packets/s); calls held 12 s after: "
+        f"{summary['calls_kept']}\n"
         f"replication at {lag['commands_per_s']:.0f} S+D/s: lag OK -> standby kernel p50 "
         f"{lag['lag_p50_ms']:.1f} ms, p99 {lag['lag_p99_ms']:.1f} ms, max "
         f"{lag['lag_max_ms']:.1f} ms ({lag['replicated']}/{lag['set']} calls seen)"

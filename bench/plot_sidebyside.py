@@ -92,13 +92,16 @@ def main() -> int:
             color=COLOURS["lrkp"],
             label=f"lrkp-tsl S+D, {clients} client{'s' if clients > 1 else ''}",
         )
+    # ng offer+answer+delete: rtpengine's, and lrkp-tsl's own ng (`--ng`) when it ran.
+    ng_servers = {"rtpengine": ("rtpengine", 0.7), "lrkp_ng": ("lrkp-tsl ng", 0.4)}
     for r in s["ngcps"]:
+        server, alpha = ng_servers[r.get("who", "rtpengine")]
         ax.axhline(
             r["calls_per_s"],
-            color=COLOURS["rtpengine"],
+            color=COLOURS["rtpengine" if server == "rtpengine" else "lrkp"],
             linestyle=styles.get(r["clients"], ("o", "--"))[1],
-            alpha=0.7,
-            label=f"rtpengine o+a+d, {r['clients']} client(s), {r['live']:,} live",
+            alpha=alpha,
+            label=f"{server} o+a+d, {r['clients']} client(s), {r['live']:,} live",
         )
     ax.set_xscale("log")
     lives = sorted({r["live"] for r in s["control"]})

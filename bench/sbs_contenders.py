@@ -2,6 +2,8 @@
 
 Route and Nat are kernel state only; Lrkp, LrkpNat and Rtpengine are daemons on the relay core
 (a Daemon: started, driven through a control client script, stopped), so they share that code.
+LrkpNg is lrkp-tsl serving rtpengine's ng protocol (`--ng`), driven by the very client and
+calls rtpengine gets, for the call-rate phase (`ngcps`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,10 @@ from sbs_lab import (
     Topo,
     sh,
 )
+
+# After sbs_lab, which puts the repository on sys.path (bench/ scripts run from anywhere).
+from lrkp_lab.ngrelay import node_serves_ng
+from lrkp_lab.processes import terminate
 
 
 class Contender:
@@ -56,13 +61,8 @@ class Contender:
         raise NotImplementedError
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc:
+            terminate(self.proc)
         self.proc = None
 
 
@@ -209,6 +209,33 @@ class LrkpNat(Lrkp):
     sdp_ip = NAT_SDP_IP
 
 
+NG_LISTEN = "127.0.0.1:2223"  # rtpengine's ng socket in the benchmark, and lrkp-tsl's
+
+
+class LrkpNg(Lrkp):
+    """lrkp-tsl with its ng socket where rtpengine's is, driven by ngclient.py: the same
+    offers, answers and deletes as rtpengine, from the same client."""
+
+    name = "lrkp_ng"
+    client_script = "ngclient.py"
+
+    @staticmethod
+    def missing() -> str | None:
+        """Why this checkout's node cannot serve ng, or None when it can."""
+        if node_serves_ng():
+            return None
+        return "`lrkp-tsl run` has no --ng yet (issue 20's engine wiring)"
+
+    def argv(self) -> list[str]:
+        return [*super().argv(), "--ng", f"udp:{NG_LISTEN}"]
+
+    def log_name(self) -> str:
+        return "lrkp-ng.log"
+
+    def ready(self) -> None:
+        self.client("ping", "0", timeout=30)
+
+
 class Rtpengine(Daemon):
     name = "rtpengine"
     client_script = "ngclient.py"
@@ -224,7 +251,7 @@ class Rtpengine(Daemon):
             "--log-level=4",
             "--table=-1",
             f"--interface={RELAY_IP}",
-            "--listen-ng=127.0.0.1:2223",
+            f"--listen-ng={NG_LISTEN}",
             f"--port-min={self.ports[0]}",
             f"--port-max={self.ports[1]}",
             f"--num-threads={threads}",
@@ -238,7 +265,7 @@ class Rtpengine(Daemon):
     def ready(self) -> None:
         assert self.proc is not None
         for _ in range(200):
-            if "127.0.0.1:2223" in sh(self.topo.x(self.topo.r, "ss", "-uln"), check=False):
+            if NG_LISTEN in sh(self.topo.x(self.topo.r, "ss", "-uln"), check=False):
                 return
             if self.proc.poll() is not None:
                 break

@@ -24,7 +24,7 @@ from sbs_accounting import (
     snapshot,
     softnet_drops,
 )
-from sbs_contenders import KINDS, Contender, Daemon, Lrkp, LrkpNat, Rtpengine
+from sbs_contenders import KINDS, Contender, Daemon, Lrkp, LrkpNat, LrkpNg, Rtpengine
 from sbs_gen import Gen, Soaker
 from sbs_lab import B_IP, B_PORT, GEN_CPU, RDROP_NFT, RELAY_CPU, Topo
 from sbs_profiles import Profile
@@ -401,12 +401,25 @@ class Bench:
                     )  # fmt: skip
 
     def phase_ngcps(self) -> None:
-        """rtpengine: offer+answer+delete calls/s (1 and several clients); RSS per call."""
+        """rtpengine's ng: offer+answer+delete calls/s (1 and several clients) with live
+        calls, offer -> reply latency, RSS per call; then lrkp-tsl serving ng (`--ng`), with
+        the same client, calls and settings (or a note saying why it did not run)."""
+        self.guarded(Rtpengine.name, self.ng_rate, Rtpengine(self.topo, 0, self.work))
+        missing = LrkpNg.missing()
+        if missing is not None:
+            self.emit({"phase": "ngcps_skipped", "who": LrkpNg.name, "reason": missing})
+            return
+        self.guarded(LrkpNg.name, self.ng_rate, LrkpNg(self.topo, 0, self.work))
+
+    def ng_rate(self, c: Rtpengine | LrkpNg) -> None:
         p = self.profile
-        c = Rtpengine(self.topo, 0, self.work)
-        c.ports = (10000, 59999)
+        if isinstance(c, Rtpengine):
+            c.ports = (10000, 59999)
+        else:
+            c.ports = "10000-59999"
         with self.serving(c) as rss0:
-            c.client("calls", str(p.ng_live), str(self.work / "ng-live-ports.txt"), "--tag", "live")
+            portfile = str(self.work / f"ng-live-ports-{c.name}.txt")
+            c.client("calls", str(p.ng_live), portfile, "--tag", "live")
             rss = self.settled_rss(c)
             for clients in p.clients:
                 calls, tag = str(p.ng_calls // clients), f"cps-{clients}"
@@ -448,6 +461,6 @@ class Bench:
             if "control" in phases:
                 self.guarded("lrkp", self.phase_control)
             if "ngcps" in phases:
-                self.guarded("rtpengine", self.phase_ngcps)
+                self.phase_ngcps()  # each server guarded on its own
         finally:
             self.topo.down()

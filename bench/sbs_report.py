@@ -68,6 +68,7 @@ def summarize(records: list[dict[str, Any]], profile: str) -> dict[str, Any]:
     gen: dict[str, Any] = {}
     control: list[dict[str, Any]] = []
     ngcps: list[dict[str, Any]] = []
+    ng_skipped: list[dict[str, Any]] = []
     foreign: list[float] = []
     errors: list[dict[str, Any]] = []
     for r in records:
@@ -113,6 +114,8 @@ def summarize(records: list[dict[str, Any]], profile: str) -> dict[str, Any]:
             control.append(r)
         elif ph == "ngcps":
             ngcps.append(r)
+        elif ph == "ngcps_skipped":
+            ng_skipped.append(r)
     route, rtp = by.get("route", {}), by.get("rtpengine", {})
     for row in by.values():
         if "rtt_p50" in row and "rtt_p50" in route:
@@ -131,10 +134,13 @@ def summarize(records: list[dict[str, Any]], profile: str) -> dict[str, Any]:
             row[f"{key}_vs_rtpengine"] = ratio(row.get(key), rtp.get(key))
         if row.get("over_saturated") and row.get("over_excess"):
             row["over_proportion"] = round((row["over_loss"] or 0) / row["over_excess"], 2)
-    ng_by_clients = {r["clients"]: r for r in ngcps}
+    ng_by_clients = {r["clients"]: r for r in ngcps if r["who"] == "rtpengine"}
     for r in control:
         ng = ng_by_clients.get(r["clients"])  # rtpengine with as many clients
         r["vs_rtpengine"] = ratio(r["pairs_per_s"], ng["calls_per_s"]) if ng else None
+    for r in ngcps:
+        ng = ng_by_clients.get(r["clients"])
+        r["vs_rtpengine"] = ratio(r["calls_per_s"], ng["calls_per_s"]) if ng else None
     return {
         "profile": profile,
         "machine": meta,
@@ -143,6 +149,7 @@ def summarize(records: list[dict[str, Any]], profile: str) -> dict[str, Any]:
         "control": control,
         "errors": errors,
         "ngcps": ngcps,
+        "ngcps_skipped": ng_skipped,
         "foreign_cpu": {
             "median": statistics.median(foreign) if foreign else None,
             "max": max(foreign) if foreign else None,
@@ -268,15 +275,18 @@ def markdown(s: dict[str, Any]) -> str:
     out += [
         "",
         "Call setup (closed loop, one command in flight per client; lrkp-tsl: `S`+`D` "
-        "pairs, `OK` after the kernel commit; rtpengine: `offer`+`answer`+`delete`):",
+        "pairs, `OK` after the kernel commit; rtpengine and lrkp-tsl (ng): "
+        "`offer`+`answer`+`delete` calls from the same client, bench/ngclient.py):",
         "",
         "| server | live calls | clients | calls/s | ratio to rtpengine | `S`→`OK` / `offer` "
         "p50 / p99 ms | daemon RSS per live call |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in s["ngcps"]:
+    ng_servers = {"rtpengine": "rtpengine", "lrkp_ng": "lrkp-tsl (ng)"}
+    for r in sorted(s["ngcps"], key=lambda r: list(ng_servers).index(r["who"])):
         out.append(
-            f"| rtpengine | {fmt(r['live'])} | {r['clients']} | {fmt(r['calls_per_s'])} | 1 "
+            f"| {ng_servers[r['who']]} | {fmt(r['live'])} | {r['clients']} | "
+            f"{fmt(r['calls_per_s'])} | {fmt(r.get('vs_rtpengine'), '', 2)} "
             f"| {r['offer_ms']['p50']} / {r['offer_ms']['p99']} | "
             f"{fmt(r['kib_per_call'], ' KiB', 1)} |"
         )
@@ -286,6 +296,8 @@ def markdown(s: dict[str, Any]) -> str:
             f"{fmt(r.get('vs_rtpengine'), '', 2)} | {r['s_ms']['p50']} / {r['s_ms']['p99']} "
             f"| {fmt(r['kib_per_call'], ' KiB', 1)} |"
         )
+    for skipped in s.get("ngcps_skipped", []):
+        out += ["", f"**Not run:** lrkp-tsl (ng): {skipped['reason']}."]
     for e in s.get("errors", []):
         out += ["", f"**Failed:** {e['who']} in {e['in']}: `{e['error'][-300:]}`"]
     out += [

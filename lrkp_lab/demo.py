@@ -35,6 +35,7 @@ from lrkp_lab.demoview import Board, render_summary
 from lrkp_lab.lab import Lab, address
 from lrkp_lab.node import Node
 from lrkp_lab.parties import Party
+from lrkp_lab.sipmedia import endpoint
 from lrkp_tsl.dataplane.conntrack import ConntrackTable
 from lrkp_tsl.dataplane.nft import element_comment
 from lrkp_tsl.dataplane.nftsets import SetReader
@@ -158,10 +159,7 @@ class Running:
             caller_sdp, callee_sdp = made.caller_sdp, made.callee_sdp
             if caller_sdp is not None and callee_sdp is not None:
                 state.call_id = made.call_id
-                state.relays = (
-                    Endpoint.parse(*caller_sdp.endpoint),
-                    Endpoint.parse(*callee_sdp.endpoint),
-                )
+                state.relays = (endpoint(caller_sdp), endpoint(callee_sdp))
                 self.parties = (
                     self.stack.enter_context(
                         _closing(Party(self.lab, made.caller_host, made.caller_rtp[1]))

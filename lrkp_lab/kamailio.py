@@ -1,5 +1,5 @@
-"""End-to-end harness: Kamailio with the stock lrkproxy module, and SIPp parties, in the lab's
-namespaces.
+"""End-to-end harness: Kamailio with the stock lrkproxy module (or its rtpengine module), and
+SIPp parties, in the lab's namespaces.
 
     kamailio(lab, workdir, nodes=[...])   Kamailio in the `sip` namespace running
                                           examples/kamailio.cfg, started and ready on entry,
@@ -8,6 +8,11 @@ namespaces.
                                           (see KamailioBuild; conftest's `kamailio_build`);
                                           `site=COLOCATED`: in the node's own namespace,
                                           on the relay IPs, as on a host running both
+    ng_kamailio(lab, workdir, relays=[...])
+                                          the same with examples/kamailio-rtpengine.cfg:
+                                          Kamailio's `rtpengine` module, speaking
+                                          rtpengine's ng protocol (to rtpengine, or to the
+                                          node's `--ng` socket)
     call(lab, workdir, caller=..., ...)   a SIPp UAS in one party namespace and a SIPp UAC in
                                           another, with the scenarios in scenarios/; exposes the
                                           SDP each side received and always kills both
@@ -27,8 +32,9 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -36,6 +42,7 @@ from lrkp_lab.lab import Lab, address
 
 ROOT = Path(__file__).resolve().parents[1]
 KAMAILIO_CFG = ROOT / "examples" / "kamailio.cfg"
+KAMAILIO_NG_CFG = ROOT / "examples" / "kamailio-rtpengine.cfg"  # the rtpengine module (ng)
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 
 SIP_PORT = 5060
@@ -216,35 +223,19 @@ def _options(target: object, local: object, port: int, attempt: int) -> bytes:
     ).encode()
 
 
-def kamailio_argv(
+def base_argv(
     workdir: Path,
-    nodes: Sequence[str],
     *,
-    alg: int = 0,
-    gt: int = 0,
-    tout: int = 1,
-    retr: int = 2,
-    children: int = 2,
-    debug: int = 2,
-    extra: Sequence[str] = (),
-    binary: str = "kamailio",
-    mpath: str | None = None,
-    config: Path = KAMAILIO_CFG,
-    start_port: int | None = None,
-    end_port: int | None = None,
-    site: Site = OWN_HOST,
+    binary: str,
+    config: Path,
+    children: int,
+    debug: int,
+    site: Site,
+    mpath: str | None,
 ) -> list[str]:
-    """The Kamailio command line: foreground, log to stderr, own runtime dir and pid file.
-
-    `mpath`: the module directory (default: the cfg's, Debian's); `start_port`/`end_port`:
-    the lrkproxy modparams of 5.7+ (the cfg sets them only when defined)."""
-    optional = []
-    if mpath is not None:
-        optional += define("MPATH", quoted(mpath))
-    if start_port is not None:
-        optional += define("LRKP_START_PORT", start_port)
-    if end_port is not None:
-        optional += define("LRKP_END_PORT", end_port)
+    """What every config of ours takes: foreground, log to stderr, own runtime dir and pid
+    file, the two SIP sockets of `site`, the networks, the workers and the log level."""
+    optional = define("MPATH", quoted(mpath)) if mpath is not None else []
     return [
         binary,
         "-DD",
@@ -261,11 +252,6 @@ def kamailio_argv(
         "64",
         "-M",
         "8",
-        *define("LRKP_SOCK", quoted(" ".join(nodes))),
-        *define("LRKP_ALG", alg),
-        *define("LRKP_GT", gt),
-        *define("LRKP_TOUT", tout),
-        *define("LRKP_RETR", retr),
         *define("CHILDREN", children),
         *define("DEBUG_LEVEL", debug),
         *define("LISTEN_INT", f"udp:{site.internal}:{SIP_PORT}"),
@@ -273,8 +259,81 @@ def kamailio_argv(
         *define("INT_NET", quoted(INTERNAL_NET)),
         *define("EXT_NET", quoted(EXTERNAL_NET)),
         *optional,
+    ]
+
+
+def lrkproxy_defines(
+    nodes: Sequence[str],
+    *,
+    alg: int,
+    gt: int,
+    tout: int,
+    retr: int,
+    start_port: int | None,
+    end_port: int | None,
+) -> list[str]:
+    """The defines of examples/kamailio.cfg's lrkproxy module: its nodes, LRKP_ALG,
+    LRKP_GT, LRKP_TOUT, LRKP_RETR, and the port range of 5.7+ (the cfg sets it only when
+    defined)."""
+    optional = []
+    if start_port is not None:
+        optional += define("LRKP_START_PORT", start_port)
+    if end_port is not None:
+        optional += define("LRKP_END_PORT", end_port)
+    return [
+        *define("LRKP_SOCK", quoted(" ".join(nodes))),
+        *define("LRKP_ALG", alg),
+        *define("LRKP_GT", gt),
+        *define("LRKP_TOUT", tout),
+        *define("LRKP_RETR", retr),
+        *optional,
+    ]
+
+
+def rtpengine_defines(relays: Sequence[str], *, tout_ms: int, retr: int) -> list[str]:
+    """The defines of examples/kamailio-rtpengine.cfg's rtpengine module (the ng protocol)."""
+    return [
+        *define("RTPE_SOCK", quoted(" ".join(relays))),
+        *define("RTPE_TOUT_MS", tout_ms),
+        *define("RTPE_RETR", retr),
+    ]
+
+
+@contextlib.contextmanager
+def _running(
+    lab: Lab,
+    workdir: Path,
+    module_defines: Sequence[str],
+    *,
+    config: Path,
+    children: int,
+    debug: int,
+    build: KamailioBuild | None,
+    binary: str | None,
+    mpath: str | None,
+    extra: Sequence[str],
+    site: Site,
+) -> Iterator[Kamailio]:
+    """Kamailio with `config`, the defines every config of ours takes, then its module's
+    and `extra`: ready for the duration of the block, always killed. `build` picks the
+    Kamailio (default: Debian's 5.6, with the cfg's own module directory); `binary` and
+    `mpath` override its parts."""
+    chosen = build or DEBIAN_KAMAILIO
+    argv = [
+        *base_argv(
+            workdir,
+            binary=binary or chosen.binary,
+            config=config,
+            children=children,
+            debug=debug,
+            site=site,
+            mpath=mpath or (None if build is None else chosen.mpath),
+        ),
+        *module_defines,
         *extra,
     ]
+    with Kamailio(lab, workdir, argv, site) as running:
+        yield running
 
 
 @contextlib.contextmanager
@@ -305,25 +364,60 @@ def kamailio(
     `build` picks the Kamailio (default: Debian's 5.6); `binary`/`mpath` override its parts;
     `start_port`/`end_port` set lrkproxy's port range (5.7+ only); `site` where it runs.
     """
-    chosen = build or DEBIAN_KAMAILIO
-    argv = kamailio_argv(
+    defines = lrkproxy_defines(
+        nodes, alg=alg, gt=gt, tout=tout, retr=retr, start_port=start_port, end_port=end_port
+    )
+    with _running(
+        lab,
         workdir,
-        nodes,
-        alg=alg,
-        gt=gt,
-        tout=tout,
-        retr=retr,
+        defines,
+        config=config,
         children=children,
         debug=debug,
+        build=build,
+        binary=binary,
+        mpath=mpath,
         extra=extra,
-        binary=binary or chosen.binary,
-        mpath=mpath or (None if build is None else chosen.mpath),
-        config=config,
-        start_port=start_port,
-        end_port=end_port,
         site=site,
-    )
-    with Kamailio(lab, workdir, argv, site) as running:
+    ) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def ng_kamailio(
+    lab: Lab,
+    workdir: Path,
+    relays: Sequence[str],
+    *,
+    tout_ms: int = 1000,
+    retr: int = 2,
+    children: int = 2,
+    debug: int = 2,
+    build: KamailioBuild | None = None,
+    config: Path = KAMAILIO_NG_CFG,
+    extra: Sequence[str] = (),
+    site: Site = OWN_HOST,
+) -> Iterator[Kamailio]:
+    """Kamailio with its `rtpengine` module (examples/kamailio-rtpengine.cfg), ready, for
+    the duration of the block; always killed.
+
+    `relays` are rtpengine_sock URLs, e.g. ["udp:10.201.1.1:2223"]; `tout_ms` and `retr`
+    the module's rtpengine_tout_ms and rtpengine_retr; `build` picks the Kamailio (default:
+    Debian's 5.6)."""
+    defines = rtpengine_defines(relays, tout_ms=tout_ms, retr=retr)
+    with _running(
+        lab,
+        workdir,
+        defines,
+        config=config,
+        children=children,
+        debug=debug,
+        build=build,
+        binary=None,
+        mpath=None,
+        extra=extra,
+        site=site,
+    ) as running:
         yield running
 
 
@@ -334,6 +428,7 @@ def kamailio(
 class SipMessage:
     direction: str  # "sent" or "received"
     text: str
+    at: float | None = None  # when SIPp sent or received it (time.time()), from the trace
 
     @property
     def first_line(self) -> str:
@@ -396,7 +491,7 @@ class Sdp:
 
 
 _TRACE_HEAD = re.compile(
-    r"^-{10,} [^\n]*\n(UDP|TCP|SCTP|TLS) message (sent|received) "
+    r"^-{10,} ([^\n]*)\n(UDP|TCP|SCTP|TLS) message (sent|received) "
     r"(?:\[\d+\] bytes ?|\(\d+ bytes\)):\n\n",
     re.MULTILINE,
 )
@@ -405,17 +500,25 @@ _TRACE_HEAD = re.compile(
 def parse_message_trace(text: str) -> list[SipMessage]:
     """The SIP messages of a SIPp `-trace_msg` log, in order.
 
-    SIPp 3.6 heads each message with a dashed line and a timestamp, then
-    "UDP message sent (585 bytes):" or "UDP message received [277] bytes :", a blank line
-    and the message (its lines end in LF in the trace).
+    SIPp 3.6 heads each message with a dashed line and a timestamp (local time, to the
+    microsecond: "2024-05-01 12:00:00.123456"), then "UDP message sent (585 bytes):" or
+    "UDP message received [277] bytes :", a blank line and the message (its lines end in LF
+    in the trace).
     """
     heads = list(_TRACE_HEAD.finditer(text))
     messages = []
     for index, head in enumerate(heads):
         end = heads[index + 1].start() if index + 1 < len(heads) else len(text)
         body = text[head.end() : end].rstrip("\n") + "\n"
-        messages.append(SipMessage(head.group(2), body))
+        messages.append(SipMessage(head.group(3), body, _trace_time(head.group(1))))
     return messages
+
+
+def _trace_time(stamp: str) -> float | None:
+    try:
+        return datetime.strptime(stamp.strip(), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------- SIPp
@@ -508,8 +611,11 @@ def sipp_argv(
     pause_ms: int = 1000,
     sip_port: int = SIP_PORT,
     timeout: float = CALL_TIMEOUT,
+    count: int = 1,
+    rate: int = 10,
 ) -> list[str]:
-    """A SIPp command line for one call with one of our scenarios (path or name in SCENARIOS).
+    """A SIPp command line for `count` calls (at most `count` at once, `rate` new ones per
+    second) with one of our scenarios (path or name in SCENARIOS).
 
     SIPp's own media port (-mp) is moved away from `rtp_port` so it never holds the port
     the test binds; the scenarios use no media keywords, so SIPp sends nothing there.
@@ -528,9 +634,11 @@ def sipp_argv(
         "-mp",
         str(rtp_port + 1000 if rtp_port < 60000 else rtp_port - 1000),
         "-m",
-        "1",
+        str(count),
         "-l",
-        "1",
+        str(count),
+        "-r",
+        str(rate),
         "-d",
         str(pause_ms),
         "-key",
@@ -572,6 +680,39 @@ class Call:
             if want == "answer" and message.status is not None and message.status == 200:
                 return message.sdp
         return None
+
+    def offers(self) -> list[Sdp]:
+        """Every SDP offer the callee received (the INVITE, then each re-INVITE), once each
+        (a retransmission has the same CSeq)."""
+        return _once_per_cseq(
+            m for m in self.callee.received() if m.method == "INVITE" and m.status is None
+        )
+
+    def answers(self) -> list[Sdp]:
+        """Every SDP answer of a 200 to an INVITE the caller received, once each."""
+        return _once_per_cseq(
+            m for m in self.caller.received() if m.method == "INVITE" and m.status == 200
+        )
+
+    def wait_answers(self, count: int, timeout: float = 15.0) -> tuple[list[Sdp], list[Sdp]]:
+        """Wait until the caller got `count` answers (the INVITE's, then re-INVITEs');
+        return (answers the caller got, offers the callee got)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            answers, offers = self.answers(), self.offers()
+            if len(answers) >= count and len(offers) >= count:
+                return answers, offers
+            for side in (self.caller, self.callee):
+                if side.proc is not None and side.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"sipp {side.name} exited early "
+                        f"({side.proc.returncode}):\n{side.diagnostics()}"
+                    )
+            time.sleep(0.05)
+        raise TimeoutError(
+            f"{count} answers not received within {timeout}s:\n"
+            f"{self.caller.diagnostics()}\n{self.callee.diagnostics()}"
+        )
 
     @property
     def callee_sdp(self) -> Sdp | None:
@@ -633,6 +774,15 @@ class Call:
         self.callee.stop()
 
 
+def _once_per_cseq(messages: Iterable[SipMessage]) -> list[Sdp]:
+    seen: dict[str | None, Sdp] = {}
+    for message in messages:
+        sdp = message.sdp
+        if sdp is not None:
+            seen.setdefault(message.header("CSeq"), sdp)
+    return list(seen.values())
+
+
 @contextlib.contextmanager
 def call(
     lab: Lab,
@@ -647,8 +797,12 @@ def call(
     uac_scenario: str = "uac.xml",
     timeout: float = CALL_TIMEOUT,
     site: Site = OWN_HOST,
+    count: int = 1,
+    rate: int = 10,
 ) -> Iterator[Call]:
-    """Start the callee (UAS) and then the caller (UAC); kill both on exit.
+    """Start the callee (UAS) and then the caller (UAC); kill both on exit. `count` calls
+    between the same two parties (SDP addresses), `rate` new ones per second: the `Call`'s
+    SDP and Call-ID properties are the first call's.
 
     The caller's INVITE goes to Kamailio's address on the caller's network (of `site`, where
     Kamailio runs), with the R-URI sip:callee@<callee ip>:5060. The block typically calls
@@ -664,7 +818,7 @@ def call(
         callee,
         "uas",
         workdir,
-        sipp_argv(uas_scenario, callee_ip, rtp_port=callee_rtp_port, timeout=timeout),
+        sipp_argv(uas_scenario, callee_ip, rtp_port=callee_rtp_port, timeout=timeout, count=count),
     )
     uac = Sipp(
         lab,
@@ -679,6 +833,8 @@ def call(
             remote=f"{proxy}:{SIP_PORT}",
             callee_uri=f"sip:callee@{callee_ip}:{SIP_PORT}",
             timeout=timeout,
+            count=count,
+            rate=rate,
         ),
     )
     running = Call(

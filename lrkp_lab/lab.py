@@ -230,6 +230,13 @@ class Lab:
     def run(self, host: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return _run("ip", "netns", "exec", self.ns(host), *argv, check=check)
 
+    def sysctl(self, host: str, name: str) -> str:
+        """The value of sysctl `name` in `host`'s namespace."""
+        return self.run(host, "sysctl", "-n", name).stdout.strip()
+
+    def set_sysctl(self, host: str, name: str, value: str) -> None:
+        self.run(host, "sysctl", "-qw", f"{name}={value}")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(

@@ -9,12 +9,13 @@ Both talk to the node over its real control socket, from a lab host.
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import select
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from lrkp_lab.lab import Lab
@@ -53,17 +54,38 @@ def blocks(
     ]
 
 
-def _prefix() -> bytes:
-    return b"%d_" % (os.getpid() % 100000)
+_NUMBERS = itertools.count(1)
 
 
-def fill(sock: socket.socket, control: tuple[str, int], bodies: Iterable[bytes],
-         window: int = 64) -> int:  # fmt: skip
+def _cookie() -> bytes:
+    """A cookie as lrkproxy makes them (`<number>_<number>`), never used twice by this process:
+    the node answers a cookie it has seen from its cache, whatever the body."""
+    return b"%d_%d" % (os.getpid() % 100000, next(_NUMBERS))
+
+
+@dataclass
+class Filled:
+    """What a fill needed beyond one request per body."""
+
+    resent: int = 0  # requests sent again, their reply late or lost
+    stray_replies: int = 0  # replies to a request already answered (to a copy sent again)
+
+
+def fill(
+    sock: socket.socket,
+    control: tuple[str, int],
+    bodies: Iterable[bytes],
+    window: int = 64,
+    on_ok: Callable[[int], None] | None = None,
+) -> Filled:
     """Send every body as one request, `window` outstanding at a time, until each is
-    answered `OK` (retransmitted as Kamailio does). Returns how many were sent again."""
-    pending: dict[bytes, tuple[bytes, bytes, float, int]] = {}  # cookie -> request
+    answered with the request + `OK` (any other answer fails the fill at once). A request
+    unanswered for RETRANSMIT_AFTER is sent again with the same bytes, as Kamailio does, at
+    most RETRANSMITS times. `on_ok(n)` runs when the n-th body (from 0) is answered."""
+    # cookie -> (n, body, datagram, last sent, times sent again)
+    pending: dict[bytes, tuple[int, bytes, bytes, float, int]] = {}
     todo = iter(enumerate(bodies))
-    resent = 0
+    done = Filled()
     exhausted = False
     while not exhausted or pending:
         while not exhausted and len(pending) < window:
@@ -71,33 +93,41 @@ def fill(sock: socket.socket, control: tuple[str, int], bodies: Iterable[bytes],
             if item is None:
                 exhausted = True
                 break
-            cookie = _prefix() + b"%d" % (1_000_000 + item[0])
-            datagram = cookie + b" " + item[1]
+            number, body = item
+            cookie = _cookie()
+            datagram = cookie + b" " + body
             sock.sendto(datagram, control)
-            pending[cookie] = (item[1], datagram, time.monotonic(), 0)
+            pending[cookie] = (number, body, datagram, time.monotonic(), 0)
         if not pending:
             break
-        ready, _, _ = select.select([sock], [], [], 0.2)
+        oldest = min(sent for _n, _b, _d, sent, _t in pending.values())
+        wait = max(0.0, oldest + RETRANSMIT_AFTER - time.monotonic())
+        ready, _, _ = select.select([sock], [], [], wait)
         while ready:
             try:
                 reply = sock.recv(4096, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             cookie, _, answer = reply.partition(b" ")
-            request = pending.get(cookie)
-            if request is not None and answer == request[0] + b"OK":
-                del pending[cookie]
-            elif request is not None and not answer.startswith(request[0]):
-                raise RuntimeError(f"{request[0]!r} answered {answer!r}")
+            request = pending.pop(cookie, None)
+            if request is None:
+                done.stray_replies += 1
+                continue
+            number, body = request[0], request[1]
+            if answer != body + b"OK":
+                raise RuntimeError(f"{body!r} answered {answer!r}")
+            if on_ok is not None:
+                on_ok(number)
         now = time.monotonic()
-        for cookie, (body, datagram, sent, tries) in list(pending.items()):
-            if now - sent >= RETRANSMIT_AFTER:
-                if tries >= RETRANSMITS:
-                    raise RuntimeError(f"no OK for {body!r} after {tries + 1} sends")
-                sock.sendto(datagram, control)
-                resent += 1
-                pending[cookie] = (body, datagram, now, tries + 1)
-    return resent
+        for cookie, (number, body, datagram, sent, tries) in list(pending.items()):
+            if now - sent < RETRANSMIT_AFTER:
+                continue
+            if tries >= RETRANSMITS:
+                raise RuntimeError(f"no OK for {body!r} after {tries + 1} sends")
+            sock.sendto(datagram, control)
+            done.resent += 1
+            pending[cookie] = (number, body, datagram, now, tries + 1)
+    return done
 
 
 @dataclass
@@ -165,7 +195,6 @@ class CommandLoad:
     def _run(self) -> None:
         interval = 1.0 / self.rate
         due = time.monotonic()
-        number = 0
         waiting: collections.deque[bytes] = collections.deque()  # by last send, oldest first
         while not self._stop.is_set():
             now = time.monotonic()
@@ -173,8 +202,7 @@ class CommandLoad:
                 body = next(self.commands, None)
                 if body is None:
                     return
-                number += 1
-                cookie = _prefix() + b"%d" % (5_000_000 + number)
+                cookie = _cookie()
                 datagram = cookie + b" " + body
                 self.sock.sendto(datagram, self.control)
                 self.requests[cookie] = Request(body, datagram, now, now)

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 from lrkp_lab.lab import Lab
+from lrkp_lab.processes import terminate
+from lrkp_tsl.dataplane.nft import TABLE
 
 LRKP_TSL = [sys.executable, "-m", "lrkp_tsl.cli"]
 
@@ -49,19 +51,26 @@ class Node:
                 return
         raise AssertionError(f"node not answering P on {control}:\n{self.output()}")
 
+    def wait_log(self, text: str, timeout: float, step: float = 0.01) -> float:
+        """Seconds until `text` is in the node's log; fails at once, with the log, when the
+        node exits without having logged it."""
+        started = time.monotonic()
+        while True:
+            exited = self.proc.poll() is not None  # before the read: it sees the last lines
+            output = self.output()
+            if text in output:
+                return time.monotonic() - started
+            assert not exited, f"node exited {self.proc.returncode}, {text!r} not logged:\n{output}"
+            assert time.monotonic() - started < timeout, f"{text!r} not logged:\n{output}"
+            time.sleep(step)
+
     def output(self) -> str:
         if not self._log_file.closed:
             self._log_file.flush()
         return self.log.read_text()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, sig, timeout, reap=None)
         self._log_file.close()
         return self.proc.returncode
 
@@ -73,8 +82,17 @@ class Node:
     def close(self) -> None:
         """Stop the node and clear what it left in its namespace, for the next test."""
         self.stop()
-        self.lab.run(self.host, "nft", "delete", "table", "ip", "lrkp", check=False)
+        self.lab.run(self.host, "nft", "delete", "table", "ip", TABLE, check=False)
         self.lab.run(self.host, "conntrack", "-F", check=False)
+
+
+def clear_host(lab: Lab, host: str) -> None:
+    """Remove what nodes left in `host`'s namespace when they stopped without flushing (a
+    SIGKILL, a test of a restart): the node's nft table, the raw table's rules, and every
+    conntrack entry; for the next test."""
+    lab.run(host, "nft", "delete", "table", "ip", TABLE, check=False)
+    lab.run(host, "iptables-nft", "-t", "raw", "-F", check=False)
+    lab.run(host, "conntrack", "-F", check=False)
 
 
 class Controller:

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -144,6 +145,32 @@ vrrp_sync_group {SYNC_GROUP} {{
 {instances}"""
 
 
+KEEPALIVED_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "keepalived.conf"
+
+
+def example_substitutions(host: str) -> dict[str, str]:
+    """What the lab fills into examples/keepalived.conf's placeholders, and nothing else:
+    the node's name and priority (the file's "per node" values), interfaces and VIPs."""
+    return {
+        "NODE_NAME": host,
+        "NODE_PRIORITY": str(PRIORITIES[host]),
+        "INT_IF": INSTANCES[0].interface,
+        "EXT_IF": INSTANCES[1].interface,
+        "INT_VIP": f"{INTERNAL_VIP}/{VIP_PREFIX}",
+        "EXT_VIP": f"{EXTERNAL_VIP}/{VIP_PREFIX}",
+    }
+
+
+def example_config(host: str) -> str:
+    """examples/keepalived.conf as shipped, its placeholders (whole words) filled in."""
+    text = KEEPALIVED_EXAMPLE.read_text()
+    for placeholder, value in example_substitutions(host).items():
+        text, count = re.subn(rf"\b{placeholder}\b", value, text)
+        if count == 0:
+            raise ValueError(f"{KEEPALIVED_EXAMPLE} has no {placeholder}: update the lab")
+    return text
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie whose parent has not reaped it is not)."""
     try:
@@ -169,10 +196,12 @@ class Keepalived:
         notify_backup: Path | None = None,
         advert_int: float = ADVERT_INT,
         directory: Path | None = None,
+        config: str | None = None,
     ) -> None:
+        """`config`: this text instead of the lab's own (`example_config`, for instance)."""
         self.lab = lab
         self.host = host
-        self.config = keepalived_config(
+        self.config = config or keepalived_config(
             host, notify_master=notify_master, notify_backup=notify_backup, advert_int=advert_int
         )
         self._own_directory = directory is None
@@ -389,7 +418,9 @@ class Pair:
         notify_master: Path | None = None,
         notify_backup: Path | None = None,
         advert_int: float = ADVERT_INT,
+        example: bool = False,
     ) -> None:
+        """`example`: run examples/keepalived.conf as shipped (`example_config`)."""
         self.lab = lab
         self.advert_int = advert_int
         self.keepalived = {
@@ -399,6 +430,7 @@ class Pair:
                 notify_master=notify_master,
                 notify_backup=notify_backup,
                 advert_int=advert_int,
+                config=example_config(host) if example else None,
             )
             for host in NODES
         }

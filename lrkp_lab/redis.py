@@ -15,7 +15,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -24,14 +23,41 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from lrkp_lab.lab import Lab
+from lrkp_lab.processes import terminate
 
 PORT = 26379  # not 6379: a distribution's own redis-server may run in the root namespace
 START_WAIT = 5.0
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "redis-pair.conf"
+EXAMPLE_ADDRESS = "192.0.2.11"  # the example's "per node" address
+EXAMPLE_PORT = 6379
 
 # Redis 7.0 defaults `repl-diskless-sync-delay` to 5 s: a master waits that long before
 # streaming its data to a replica that asked for a full resynchronisation, hoping more
 # replicas join. A pair has one replica: without this a returning node needs > 5 s.
 PAIR_CONFIG = {"repl-diskless-sync-delay": "0"}
+
+
+def example_substitutions(ip: str, directory: Path) -> dict[str, str]:
+    """What the lab fills into examples/redis-pair.conf, and nothing else: the node's own
+    address (the file's "per node" line) and the paths Debian's unit would provide
+    (/run/redis, /var/log/redis, /var/lib/redis), moved into a directory of the test's."""
+    return {
+        EXAMPLE_ADDRESS: ip,
+        "/run/redis/redis-server.sock": str(directory / "redis.sock"),
+        "/run/redis/redis-server.pid": str(directory / "redis.pid"),
+        "/var/log/redis/redis-server.log": str(directory / "redis.log"),
+        "dir /var/lib/redis": f"dir {directory}",
+    }
+
+
+def example_config(ip: str, directory: Path) -> str:
+    """examples/redis-pair.conf as shipped, with `example_substitutions` applied."""
+    text = EXAMPLE.read_text()
+    for old, new in example_substitutions(ip, directory).items():
+        if old not in text:
+            raise ValueError(f"{EXAMPLE} no longer contains {old!r}: update the substitutions")
+        text = text.replace(old, new)
+    return text
 
 
 class RedisServer:
@@ -42,11 +68,16 @@ class RedisServer:
         ip: str,
         port: int = PORT,
         config: dict[str, str] | None = None,
+        *,
+        example: bool = False,
     ) -> None:
+        """`example`: run examples/redis-pair.conf as shipped (`example_config`), on its
+        port; else the lab's own settings on the command line (`port`, `config`)."""
         self.lab = lab
         self.host = host
         self.ip = ip
-        self.port = port
+        self.example = example
+        self.port = EXAMPLE_PORT if example else port
         self.config = dict(PAIR_CONFIG if config is None else config)
         self.dir = Path(tempfile.mkdtemp(prefix="lrkpr-"))  # short: Unix socket paths ≤ 107
         self.socket = self.dir / "redis.sock"
@@ -69,21 +100,26 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}"
 
     def start(self) -> RedisServer:
-        argv = [
-            "ip", "netns", "exec", self.lab.ns(self.host),
-            "redis-server",
-            "--port", str(self.port),
-            "--bind", self.ip, "127.0.0.1",
-            "--unixsocket", str(self.socket), "--unixsocketperm", "700",
-            "--dir", str(self.dir),
-            "--save", "",
-            "--appendonly", "no",
-            "--protected-mode", "no",
-            "--daemonize", "no",
-            "--logfile", str(self.log),
-        ]  # fmt: skip
-        for key, value in self.config.items():
-            argv += [f"--{key}", value]
+        if self.example:
+            path = self.dir / "redis.conf"
+            path.write_text(example_config(self.ip, self.dir))
+            argv = ["ip", "netns", "exec", self.lab.ns(self.host), "redis-server", str(path)]
+        else:
+            argv = [
+                "ip", "netns", "exec", self.lab.ns(self.host),
+                "redis-server",
+                "--port", str(self.port),
+                "--bind", self.ip, "127.0.0.1",
+                "--unixsocket", str(self.socket), "--unixsocketperm", "700",
+                "--dir", str(self.dir),
+                "--save", "",
+                "--appendonly", "no",
+                "--protected-mode", "no",
+                "--daemonize", "no",
+                "--logfile", str(self.log),
+            ]  # fmt: skip
+            for key, value in self.config.items():
+                argv += [f"--{key}", value]
         # `ip netns exec` execs redis-server: the child's pid is the server's.
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + START_WAIT
@@ -120,6 +156,14 @@ class RedisServer:
         """SIGSTOP: the kernel still accepts connections, nothing answers."""
         self.proc_signal(signal.SIGSTOP)
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash: without persistence it comes back empty (`start` again)."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
     def thaw(self) -> None:
         self.proc_signal(signal.SIGCONT)
 
@@ -135,15 +179,9 @@ class RedisServer:
 
     def stop(self) -> None:
         """Stop the server (even a frozen one) and wait for it."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGCONT)
-                self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)  # a frozen server acts on no other signal
+            terminate(self.proc, grace=5)
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
 
@@ -158,15 +196,3 @@ class RedisServer:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.remove()
-
-
-def wait_for(
-    what: str, check: Callable[[], bool], timeout: float = 5.0, step: float = 0.005
-) -> float:
-    """Poll `check()` until true; return how long it took; fail naming `what` otherwise."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(step)
-    return time.monotonic() - start

@@ -4,13 +4,14 @@
 it runs as the differential tests need it: no kernel module (`--table=-1`), no config file,
 deletes at once (`--delete-delay=0`, as the node's lrkproxy `D`), and two named interfaces,
 `internal` and `external`, on the relay's two lab addresses, which is how Kamailio's
-`direction=internal direction=external` names them.
+`direction=internal direction=external` names them. Its ng socket is on loopback for the
+differential tests, and on the relay's internal address (`ng_ip`) for Kamailio's
+`rtpengine` module in the e2e tests.
 """
 
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from lrkp_lab.lab import Lab
 from lrkp_lab.ngpeer import UdpNgPeer
+from lrkp_lab.processes import terminate
 
 BINARY = "rtpengine"
 
@@ -27,8 +29,15 @@ def available() -> bool:
     return shutil.which(BINARY) is not None
 
 
+LOOPBACK = IPv4Address("127.0.0.1")
+
+
 def argv(
-    internal: IPv4Address, external: IPv4Address, ng_port: int, ports: tuple[int, int]
+    internal: IPv4Address,
+    external: IPv4Address,
+    ng_port: int,
+    ports: tuple[int, int],
+    ng_ip: IPv4Address = LOOPBACK,
 ) -> list[str]:
     return [
         BINARY,
@@ -39,7 +48,7 @@ def argv(
         "--table=-1",
         f"--interface=internal/{internal}",
         f"--interface=external/{external}",
-        f"--listen-ng=127.0.0.1:{ng_port}",
+        f"--listen-ng={ng_ip}:{ng_port}",
         f"--port-min={ports[0]}",
         f"--port-max={ports[1]}",
         "--delete-delay=0",
@@ -59,9 +68,11 @@ class Rtpengine:
         log: Path,
         ng_port: int = 2223,
         ports: tuple[int, int] = (30000, 30999),
+        ng_ip: IPv4Address = LOOPBACK,
     ) -> None:
         self.lab, self.host, self.ng_port, self.log_path = lab, host, ng_port, log
-        self.command = argv(internal, external, ng_port, ports)
+        self.ng_ip = ng_ip
+        self.command = argv(internal, external, ng_port, ports, ng_ip)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Rtpengine:
@@ -91,16 +102,11 @@ class Rtpengine:
     def peer(self, timeout: float = 5.0) -> UdpNgPeer:
         with self.lab.inside(self.host):
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        return UdpNgPeer("rtpengine", sock, ("127.0.0.1", self.ng_port), timeout)
+        return UdpNgPeer("rtpengine", sock, (str(self.ng_ip), self.ng_port), timeout)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            terminate(self.proc)
         self.proc = None
 
     def __enter__(self) -> Rtpengine:

@@ -320,16 +320,16 @@ def _policy(key: str, value: Any) -> Policy:
 
 def _redis_url(key: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise ConfigError(f"{key} = {value!r}: expected redis://HOST:PORT[/DB]")
+        raise ConfigError(f"{key} = {value!r}: expected redis://[:PASSWORD@]HOST:PORT[/DB]")
     if value.startswith("unix:///") and key == "pair.redis":
         return value  # the local Redis's socket
     scheme, sep, rest = value.partition("://")
-    host, _, port_db = rest.partition(":")
+    host, _, port_db = rest.rpartition("@")[2].partition(":")  # after [[USER]:PASSWORD@]
     port_text = port_db.partition("/")[0]
     if scheme != "redis" or not sep or not host or not port_text:
         raise ConfigError(
-            f"{key} = {value!r}: expected redis://HOST:PORT[/DB]"
-            + (" or unix:///PATH" if key == "pair.redis" else "")
+            f"{key} = {value!r}: expected redis://[:PASSWORD@]HOST:PORT[/DB]"
+            + (" or unix:///PATH[?password=PASSWORD]" if key == "pair.redis" else "")
         )
     _port(port_text, f"{key} = {value!r}")
     return value

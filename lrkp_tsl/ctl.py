@@ -157,6 +157,56 @@ def _seconds(value: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
+def show_pair(pair: dict[str, Any]) -> str:
+    """A pair's health as `ping` and `stats` print it: one line, then one per problem."""
+    role = pair.get("role", "starting")
+    lag = pair.get("lag")
+    lag_text = "unknown (never in sync)" if lag is None else f"{lag:.3f} s"
+    since = _seconds(pair.get("state_since"))
+    if role == "standby":
+        verdict = (
+            "in sync with the active"
+            if pair.get("in_sync")
+            else f"{str(pair.get('state', 'not following')).upper()} for {since}"
+        )
+        applied = pair.get("last_applied_ago")
+        line = (
+            f"pair: standby, {verdict} (peer {pair.get('peer')}): link {pair.get('link')}, "
+            f"lag {lag_text}, last change applied "
+            + ("never" if applied is None else f"{_seconds(applied)} ago")
+            + f" ({pair.get('applied', 0)} applied), {pair.get('calls')} calls here, "
+            + f"{_count(pair.get('active_calls'))} on the active"
+        )
+    elif role == "active":
+        verdict = (
+            "followed by a standby in sync"
+            if pair.get("in_sync")
+            else f"SPLIT BRAIN (the peer is active too) for {since}"
+            if pair.get("split_brain")
+            else f"NOT FOLLOWED by a standby in sync for {since}"
+        )
+        replica = pair.get("replica")
+        redis = (
+            "no standby's Redis replicates this node's"
+            if not replica
+            else f"standby's Redis {replica['address']} {replica['state']}, acknowledged "
+            f"{replica['ack_ago']} s ago"
+        )
+        line = (
+            f"pair: active, {verdict} (peer {pair.get('peer')}): {redis}; standby lag "
+            f"{lag_text}, {_count(pair.get('standby_calls'))} calls there, "
+            f"{pair.get('calls')} here; {pair.get('published', 0)} changes published, "
+            f"{pair.get('queued', 0)} queued"
+        )
+    else:
+        line = "pair: starting (the role is not known yet)"
+    return "\n".join([line, *(f"  - {problem}" for problem in pair.get("problems", []))])
+
+
+def _count(value: object) -> str:
+    return "?" if value is None else str(value)
+
+
 def _party(side: dict[str, Any] | None) -> str:
     if side is None:
         return "(no stream yet)"
@@ -379,6 +429,8 @@ def management_command(args: argparse.Namespace, address: str) -> int:
     elif args.command == "delete":
         print(f"deleted {result['call_id']}: its kernel state is gone")
     elif args.command == "stats":
+        if "pair" in result:
+            print(show_pair(result["pair"]))
         for name, value in result["gauges"].items():
             print(f"{name} {value}")
         for name, value in result["counters"].items():
@@ -404,6 +456,8 @@ def management_command(args: argparse.Namespace, address: str) -> int:
             + (", DRAINING (P answered with an empty datagram)" if result["draining"] else "")
             + ("" if result["active"] else ", standby")
         )
+        if "pair" in result:
+            print(show_pair(result["pair"]))
     if "warning" in result:
         print(f"warning: {result['warning']}", file=sys.stderr)
     return EXIT_OK

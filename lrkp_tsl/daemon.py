@@ -29,6 +29,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -51,10 +52,12 @@ from lrkp_tsl.lock import StateDirLock, acquire_instance_lock, lock_state_dir
 from lrkp_tsl.mgmt import Management
 from lrkp_tsl.ng.callmodel import Interfaces
 from lrkp_tsl.operations import NG
-from lrkp_tsl.pair import ROLE_INTERVAL, Following, ReplicatedStore, RoleWatch
+from lrkp_tsl.pair import ROLE_INTERVAL, Followed, Following, Prober, ReplicatedStore, RoleWatch
+from lrkp_tsl.pairhealth import PairHealth, Probe
 from lrkp_tsl.protocol import NodeConfig
+from lrkp_tsl.publishing import Publishing
 from lrkp_tsl.records import Store, StoredCall
-from lrkp_tsl.replication import Follower, Publisher
+from lrkp_tsl.replication import Follower, redacted
 from lrkp_tsl.selfheal import CHECK_INTERVAL, SelfHeal
 from lrkp_tsl.server import Server, attach_queue, open_control
 from lrkp_tsl.store import FILENAME, SqliteStore, open_state
@@ -231,36 +234,71 @@ async def _pause(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
+def void(_result: object) -> None:
+    """Drop a result (a callback whose caller expects none)."""
+
+
+@dataclass
+class PairParts:
+    """What pair mode adds to the node (pair.py, publishing.py, pairhealth.py)."""
+
+    publishing: Publishing
+    store: ReplicatedStore
+    health: PairHealth
+
+    def status(self) -> dict[str, Any]:
+        """The pair's health as of its last probe, with the running totals (on the loop)."""
+        published = self.publishing.state()
+        return self.health.status() | {
+            "applied": self.health.applied,
+            "published": published.written,
+            "queued": published.queued,
+            "republished": published.resets,
+        }
+
+
+def pair_parts(config: Config, store: SqliteStore, engine: Callable[[], Engine]) -> PairParts:
+    """The publisher and the replicated store (started, on the running event loop: the
+    engine writes through it from the first command on), and the pair's health."""
+    assert config.pair_redis is not None and config.pair_peer_redis is not None
+    publishing = Publishing(config.pair_redis, store.records, store.wall_offset)
+    publishing.start()
+    replicated = ReplicatedStore(store, publishing, lambda: engine().active)
+    return PairParts(publishing, replicated, PairHealth(redacted(config.pair_peer_redis)))
+
+
 async def run_pair(
     config: Config,
     engine: Engine,
-    replicated: ReplicatedStore,
+    parts: PairParts,
     server: Server,
     wall_offset: float,
     stop: asyncio.Event,
     cleanup: list[tuple[str, Callable[[], Any]]],
 ) -> None:
-    """Watch the VIPs; follow the active node while this one is standby (pair.py).
+    """Watch the VIPs; follow the active node while this one is standby (pair.py); probe
+    the pair's health all the while (pairhealth.py).
 
     What the following thread reads is applied in order by one task (`applying`): a whole
     table in steps, one event-loop turn each, so the role check keeps running meanwhile.
     """
     assert config.pair_redis is not None and config.pair_peer_redis is not None
     loop = asyncio.get_running_loop()
-    pending: asyncio.Queue[dict[str, StoredCall] | list[tuple[str, StoredCall | None]]]
+    health = parts.health
+    pending: asyncio.Queue[tuple[str, dict[str, StoredCall] | list[Followed]]]
     pending = asyncio.Queue()
 
     async def applying() -> None:
         while True:
-            item = await pending.get()
+            last, item = await pending.get()
             if engine.active:
                 continue  # promoted meanwhile: its own table is the truth now
             if isinstance(item, dict):
-                await apply_all(item)
+                await apply_all(last, item)
             else:
-                apply(item)
+                apply(last, item)
 
-    async def apply_all(records: dict[str, StoredCall]) -> None:
+    async def apply_all(last: str, records: dict[str, StoredCall]) -> None:
         changed = 0
         steps = engine.follow_all_steps(records, time.monotonic())
         while not engine.active:
@@ -269,28 +307,62 @@ async def run_pair(
                 following.resync.set()
                 return
             if step is None:
-                log.info("following: the active node's table loaded (%d calls changed)", changed)
+                health.table_loaded(last)
+                log.info(
+                    "following: the active node's table loaded (%d calls, %d changed)",
+                    len(records),
+                    changed,
+                )
                 return
             changed = step
             await asyncio.sleep(0)
 
-    def apply(batch: list[tuple[str, StoredCall | None]]) -> None:
+    def apply(last: str, batch: list[Followed]) -> None:
         now = time.monotonic()
-        for call_id, record in batch:
-            ok, _ = server.guarded("follow", engine.follow, call_id, record, now)
+        for change in batch:
+            if change.op == "quiet":
+                ok, _ = server.guarded(
+                    "follow", engine.follow_media, change.call_id, change.quiet_since, now
+                )
+            elif change.op == "put" and change.record is None:
+                continue  # unreadable (logged): the next change of the call, or a reload
+            else:
+                ok, _ = server.guarded("follow", engine.follow, change.call_id, change.record, now)
             if not ok:
                 following.resync.set()
                 return
+        health.changes_applied(last, len(batch), now)
 
     following = Following(
-        Follower(config.pair_redis), pending.put_nowait, pending.put_nowait, wall_offset, loop
+        Follower(config.pair_redis),
+        config.pair_peer_redis,
+        lambda last, table: pending.put_nowait((last, table)),
+        lambda last, batch: pending.put_nowait((last, batch)),
+        wall_offset,
+        loop,
     )
     cleanup.append(("following", following.join))
     applier = asyncio.create_task(applying())
     cleanup.append(("following applier", applier.cancel))
-    role = RoleWatch(
-        tuple(config.relay_addrs), engine, replicated, following, config.pair_peer_redis
+
+    def probed(probe: Probe) -> None:
+        now = time.monotonic()
+        if health.role == "standby":
+            health.probed_standby(probe, following.state(), len(engine.table), now)
+        else:
+            health.probed_active(probe, parts.publishing.state(), len(engine.table), now)
+
+    prober = Prober(
+        config.pair_redis,
+        config.pair_peer_redis,
+        lambda: health.role,
+        health.report,
+        lambda probe: void(server.guarded("pair health", probed, probe)),
+        loop,
     )
+    prober.start()
+    cleanup.append(("pair probe", prober.close))
+    role = RoleWatch(tuple(config.relay_addrs), engine, parts.publishing, following, health)
     while not stop.is_set():
         server.guarded("role", role.check)
         with contextlib.suppress(TimeoutError):
@@ -396,16 +468,12 @@ async def _run(
         config.ports,
     )
     engine_store: Store = store
-    replicated: ReplicatedStore | None = None
+    pair: PairParts | None = None
     if config.pair_redis is not None:
         # The engine is created below; the store asks it for its role when writing.
-        replicated = ReplicatedStore(
-            store,
-            Publisher(config.pair_redis),
-            lambda: engine.active,
-            lambda key: engine.stats.update((key,)),
-        )
-        engine_store = replicated
+        pair = pair_parts(config, store, lambda: engine)
+        cleanup.append(("publishing", pair.publishing.close))
+        engine_store = pair.store
     engine = Engine(settings, plane, engine_store)
     limits = NodeLimits(frozenset(config.relay_addrs), config.ports)
     LrkproxyFrontEnd(engine, node_config(config), limits)
@@ -430,6 +498,10 @@ async def _run(
     started = time.monotonic()
     engine.load(store.load(), started)
     log.info("store loaded in %.3f s", time.monotonic() - started)
+    if plane.policy_replaced:
+        plane.policy_replaced = False
+        renewed = engine.renew_streams(time.monotonic())
+        log.info("idle timeout changed: the conntrack entries of %d live calls renewed", renewed)
     gc.freeze()  # the restored calls: live for minutes, never garbage of a cycle
     server = Server(engine, config)
     queue_rule = QueueRule(features.queue_path, config.queue_num, plane.nft, record)
@@ -464,7 +536,8 @@ async def _run(
             config.external_ip,
         )
     server.attach(loop)
-    management = Management(engine, server, plane, queue_rule, config)
+    pair_status = pair.status if pair is not None else None
+    management = Management(engine, server, plane, queue_rule, config, pair=pair_status)
     cleanup.append(("management", management.close))
     try:
         ctl = await management.listen(config.ctl_socket)
@@ -478,7 +551,7 @@ async def _run(
         listen = config.metrics_listen
         ports_total = config.ports.end - config.ports.start + 1
         try:
-            exporter = Exporter(listen, engine, server.latency, ports_total, loop)
+            exporter = Exporter(listen, engine, server.latency, ports_total, loop, pair=pair_status)
         except OSError as exc:
             raise HostError(
                 "metrics.listen = '{}:{}': {}".format(*listen, cannot_listen(exc))
@@ -512,9 +585,9 @@ async def _run(
     )
     reconciling = asyncio.create_task(reconcile(plane, engine, server, stop))
     cleanup.append(("reconciliation", reconciling.cancel))
-    if replicated is not None and config.pair_peer_redis is not None:
+    if pair is not None:
         pairing = asyncio.create_task(
-            run_pair(config, engine, replicated, server, store.wall_offset, stop, cleanup)
+            run_pair(config, engine, pair, server, store.wall_offset, stop, cleanup)
         )
         cleanup.append(("pair", pairing.cancel))
     while not stop.is_set():

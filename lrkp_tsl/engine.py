@@ -27,10 +27,8 @@ import contextlib
 import logging
 import zlib
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network
-from typing import cast
 
 from lrkp_tsl.activity import Activity
 from lrkp_tsl.errors import KernelError, StoreError
@@ -95,6 +93,10 @@ TIMER_BUDGET = 256
 
 # Commands applied in one kernel transaction at most (bounds one batch's netlink message).
 GROUP_MAX = 32
+# A promoted standby checks no call against its kernel sooner than this after the takeover:
+# the parties' packets need the VRRP gap (~0.4 s) to arrive, and the active's last change of
+# a call's media state may not have been replicated.
+PROMOTE_GRACE = 5.0
 
 TimerKey = tuple[str, str]  # ("call" | "held" | "retry" | "log", Call-ID or "")
 RETRY: TimerKey = ("retry", "")
@@ -475,10 +477,9 @@ class Engine:
             item.done(item.result())
 
     def _store_group(self) -> contextlib.AbstractContextManager[None]:
-        """One store transaction for a group's writes, if the store offers it (SqliteStore
-        does: `group`); else each write on its own."""
-        group = getattr(self.store, "group", None)
-        return cast(contextlib.AbstractContextManager[None], group()) if group else nullcontext()
+        """One store transaction for a group's writes (every Store has `group`: the type
+        checker sees to it, so a pair's store cannot lose the group commit again)."""
+        return self.store.group()
 
     # -- first packets -------------------------------------------------------------------------
 
@@ -1020,12 +1021,19 @@ class Engine:
         """
         self.begin_read()
         conflicts = []
-        capped = 0
+        capped = retimed = 0
+        idle = self.settings.idle_timeout
         for record in sorted(stored, key=lambda r: r.call.started):
             if record.estimated:
                 record, changed = self._cap_clocks(record, now)
                 capped += changed
             call = record.call
+            if call.idle_timeout != idle:
+                # The kernel holds one idle policy for the node (its entries expire after
+                # the node's timeout, whatever the call was set up with): the call follows
+                # it, or it would end by the old one's reckoning. Stored at its next change.
+                call = replace(call, idle_timeout=idle)
+                retimed += 1
             for other in self.table.claimed(call.call_id, call.relay_endpoints()):
                 conflicts.append(other)
                 self.table.applied(Sync(other, EMPTY, None, Reason.REPLACED))
@@ -1051,6 +1059,13 @@ class Engine:
                 "clock step cannot end live calls at startup",
                 capped,
                 max(0.0, self.settings.max_lifetime - self.settings.idle_timeout),
+            )
+        if retimed:
+            log.info(
+                "%d stored calls were set up with another idle timeout: they follow the "
+                "node's %g s from now on",
+                retimed,
+                idle,
             )
         if conflicts:
             log.warning(
@@ -1390,8 +1405,8 @@ class Engine:
 
     def follow(self, call_id: str, record: StoredCall | None, now: float) -> None:
         """Standby: make the call table, the kernel and the store hold what the active
-        node has for `call_id` (None: it ended there). Raises KernelError or StoreError
-        (the caller resynchronises from the active's full table)."""
+        node has for `call_id` (None: it ended there), and its media state. Raises
+        KernelError or StoreError (the caller resynchronises from the active's full table)."""
         current = self.table.get(call_id)
         if record is None:
             if current is not None:
@@ -1399,6 +1414,7 @@ class Engine:
             return
         call = record.call
         if current == call:
+            self._follow_media(call_id, record.quiet_since, now)
             return
         for other in self.table.claimed(call.call_id, call.relay_endpoints()):
             old = self.table.get(other)
@@ -1407,7 +1423,32 @@ class Engine:
         before = current.view() if current is not None else EMPTY
         quiet = now if record.quiet_since is None else record.quiet_since
         self._commit(Sync(call_id, before, call, Reason.REPLICATED), now, "peer", quiet)
+        if record.quiet_since is None:
+            self._follow_media(call_id, None, now)
         self.stats["replication.applied"] += 1
+
+    def follow_media(self, call_id: str, quiet_since: float | None, now: float) -> None:
+        """Standby: the active node says the call's media went quiet at `quiet_since`, or
+        is live (None). Kept, so that a takeover ends the call only when it really had no
+        media for its idle timeout (`promote`). Raises StoreError."""
+        if call_id in self.table:
+            self._follow_media(call_id, quiet_since, now)
+            self.stats["replication.applied"] += 1
+
+    def _follow_media(self, call_id: str, quiet_since: float | None, now: float) -> bool:
+        """The media state as the active has it (stored only if it changed); True if it did."""
+        known = call_id in self.activity
+        before = self.activity.quiet_since(call_id)
+        if quiet_since is None:
+            if known and before is None:
+                return False
+            self.activity.live(call_id, set())  # which streams: the new active's kernel says
+        else:
+            if known and before is not None and abs(before - quiet_since) < 0.001:
+                return False
+            self.activity.quiet(call_id, quiet_since)
+        self.store.set_quiet(call_id, quiet_since)
+        return True
 
     def follow_all(self, records: dict[str, StoredCall], now: float) -> int:
         """Standby: the active node's whole table (at start, or after a full resync).
@@ -1420,17 +1461,28 @@ class Engine:
     def follow_all_steps(self, records: dict[str, StoredCall], now: float) -> Iterator[int]:
         """`follow_all` in steps of RECONCILE_CHUNK changes; yields how many so far, so the
         caller lets the event loop run in between (a joining standby with 50k calls to add
-        must still notice a takeover)."""
+        must still notice a takeover). Calls it had that the active has not are removed
+        (after a split brain: those set up on this node alone; logged as one line)."""
         gone = [c.call_id for c in self.table if c.call_id not in records]
-        differ = [i for i, record in records.items() if self.table.get(i) != record.call]
+        if gone:
+            log.warning(
+                "following: %d calls of this node are not on the active node: removed "
+                "(calls set up here while both nodes were active, or changes the active "
+                "never published): %s",
+                len(gone),
+                _sample(gone),
+            )
         changed = 0
         for call_id in gone:
             self.follow(call_id, None, now)
             changed += 1
             if changed % RECONCILE_CHUNK == 0:
                 yield changed
-        for call_id in differ:
-            self.follow(call_id, records[call_id], now)
+        for call_id, record in records.items():
+            if self.table.get(call_id) != record.call:
+                self.follow(call_id, record, now)
+            elif not self._follow_media(call_id, record.quiet_since, now):
+                continue  # the same call, the same media state: nothing to do
             changed += 1
             if changed % RECONCILE_CHUNK == 0:
                 yield changed
@@ -1440,12 +1492,20 @@ class Engine:
         """This node took the VIPs: answer commands, learn, end calls.
 
         Its table and kernel already hold what the active had (follow); media flows as
-        soon as packets arrive here. Whether each call still has media is not known: each
-        is checked against the kernel within its idle timeout, spread as after a restart.
+        soon as packets arrive here. Each call's idle clock goes on from what the active
+        last said about its media (replicated with every change), as after a restart:
+        - quiet since T: it ends at T + its idle timeout if this node's kernel has seen
+          no packet of it by then, but never within PROMOTE_GRACE of the takeover (a
+          change to live in the replication lag, clocks that differ a little);
+        - live, or not known: counted from the takeover, so it ends only if no packet of
+          it reaches this node for a whole idle timeout.
         """
         self.active = True
         for call in self.table:
-            self.activity.quiet(call.call_id, now - call.idle_timeout + _spread(call))
+            call_id = call.call_id
+            quiet = self.activity.quiet_since(call_id) if call_id in self.activity else None
+            earliest = now - call.idle_timeout + min(PROMOTE_GRACE, call.idle_timeout)
+            self.activity.quiet(call_id, now if quiet is None else max(quiet, earliest))
             self._schedule_call(call)
         self.stats["pair.promoted"] += 1
         log.warning("active: this node holds the relay addresses; %d calls", len(self.table))

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -63,9 +65,15 @@ class Snapshot:
     held: int
     latency: Latency
     protocols: dict[str, int] = field(default_factory=dict)  # live calls by protocol
+    pair: dict[str, Any] | None = None  # a pair's health (pairhealth.py); None: no pair
 
 
-def take_snapshot(engine: Engine, latency: Latency, ports_total: int) -> Snapshot:
+def take_snapshot(
+    engine: Engine,
+    latency: Latency,
+    ports_total: int,
+    pair: Callable[[], dict[str, Any]] | None = None,
+) -> Snapshot:
     """On the event loop only: O(stats keys + calls holding a first packet)."""
     return Snapshot(
         dict(engine.stats),
@@ -76,6 +84,7 @@ def take_snapshot(engine: Engine, latency: Latency, ports_total: int) -> Snapsho
         sum(len(held) for held in engine.held.values()),
         latency.copy(),
         dict(engine.table.protocols),
+        None if pair is None else pair(),
     )
 
 
@@ -210,6 +219,51 @@ def engine_metrics(snap: Snapshot) -> Iterator[Metric]:
         f"{PREFIX}_active",
         "1 if this node answers commands (0: a pair's standby)",
         int(snap.active),
+    )
+    if snap.pair is not None:
+        yield from pair_metrics(snap.pair)
+
+
+def _number(value: object) -> float:
+    """A gauge's value; NaN for what is not known (never measured)."""
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+def pair_metrics(pair: dict[str, Any]) -> Iterator[Metric]:
+    """An active/standby pair's health (only in pair mode): docs/metrics.md says how to
+    alarm on it."""
+    yield GaugeMetricFamily(
+        f"{PREFIX}_pair_in_sync",
+        "1 if a takeover now keeps every call: on the standby, it is in sync with the "
+        "active; on the active, a standby follows it in sync",
+        int(bool(pair.get("in_sync"))),
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_pair_lag_seconds",
+        "How old the newest state of the active the standby is known to hold is (NaN: never)",
+        _number(pair.get("lag")),
+    )
+    other = "active_calls" if pair.get("role") == "standby" else "standby_calls"
+    yield GaugeMetricFamily(
+        f"{PREFIX}_pair_peer_calls",
+        "Calls the other node holds: the active's Redis on a standby, the standby's own "
+        "report on the active (NaN: unknown)",
+        _number(pair.get(other)),
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}_pair_changes_applied",
+        "Changes of the active's calls this node applied as a standby",
+        value=int(pair.get("applied", 0)),
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}_pair_changes_published",
+        "Changes of this node's calls written to its Redis as the active",
+        value=int(pair.get("published", 0)),
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_pair_publish_queue",
+        "Changes waiting to be written to this node's Redis",
+        int(pair.get("queued", 0)),
     )
 
 
@@ -352,6 +406,7 @@ class Exporter:
         latency: Latency,
         ports_total: int,
         loop: asyncio.AbstractEventLoop,
+        pair: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -361,7 +416,7 @@ class Exporter:
 
         self._reader = CounterReader()  # opened here: in the node's network namespace
         collector = NodeCollector(
-            lambda: on_loop(loop, lambda: take_snapshot(engine, latency, ports_total)),
+            lambda: on_loop(loop, lambda: take_snapshot(engine, latency, ports_total, pair)),
             lambda: self._reader.counters(FAMILY, TABLE),
             ctcapacity.read_fill,  # /proc of this process: the node's network namespace
         )

@@ -219,8 +219,10 @@ class Management:
         queue_rule: QueueRule,
         config: Config,
         clock: Callable[[], float] = time.monotonic,
+        pair: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.engine = engine
+        self.pair = pair  # a pair's health (pairhealth.py), as of its last probe
         self.server = server
         self.plane = plane
         self.queue_rule = queue_rule
@@ -427,6 +429,7 @@ class Management:
                 "active": self.engine.active,
                 "control": [str(address) for address in self.config.control],
                 "ng": [str(address) for address in self.config.ng],
+                **({"pair": self.pair()} if self.pair is not None else {}),
             }
         )
 
@@ -506,7 +509,10 @@ class Management:
             "ports.used": len(engine.table.ports),
             "draining": int(engine.draining),
         }
-        yield _result({"counters": dict(sorted(engine.stats.items())), "gauges": gauges})
+        result = {"counters": dict(sorted(engine.stats.items())), "gauges": gauges}
+        if self.pair is not None:
+            result["pair"] = self.pair()
+        yield _result(result)
 
     def _kernel_state(self) -> dict[str, Any]:
         """Worker thread: what the kernel holds for the node, read on fresh sockets."""

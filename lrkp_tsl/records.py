@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Protocol
@@ -71,6 +72,11 @@ class Store(Protocol):
     (SqliteStore: the file is locked by another process, for seconds). A store that cannot
     be written at all (disk full, I/O error) keeps the change for later and does not raise:
     the node serves on without durable records (store.py)."""
+
+    def group(self) -> AbstractContextManager[None]:
+        """The writes inside share one transaction (group commit: one durable commit for a
+        batch of commands). A write that fails fails alone; if the commit fails, StoreError
+        and none of the writes inside is durable."""
 
     def put(self, call: Call, quiet_since: float | None) -> None:
         """Insert or replace the call's record."""

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Builds Kamailio from the vendored source snapshot (6.x, the lrkproxy that sends `D`), so the
 # e2e suite can run against it as well as against Debian's 5.6. Only the modules that
-# examples/kamailio.cfg loads are built (a fraction of the ~95 s a full build takes).
+# examples/kamailio.cfg (lrkproxy) and examples/kamailio-rtpengine.cfg (rtpengine, the ng
+# protocol) load are built (a fraction of the ~95 s a full build takes).
 #
-# The build lives in a cache OUTSIDE the clone, one directory per tarball, keyed by its
-# sha256 (first 12 hex digits): $LRKP_KAMAILIO_CACHE/kamailio-<sha12>/ (default cache:
-# /var/cache/lrkp-tsl, or ~/.cache/lrkp-tsl when that is not writable). It is reused when
+# The build lives in a cache OUTSIDE the clone, one directory per tarball and module list,
+# keyed by the tarball's sha256 and the list's (first 12 and 8 hex digits):
+# $LRKP_KAMAILIO_CACHE/kamailio-<sha12>-<modules8>/ (default cache: /var/cache/lrkp-tsl, or
+# ~/.cache/lrkp-tsl when that is not writable). A checkout with another module list builds
+# beside it, never over it: two checkouts on one machine never remove each other's build
+# (nor the binary a running test uses). It is reused when
 # complete: the stamp file is written LAST, so a build that was killed half-way has no stamp
 # and is redone from scratch. A second caller waits on a lock instead of building twice.
 #
@@ -18,7 +22,9 @@
 # `--prefix-only`: print where the build is (or would be) and exit 0 when complete, 4 if not.
 set -euo pipefail
 
-MODULES="tm tmx sl rr pv maxfwd textops siputils sanity ipops xlog lrkproxy"
+# rtpengine: Kamailio's ng client (needs no external library); nathelper: NAT detection and
+# Contact fixing in the rtpengine example.
+MODULES="tm tmx sl rr pv maxfwd textops siputils sanity ipops xlog lrkproxy rtpengine nathelper"
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 log() { echo "build-kamailio: $*" >&2; }
@@ -56,7 +62,8 @@ if ! mkdir -p "$cache" 2>/dev/null || [ ! -w "$cache" ]; then
   mkdir -p "$cache"
 fi
 sha=$(sha256sum "$tarball" | cut -d' ' -f1)
-prefix=$cache/kamailio-${sha:0:12}
+modules_sha=$(echo "$MODULES" | sha256sum | cut -d' ' -f1)
+prefix=$cache/kamailio-${sha:0:12}-${modules_sha:0:8}
 stamp=$prefix/.lrkp-build-complete
 want="sha256=$sha modules=$MODULES"
 

@@ -9,6 +9,7 @@ happen on demand, which the real kernel does not do.
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 
 from lrkp_tsl.errors import KernelError, StoreError
@@ -186,6 +187,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.records: dict[str, StoredCall] = {}
+        self.groups = 0
         self._failures: collections.Counter[str] = collections.Counter()
 
     def fail_next(self, method: str, times: int = 1) -> None:
@@ -198,6 +200,11 @@ class MemoryStore:
         if self._failures[method] > 0:
             self._failures[method] -= 1
             raise StoreError(f"injected failure of {method}")
+
+    def group(self) -> contextlib.AbstractContextManager[None]:
+        """Writes to a dict are immediate: a group adds nothing (it is counted)."""
+        self.groups += 1
+        return contextlib.nullcontext()
 
     def put(self, call: Call, quiet_since: float | None) -> None:
         self._enter("put")

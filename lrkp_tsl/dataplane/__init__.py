@@ -74,6 +74,8 @@ class DataPlane:
         self.features: KernelFeatures | None = None
         self.footprint: StartFootprint | None = None
         self.reservation = PortReservation(record)
+        # The last load made the idle policy anew over live entries (taken by the daemon).
+        self.policy_replaced = False
 
     def start(
         self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle_timeout: float
@@ -157,7 +159,17 @@ class DataPlane:
             self.close()
 
     def load(self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle: float) -> None:
-        self.nft.load(relay_addrs, ports, idle)
+        if self.nft.load(relay_addrs, ports, idle):
+            # Another idle timeout than the table's: the policy object was made anew, and
+            # the kernel took the old one off every live entry (they now run on its default
+            # UDP timeouts, 30 s or 120 s). Their node renews them (engine.renew_streams).
+            self.policy_replaced = True
+            log.warning(
+                "the idle timeout changed to %g s: the live calls' conntrack entries lost "
+                "the old policy and are renewed (deleted; their next packets make them again "
+                "with the new one)",
+                idle,
+            )
         self.silence.idle_timeout = max(1, round(idle))  # as the ct timeout policy holds it
         log.info(
             "table ip lrkp loaded from %s: relay addresses %s, ports %s, idle timeout %g s",

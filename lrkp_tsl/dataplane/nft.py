@@ -138,10 +138,13 @@ class NftTable:
 
     def load(
         self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle_timeout: float
-    ) -> None:
+    ) -> bool:
         """Install or refresh the table in one transaction, keeping existing map elements
         (`load_batch` says how); base chains that changed are replaced in that transaction
-        (`_replace_base_chains`)."""
+        (`_replace_base_chains`). True if the idle policy held another value and was made
+        anew: the live calls' conntrack entries lost it (engine.renew_streams)."""
+        current = self.idle_policy()
+        replaced = current is not None and current != max(1, round(idle_timeout))
         what = f"loading {self.rules_path}"
         try:
             self.run_text(self.load_batch(relay_addrs, ports, idle_timeout), what)
@@ -150,6 +153,7 @@ class NftTable:
                 raise
             self._replace_base_chains(relay_addrs, ports, idle_timeout, what)
         self._drop_obsolete()
+        return replaced
 
     def check_load(
         self, relay_addrs: Sequence[IPv4Address], ports: PortRange, idle_timeout: float

@@ -1,4 +1,4 @@
-"""Fixtures for end-to-end tests: a lab, Kamailio with lrkproxy, SIPp, stub nodes.
+"""Fixtures for end-to-end tests: a lab, Kamailio with lrkproxy (or rtpengine), SIPp, stub nodes.
 
 Like tests/netns: without root these tests skip with the reason; under CI (CI=true) a missing
 root (or a missing kamailio/sipp) is an error instead, so CI cannot pass by skipping.
@@ -101,6 +101,8 @@ def snapshot_build() -> KamailioBuild:
             modules = sorted(prefix.glob("lib*/kamailio/modules/lrkproxy.so"))
             if not modules:
                 pytest.fail(f"no lrkproxy.so under {prefix}")
+            if not (modules[0].parent / "rtpengine.so").exists():  # the ng tests' module
+                pytest.fail(f"no rtpengine.so beside {modules[0]}: rerun {BUILD_SCRIPT}")
             _snapshot.append(
                 KamailioBuild(
                     "6.2",

@@ -8,6 +8,10 @@ test can read the exact bytes the module sent (a `D` with empty fields, its rand
 and what the node answered. `lose_first_reply` drops the first reply to each command with
 one of the given letters: Kamailio then retransmits the same datagram after
 `lrkproxy_tout` seconds, as it does when a reply is lost on the network.
+
+It forwards rtpengine's ng protocol (the `rtpengine` module's `<cookie> <bencoded dict>`)
+just as well: a command's name is then its ng `command` (`offer`, `delete`...), `message`
+is the decoded dictionary, and `ng_replies(name)` the replies to the commands of that name.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ import threading
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from lrkp_lab.lab import Lab
+from lrkp_lab.ngpeer import text
+from lrkp_tsl.ng.bencode import BencodeError, decode
 
 TAP_IP = "10.201.1.5"
 TAP_PORT = 22400
@@ -31,6 +38,7 @@ class Seen:
     direction: str  # "command" (Kamailio -> node) or "reply" (node -> Kamailio)
     data: bytes
     forwarded: bool
+    at: float = 0.0  # time.time() when the tap got it (SIPp's traces use the same clock)
 
     @property
     def cookie(self) -> bytes:
@@ -38,8 +46,25 @@ class Seen:
 
     @property
     def command(self) -> str:
+        """lrkproxy: the command letter (a reply's: `E` or the command's); ng: `command`."""
+        message = self.message
+        if message is not None:
+            return str(message.get("command", ""))
         parts = self.data.split(b" ", 2)
         return parts[1][:1].decode("ascii", "replace") if len(parts) >= 2 else ""
+
+    @property
+    def message(self) -> dict[str, Any] | None:
+        """The ng dictionary after the cookie (strings as text), or None: not ng. lrkproxy
+        commands are capital letters, a bencoded dictionary starts with `d`."""
+        body = self.data.partition(b" ")[2]
+        if not body.startswith(b"d"):
+            return None
+        try:
+            decoded = text(decode(body))
+        except BencodeError:
+            return None
+        return decoded if isinstance(decoded, dict) else None
 
 
 @dataclass
@@ -75,7 +100,7 @@ class ControlTap:
 
     def _record(self, direction: str, data: bytes, forwarded: bool) -> None:
         with self._lock:
-            self.seen.append(Seen(direction, data, forwarded))
+            self.seen.append(Seen(direction, data, forwarded, time.time()))
 
     def _run(self) -> None:
         deadline = time.monotonic() + 300
@@ -119,6 +144,18 @@ class ControlTap:
                 for s in self.seen
                 if s.direction == "reply" and s.cookie in cookies and s.command == letter
             ]
+
+    def ng_replies(self, name: str) -> list[Seen]:
+        """Replies to the ng commands called `name`, in order (retransmissions included)."""
+        with self._lock:
+            cookies = {
+                s.cookie for s in self.seen if s.direction == "command" and s.command == name
+            }
+            return [s for s in self.seen if s.direction == "reply" and s.cookie in cookies]
+
+    def commands_seen(self) -> list[Seen]:
+        with self._lock:
+            return [s for s in self.seen if s.direction == "command"]
 
     def wait_for(self, letter: str, count: int = 1, timeout: float = 5.0) -> list[Seen]:
         """Replies to `letter` commands, once at least `count` arrived (or the timeout)."""

@@ -12,51 +12,19 @@ from __future__ import annotations
 
 import re
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from lrkp_lab.kamailio import Call, KamailioBuild, Sdp, call, kamailio
+from lrkp_lab.calls import both_ways
+from lrkp_lab.kamailio import KamailioBuild, call, kamailio
 from lrkp_lab.lab import Lab
 from lrkp_lab.node import Node
-from lrkp_lab.parties import Party, Peers
+from lrkp_lab.parties import Peers
+from lrkp_lab.sipmedia import endpoint, media_both_ways, parties
 from lrkp_tsl.dataplane.nft import TABLE
-from lrkp_tsl.media import Endpoint
-
-IDLE = 3.0
-NODE1 = ("relay", "10.201.1.1", "10.201.2.1")
-NODE2 = ("relay2", "10.201.1.2", "10.201.2.2")
-PORTS = "20000-21999"
-
-
-def start_node(
-    lab: Lab, host: str, internal: str, external: str, idle: float = IDLE, ports: str = PORTS
-) -> Node:
-    node = Node(
-        lab,
-        host,
-        "--internal-ip",
-        internal,
-        "--external-ip",
-        external,
-        "--ports",
-        ports,
-        "--control",
-        f"udp:{internal}:22333",
-        "--allow",
-        "10.201.1.5",
-        "--idle-timeout",
-        str(idle),
-        "--flush-on-exit",
-    )
-    deadline = time.monotonic() + 15
-    while "node up" not in node.output():
-        if node.proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"node on {host} did not start:\n{node.output()}")
-        time.sleep(0.05)
-    return node
+from tests.e2e.relaynode import IDLE, NODE1, NODE2, conntrack, start_node
 
 
 @pytest.fixture
@@ -71,29 +39,6 @@ def node2(lab: Lab) -> Iterator[Node]:
     running = start_node(lab, *NODE2)
     yield running
     running.close()
-
-
-def endpoint(sdp: Sdp) -> Endpoint:
-    return Endpoint.parse(*sdp.endpoint)
-
-
-def media_both_ways(
-    lab: Lab, made: Call, caller_sdp: Sdp, callee_sdp: Sdp, packets: int = 20
-) -> tuple[Party, Party]:
-    """RTP both ways; every packet arrives, from the relay address the receiver was given."""
-    with Peers(lab) as peers:
-        caller = peers(made.caller_host, made.caller_rtp[1])
-        callee = peers(made.callee_host, made.callee_rtp[1])
-        for seq in range(packets):
-            caller.send(endpoint(caller_sdp), b"RTP-A-%d" % seq)
-            assert callee.expect(b"RTP-A-%d" % seq) == endpoint(callee_sdp)
-            callee.send(endpoint(callee_sdp), b"RTP-B-%d" % seq)
-            assert caller.expect(b"RTP-B-%d" % seq) == endpoint(caller_sdp)
-        return caller, callee
-
-
-def conntrack(lab: Lab, host: str) -> str:
-    return lab.run(host, "conntrack", "-L", "-p", "udp", check=False).stdout
 
 
 def test_call_through_kamailio_relayed_by_the_kernel(
@@ -202,9 +147,7 @@ def test_call_expires_after_bye_without_d(lab: Lab, node: Node, tmp_path: Path) 
     call_id = made.call_id
     assert call_id is not None
     assert call_id in lab.run("relay", "nft", "list", "table", "ip", TABLE).stdout
-    deadline = time.monotonic() + IDLE * 4
-    while f"[{call_id}] removed" not in node.output() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    node.wait_log(f"[{call_id}] removed", IDLE * 4)
     assert f"[{call_id}] removed: no media for {IDLE:g} s" in node.output()
     assert call_id not in lab.run("relay", "nft", "list", "table", "ip", TABLE).stdout
     relay = endpoint(caller_sdp)
@@ -224,9 +167,7 @@ def test_caller_behind_nat_through_kamailio(
     ):
         caller_sdp, callee_sdp = made.wait_answered()
         with Peers(lab) as peers:
-            caller = peers("c", made.caller_rtp[1])
-            callee = peers("x", made.callee_rtp[1])
-            to_a, to_b = endpoint(caller_sdp), endpoint(callee_sdp)
+            caller, to_a, callee, to_b = parties(peers, made, caller_sdp, callee_sdp)
             if first == "callee":
                 for seq in range(3):  # held until the caller's first packet
                     callee.send(to_b, b"early-%d" % seq)
@@ -234,11 +175,7 @@ def test_caller_behind_nat_through_kamailio(
                 for seq in range(3):
                     assert caller.expect(b"early-%d" % seq) == to_a
                 assert callee.expect(b"hello") == to_b
-            for seq in range(10):
-                caller.send(to_a, b"A-%d" % seq)
-                assert callee.expect(b"A-%d" % seq) == to_b
-                callee.send(to_b, b"B-%d" % seq)
-                assert caller.expect(b"B-%d" % seq) == to_a
+            both_ways(caller, to_a, callee, to_b, 10)
             caller.expect_nothing()
             callee.expect_nothing()
         made.wait_done()

@@ -14,9 +14,6 @@ Against Debian's 5.6 and the 6.x snapshot. Each run prints its figures (pytest -
 from __future__ import annotations
 
 import re
-import select
-import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,36 +21,29 @@ import pytest
 
 from lrkp_lab.kamailio import COLOCATED, KamailioBuild, call, kamailio
 from lrkp_lab.lab import Lab
+from lrkp_lab.localclients import CLIENTS, short_lived_clients
 from lrkp_lab.node import Node
-from tests.e2e.test_calls import media_both_ways
+from lrkp_lab.sipmedia import media_both_ways
 
 RELAY_IP, EXTERNAL_IP = str(COLOCATED.internal), str(COLOCATED.external)
 CONTROL = (RELAY_IP, 22333)
 PORTS = (20000, 21999)
 EPHEMERAL = "net.ipv4.ip_local_port_range"
 RESERVED = "net.ipv4.ip_local_reserved_ports"
-CLIENTS = 40
-REPLY_WAIT = 5.0  # a bound for a lost reply, not a speed limit
 # Caller, callee: internal to external, behind NAT to internal, external to internal.
 CALLS = (("a", "x"), ("c", "b"), ("x", "a"))
-
-
-def sysctl(lab: Lab, name: str, value: str | None = None) -> str:
-    if value is not None:
-        lab.run("relay", "sysctl", "-qw", f"{name}={value}")
-    return lab.run("relay", "sysctl", "-n", name).stdout.strip()
 
 
 @pytest.fixture
 def overlapping(lab: Lab) -> Iterator[None]:
     """The relay namespace's ephemeral range set to the relay range; put back after."""
-    ephemeral, reserved = sysctl(lab, EPHEMERAL), sysctl(lab, RESERVED)
-    sysctl(lab, EPHEMERAL, "%d %d" % PORTS)  # noqa: UP031
+    ephemeral, reserved = lab.sysctl("relay", EPHEMERAL), lab.sysctl("relay", RESERVED)
+    lab.set_sysctl("relay", EPHEMERAL, "%d %d" % PORTS)  # noqa: UP031
     try:
         yield
     finally:
-        sysctl(lab, EPHEMERAL, ephemeral)
-        lab.run("relay", "sh", "-c", f"echo '{reserved}' > /proc/sys/net/ipv4/{RESERVED[9:]}")
+        lab.set_sysctl("relay", EPHEMERAL, ephemeral)
+        lab.set_sysctl("relay", RESERVED, reserved)
 
 
 def start_node(lab: Lab) -> Node:
@@ -62,11 +52,7 @@ def start_node(lab: Lab) -> Node:
         "--ports", "%d-%d" % PORTS, "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",  # noqa: UP031
         "--allow", RELAY_IP, "--idle-timeout", "3", "--flush-on-exit",
     )  # fmt: skip
-    deadline = time.monotonic() + 15
-    while "node up" not in node.output():
-        if node.proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"node did not start:\n{node.output()}")
-        time.sleep(0.05)
+    node.wait_log("node up", 15)
     return node
 
 
@@ -80,25 +66,6 @@ def lrkproxy_ports(lab: Lab) -> list[int]:
             listing,
         )
     ]
-
-
-def local_clients(lab: Lab) -> list[tuple[int, bool]]:
-    """CLIENTS short-lived sockets beside Kamailio, each sends one `P` as lrkproxy does and
-    waits for its answer: (local port, answered) of each."""
-    results = []
-    for index in range(CLIENTS):
-        with lab.inside("relay"):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.connect(CONTROL)
-            port = sock.getsockname()[1]
-            cookie = b"%d_%d" % (port, index)
-            sock.send(cookie + b" P")
-            ready, _, _ = select.select([sock], [], [], REPLY_WAIT)
-            results.append((port, bool(ready) and sock.recv(100) == cookie + b" P PONG"))
-        finally:
-            sock.close()
-    return results
 
 
 def node_counters(output: str) -> dict[str, int]:
@@ -128,7 +95,7 @@ def test_kamailio_beside_the_node_with_the_ephemeral_range_on_the_relay_range(
                     caller_sdp, callee_sdp = made.wait_answered()
                     media_both_ways(lab, made, caller_sdp, callee_sdp, packets=10)
                     made.wait_done()
-            clients = local_clients(lab)
+            clients = short_lived_clients(lab, CONTROL)
         kamailio_log = kam.log()
     finally:
         node.stop()

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from lrkp_lab.calls import Stream
-from lrkp_lab.kamailio import KamailioBuild, Sdp, call, kamailio
+from lrkp_lab.kamailio import KamailioBuild, call, kamailio
 from lrkp_lab.lab import Lab
 from lrkp_lab.node import Node
 from lrkp_lab.parties import Peers
-from lrkp_tsl.media import Endpoint
-from tests.e2e.test_calls import NODE1, NODE2, start_node
+from lrkp_lab.sipmedia import endpoint
+from tests.e2e.relaynode import NODE1, NODE2, start_node
 
 CTL = (sys.executable, "-m", "lrkp_tsl.ctl")
 
@@ -38,10 +38,6 @@ def nodes(lab: Lab) -> Iterator[tuple[Node, Node]]:
             second.close()
     finally:
         first.close()
-
-
-def endpoint(sdp: Sdp) -> Endpoint:
-    return Endpoint.parse(*sdp.endpoint)
 
 
 def ctl(lab: Lab, host: str, *args: str) -> str:

@@ -59,6 +59,9 @@ def test_message_trace_parser() -> None:
     assert (sent.direction, sent.method, sent.status) == ("sent", "INVITE", None)
     assert (got.direction, got.method, got.status) == ("received", "INVITE", 200)
     assert got.sdp is not None and got.sdp.endpoint == ("10.0.0.1", 4000)
+    # The dashed line's local time, to the microsecond: ordering across processes.
+    assert sent.at is not None and got.at is not None
+    assert round(got.at - sent.at, 6) == 0.000001
 
 
 def test_startup_sends_ping_then_config(lab: Lab, stub: StubNode, tmp_path: Path) -> None:

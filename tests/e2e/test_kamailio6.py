@@ -21,14 +21,16 @@ from pathlib import Path
 
 import pytest
 
+from lrkp_lab.calls import both_ways
 from lrkp_lab.kamailio import KamailioBuild, call, kamailio
 from lrkp_lab.lab import Lab
 from lrkp_lab.node import Node
 from lrkp_lab.parties import Peers
+from lrkp_lab.sipmedia import media_both_ways, parties
 from lrkp_tsl.dataplane.nft import TABLE
 from tests.e2e.control_tap import ControlTap
+from tests.e2e.relaynode import NODE1, conntrack, start_node
 from tests.e2e.stub_node import Request
-from tests.e2e.test_calls import NODE1, conntrack, endpoint, media_both_ways, start_node
 
 NODE_URL = "udp:10.201.1.1:22333"
 NODE_ADDR = ("10.201.1.1", 22333)
@@ -71,14 +73,8 @@ def test_bye_sends_d_and_the_kernel_state_is_gone_at_once(
         Peers(lab) as peers,
     ):
         caller_sdp, callee_sdp = made.wait_answered()
-        to_a, to_b = endpoint(caller_sdp), endpoint(callee_sdp)
-        caller = peers("a", made.caller_rtp[1])
-        callee = peers("b", made.callee_rtp[1])
-        for seq in range(20):
-            caller.send(to_a, b"A-%d" % seq)
-            assert callee.expect(b"A-%d" % seq) == to_b
-            callee.send(to_b, b"B-%d" % seq)
-            assert caller.expect(b"B-%d" % seq) == to_a
+        caller, to_a, callee, to_b = parties(peers, made, caller_sdp, callee_sdp)
+        both_ways(caller, to_a, callee, to_b, 20)
         (caller_ip, caller_port), (callee_ip, callee_port) = made.caller_rtp, made.callee_rtp
         flow = (
             rf"src={caller_ip} dst={to_a.ip} sport={caller_port} dport={to_a.port} "
@@ -196,10 +192,9 @@ def test_start_and_end_port_outside_the_node_range_refuse_the_whole_call_loudly(
             )
         assert table(lab) == before
         # No half-relayed call: nothing goes through in either direction.
-        caller = peers("a", made.caller_rtp[1])
-        callee = peers("b", made.callee_rtp[1])
-        caller.send(endpoint(caller_sdp), b"nothing")
-        callee.send(endpoint(callee_sdp), b"nothing")
+        caller, to_a, callee, to_b = parties(peers, made, caller_sdp, callee_sdp)
+        caller.send(to_a, b"nothing")
+        callee.send(to_b, b"nothing")
         callee.expect_nothing()
         caller.expect_nothing()
         made.wait_done()

@@ -7,11 +7,14 @@ error instead, so a misconfigured CI cannot pass by skipping everything.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 
 import pytest
 
+from lrkp_lab.calls import KAMAILIO_IP
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.node import Controller, Node, clear_host
 from lrkp_lab.parties import PORTS, Peers
 from lrkp_tsl.dataplane import DataPlane
 
@@ -49,3 +52,24 @@ def dataplane(lab: Lab) -> Iterator[DataPlane]:
 def peers(lab: Lab) -> Iterator[Peers]:
     with Peers(lab) as made:
         yield made
+
+
+@pytest.fixture
+def nodes(lab: Lab) -> Iterator[list[Node]]:
+    """Nodes a test starts in the relay namespace (it appends them); all killed at the end,
+    as a crash would, and the relay namespace and the NAT box cleared."""
+    started: list[Node] = []
+    yield started
+    for node in started:
+        node.stop(signal.SIGKILL)
+    clear_host(lab, "relay")
+    lab.run("nat", "conntrack", "-F", check=False)
+
+
+@pytest.fixture
+def kamailio(lab: Lab) -> Iterator[Controller]:
+    """A controlling-layer stand-in on Kamailio's address. A test that also takes its
+    module's `node` fixture names it first: the node starts before, and stops after."""
+    client = Controller(lab, "sip", KAMAILIO_IP)
+    yield client
+    client.close()

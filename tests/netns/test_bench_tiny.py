@@ -2,9 +2,10 @@
 
 A few streams for a fraction of a second per window: the whole pipeline runs (lab, generator
 built from source, every contender set up through its own control protocol, every phase, the
-summary, the table and the plot) and every figure must come out for every contender. Nothing
-here asserts on a rate or a duration: the machine may be busy; only that each figure exists
-and is sane (packets were delivered, calls were set up).
+summary, the table and the plot) and every figure must come out for every contender (the ng
+call rate: rtpengine's, and lrkp-tsl's once it serves `--ng`). Nothing here asserts on a rate
+or a duration: the machine may be busy; only that each figure exists and is sane (packets
+were delivered, calls were set up).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from lrkp_lab.ngrelay import node_serves_ng
+
 REPO = Path(__file__).resolve().parents[2]
+NG_SERVERS = ("rtpengine", "lrkp_ng")  # the `ngcps` phase's servers
 FIGURES = (
     "max_pps",
     "us_per_packet",
@@ -79,7 +83,19 @@ def test_tiny_benchmark_gives_every_figure_for_every_contender(tmp_path: Path) -
     assert (tmp_path / "sidebyside-tiny.png").stat().st_size > 1000
     if not with_rtpengine:
         pytest.skip("rtpengine is not installed (scripts/install-bench-deps.sh): its part not run")
-    assert {r["clients"] for r in summary["ngcps"]} == {1, 2}
+    ngcps = {who: [r for r in summary["ngcps"] if r["who"] == who] for who in NG_SERVERS}
+    assert {r["clients"] for r in ngcps["rtpengine"]} == {1, 2}
     for r in summary["ngcps"]:
         assert r["calls_per_s"] > 0 and r["kib_per_call"] is not None
+        assert r["offer_ms"]["p50"] > 0 and r["vs_rtpengine"] is not None
     assert all(r["vs_rtpengine"] is not None for r in control)
+    # lrkp-tsl's own ng socket, driven like rtpengine, once the node has `--ng`; until then
+    # the report says why it did not run (and the run is not an error).
+    if node_serves_ng():
+        assert {r["clients"] for r in ngcps["lrkp_ng"]} == {1, 2}
+        assert summary["ngcps_skipped"] == []
+        assert "| lrkp-tsl (ng) |" in table
+    else:
+        assert ngcps["lrkp_ng"] == []
+        assert [r["who"] for r in summary["ngcps_skipped"]] == ["lrkp_ng"]
+        assert "**Not run:** lrkp-tsl (ng): `lrkp-tsl run` has no --ng yet" in table

@@ -12,11 +12,8 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator
 from itertools import zip_longest
 from pathlib import Path
-
-import pytest
 
 from lrkp_lab.lab import INTERNAL_IP, Lab
 from lrkp_lab.load import Block, CommandLoad, blocks, fill
@@ -40,17 +37,6 @@ RATE = float(os.environ.get("LRKP_BUSY_RATE", "100"))
 FINISHED = re.compile(r"reconciliation finished ([0-9.]+) s after it began: (\d+) reads")
 # The end of the comparison, however it ends (the last one: how a release before logged it).
 DONE = ("reconciliation finished", "calls not compared with the kernel", "and reconciled in")
-
-
-@pytest.fixture
-def nodes(lab: Lab) -> Iterator[list[Node]]:
-    started: list[Node] = []
-    yield started
-    for node in started:
-        node.stop(signal.SIGKILL)
-    lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
-    lab.run("relay", "iptables-nft", "-t", "raw", "-F", check=False)
-    lab.run("relay", "conntrack", "-F", check=False)
 
 
 def wait_for_any(node: Node, texts: tuple[str, ...], timeout: float) -> str:

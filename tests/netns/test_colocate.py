@@ -13,14 +13,14 @@ import contextlib
 import re
 import select
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from lrkp_lab.calls import Call, burst
+from lrkp_lab.calls import BASE_NODE_ARGS, Call, burst
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab, address
+from lrkp_lab.localclients import CLIENTS, REPLY_WAIT, local_socket, ping, short_lived_clients
 from lrkp_lab.node import LRKP_TSL, Controller, Node
 from lrkp_lab.parties import Peers
 from lrkp_tsl.dataplane.nft import TABLE
@@ -30,24 +30,10 @@ RELAY_PORTS = (20000, 21999)
 RANGE = "20000 21999"  # the relay range, as ip_local_port_range
 EPHEMERAL = "net.ipv4.ip_local_port_range"
 RESERVED = "net.ipv4.ip_local_reserved_ports"
-CLIENTS = 40
-# How long a local client waits for the node's reply before it counts it lost: a bound for a
-# lost datagram, not a speed limit (replies take well under a millisecond here).
-REPLY_WAIT = 5.0
 
 
 def node_args(*extra: str) -> tuple[str, ...]:
-    return (
-        "--internal-ip", str(INTERNAL_IP), "--external-ip", str(EXTERNAL_IP),
-        "--ports", "20000-21999", "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",
-        "--allow", "10.201.1.5", "--allow", str(INTERNAL_IP), "--log-level", "debug", *extra,
-    )  # fmt: skip
-
-
-def sysctl(lab: Lab, name: str, value: str | None = None) -> str:
-    if value is not None:
-        lab.run("relay", "sysctl", "-qw", f"{name}={value}")
-    return lab.run("relay", "sysctl", "-n", name).stdout.strip()
+    return (*BASE_NODE_ARGS, "--allow", str(INTERNAL_IP), "--log-level", "debug", *extra)
 
 
 @pytest.fixture
@@ -55,8 +41,8 @@ def host(lab: Lab) -> Iterator[Lab]:
     """The relay namespace with no reserved ports (nodes of earlier tests keep what they
     reserved, as a node that stops without a flush does); its ephemeral range and reserved
     ports are put back after."""
-    ephemeral, reserved = sysctl(lab, EPHEMERAL), sysctl(lab, RESERVED)
-    lab.run("relay", "sh", "-c", "echo > /proc/sys/net/ipv4/ip_local_reserved_ports")
+    ephemeral, reserved = lab.sysctl("relay", EPHEMERAL), lab.sysctl("relay", RESERVED)
+    lab.set_sysctl("relay", RESERVED, "")
     try:
         yield lab
     finally:
@@ -64,10 +50,8 @@ def host(lab: Lab) -> Iterator[Lab]:
         lab.run("relay", "conntrack", "-F", check=False)
         for box in ("nat", "nat2"):
             lab.run(box, "conntrack", "-F", check=False)
-        sysctl(lab, EPHEMERAL, ephemeral)
-        lab.run(
-            "relay", "sh", "-c", f"echo '{reserved}' > /proc/sys/net/ipv4/ip_local_reserved_ports"
-        )
+        lab.set_sysctl("relay", EPHEMERAL, ephemeral)
+        lab.set_sysctl("relay", RESERVED, reserved)
 
 
 @contextlib.contextmanager
@@ -80,47 +64,6 @@ def started(lab: Lab, *extra: str, state: Path | None = None) -> Iterator[Node]:
     finally:
         kamailio.close()
         node.stop()
-
-
-def local_socket(lab: Lab, bind: tuple[str, int] | None = None) -> socket.socket:
-    with lab.inside("relay"):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    if bind is not None:
-        sock.bind(bind)
-    return sock
-
-
-def ping(sock: socket.socket, cookie: bytes, wait: float = REPLY_WAIT) -> bytes | None:
-    """`P` as lrkproxy sends it (cookie `<number>_<number>`), from a connected socket; the
-    reply, or None if none came."""
-    sock.send(cookie + b" P")
-    deadline = time.monotonic() + wait
-    while (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([sock], [], [], left)
-        if not ready:
-            return None
-        reply = sock.recv(4096)
-        if reply.startswith(cookie + b" "):
-            return reply
-    return None
-
-
-def short_lived_clients(
-    lab: Lab, bind: list[tuple[str, int]] | None = None
-) -> list[tuple[int, bool]]:
-    """CLIENTS sockets on the relay IP, one after the other: each connects to the control
-    socket, sends one `P` and closes. (local port, answered) of each."""
-    results = []
-    for index in range(CLIENTS):
-        sock = local_socket(lab, bind[index] if bind else None)
-        try:
-            sock.connect(CONTROL)
-            port = sock.getsockname()[1]
-            cookie = b"%d_%d" % (port, index)
-            results.append((port, ping(sock, cookie) == cookie + b" P PONG"))
-        finally:
-            sock.close()
-    return results
 
 
 def unanswered(results: list[tuple[int, bool]]) -> list[int]:
@@ -142,36 +85,38 @@ def counter(lab: Lab, name: str) -> int:
 def test_no_room_to_reserve_every_local_client_still_gets_its_answer(host: Lab) -> None:
     """The issue's reproduction, at its worst: the whole ephemeral range is the relay range,
     so every autobound socket lands on a relay port and the node cannot reserve it."""
-    sysctl(host, EPHEMERAL, RANGE)
+    host.set_sysctl("relay", EPHEMERAL, RANGE)
     with started(host) as node:
-        clients = short_lived_clients(host)
+        clients = short_lived_clients(host, CONTROL)
         assert all(in_range(port) for port, _answered in clients)
         assert unanswered(clients) == []
         assert counter(host, "local_socket") >= CLIENTS
         assert "not reserving ports 20000-21999" in node.output()
-        assert sysctl(host, RESERVED) == ""
+        assert host.sysctl("relay", RESERVED) == ""
 
 
 def test_started_after_a_local_socket_took_a_relay_port(host: Lab) -> None:
     """Kamailio started first: its sockets got ports inside the range before the node
     reserved it. With room to reserve, later sockets get ports outside the range; clients
     bound inside it on purpose are answered too."""
-    sysctl(host, EPHEMERAL, "21000 21999")
+    host.set_sysctl("relay", EPHEMERAL, "21000 21999")
     early = local_socket(host)
     early.connect(CONTROL)
     early_port = early.getsockname()[1]
     assert in_range(early_port)
-    sysctl(host, EPHEMERAL, "20500 39999")
+    host.set_sysctl("relay", EPHEMERAL, "20500 39999")
     try:
         with started(host) as node:
             assert ping(early, b"1_1") == b"1_1 P PONG"
             assert "reserved ports 20000-21999 from automatic port allocation" in node.output()
-            assert sysctl(host, RESERVED) == "20000-21999"
-            autobound = short_lived_clients(host)
+            assert host.sysctl("relay", RESERVED) == "20000-21999"
+            autobound = short_lived_clients(host, CONTROL)
             assert not any(in_range(port) for port, _answered in autobound), autobound
             assert unanswered(autobound) == []
-            inside = [(str(INTERNAL_IP), 21100 + index) for index in range(CLIENTS)]
-            bound = short_lived_clients(host, inside)
+            # Ports in the range on purpose, never the one `early` got from the kernel.
+            ports = [port for port in range(21100, 21100 + CLIENTS + 1) if port != early_port]
+            inside = [(str(INTERNAL_IP), port) for port in ports[:CLIENTS]]
+            bound = short_lived_clients(host, CONTROL, inside)
             assert [port for port, _answered in bound] == [port for _ip, port in inside]
             assert unanswered(bound) == []
             assert ping(early, b"1_2") == b"1_2 P PONG"
@@ -183,7 +128,7 @@ def test_started_after_a_local_socket_took_a_relay_port(host: Lab) -> None:
 def test_replies_from_other_hosts_reach_local_sockets(host: Lab, peers: Peers) -> None:
     """A resolver's query from a relay port (connected, or sendto() from 0.0.0.0) gets its
     answer from a server on the network."""
-    sysctl(host, EPHEMERAL, RANGE)
+    host.set_sysctl("relay", EPHEMERAL, RANGE)
     server = peers("x", 53)
     with started(host):
         connected = local_socket(host, (str(EXTERNAL_IP), 21300))
@@ -208,7 +153,7 @@ def test_replies_from_other_hosts_reach_local_sockets(host: Lab, peers: Peers) -
 def test_strangers_to_relay_ports_are_still_dropped(host: Lab, peers: Peers) -> None:
     """No call and no local socket: dropped in the kernel (no ICMP error goes back); a port a
     connected local socket holds is not open to anyone but its peer."""
-    sysctl(host, EPHEMERAL, RANGE)
+    host.set_sysctl("relay", EPHEMERAL, RANGE)
     with started(host):
         held = local_socket(host, (str(INTERNAL_IP), 21400))
         held.connect(CONTROL)
@@ -234,7 +179,7 @@ def test_a_call_learns_on_a_port_a_local_socket_holds(host: Lab, peers: Peers) -
     """Kamailio hands a call the very port one of its own lrkproxy sockets holds: the NAT'd
     caller's first packet is learned (its source is not the socket's peer), and the node's
     replies to that socket are delivered to it, before and after, never taken for media."""
-    sysctl(host, EPHEMERAL, RANGE)
+    host.set_sysctl("relay", EPHEMERAL, RANGE)
     with started(host) as node:
         kamailio = Controller(host, "sip", "10.201.1.5")
         worker = local_socket(host, (str(INTERNAL_IP), 20502))  # the caller's relay port
@@ -265,7 +210,7 @@ def test_a_call_learns_on_a_port_a_local_socket_holds(host: Lab, peers: Peers) -
 
 def test_a_socket_bound_to_a_relay_ip_without_peer_refuses_the_start(host: Lab) -> None:
     """It would take the first packets of every call on its port: refused, nothing changed."""
-    reserved = sysctl(host, RESERVED)
+    reserved = host.sysctl("relay", RESERVED)
     listener = local_socket(host, (str(INTERNAL_IP), 21500))
     try:
         node = Node(host, "relay", *node_args())
@@ -275,7 +220,7 @@ def test_a_socket_bound_to_a_relay_ip_without_peer_refuses_the_start(host: Lab) 
         assert "udp 10.201.1.1:21500 (python" in output, output
         assert "is bound to relay IP 10.201.1.1 on a relay port" in output
         assert host.run("relay", "nft", "list", "table", "ip", TABLE, check=False).returncode
-        assert sysctl(host, RESERVED) == reserved
+        assert host.sysctl("relay", RESERVED) == reserved
     finally:
         listener.close()
 
@@ -315,7 +260,7 @@ def test_check_config_reports_local_sockets_on_relay_ports_as_run_does(host: Lab
 
 
 def test_a_wildcard_socket_without_peer_is_named_in_a_warning(host: Lab) -> None:
-    sysctl(host, EPHEMERAL, "20500 39999")
+    host.set_sysctl("relay", EPHEMERAL, "20500 39999")
     listener = local_socket(host, ("0.0.0.0", 21600))
     try:
         with started(host) as node:
@@ -330,33 +275,33 @@ def test_a_wildcard_socket_without_peer_is_named_in_a_warning(host: Lab) -> None
 
 
 def test_reservation_merges_with_the_operators_and_is_taken_back_on_flush(host: Lab) -> None:
-    sysctl(host, EPHEMERAL, "20500 39999")
-    sysctl(host, RESERVED, "8080,21000-21010,30000")
+    host.set_sysctl("relay", EPHEMERAL, "20500 39999")
+    host.set_sysctl("relay", RESERVED, "8080,21000-21010,30000")
     with started(host, "--flush-on-exit"):
-        assert sysctl(host, RESERVED) == "8080,20000-21999,30000"
-    assert sysctl(host, RESERVED) == "8080,21000-21010,30000"
+        assert host.sysctl("relay", RESERVED) == "8080,20000-21999,30000"
+    assert host.sysctl("relay", RESERVED) == "8080,21000-21010,30000"
     # Without a flush the reservation stays with the table (calls keep flowing on it).
     with started(host) as node:
         pass
     assert node.proc.returncode == 0
-    assert sysctl(host, RESERVED) == "8080,20000-21999,30000"
+    assert host.sysctl("relay", RESERVED) == "8080,20000-21999,30000"
     # A restart finds it in place and adds nothing, but the ports are on record as the
     # node's (dataplane/added.py): its flush takes them back, and only them.
     with started(host, "--flush-on-exit") as node:
         assert "ports 20000-21999 already reserved" in node.output()
-    assert sysctl(host, RESERVED) == "8080,21000-21010,30000"
+    assert host.sysctl("relay", RESERVED) == "8080,21000-21010,30000"
     # Reserved by the operator before any node: a node's flush leaves every one of them.
-    sysctl(host, RESERVED, "8080,20000-21999,30000")
+    host.set_sysctl("relay", RESERVED, "8080,20000-21999,30000")
     with started(host, "--flush-on-exit") as node:
         assert "ports 20000-21999 already reserved" in node.output()
-    assert sysctl(host, RESERVED) == "8080,20000-21999,30000"
+    assert host.sysctl("relay", RESERVED) == "8080,20000-21999,30000"
 
 
 def test_upgrade_over_the_previous_release_table(host: Lab, peers: Peers, tmp_path: Path) -> None:
     """A node of this release starts over the table the previous release left (its rules
     file: tests/netns/data/lrkp-previous.nft) with a live call: the call keeps flowing and
     local sockets get their traffic."""
-    sysctl(host, EPHEMERAL, RANGE)
+    host.set_sysctl("relay", EPHEMERAL, RANGE)
     previous = Path(__file__).parent / "data" / "lrkp-previous.nft"
     caller, callee = peers("a", 4100), peers("b", 6100)
     with started(host, "--rules", str(previous)) as old:
@@ -373,7 +318,7 @@ def test_upgrade_over_the_previous_release_table(host: Lab, peers: Peers, tmp_pa
     with started(host, "--flush-on-exit", state=old.state) as new:
         burst(caller, call.caller_relay, callee, call.callee_relay, 3, b"new")
         burst(callee, call.callee_relay, caller, call.caller_relay, 3, b"back")
-        assert unanswered(short_lived_clients(host)) == []
+        assert unanswered(short_lived_clients(host, CONTROL)) == []
         assert "loaded 1 calls from the store" in new.output()
         assert (
             "local_socket"

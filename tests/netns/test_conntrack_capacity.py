@@ -16,16 +16,16 @@ import errno
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from lrkp_lab.lab import Lab
-from lrkp_lab.node import Controller, Node, set_command
+from lrkp_lab.node import Controller, Node, clear_host, set_command
 from lrkp_lab.parties import Peers
+from lrkp_lab.scraping import metrics
 from lrkp_tsl.ctcapacity import ENTRIES_PER_CALL
 from lrkp_tsl.media import Endpoint
 
@@ -126,32 +126,6 @@ def proc(lab: Lab, name: str) -> int:
     return int(lab.run(HOST, "cat", f"/proc/sys/net/netfilter/{name}").stdout)
 
 
-def scrape(lab: Lab) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    with lab.inside(HOST):
-        sock = socket.create_connection(("127.0.0.1", METRICS), timeout=10)
-    with sock:
-        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200"), head
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(body.decode())
-        for sample in family.samples
-    }
-
-
-def wait_for(check: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 @pytest.fixture
 def filled(lab: Lab) -> Iterator[Filler]:
     limit = proc(lab, "nf_conntrack_max")
@@ -165,9 +139,7 @@ def filled(lab: Lab) -> Iterator[Filler]:
         yield filler
     finally:
         filler.close()
-        lab.run(HOST, "conntrack", "-F", check=False)
-        lab.run(HOST, "nft", "delete", "table", "ip", "lrkp", check=False)
-        lab.run(HOST, "iptables-nft", "-t", "raw", "-F", check=False)
+        clear_host(lab, HOST)
 
 
 def test_a_conntrack_table_short_of_room_is_warned_of_and_its_drops_counted(
@@ -185,12 +157,12 @@ def test_a_conntrack_table_short_of_room_is_warned_of_and_its_drops_counted(
     try:
         node.wait_ready(CONTROL, kamailio)
         # At start: 100 entries free, the 250 calls of the range need up to 500.
-        assert wait_for(lambda: "conntrack may run out" in node.output(), 15), node.output()
+        node.wait_log("conntrack may run out", 15)
         warning = next(line for line in node.output().splitlines() if "may run out" in line)
         assert f"nf_conntrack_max={limit} entries are free" in warning
         assert f"can take 250 more calls, which need up to {NEEDED}" in warning
         assert "sysctl -w net.netfilter.nf_conntrack_max=" in warning
-        samples = scrape(lab)
+        samples = metrics(lab, HOST, METRICS)
         entries = samples[("lrkp_conntrack_entries", frozenset())]
         assert samples[("lrkp_conntrack_max", frozenset())] == limit
         assert limit - 100 <= entries <= limit  # the fill, and the node's own sockets
@@ -209,16 +181,16 @@ def test_a_conntrack_table_short_of_room_is_warned_of_and_its_drops_counted(
         caller_relay, callee_relay = (Endpoint.parse(RELAY_IP, p) for p in (30002, 30000))
         caller.send(caller_relay, b"no room")
         callee.expect_nothing()  # the stream's first packet found no conntrack entry
-        assert wait_for(lambda: "conntrack could not keep" in node.output(), 30), node.output()
+        node.wait_log("conntrack could not keep", 30)
         # Room again: the kernel counted the drop, and the stream goes through.
         lab.run(HOST, "conntrack", "-F")
-        samples = scrape(lab)
+        samples = metrics(lab, HOST, METRICS)
         drops = samples[("lrkp_conntrack_failures_total", frozenset({("kind", "drop")}))]
         assert drops > drops_before
         assert samples[("lrkp_conntrack_shortfall", frozenset())] == 0
         caller.send(caller_relay, b"room again")
         assert callee.expect(b"room again") == callee_relay
-        assert wait_for(lambda: "conntrack has room again" in node.output(), 30), node.output()
+        node.wait_log("conntrack has room again", 30)
     finally:
         kamailio.close()
         node.stop()

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from lrkp_lab.calls import CONTROL, KAMAILIO_IP, Call, burst
-from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, NETNS_DIR, Lab
-from lrkp_lab.node import LRKP_TSL, Controller, Node
+from lrkp_lab.calls import BASE_NODE_ARGS, CONTROL, KAMAILIO_IP, Call, burst
+from lrkp_lab.lab import NETNS_DIR, Lab
+from lrkp_lab.node import LRKP_TSL, Controller, Node, clear_host
 from lrkp_lab.parties import Peers
 from lrkp_tsl import lock
 from lrkp_tsl.dataplane.added import SUFFIX
@@ -29,19 +29,7 @@ from lrkp_tsl.dataplane.queue import XT_COMMENT
 RESERVED = "net.ipv4.ip_local_reserved_ports"
 OPERATORS = "8080,21000-21010"  # reserved by the operator, partly inside the relay range
 QUEUE_NUM = "4712"
-ARGS = (
-    "--internal-ip", str(INTERNAL_IP), "--external-ip", str(EXTERNAL_IP),
-    "--ports", "20000-21999", "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",
-    "--allow", KAMAILIO_IP, "--queue-num", QUEUE_NUM,
-)  # fmt: skip
-
-
-def reserved(lab: Lab) -> str:
-    return lab.run("relay", "sysctl", "-n", RESERVED).stdout.strip()
-
-
-def set_reserved(lab: Lab, value: str) -> None:
-    lab.run("relay", "sh", "-c", f"echo '{value}' > /proc/sys/net/ipv4/ip_local_reserved_ports")
+ARGS = (*BASE_NODE_ARGS, "--queue-num", QUEUE_NUM)
 
 
 def table_present(lab: Lab) -> bool:
@@ -86,17 +74,15 @@ def flush(lab: Lab, state: Path) -> subprocess.CompletedProcess[str]:
 def host(lab: Lab) -> Iterator[Lab]:
     """The relay namespace with the operator's reserved ports and no raw table (so the node
     makes it); put back as it was after."""
-    before = reserved(lab)
+    before = lab.sysctl("relay", RESERVED)
     for table in (TABLE, "raw"):
         lab.run("relay", "nft", "delete", "table", "ip", table, check=False)
-    set_reserved(lab, OPERATORS)
+    lab.set_sysctl("relay", RESERVED, OPERATORS)
     try:
         yield lab
     finally:
-        lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
-        lab.run("relay", "iptables-nft", "-w", "-t", "raw", "-F", check=False)
-        lab.run("relay", "conntrack", "-F", check=False)
-        set_reserved(lab, before)
+        clear_host(lab, "relay")
+        lab.set_sysctl("relay", RESERVED, before)
         record_path(lab).unlink(missing_ok=True)
 
 
@@ -131,7 +117,7 @@ def test_flush_removes_what_a_stopped_node_left_and_keeps_the_operators_ports(
     assert len(queue_rules(host)) == 1 and f"--queue-num {QUEUE_NUM}" in queue_rules(host)[0]
     entries = len(conntrack_entries(host, call))
     assert entries >= 1
-    assert reserved(host) == "8080,20000-21999"
+    assert host.sysctl("relay", RESERVED) == "8080,20000-21999"
     assert stored_calls(node.state) == 1
 
     flushed = flush(host, node.state)
@@ -148,7 +134,7 @@ def test_flush_removes_what_a_stopped_node_left_and_keeps_the_operators_ports(
     assert not table_present(host)
     assert queue_rules(host) == [] and not raw_present(host)
     assert conntrack_entries(host, call) == []
-    assert reserved(host) == OPERATORS
+    assert host.sysctl("relay", RESERVED) == OPERATORS
     assert stored_calls(node.state) == 0
     assert not record_path(host).exists()
     caller.send(call.caller_relay, b"after the flush")
@@ -157,7 +143,7 @@ def test_flush_removes_what_a_stopped_node_left_and_keeps_the_operators_ports(
     again = flush(host, node.state)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.startswith("lrkp-tsl flush: nothing to remove"), again.stdout
-    assert reserved(host) == OPERATORS
+    assert host.sysctl("relay", RESERVED) == OPERATORS
 
 
 def test_flush_is_refused_while_a_node_runs(host: Lab, peers: Peers) -> None:
@@ -171,7 +157,7 @@ def test_flush_is_refused_while_a_node_runs(host: Lab, peers: Peers) -> None:
         # Nothing was touched: the call still flows, its state is all there.
         burst(caller, call.caller_relay, callee, call.callee_relay, 3, b"still")
         assert table_present(host) and queue_rules(host)
-        assert reserved(host) == "8080,20000-21999"
+        assert host.sysctl("relay", RESERVED) == "8080,20000-21999"
         assert stored_calls(node.state) == 1
 
 

@@ -38,13 +38,6 @@ def node(lab: Lab) -> Iterator[Node]:
         yield running
 
 
-@pytest.fixture
-def kamailio(lab: Lab, node: Node) -> Iterator[Controller]:
-    client = Controller(lab, "sip", "10.201.1.5")
-    yield client
-    client.close()
-
-
 def s_body(call_id: str, port: int, caller: str = "10.201.1.10", callee: str = "10.201.1.11",
            relay: str = str(INTERNAL_IP), verb: str = "S") -> bytes:  # fmt: skip
     return set_command(verb, caller, relay, relay, callee, 4000, port, port + 2, 6000, call_id)

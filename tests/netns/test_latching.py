@@ -32,13 +32,6 @@ def node(lab: Lab) -> Iterator[Node]:
         yield running
 
 
-@pytest.fixture
-def kamailio(lab: Lab, node: Node) -> Iterator[Controller]:
-    client = Controller(lab, "sip", "10.201.1.5")
-    yield client
-    client.close()
-
-
 def nat_mapping(lab: Lab, box: str, inside: Endpoint) -> Endpoint:
     """The public address the NAT box gave `inside` (from its conntrack table)."""
     table = lab.run(box, "conntrack", "-L", "-p", "udp", check=False).stdout

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from lrkp_lab.calls import KAMAILIO_IP, NODE_ARGS, Call, Stream, running_node
+from lrkp_lab.calls import NODE_ARGS, Call, Stream, running_node
 from lrkp_lab.lab import INTERNAL_IP, Lab
 from lrkp_lab.node import Controller, Node
 from lrkp_lab.parties import Peers
+from lrkp_lab.scraping import Samples, metrics
 from lrkp_tsl.dataplane import DataPlane
 from lrkp_tsl.dataplane.nft import FAMILY, TABLE
 from lrkp_tsl.dataplane.nftcounters import CounterReader
@@ -20,25 +19,6 @@ from lrkp_tsl.media import Endpoint
 from lrkp_tsl.metrics import KERNEL_DROPS
 
 PORT = 9733
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(lab: Lab, port: int = PORT) -> Samples:
-    """GET /metrics from inside the relay namespace, parsed by prometheus_client."""
-    with lab.inside("relay"):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    with sock:
-        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200"), head
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(body.decode())
-        for sample in family.samples
-    }
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -51,17 +31,10 @@ def node(lab: Lab) -> Iterator[Node]:
         yield running
 
 
-@pytest.fixture
-def kamailio(lab: Lab, node: Node) -> Iterator[Controller]:
-    client = Controller(lab, "sip", KAMAILIO_IP)
-    yield client
-    client.close()
-
-
 def test_metrics_follow_a_call_from_set_up_to_delete(
     lab: Lab, node: Node, kamailio: Controller, peers: Peers
 ) -> None:
-    before = scrape(lab)
+    before = metrics(lab, "relay", PORT)
     assert value(before, "lrkp_sessions") == 0
     assert value(before, "lrkp_ports_free") == 2000 and value(before, "lrkp_ports_used") == 0
     assert value(before, "lrkp_kernel_table_present") == 1
@@ -69,7 +42,7 @@ def test_metrics_follow_a_call_from_set_up_to_delete(
     # The caller is behind NAT: its address is learned from its first packet.
     caller, callee = peers("c", 4900), peers("b", 6900)
     call = Call(kamailio, caller, callee, 21000, "metrics@lab")
-    set_up = scrape(lab)
+    set_up = metrics(lab, "relay", PORT)
     assert value(set_up, "lrkp_sessions") == 1
     assert value(set_up, "lrkp_ports_used") == 4 and value(set_up, "lrkp_ports_free") == 1996
     assert value(set_up, "lrkp_commands_total", command="set", result="ok") == 1
@@ -81,9 +54,9 @@ def test_metrics_follow_a_call_from_set_up_to_delete(
     backward = Stream(callee, call.callee_relay, caller, b"B").start()
     try:
         time.sleep(1.0)
-        first = scrape(lab)
+        first = metrics(lab, "relay", PORT)
         time.sleep(1.0)
-        second = scrape(lab)
+        second = metrics(lab, "relay", PORT)
     finally:
         forward.stop()
         backward.stop()
@@ -97,7 +70,7 @@ def test_metrics_follow_a_call_from_set_up_to_delete(
 
     # Every packet the parties received was relayed by the kernel, or accepted from the
     # queue by the node (first packets): the figures add up to what the parties counted.
-    ended = scrape(lab)
+    ended = metrics(lab, "relay", PORT)
     relayed = value(ended, "lrkp_packets_total", type="kernel")
     accepted = value(ended, "lrkp_queue_verdicts_total", verdict="accept")
     assert relayed + accepted == len(forward.arrivals) + len(backward.arrivals)
@@ -105,7 +78,7 @@ def test_metrics_follow_a_call_from_set_up_to_delete(
     assert value(ended, "lrkp_bytes_total", type="kernel") >= relayed * (20 + 8 + 3)
 
     call.delete(kamailio)
-    after = scrape(lab)
+    after = metrics(lab, "relay", PORT)
     assert value(after, "lrkp_sessions") == 0
     assert value(after, "lrkp_closed_sessions_total", reason="deleted") == 1
     assert value(after, "lrkp_commands_total", command="delete", result="ok") == 1
@@ -140,4 +113,4 @@ def test_no_table_reads_as_none(lab: Lab) -> None:
 
 def test_metrics_are_off_unless_asked_for(lab: Lab) -> None:
     with running_node(lab, *NODE_ARGS), pytest.raises(ConnectionRefusedError):
-        scrape(lab)
+        metrics(lab, "relay", PORT)

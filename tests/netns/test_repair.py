@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lrkp_lab.calls import CONTROL, Call, Stream, burst
+from lrkp_lab.calls import BASE_NODE_ARGS, CONTROL, Call, Stream, burst
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_lab.node import Controller, Node, set_command
 from lrkp_lab.parties import PORTS, Party, Peers
@@ -34,27 +34,9 @@ from lrkp_tsl.protocol import NodeConfig
 from lrkp_tsl.selfheal import SelfHeal
 from tests.fakes import MemoryStore
 
-ARGS = (
-    "--internal-ip", str(INTERNAL_IP), "--external-ip", str(EXTERNAL_IP),
-    "--ports", "20000-21999", "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",
-    "--allow", "10.201.1.5",
-)  # fmt: skip
 REPAIRED = "repaired:"
 # A repair happens within a check interval or two of the damage (selfheal.CHECK_INTERVAL).
 REPAIR_WAIT = 10.0
-
-
-@pytest.fixture
-def nodes(lab: Lab) -> Iterator[list[Node]]:
-    """Nodes a test starts; all stopped, and the relay namespace cleared, at the end."""
-    started: list[Node] = []
-    yield started
-    for node in started:
-        node.stop(signal.SIGKILL)
-    lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
-    lab.run("relay", "iptables-nft", "-t", "raw", "-F", check=False)
-    for host in ("relay", "nat"):
-        lab.run(host, "conntrack", "-F", check=False)
 
 
 @pytest.fixture
@@ -66,25 +48,11 @@ def streams(peers: Peers) -> Iterator[list[Stream]]:
         stream.stop()
 
 
-@pytest.fixture
-def kamailio(lab: Lab) -> Iterator[Controller]:
-    client = Controller(lab, "sip", "10.201.1.5")
-    yield client
-    client.close()
-
-
 def start(lab: Lab, nodes: list[Node], kamailio: Controller, *args: str, **kw: Path) -> Node:
-    node = Node(lab, "relay", *ARGS, *args, **kw)
+    node = Node(lab, "relay", *BASE_NODE_ARGS, *args, **kw)
     nodes.append(node)
     node.wait_ready(CONTROL, kamailio)
     return node
-
-
-def wait_for(node: Node, text: str, timeout: float = REPAIR_WAIT, count: int = 1) -> None:
-    deadline = time.monotonic() + timeout
-    while node.output().count(text) < count:
-        assert time.monotonic() < deadline, f"{text!r} not logged:\n{node.output()[-4000:]}"
-        time.sleep(0.1)
 
 
 def errors(node: Node) -> list[str]:
@@ -198,7 +166,7 @@ def test_a_guard_priority_changed_by_hand_is_repaired_once(
         f"add chain ip {TABLE} guard {{ type filter hook prerouting priority 0; policy accept; }}\n"
     )
     nft(lab, by_hand, tmp_path)
-    wait_for(node, REPAIRED)
+    node.wait_log(REPAIRED, REPAIR_WAIT)
     time.sleep(3.0)  # a repair loop would have logged again meanwhile
     forward.stop()
     backward.stop()
@@ -225,13 +193,13 @@ def test_a_repair_that_keeps_failing_backs_off_and_says_so(
     node = start(lab, nodes, kamailio, "--rules", str(rules))
     rules.write_text("this is not an nftables ruleset\n")
     lab.run("relay", "nft", "flush", "ruleset")
-    wait_for(node, "repair failed")
+    node.wait_log("repair failed", REPAIR_WAIT)
     time.sleep(8.0)  # a repair every check interval would fail 16 times meanwhile
     failed = node.output().count("repair failed")
     assert 2 <= failed <= 5, node.output()[-4000:]
     assert "next attempt in" in node.output()
     rules.write_text(DEFAULT_RULES.read_text())
-    wait_for(node, REPAIRED, timeout=40.0)
+    node.wait_log(REPAIRED, 40.0)
     new_nat_call(kamailio, peers, 20220, "after-backoff@lab")
 
 
@@ -269,7 +237,7 @@ def test_emptied_maps_and_sets_and_a_bypassed_queue_rule_are_repaired(
     tool, arguments, found = DAMAGE[damage]
     lab.run("relay", tool, *arguments.split())
     damaged_at = len(forward.sent)
-    wait_for(node, REPAIRED, timeout=5.0)
+    node.wait_log(REPAIRED, 5.0)
     repaired_at = len(forward.sent)
     time.sleep(1.0)
     new_nat_call(kamailio, peers, 20230, "after-damage@lab")
@@ -307,7 +275,7 @@ def test_a_call_surviving_a_flushed_ruleset_keeps_its_idle_timeout(
     )
     time.sleep(0.5)
     lab.run("relay", "nft", "flush", "ruleset")
-    wait_for(node, REPAIRED, timeout=5.0)
+    node.wait_log(REPAIRED, 5.0)
     repaired_at = len(forward.sent)
     time.sleep(1.0)
     timeouts = entry_timeouts(lab, 20130) + entry_timeouts(lab, 20132)
@@ -317,7 +285,7 @@ def test_a_call_surviving_a_flushed_ruleset_keeps_its_idle_timeout(
     assert timeouts and max(timeouts) <= idle, timeouts  # the policy, not the kernel's 120 s
     assert [seq for seq in forward.lost() if seq > repaired_at + 2] == []
     assert [seq for seq in backward.lost() if seq > repaired_at + 2] == []
-    wait_for(node, f"[survivor@lab] removed: no media for {idle} s", timeout=30.0)
+    node.wait_log(f"[survivor@lab] removed: no media for {idle} s", 30.0)
     print(f"flushed ruleset: the call ended {time.monotonic() - stopped:.1f} s after its last "
           f"packet (idle timeout {idle} s); lost {len(forward.lost())} + "
           f"{len(backward.lost())} packets")  # fmt: skip
@@ -411,9 +379,39 @@ def test_a_stream_that_starts_while_a_map_is_empty_is_relayed_after_the_repair(
     for seq in range(10):  # RTCP starts now, while the map is empty (every 0.1 s)
         caller_rtcp.send(caller_relay_rtcp, b"early-%d" % seq)
         time.sleep(0.1)
-    wait_for(node, REPAIRED, timeout=5.0)
+    node.wait_log(REPAIRED, 5.0)
     while callee_rtcp.receive(0.2) is not None:
         pass  # whatever of it the repair let through
     burst(caller_rtcp, caller_relay_rtcp, callee_rtcp, Endpoint(INTERNAL_IP, 20141), 5, b"late")
     forward.stop()
     backward.stop()
+
+
+def test_a_restart_with_another_idle_timeout_gives_live_calls_the_new_one(
+    lab: Lab, nodes: list[Node], kamailio: Controller, peers: Peers, streams: list[Stream]
+) -> None:
+    """The load makes the idle policy anew when its value changes, and the kernel takes the
+    old one off every live entry: without a renewal the call's streams would run on the
+    kernel's 120 s default, and the call would outlive its idle timeout by minutes."""
+    first = start(lab, nodes, kamailio, "--idle-timeout", "60")
+    forward, backward = streaming(
+        streams, kamailio, peers("c", 4140), peers("b", 6140), 20140, "retimed@lab"
+    )
+    time.sleep(0.5)
+    assert max(entry_timeouts(lab, 20140)) > 50  # the old policy
+    first.stop()
+    idle = 4
+    node = start(lab, nodes, kamailio, "--idle-timeout", str(idle), state=first.state)
+    node.wait_log(
+        "idle timeout changed: the conntrack entries of 1 live calls renewed", REPAIR_WAIT
+    )
+    restarted_at = len(forward.sent)
+    time.sleep(1.0)
+    timeouts = entry_timeouts(lab, 20140) + entry_timeouts(lab, 20142)
+    forward.stop()
+    backward.stop()
+    assert timeouts and max(timeouts) <= idle, timeouts  # the new policy, not 120 s
+    assert [seq for seq in forward.lost() if seq > restarted_at + 2] == []
+    assert [seq for seq in backward.lost() if seq > restarted_at + 2] == []
+    assert "1 stored calls were set up with another idle timeout" in node.output()
+    node.wait_log(f"[retimed@lab] removed: no media for {idle} s", 30.0)

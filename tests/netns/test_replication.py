@@ -12,7 +12,8 @@ from ipaddress import IPv4Address
 import pytest
 
 from lrkp_lab.lab import Lab
-from lrkp_lab.redis import RedisServer, wait_for
+from lrkp_lab.redis import RedisServer
+from lrkp_lab.waiting import wait_for
 from lrkp_tsl.latching import Policy
 from lrkp_tsl.media import CallMedia, Endpoint
 from lrkp_tsl.records import StoredCall, decode, encode
@@ -263,7 +264,7 @@ def test_promote_then_the_old_master_follows_the_new_one(
     standby.catch_up(master)
 
     new = Publisher(replica.url)
-    with pytest.raises(ReplicationError, match=r"ReadOnlyError.*promote it"):  # replica: no writes
+    with pytest.raises(ReplicationError, match=r"READONLY.*promote it"):  # replica: no writes
         new.put(record(3))
     assert new.needs_reset
     new.promote()  # takeover: the standby's Redis becomes a master, with its data
@@ -355,7 +356,7 @@ def test_a_full_resync_under_a_blocked_read_is_caught_when_it_returns(lab: Lab) 
 
 
 def test_an_unreachable_redis_is_an_error_at_once_not_a_hang(lab: Lab, master: RedisServer) -> None:
-    publisher = Publisher(master.url)
+    publisher = Publisher(master.url, timeout=0.05)  # a write waits no longer than told
     publisher.reset([])
     assert not publisher.needs_reset
 
@@ -387,12 +388,12 @@ def test_an_unreachable_redis_is_an_error_at_once_not_a_hang(lab: Lab, master: R
     with pytest.raises(ReplicationError, match=str(master.socket)):
         publisher.delete("call-1@lab")
     with pytest.raises(ReplicationError):
-        Publisher("unix:///nonexistent/redis.sock").put(record(1))
+        Publisher("unix:///nonexistent/redis.sock", timeout=0.05).put(record(1))
     assert time.monotonic() - started < 0.3
 
     # A peer that vanished from the network: the connect times out.
     with lab.inside("relay"):
-        blackhole = Publisher("redis://10.201.1.99:26379")
+        blackhole = Publisher("redis://10.201.1.99:26379", timeout=0.05)
         started = time.monotonic()
         with pytest.raises(ReplicationError, match=r"10\.201\.1\.99.*Timeout"):
             blackhole.put(record(1))
@@ -557,3 +558,27 @@ def test_a_reset_of_50k_calls_and_reloading_them(master: RedisServer, replica: R
         f"a snapshot reload of 50,000 calls {reload * 1e3:.0f} ms"
     )
     assert reset < 5
+
+
+def test_a_password_and_a_database_in_the_url_are_used(lab: Lab, master: RedisServer) -> None:
+    """requirepass on the pair's Redis (examples/redis-pair.conf, its last lines): the
+    publisher's own connection authenticates and selects the URL's database too."""
+    admin = master.client()
+    admin.config_set("requirepass", "s3cret")
+    try:
+        with pytest.raises(ReplicationError, match="NOAUTH"):
+            Publisher(master.url).put(record(1))
+        url = f"unix://{master.socket}?password=s3cret&db=2"
+        publisher = Publisher(url)
+        publisher.put(record(1))
+        publisher.close()
+        with lab.inside("relay"):
+            tcp = Publisher(f"redis://:s3cret@127.0.0.1:{master.port}/2")
+            tcp.put(record(2))
+            tcp.close()
+        admin.execute_command("AUTH", "s3cret")  # type: ignore[no-untyped-call]
+        admin.execute_command("SELECT", "2")  # type: ignore[no-untyped-call]
+        assert set(admin.hkeys(CALLS)) == {"call-1@lab", "call-2@lab"}
+    finally:
+        admin.config_set("requirepass", "")
+        admin.close()

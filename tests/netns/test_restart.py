@@ -19,41 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from lrkp_lab.calls import CONTROL, Call, Stream, burst
-from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.calls import BASE_NODE_ARGS, CONTROL, Call, Stream, burst
+from lrkp_lab.lab import Lab
 from lrkp_lab.node import Controller, Node
 from lrkp_lab.parties import Peers
 from lrkp_tsl.dataplane.nft import TABLE
 from lrkp_tsl.store import FILENAME
 
 IDLE = 2.0
-ARGS = (
-    "--internal-ip", str(INTERNAL_IP), "--external-ip", str(EXTERNAL_IP),
-    "--ports", "20000-21999", "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",
-    "--allow", "10.201.1.5", "--idle-timeout", str(IDLE), "--log-level", "debug",
-)  # fmt: skip
+ARGS = (*BASE_NODE_ARGS, "--idle-timeout", str(IDLE), "--log-level", "debug")
 # The kernel's conntrack GC reaps expired entries lazily (seconds after their timeout).
 EXPIRY_WAIT = 30.0
-
-
-@pytest.fixture
-def nodes(lab: Lab) -> Iterator[list[Node]]:
-    """Nodes a test starts; all stopped, and the relay namespace cleared, at the end."""
-    started: list[Node] = []
-    yield started
-    for node in started:
-        node.stop(signal.SIGKILL)
-    lab.run("relay", "nft", "delete", "table", "ip", TABLE, check=False)
-    lab.run("relay", "iptables-nft", "-t", "raw", "-F", check=False)
-    for host in ("relay", "nat"):
-        lab.run(host, "conntrack", "-F", check=False)
-
-
-@pytest.fixture
-def kamailio(lab: Lab) -> Iterator[Controller]:
-    client = Controller(lab, "sip", "10.201.1.5")
-    yield client
-    client.close()
 
 
 def start(lab: Lab, nodes: list[Node], kamailio: Controller, node: Node | None = None) -> Node:
@@ -61,13 +37,6 @@ def start(lab: Lab, nodes: list[Node], kamailio: Controller, node: Node | None =
     nodes.append(node)
     node.wait_ready(CONTROL, kamailio)
     return node
-
-
-def wait_for(node: Node, text: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in node.output():
-        assert time.monotonic() < deadline, f"{text!r} not logged:\n{node.output()}"
-        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
@@ -88,10 +57,10 @@ def test_restart_loses_no_rtp_and_the_call_stays_managed(
     assert len(forward.sent) > 90 and len(backward.sent) > 90
     assert forward.lost() == [] and backward.lost() == []
     assert forward.sources == {call.callee_relay} and backward.sources == {call.caller_relay}
-    wait_for(restarted, "restored 1 calls from the store: 1 intact in the kernel", 10.0)
+    restarted.wait_log("restored 1 calls from the store: 1 intact in the kernel", 10.0)
     assert "] removed: " not in restarted.output()  # nothing was cut at startup
     # Still managed: the silence that follows ends it, through the kernel's events.
-    wait_for(restarted, f"[restart@lab] removed: no media for {IDLE:g} s", EXPIRY_WAIT)
+    restarted.wait_log(f"[restart@lab] removed: no media for {IDLE:g} s", EXPIRY_WAIT)
     caller.send(call.caller_relay, b"after expiry")
     callee.expect_nothing()
 
@@ -137,7 +106,7 @@ def test_a_flushed_ruleset_is_repaired_while_media_flows(
     time.sleep(0.5)
     flushed_at = time.monotonic()
     lab.run("relay", "nft", "flush", "ruleset")  # what `systemctl restart nftables` does
-    wait_for(node, "repaired: table ip lrkp reloaded, 1 live calls put back", 5.0)
+    node.wait_log("repaired: table ip lrkp reloaded, 1 live calls put back", 5.0)
     time.sleep(1.0)
     forward.stop()
     backward.stop()
@@ -196,7 +165,7 @@ def test_restart_repairs_what_changed_in_the_kernel_while_the_node_was_down(
     lab.run("relay", "nft", "add", "element", "ip", TABLE, "learning",
             "{ 10.201.1.1 . 21502 }")  # fmt: skip
     restarted = start(lab, nodes, kamailio, Node(lab, "relay", *ARGS, state=node.state))
-    wait_for(restarted, "restored 1 calls from the store", 10.0)  # reconciled after start
+    restarted.wait_log("restored 1 calls from the store", 10.0)  # reconciled after start
     log = restarted.output()
     assert "kernel state of 1 stored calls was incomplete and was repaired: 'damaged@lab'" in log
     assert "removed 1 kernel flows and 1 learning endpoints that belong to no call" in log
@@ -275,7 +244,7 @@ def test_a_wall_clock_step_across_a_restart_does_not_age_live_calls(
             db.execute("UPDATE calls SET boot_id = 'another-boot'")
             db.execute("UPDATE clock SET boot_id = 'another-boot'")
     restarted = start(lab, nodes, kamailio, Node(lab, "relay", *ARGS, state=node.state))
-    wait_for(restarted, "restored 1 calls from the store", 10.0)
+    restarted.wait_log("restored 1 calls from the store", 10.0)
     time.sleep(1.5)  # the timer has run: a call past its lifetime would have ended by now
     forward.stop()
     backward.stop()
@@ -320,7 +289,7 @@ def test_a_bad_store_file_is_set_aside_and_the_node_serves(
     mangle_store(store, how)
     restarted = start(lab, nodes, kamailio, Node(lab, "relay", *ARGS, state=node.state))
     label = "newer" if how == "newer-release" else "bad"
-    wait_for(restarted, "adopted 1 calls found in the kernel with no stored record", 10.0)
+    restarted.wait_log("adopted 1 calls found in the kernel with no stored record", 10.0)
     output = restarted.output()
     assert f"Moved to {store}.{label}-" in output
     (aside,) = (
@@ -382,7 +351,7 @@ def test_a_full_disk_at_start_keeps_the_node_serving_and_the_store_catches_up(
             path.unlink()
     filler = fill(small_disk)
     restarted = start(lab, nodes, kamailio, Node(lab, "relay", *args, state=node.state))
-    wait_for(restarted, "reconciliation finished", 10.0)
+    restarted.wait_log("reconciliation finished", 10.0)
     # Live calls keep flowing; new calls are set up; D ends calls.
     burst(caller, live.caller_relay, callee, live.callee_relay, 3, b"A")
     caller2, callee2 = peers("a", 4096), peers("b", 6096)
@@ -395,7 +364,7 @@ def test_a_full_disk_at_start_keeps_the_node_serving_and_the_store_catches_up(
     callee3.expect_nothing()
     assert f"state store {small_disk / FILENAME} cannot be written" in restarted.output()
     filler.unlink()  # the operator frees space
-    wait_for(restarted, "is written again after", 15.0)
+    restarted.wait_log("is written again after", 15.0)
     with sqlite3.connect(small_disk / FILENAME) as db:
         found = {row[0] for row in db.execute("SELECT call_id FROM calls")}
     assert found == {"full-disk-live@lab", "full-disk-new@lab"}

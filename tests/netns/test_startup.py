@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lrkp_lab.lab import Lab
-from lrkp_lab.node import LRKP_TSL, Controller, Node, set_command
+from lrkp_lab.node import LRKP_TSL, Controller, Node, clear_host, set_command
 from lrkp_lab.parties import Peers
 from lrkp_tsl import __version__
 from lrkp_tsl.dataplane import sysctl
@@ -48,7 +47,7 @@ def kernel(lab: Lab) -> dict[str, str]:
     """What the node could touch in relay2: its whole ruleset and the sysctls it sets."""
     state = {"ruleset": lab.run(HOST, "nft", "list", "ruleset").stdout}
     for name in (*sysctl.REQUIRED, RESERVED):
-        state[name] = lab.run(HOST, "sysctl", "-n", name).stdout.strip()
+        state[name] = lab.sysctl(HOST, name)
     return state
 
 
@@ -58,14 +57,12 @@ def host(lab: Lab) -> Iterator[Lab]:
     back as the next test expects it."""
     lab.run(HOST, "nft", "delete", "table", "ip", "lrkp", check=False)
     for name, value in BEFORE.items():
-        lab.run(HOST, "sysctl", "-qw", f"{name}={value}")
-    lab.run(HOST, "sh", "-c", "echo > /proc/sys/net/ipv4/ip_local_reserved_ports")
+        lab.set_sysctl(HOST, name, value)
+    lab.set_sysctl(HOST, RESERVED, "")
     try:
         yield lab
     finally:
-        lab.run(HOST, "nft", "delete", "table", "ip", "lrkp", check=False)
-        lab.run(HOST, "iptables-nft", "-t", "raw", "-F", check=False)
-        lab.run(HOST, "conntrack", "-F", check=False)
+        clear_host(lab, HOST)
 
 
 def run_to_exit(lab: Lab, *args: str, state: Path | None = None) -> tuple[int, str]:
@@ -216,10 +213,7 @@ def test_a_relay_ip_on_no_interface_is_refused_unless_it_may_appear_later(host: 
     node = Node(host, HOST, *args, "--relay-ips-may-appear-later", "--flush-on-exit")
     kamailio = Controller(host, "sip", KAMAILIO_IP)
     try:
-        deadline = time.monotonic() + 15
-        while "node up" not in node.output():
-            assert node.proc.poll() is None and time.monotonic() < deadline, node.output()
-            time.sleep(0.05)
+        node.wait_log("node up", 15)
         host.run(HOST, "ip", "addr", "add", f"{vip}/24", "dev", "int0")
         node.wait_ready((vip, 22333), kamailio)
         assert node.stop() == 0

@@ -96,9 +96,14 @@ def test_a_pair_needs_both_redis_urls_and_checks_them() -> None:
     assert config.paired and config.pair_peer_redis == "redis://10.0.0.2:6379/0"
     with pytest.raises(ConfigError, match="go together"):
         from_mapping({"internal_ip": "10.0.0.1", "pair.redis": "redis://127.0.0.1:6379"})
-    with pytest.raises(ConfigError, match="expected redis://HOST:PORT"):
+    with pytest.raises(ConfigError, match=r"expected redis://\[:PASSWORD@\]HOST:PORT"):
         from_mapping({"internal_ip": "10.0.0.1", "pair.redis": "http://x",
                       "pair.peer_redis": "redis://h:1"})  # fmt: skip
+    # With a password (requirepass): examples/redis-pair.conf says how.
+    config = from_mapping({"internal_ip": "10.0.0.1",
+                           "pair.redis": "unix:///run/redis/redis-server.sock?password=s3",
+                           "pair.peer_redis": "redis://:s3@10.0.0.2:6379"})  # fmt: skip
+    assert config.pair_peer_redis == "redis://:s3@10.0.0.2:6379"
 
 
 @pytest.mark.parametrize("internal_ip", ["192.0.2.10", "127.0.0.1", "10.0.0.1", "203.0.113.7"])

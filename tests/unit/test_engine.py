@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from lrkp_tsl.admission import NodeLimits
 from lrkp_tsl.engine import (
     HOLD_TIMEOUT,
+    PROMOTE_GRACE,
     RECONCILE_CHUNK,
     RETRY_INTERVAL,
     Engine,
@@ -906,3 +907,57 @@ def test_a_demoted_node_stops_ending_calls() -> None:
     assert engine.next_deadline() is None
     engine.on_timer(IDLE + 1)
     assert "c1" in engine.table
+
+
+def test_a_takeover_keeps_a_call_without_media_until_its_own_idle_timeout() -> None:
+    """Issue 19: 300 calls set up without media ended at ~5/s after a takeover although
+    every one was younger than its idle timeout (promote made them all due at once)."""
+    active, _active_kernel, active_store, standby, standby_kernel = pair()
+    for index in range(300):
+        ok(active, s_command(f"c{index}", relay_port=20000 + 4 * index, cookie=f"1_{index}"), 1.0)
+    replicate(active_store, standby, 2.0)
+    standby.promote(10.0)  # the active died 9 s after the calls were set up
+    assert standby.next_deadline() == 1.0 + IDLE  # their own: set up at 1.0, no media since
+    standby.on_timer(1.0 + IDLE - 0.1)
+    assert len(standby.table) == 300
+    standby.on_timer(1.0 + IDLE)  # no packet reached the new active either: they end
+    while (due := standby.next_deadline()) is not None and due <= 1.0 + IDLE:
+        standby.on_timer(1.0 + IDLE)  # TIMER_BUDGET calls per run
+    assert len(standby.table) == 0 and standby_kernel.holds() == EMPTY
+
+
+def test_a_takeover_counts_a_live_call_from_the_takeover() -> None:
+    active, _active_kernel, active_store, standby, _standby_kernel = pair()
+    ok(active, s_command("c1"), 1.0)
+    active.on_stream_events([StreamEvent(StreamChange.STARTED, RTP_KEY)], 2.0)
+    replicate(active_store, standby, 3.0)  # live on the active (quiet_since None)
+    standby.promote(100.0)
+    assert standby.next_deadline() == 100.0 + IDLE  # not 1.0 + IDLE: media was flowing
+    standby.on_timer(100.0 + IDLE - 0.1)
+    assert "c1" in standby.table
+
+
+def test_the_standby_follows_the_media_state_and_a_takeover_uses_it() -> None:
+    active, _active_kernel, active_store, standby, _standby_kernel = pair()
+    ok(active, s_command("c1"), 1.0)
+    replicate(active_store, standby, 1.5)
+    active.on_stream_events([StreamEvent(StreamChange.STARTED, RTP_KEY)], 2.0)
+    standby.follow_media("c1", None, 2.1)  # as the active published it: live
+    assert standby.activity.quiet_since("c1") is None
+    active.on_stream_events([StreamEvent(StreamChange.EXPIRED, RTP_KEY)], 200.0)
+    quiet = active_store.records["c1"].quiet_since
+    assert quiet == 200.0 - IDLE
+    standby.follow_media("c1", quiet, 200.1)
+    standby.promote(210.0)  # overdue on the active: checked, but not before the grace
+    assert standby.next_deadline() == 210.0 + PROMOTE_GRACE
+    standby.on_timer(210.0 + PROMOTE_GRACE)
+    assert "c1" not in standby.table
+
+
+def test_a_full_reload_brings_the_media_state_of_unchanged_calls() -> None:
+    active, _active_kernel, active_store, standby, _standby_kernel = pair()
+    ok(active, s_command("c1"), 1.0)
+    replicate(active_store, standby, 1.5)
+    active.on_stream_events([StreamEvent(StreamChange.STARTED, RTP_KEY)], 2.0)
+    assert standby.follow_all(dict(active_store.records), 3.0) == 1  # the call is the same
+    assert standby.activity.quiet_since("c1") is None and "c1" in standby.activity

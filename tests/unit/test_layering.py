@@ -25,6 +25,7 @@ PURE = [
     "ports",
     "ratelog",
     "traffic",
+    "pairhealth",
     "ng/__init__",
     "ng/bencode",
     "ng/flags",
@@ -53,6 +54,10 @@ FORBIDDEN = {
     "lrkp_tsl.store",
     "sqlite3",
     "time",
+    "redis",
+    "lrkp_tsl.replication",
+    "lrkp_tsl.publishing",
+    "lrkp_tsl.pair",
 }
 PACKAGE = Path(__file__).resolve().parents[2] / "lrkp_tsl"
 

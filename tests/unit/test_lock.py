@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -63,11 +63,12 @@ print("released", flush=True)
 
 
 @contextmanager
-def holder(directory: Path, inode: int = INODE) -> Iterator[subprocess.Popen[str]]:
-    """A process holding (or failing to take) the lock; stopped at the end whatever happens."""
+def running(script: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """`script` in a process of its own (this checkout's lrkp_tsl), stdin and stdout piped;
+    killed at the end whatever happens."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(directory), str(inode), str(namespace(inode))],
+        [sys.executable, "-c", script, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -79,6 +80,11 @@ def holder(directory: Path, inode: int = INODE) -> Iterator[subprocess.Popen[str
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=10)
+
+
+def holder(directory: Path, inode: int = INODE) -> AbstractContextManager[subprocess.Popen[str]]:
+    """A process holding (or failing to take) the lock; stopped at the end whatever happens."""
+    return running(HOLDER, str(directory), str(inode), str(namespace(inode)))
 
 
 def first_line(proc: subprocess.Popen[str]) -> str:
@@ -256,25 +262,14 @@ sys.stdin.read()
 
 
 def test_a_state_dir_belongs_to_one_node_and_is_freed_with_it(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with subprocess.Popen(
-        [sys.executable, "-c", STATE_HOLDER, str(tmp_path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    ) as proc:
-        try:
-            assert first_line(proc) == "held"
-            with pytest.raises(LockedError) as caught:
-                lock_state_dir(tmp_path)
-            reason = caught.value.reason
-            assert f"state_dir {str(tmp_path)!r} is in use by another lrkp-tsl node" in reason
-            own_namespace = os.readlink("/proc/self/ns/net")
-            assert f"pid {proc.pid} (network namespace {own_namespace})" in reason
-        finally:
-            proc.kill()
-            proc.wait(timeout=10)
+    with running(STATE_HOLDER, str(tmp_path)) as proc:
+        assert first_line(proc) == "held"
+        with pytest.raises(LockedError) as caught:
+            lock_state_dir(tmp_path)
+        reason = caught.value.reason
+        assert f"state_dir {str(tmp_path)!r} is in use by another lrkp-tsl node" in reason
+        own_namespace = os.readlink("/proc/self/ns/net")
+        assert f"pid {proc.pid} (network namespace {own_namespace})" in reason
     owned = lock_state_dir(tmp_path)  # killed: the kernel dropped its lock
     with pytest.raises(LockedError):
         lock_state_dir(tmp_path)  # exclusive within one process too

@@ -4,6 +4,7 @@ with prometheus_client's own parser; and the command-latency histogram."""
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import threading
 from dataclasses import replace
@@ -162,11 +163,41 @@ def test_a_scrape_reads_the_engine_on_the_loop_thread() -> None:
     assert seen == [threading.main_thread().ident]
 
 
+PAIR = {
+    "role": "standby",
+    "in_sync": True,
+    "lag": 0.004,
+    "active_calls": 3,
+    "applied": 17,
+    "published": 0,
+    "queued": 0,
+}
+
+
+def pair_snapshot() -> Snapshot:
+    return replace(snapshot(), pair=PAIR)
+
+
+def test_a_pair_shows_its_health() -> None:
+    got = scrape(NodeCollector(pair_snapshot, lambda: None))
+
+    def v(name: str) -> float:
+        return got[(name, frozenset())]
+
+    assert v("lrkp_pair_in_sync") == 1 and v("lrkp_pair_lag_seconds") == 0.004
+    assert v("lrkp_pair_peer_calls") == 3 and v("lrkp_pair_changes_applied_total") == 17
+    never = replace(snapshot(), pair=PAIR | {"in_sync": False, "lag": None})
+    got = scrape(NodeCollector(lambda: never, lambda: None))
+    assert v("lrkp_pair_in_sync") == 0 and math.isnan(v("lrkp_pair_lag_seconds"))
+    single = scrape(NodeCollector(snapshot, lambda: None))  # no pair: no pair metrics
+    assert not any(name.startswith("lrkp_pair_") for name, _labels in single)
+
+
 def test_docs_describe_every_metric_and_no_other() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
     documented = set(re.findall(r"^\| `(lrkp_[a-z_]+)` \|", doc, re.MULTILINE))
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(snapshot, lambda: {"relayed": (1, 1)}, lambda: FILL))
+    registry.register(NodeCollector(pair_snapshot, lambda: {"relayed": (1, 1)}, lambda: FILL))
     exposed = {family.name for family in registry.collect()}
     # prometheus_client names a counter family without its _total suffix
     types = {family.name: family.type for family in registry.collect()}

@@ -1,49 +1,46 @@
-"""The pair's replicated store: Redis failures never fail a command and are made good."""
+"""The pair's replicated store: the local store first, Redis only for what it committed.
+
+The publisher itself (Redis on the event loop, never waiting) is tested against real
+Redis servers: tests/netns/test_publishing.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import cast
 
+import pytest
+
 from lrkp_tsl.latching import Policy
 from lrkp_tsl.media import CallMedia, Endpoint
 from lrkp_tsl.pair import ReplicatedStore
-from lrkp_tsl.replication import Publisher, ReplicationError
+from lrkp_tsl.publishing import Publishing
 from lrkp_tsl.session import Call, CallTable
 from lrkp_tsl.store import SqliteStore
 
 
-class FakePublisher:
+class FakePublishing:
+    """What the store hands the publisher, in order."""
+
     def __init__(self) -> None:
-        self.table: dict[str, Mapping[str, object]] = {}
-        self.needs_reset = True
-        self.down = False
-        self.resets = 0
+        self.sent: list[tuple[str, str, object]] = []
+        self.batches = 0
 
-    def _check(self) -> None:
-        if self.down:
-            self.needs_reset = True
-            raise ReplicationError("redis://peer: connection refused")
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        self.batches += 1
+        yield
 
-    def put(self, record: Mapping[str, object]) -> None:
-        self._check()
-        self.table[str(record["call_id"])] = record
+    def put(self, record: dict[str, object]) -> None:
+        self.sent.append(("put", str(record["call_id"]), record["quiet_since"]))
 
     def delete(self, call_id: str) -> None:
-        self._check()
-        self.table.pop(call_id, None)
+        self.sent.append(("del", call_id, None))
 
-    def reset(self, records: Iterable[Mapping[str, object]]) -> None:
-        self._check()
-        self.table = {str(r["call_id"]): r for r in records}
-        self.needs_reset = False
-        self.resets += 1
-
-    def size(self) -> int:
-        self._check()
-        return len(self.table)
+    def quiet(self, call_id: str, since: float | None) -> None:
+        self.sent.append(("quiet", call_id, since))
 
 
 def call(call_id: str, port: int) -> Call:
@@ -58,50 +55,39 @@ def call(call_id: str, port: int) -> Call:
     return made
 
 
-def store(tmp_path: Path, active: list[bool]) -> tuple[ReplicatedStore, FakePublisher, list[str]]:
-    publisher = FakePublisher()
-    counted: list[str] = []
+def store(tmp_path: Path, active: list[bool]) -> tuple[ReplicatedStore, FakePublishing]:
+    publishing = FakePublishing()
     replicated = ReplicatedStore(
-        SqliteStore(tmp_path / "calls.sqlite3"),
-        cast(Publisher, publisher),
-        lambda: active[0],
-        counted.append,
+        SqliteStore(tmp_path / "calls.sqlite3"), cast(Publishing, publishing), lambda: active[0]
     )
-    return replicated, publisher, counted
+    return replicated, publishing
 
 
 def test_the_active_publishes_and_a_standby_does_not(tmp_path: Path) -> None:
     active = [False]
-    replicated, publisher, _ = store(tmp_path, active)
-    replicated.put(call("c1", 20000), None)
-    assert publisher.table == {} and len(replicated.load()) == 1
+    replicated, publishing = store(tmp_path, active)
+    replicated.put(call("c1", 20000), None)  # standby: its local store only
+    assert publishing.sent == [] and len(replicated.load()) == 1
     active[0] = True
-    replicated.put(call("c2", 20100), None)  # Redis needs the whole table: deferred...
-    assert publisher.table == {}
-    replicated.check(calls=2)  # ...to the periodic check, never on a command's path
-    assert set(publisher.table) == {"c1", "c2"} and publisher.resets == 1
+    replicated.put(call("c2", 20100), 3.0)
+    replicated.set_quiet("c2", None)  # the media state goes to the standby too
     replicated.delete("c1")
-    assert set(publisher.table) == {"c2"}
+    offset = replicated.local.wall_offset  # records carry wall-clock times
+    assert publishing.sent == [("put", "c2", 3.0 + offset), ("quiet", "c2", None),
+                               ("del", "c1", None)]  # fmt: skip
+    assert {s.call.call_id for s in replicated.load()} == {"c2"}
 
 
-def test_a_redis_outage_never_fails_a_command_and_is_made_good(tmp_path: Path) -> None:
-    replicated, publisher, counted = store(tmp_path, [True])
-    replicated.check(calls=0)
-    replicated.put(call("c1", 20000), None)
-    publisher.down = True
-    replicated.put(call("c2", 20100), None)  # no exception: the command succeeds
-    replicated.delete("c1")  # Redis needs the whole table now: not retried per command
-    assert counted == ["error.replication", "replication.deferred"]
-    assert [s.call.call_id for s in replicated.load()] == ["c2"]
-    publisher.down = False
-    replicated.check(calls=1)  # the periodic check republishes what Redis missed
-    assert set(publisher.table) == {"c2"}
-
-
-def test_a_redis_restarted_empty_is_refilled_by_the_check(tmp_path: Path) -> None:
-    replicated, publisher, _ = store(tmp_path, [True])
-    replicated.check(calls=0)
-    replicated.put(call("c1", 20000), None)
-    publisher.table.clear()  # Redis restarted without persistence
-    replicated.check(calls=1)
-    assert set(publisher.table) == {"c1"}
+def test_a_group_publishes_only_what_it_committed(tmp_path: Path) -> None:
+    replicated, publishing = store(tmp_path, [True])
+    with replicated.group():
+        replicated.put(call("c1", 20000), None)
+        replicated.put(call("c2", 20100), None)
+        assert publishing.sent == []  # not before the commit
+    assert [name for _, name, _ in publishing.sent] == ["c1", "c2"]
+    assert publishing.batches == 1  # together, in one transaction
+    with pytest.raises(RuntimeError), replicated.group():
+        replicated.put(call("c3", 20200), None)
+        raise RuntimeError("the group fails: none of its writes is durable")
+    assert [name for _, name, _ in publishing.sent] == ["c1", "c2"]
+    assert {s.call.call_id for s in replicated.load()} == {"c1", "c2"}
