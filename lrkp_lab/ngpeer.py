@@ -16,7 +16,7 @@ from ipaddress import IPv4Address
 from typing import Any, Protocol
 
 from lrkp_tsl.media import PortRange
-from lrkp_tsl.ng.adapter import NgFrontEnd
+from lrkp_tsl.ng.adapter import NgDecider
 from lrkp_tsl.ng.allocator import SharedPortPool
 from lrkp_tsl.ng.bencode import Encodable, Value, decode, encode
 from lrkp_tsl.ng.callmodel import Interfaces, NgCalls
@@ -89,7 +89,7 @@ class FrontEndPeer:
         self.name = name
         self.pool = SharedPortPool(PortUse(ports))
         interfaces = Interfaces({"internal": internal, "external": external})
-        self.front_end = NgFrontEnd(NgCalls(self.pool, interfaces))
+        self.front_end = NgDecider(NgCalls(self.pool, interfaces))
         self._seq = itertools.count(1)
         self.now = 0.0
 

@@ -88,6 +88,17 @@ FLAGS: dict[str, tuple[str, dict[str, Any], str]] = {
         {"action": "store_true", "default": None},
         "start even if a relay IP is not on this host yet (a VIP added later; a pair implies it)",
     ),
+    "ng": (
+        "--ng",
+        {"action": "append", "metavar": "ADDR"},
+        "serve rtpengine's ng protocol at udp:IP[:PORT] or udp6:[IP][:PORT] (port 2223 by "
+        "default; repeatable; docs/ng.md)",
+    ),
+    "ng_delete_delay": (
+        "--ng-delete-delay",
+        {"type": _flag_number, "metavar": "SECONDS"},
+        "an ng delete without its own delete-delay ends the call this long after it (0-3600)",
+    ),
 }
 
 

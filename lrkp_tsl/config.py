@@ -24,6 +24,8 @@ from lrkp_tsl.latching import Policy
 from lrkp_tsl.media import PortRange
 
 DEFAULT_CONTROL_PORT = 22333  # the lrkproxy module's default (CPORT)
+DEFAULT_NG_PORT = 2223  # rtpengine's ng port, what its modules' configs name
+NG_DELETE_DELAY_RANGE = (0, 3600)
 # The default relay range (rtpengine's default, and the example config's). It must not hold
 # DEFAULT_CONTROL_PORT: the kernel drops every packet to a relay port on a relay IP that
 # belongs to no call, so a control address on a relay IP with the default port (the usual
@@ -64,10 +66,16 @@ class ControlAddress:
 
     @classmethod
     def parse(cls, text: str, *, key: str = "control") -> ControlAddress:
+        """`control`'s syntax (lrkproxy_sock's); `key` "ng": UDP only, port 2223 by default
+        (rtpengine's: no ng client speaks unix:)."""
         scheme, sep, rest = text.partition(":")
-        if not sep or scheme not in ("udp", "udp6", "unix"):
+        schemes = ("udp", "udp6") if key == "ng" else ("udp", "udp6", "unix")
+        if not sep or scheme not in schemes:
             raise ConfigError(
-                f"{key} = {text!r}: expected udp:IP[:PORT], udp6:[IP][:PORT] or unix:/path"
+                f"{key} = {text!r}: expected udp:IP[:PORT] or udp6:[IP][:PORT] (rtpengine's "
+                "modules speak ng over UDP only)"
+                if key == "ng"
+                else f"{key} = {text!r}: expected udp:IP[:PORT], udp6:[IP][:PORT] or unix:/path"
             )
         if scheme == "unix":
             if not rest.startswith("/"):
@@ -86,7 +94,8 @@ class ControlAddress:
             raise ConfigError(f"{key} = {text!r}: {host!r} is not an IP address") from None
         if (scheme == "udp6") != (addr.version == 6):
             raise ConfigError(f"{key} = {text!r}: udp: takes IPv4, udp6: takes IPv6")
-        port = _port(port_text or str(DEFAULT_CONTROL_PORT), f"{key} = {text!r}")
+        default = DEFAULT_NG_PORT if key == "ng" else DEFAULT_CONTROL_PORT
+        port = _port(port_text or str(default), f"{key} = {text!r}")
         return cls(scheme, host=str(addr), port=port)
 
     def __str__(self) -> str:
@@ -133,6 +142,10 @@ class Config:
     # script): the node starts anyway, binding its control sockets with IP_FREEBIND. A pair
     # implies it (its standby never holds the VIPs).
     relay_ips_may_appear_later: bool = False
+    # rtpengine's ng protocol (docs/ng.md): where it is served (none: off), and how long a
+    # delete without its own delete-delay waits (0: at once, as lrkproxy's D).
+    ng: tuple[ControlAddress, ...] = ()
+    ng_delete_delay: int = 0
 
     @property
     def paired(self) -> bool:
@@ -330,6 +343,22 @@ def _queue_num(key: str, value: Any) -> int:
     return value
 
 
+def _ng(key: str, value: Any) -> tuple[ControlAddress, ...]:
+    """ng sockets: a list like `control`'s, which may be empty (ng off, the default)."""
+    if value == []:
+        return ()
+    return _entries(key, value, lambda k, item: ControlAddress.parse(item, key="ng"))
+
+
+def _ng_delete_delay(key: str, value: Any) -> int:
+    low, high = NG_DELETE_DELAY_RANGE
+    what = f"a whole number of seconds from {low} to {high}"
+    seconds = _number(key, value, what)
+    if not low <= seconds <= high or seconds != int(seconds):
+        raise ConfigError(f"{key} = {value!r}: expected {what}")
+    return int(seconds)
+
+
 def _listen(key: str, value: Any) -> tuple[str, int]:
     """HOST:PORT or [IPv6]:PORT, HOST an IP address (no name lookups at startup)."""
     if not isinstance(value, str):
@@ -372,6 +401,8 @@ KEYS: dict[str, tuple[str, Any]] = {
     "log_format": ("log_format", _log_format),
     "metrics.listen": ("metrics_listen", _listen),
     "relay_ips_may_appear_later": ("relay_ips_may_appear_later", _bool),
+    "ng": ("ng", _ng),
+    "ng_delete_delay": ("ng_delete_delay", _ng_delete_delay),
 }
 
 
@@ -448,20 +479,27 @@ def some(values: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return fields
 
 
-CROSS_CHECKED = {"internal_ip", "external_ip", "ports", "control", "metrics.listen"}
+CROSS_CHECKED = {"internal_ip", "external_ip", "ports", "control", "metrics.listen", "ng"}
 
 
 def _clashes(config: Config) -> list[str]:
     """Checks across keys, on a Config whose keys are each valid."""
     problems = []
-    for address in config.control:
-        on_relay_ip = address.host in ("0.0.0.0", *map(str, config.relay_addrs))
-        if address.scheme == "udp" and on_relay_ip and address.port in config.ports:
+    for key, addresses in (("control", config.control), ("ng", config.ng)):
+        for address in addresses:
+            on_relay_ip = address.host in ("0.0.0.0", *map(str, config.relay_addrs))
+            if address.scheme == "udp" and on_relay_ip and address.port in config.ports:
+                problems.append(
+                    f"{key} = {str(address)!r}: port {address.port} is inside the relay port "
+                    f"range ports = {str(config.ports)!r} on a relay address: calls are put on "
+                    "that port too, and their packets and the commands would be taken for "
+                    "each other; move one of them"
+                )
+    for address in config.ng:
+        if address in config.control:
             problems.append(
-                f"control = {str(address)!r}: port {address.port} is inside the relay port "
-                f"range ports = {str(config.ports)!r} on a relay address: Kamailio puts calls "
-                "on that port too, and their packets and its commands would be taken for each "
-                "other; move one of them"
+                f"ng = {str(address)!r}: control has the same address; one socket serves one "
+                "protocol: give ng its own port (rtpengine's is 2223)"
             )
     if config.metrics_listen is not None:
         host, port = config.metrics_listen
@@ -480,6 +518,7 @@ def warnings(config: Config) -> list[str]:
     """What is valid but will likely go wrong (check-config prints these, run logs them)."""
     found = []
     listening = [(f"control = {str(a)!r}", a.port) for a in config.control if a.scheme != "unix"]
+    listening += [(f"ng = {str(a)!r}", a.port) for a in config.ng]
     if config.metrics_listen is not None:
         listening.append(
             (f"metrics.listen = '{_shown(config.metrics_listen)}'", config.metrics_listen[1])
@@ -523,6 +562,8 @@ def _shown(value: Any) -> str:
         return value.value
     if isinstance(value, float):
         return f"{value:g} s"
+    if value == ():
+        return "none"
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
         host, port = value
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

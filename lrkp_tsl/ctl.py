@@ -207,52 +207,87 @@ def _count(value: object) -> str:
     return "?" if value is None else str(value)
 
 
-def _party(side: dict[str, Any]) -> str:
+def _party(side: dict[str, Any] | None) -> str:
+    if side is None:
+        return "(no stream yet)"
+    sdp = side["sdp"] or "(unknown)"
     if side["latching"] == "fixed":
-        return f"{side['sdp']} (fixed)"
+        return f"{sdp} (fixed)"
     if side["latching"] == "trusted" and not side["learned"]:
-        return f"{side['sdp']} (trusted, not heard)"
-    return f"{side['sdp']} -> {side['learned'] or 'learning'}"
+        return f"{sdp} (trusted, not heard)"
+    return f"{sdp} -> {side['learned'] or 'learning'}"
 
 
 def _stream(state: str, learned: str | None) -> str:
     """One stream of a party in `show`: an address is shown only once the party was heard
     from it (a trusted SDP address it never sent from is not "learned")."""
+    if state == "none":
+        return "none (rtcp-mux, or not RTP)"
     if state == "learning":
         return "learning"
     return f"{state} {learned}" if learned else f"{state}, nothing heard yet"
+
+
+def _about(row: dict[str, Any]) -> str:
+    """`ng, tags a/b` for a call that is not lrkproxy's ("" for lrkproxy's)."""
+    if row.get("protocol", "lrkproxy") == "lrkproxy":
+        return ""
+    parts = [row["protocol"]]
+    for name, value in (row.get("about") or {}).items():
+        shown = "/".join(map(str, value)) if isinstance(value, list) else str(value)
+        parts.append(f"{name} {shown}")
+    return ", ".join(parts)
+
+
+def _session_lines(row: dict[str, Any]) -> list[list[str]]:
+    """A call's rows in `sessions`: one per stream (its first has the call's figures)."""
+    about = _about(row)
+    first = [
+        row["call_id"] + (f" [{about}]" if about else ""), _seconds(row["age"]),
+        _seconds(row["idle"]), _party(row["caller"]), _party(row["callee"]),
+        str(row["caller_to_callee_packets"]), str(row["caller_to_callee_bytes"]),
+        str(row["callee_to_caller_packets"]), str(row["callee_to_caller_bytes"]),
+    ]  # fmt: skip
+    more = [
+        [f"  stream {stream['stream']}", "", "", _party(stream["caller"]),
+         _party(stream["callee"]), "", "", "", ""]
+        for stream in row.get("media_streams", [])[1:]
+    ]  # fmt: skip
+    return [first, *more]
 
 
 def show_sessions(rows: list[dict[str, Any]], result: dict[str, Any]) -> str:
     table = _table(
         ["CALL-ID", "AGE", "IDLE", "CALLER (SDP -> LEARNED)", "CALLEE (SDP -> LEARNED)",
          "A->B PKTS", "A->B BYTES", "B->A PKTS", "B->A BYTES"],
-        [
-            [
-                row["call_id"], _seconds(row["age"]), _seconds(row["idle"]),
-                _party(row["caller"]), _party(row["callee"]),
-                str(row["caller_to_callee_packets"]), str(row["caller_to_callee_bytes"]),
-                str(row["callee_to_caller_packets"]), str(row["callee_to_caller_bytes"]),
-            ]
-            for row in rows
-        ],
+        [line for row in rows for line in _session_lines(row)],
     )  # fmt: skip
     return f"{table}\n{result['calls']} calls"
 
 
+def _side_line(name: str, side: dict[str, Any]) -> str:
+    return (
+        f"{name}: SDP {side['sdp'] or '(unknown)'}, sends to relay {side['relay']}, "
+        f"RTP {_stream(side['latching'], side['learned'])}, "
+        f"RTCP {_stream(side['latching_rtcp'], side['learned_rtcp'])} (rule {side['rule']})"
+    )
+
+
 def show_call(row: dict[str, Any]) -> str:
+    about = _about(row)
     lines = [
-        f"call {row['call_id']}",
+        f"call {row['call_id']}" + (f" ({about})" if about else ""),
         f"  age {_seconds(row['age'])}, idle {_seconds(row['idle'])} "
-        f"(timeout {row['idle_timeout']:g}s), media {row['media']} ({row['streams']} streams)",
+        f"(timeout {row['idle_timeout']:g}s), media {row['media']} ({row['streams']} streams)"
+        + (f", ends in {_seconds(row['ends_in'])}" if row.get("ends_in") is not None else ""),
     ]
-    for name in ("caller", "callee"):
-        side = row[name]
-        lines.append(
-            f"  {name}: SDP {side['sdp']}, sends to relay {side['relay']}, "
-            f"RTP {_stream(side['latching'], side['learned'])}, "
-            f"RTCP {_stream(side['latching_rtcp'], side['learned_rtcp'])} (rule {side['rule']})"
-        )
+    streams = row.get("media_streams", [])
+    if not streams:
+        lines.append("  no stream relayed yet (an offer waiting for its answer)")
+    for stream in streams:
+        prefix = f"stream {stream['stream']} " if len(streams) > 1 else ""
+        for name in ("caller", "callee"):
+            lines.append(f"  {prefix}{_side_line(name, stream[name])}")
     lines.append(
         f"  caller->callee {row['caller_to_callee_packets']} packets "
         f"{row['caller_to_callee_bytes']} bytes; callee->caller "

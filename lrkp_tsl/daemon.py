@@ -45,9 +45,13 @@ from lrkp_tsl.dataplane.queue import PacketQueue, QueueRule
 from lrkp_tsl.dataplane.routes import routed_networks
 from lrkp_tsl.engine import Engine, RestoreReport, Settings
 from lrkp_tsl.errors import ConfigError, HostError, KernelError, StoreError
+from lrkp_tsl.frontends.lrkproxy import LrkproxyFrontEnd
+from lrkp_tsl.frontends.ng import NgFrontEnd
 from lrkp_tsl.hostcheck import may_be_absent
 from lrkp_tsl.lock import StateDirLock, acquire_instance_lock, lock_state_dir
 from lrkp_tsl.mgmt import Management
+from lrkp_tsl.ng.callmodel import Interfaces
+from lrkp_tsl.operations import NG
 from lrkp_tsl.pair import ROLE_INTERVAL, Followed, Following, Prober, ReplicatedStore, RoleWatch
 from lrkp_tsl.pairhealth import PairHealth, Probe
 from lrkp_tsl.protocol import NodeConfig
@@ -105,6 +109,12 @@ async def watch_conntrack(
                 ctcapacity.log.log(level, "%s", text)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=ctcapacity.CHECK_INTERVAL)
+
+
+def ng_interfaces(config: Config) -> Interfaces:
+    """The node's addresses as rtpengine's named interfaces (ng's `direction`): `internal`
+    (the default) and `external`."""
+    return Interfaces({"internal": config.internal_ip, "external": config.external_ip})
 
 
 def node_config(config: Config) -> NodeConfig:
@@ -380,7 +390,9 @@ def banner(config: Config, config_file: Path | None) -> str:
     return (
         f"lrkp-tsl {__version__} starting: {source}; rules {config.rules}; relay "
         f"{config.internal_ip}/{config.external_ip} ports {config.ports}; control "
-        f"{', '.join(map(str, config.control))}; lrkp-ctl {config.ctl_socket}; metrics {metrics}"
+        f"{', '.join(map(str, config.control))}; "
+        + (f"ng {', '.join(map(str, config.ng))}; " if config.ng else "")
+        + f"lrkp-ctl {config.ctl_socket}; metrics {metrics}"
         + ("; pair mode" if config.paired else "")
     )
 
@@ -453,8 +465,7 @@ async def _run(
         config.idle_timeout,
         config.policy,
         tuple(routed),
-        node_config(config),
-        NodeLimits(frozenset(config.relay_addrs), config.ports),
+        config.ports,
     )
     engine_store: Store = store
     pair: PairParts | None = None
@@ -464,6 +475,16 @@ async def _run(
         cleanup.append(("publishing", pair.publishing.close))
         engine_store = pair.store
     engine = Engine(settings, plane, engine_store)
+    limits = NodeLimits(frozenset(config.relay_addrs), config.ports)
+    LrkproxyFrontEnd(engine, node_config(config), limits)
+    # Attached whether or not an ng socket is open: the ng calls a store holds (an earlier
+    # run served ng) are followed, shown and end as any; only commands need the socket.
+    NgFrontEnd(
+        engine,
+        ng_interfaces(config),
+        delete_delay=config.ng_delete_delay,
+        wall_offset=store.wall_offset,
+    )
     if drainfile.is_set(config.state_dir):
         engine.draining = True
         log.warning(
@@ -500,6 +521,20 @@ async def _run(
             raise HostError(f"control = {str(address)!r}: {cannot_listen(exc)}") from None
         cleanup.append((f"control {address}", listener.close))
         log.info("control: listening on %s", address)
+    for address in config.ng:
+        try:
+            listener = await open_control(
+                address, server, freebind=may_be_absent(config), protocol=NG
+            )
+        except OSError as exc:
+            raise HostError(f"ng = {str(address)!r}: {cannot_listen(exc)}") from None
+        cleanup.append((f"ng {address}", listener.close))
+        log.info(
+            "ng: listening on %s (rtpengine's ng protocol; interfaces internal %s, external %s)",
+            address,
+            config.internal_ip,
+            config.external_ip,
+        )
     server.attach(loop)
     pair_status = pair.status if pair is not None else None
     management = Management(engine, server, plane, queue_rule, config, pair=pair_status)

@@ -2,7 +2,9 @@
 replies and packet verdicts out. Pure: no sockets, no clock, no kernel bindings.
 
 Drivers (the server calls these, passing `now` from one monotonic clock):
-- `on_datagram`: one lrkproxy request -> its reply (retransmissions answered from a cache);
+- `batch`: protocol-neutral operations (operations.py: relay a call, end it) from the
+  front-ends, which own their protocols' codecs, replies and retransmission caches
+  (lrkp_tsl/frontends/); applied together where they can be (group commit);
 - `on_packet`: a queued first packet, known by an opaque id -> a verdict, now or later;
 - `on_stream_events` / `on_events_lost`: conntrack entries started, expired or were removed;
 - `on_timer`: whatever `next_deadline()` said was due;
@@ -24,13 +26,11 @@ import collections
 import contextlib
 import logging
 import zlib
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network
 
-from lrkp_tsl import admission, protocol
 from lrkp_tsl.activity import Activity
-from lrkp_tsl.admission import NodeLimits, Refusal
 from lrkp_tsl.errors import KernelError, StoreError
 from lrkp_tsl.kernel import (
     EMPTY,
@@ -45,19 +45,21 @@ from lrkp_tsl.kernel import (
 )
 from lrkp_tsl.latching import Policy
 from lrkp_tsl.media import Endpoint, Flow, InstalledFlow, PortRange
-from lrkp_tsl.protocol import (
-    DeleteSession,
-    GetConfig,
-    NodeConfig,
-    Ping,
-    ProtocolError,
-    SetSession,
+from lrkp_tsl.operations import (
+    DONE,
+    LRKPROXY,
+    FrontEnd,
+    Operation,
+    Refused,
+    Relay,
+    Result,
+    Stale,
 )
 from lrkp_tsl.ratelog import RateLimitedLog
 from lrkp_tsl.records import Store, StoredCall
-from lrkp_tsl.retransmit import RetransmitCache
 from lrkp_tsl.schedule import Schedule
 from lrkp_tsl.session import (
+    PROTOCOL,
     Call,
     CallTable,
     PacketEvent,
@@ -66,14 +68,11 @@ from lrkp_tsl.session import (
     Verdict,
     rebuild,
 )
-from lrkp_tsl.traffic import Traffic, call_summary, live_of
+from lrkp_tsl.traffic import Tally, Traffic, call_summary, live_of
 
 log = logging.getLogger("lrkp_tsl.engine")
 calls_log = logging.getLogger("lrkp_tsl.calls")
 
-# Kamailio retransmits for lrkproxy_retr x lrkproxy_tout (5 x 1 s by default).
-RETRANSMIT_AGE = 30.0
-RETRANSMIT_BYTES = 16 << 20  # ~25,000 S replies: 30 s of 800 commands/s
 # A source displaced from its relay ports stays refused this long after its last packet
 # seen here (the kernel's `displaced` set does the same in the data path).
 DISPLACED_GUARD = 10.0
@@ -99,9 +98,6 @@ GROUP_MAX = 32
 # a call's media state may not have been replicated.
 PROMOTE_GRACE = 5.0
 
-Datagram = tuple[bytes, Hashable, str, bool]
-"""(data, sender: the retransmission cache key, peer: for logs, with_cookie)."""
-
 TimerKey = tuple[str, str]  # ("call" | "held" | "retry" | "log", Call-ID or "")
 RETRY: TimerKey = ("retry", "")
 LOG_FLUSH: TimerKey = ("log", "")
@@ -113,12 +109,7 @@ class Settings:
     idle_timeout: float
     policy: Policy
     routed: tuple[IPv4Network, ...]
-    node: NodeConfig
-    limits: NodeLimits
-
-    @property
-    def ports(self) -> PortRange:
-        return self.limits.ports
+    ports: PortRange  # the relay port range
 
 
 @dataclass(slots=True)
@@ -132,21 +123,73 @@ class Held:
 
 
 @dataclass(slots=True)
-class _Pending:
-    """One `S` or `D` of a batch of datagrams, on its way through `on_datagrams`."""
+class _Item:
+    """One operation of a batch, on its way through `Batch`."""
 
-    index: int
-    request: SetSession | DeleteSession
-    sender: Hashable
-    data: bytes
-    peer: str
-    with_cookie: bool
+    op: Operation
+    peer: str  # who asked, for logs
+    done: Callable[[Result], None]
     actions: list[Sync] = field(default_factory=list)
     old: Call | None = None
-    error: KernelError | StoreError | None = None
-    # A D built from an earlier state of its call (answered, not applied): what it names
-    # that differs from the call now, as (field, its value, the call's value).
-    stale: list[tuple[str, str, str]] = field(default_factory=list)
+    error: KernelError | StoreError | Refused | None = None
+    stale: Stale = ()
+
+    def result(self) -> Result:
+        if self.error is None and not self.stale:
+            return DONE
+        return Result(self.error, self.stale)
+
+
+class Batch:
+    """Operations that arrived together (one read of a control socket), applied together.
+
+    Operations whose calls and relay endpoints are disjoint are committed as one group:
+    each goes to the store, then all of them to the kernel in one transaction
+    (`Kernel.change_many`), then each to the call table; each operation's `done` is called
+    after its own kernel commit, so a reply sent from it still follows that commit. An
+    operation that fails is refused alone: the others are committed without it. One
+    touching what an earlier one of the batch touched (the same Call-ID or relay endpoint),
+    or taking relay endpoints from another call, waits until the operations before it are
+    applied, as if they had arrived one by one. A front-end that must decide an operation
+    against the call as the earlier ones leave it (ng) asks `touches` first, and `flush`es.
+    """
+
+    __slots__ = ("_engine", "_group", "_now", "_touched")
+
+    def __init__(self, engine: Engine, now: float) -> None:
+        self._engine = engine
+        self._now = now
+        self._group: list[_Item] = []
+        self._touched: set[Hashable] = set()
+
+    def touches(self, call_id: str) -> bool:
+        """Whether an operation waiting in the batch is about this call."""
+        return call_id in self._touched
+
+    def add(self, op: Operation, peer: str, done: Callable[[Result], None]) -> None:
+        """Apply `op` with the batch; `done(result)` once it is applied, or refused."""
+        engine, now = self._engine, self._now
+        item = _Item(op, peer, done)
+        keys = engine._decide(item, now)
+        if keys & self._touched:
+            self.flush()
+            keys = engine._decide(item, now)
+        if not item.actions:  # nothing to change (a repeated S, a D of no call), or refused
+            done(item.result())
+            return
+        if len(item.actions) == 1 and len(self._group) < GROUP_MAX:
+            self._group.append(item)
+            self._touched |= keys
+            return
+        # Several changes (ports taken from other calls): applied on its own, in order.
+        self.flush()
+        engine._apply_alone(item, now)
+        done(item.result())
+
+    def flush(self) -> None:
+        """Commit what waits; every `done` of it has been called on return."""
+        group, self._group, self._touched = self._group, [], set()
+        self._engine._commit_group(group, self._now)
 
 
 @dataclass(slots=True)
@@ -219,9 +262,32 @@ def _spread(call: Call) -> float:
     return 1.0 + fraction * max(0.0, call.idle_timeout - 1.0)
 
 
-def _command(request: SetSession | protocol.DeleteSession) -> str:
-    """The command's name in `command.<name>.<result>` stats (metrics.py labels)."""
-    return "set" if isinstance(request, SetSession) else "delete"
+def describe_streams(call: Call) -> str:
+    """Who sends where, stream by stream, for the log: `caller A <-> R | callee B <-> R2`
+    (an lrkproxy call's one stream), `stream 2: ...` before each stream of several, and
+    the protocol of a call that is not lrkproxy's."""
+    parts = []
+    for index, spec in enumerate(call.streams):
+        caller = spec.caller if spec.caller is not None else "(unknown)"
+        callee = spec.callee if spec.callee is not None else "(unknown)"
+        text = f"caller {caller} <-> {spec.caller_relay} | callee {callee} <-> {spec.callee_relay}"
+        parts.append(f"stream {index + 1}: {text}" if len(call.streams) > 1 else text)
+    if not parts:
+        parts.append("no stream relayed yet")
+    text = "; ".join(parts)
+    return text if call.protocol == LRKPROXY else f"{call.protocol} call, {text}"
+
+
+class _Described:
+    """`describe_streams(call)`, computed when a log line that is emitted formats it."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+
+    def __str__(self) -> str:
+        return describe_streams(self.call)
 
 
 def _flow_tuple(
@@ -232,6 +298,12 @@ def _flow_tuple(
 
 _Found = dict[StreamKey, tuple[StreamKey, Counters] | None]
 """What an ending call's conntrack keys found (`Kernel.streams`), by key."""
+
+
+def _touches_kernel(sync: Sync) -> bool:
+    """Whether the change is one for the kernel: a change of the front-end's record only
+    (an ng offer before its answer, a scheduled delete) is not."""
+    return sync.before != sync.after or bool(sync.displaced)
 
 
 def _summarised(sync: Sync, old: Call | None) -> bool:
@@ -256,7 +328,6 @@ class Engine:
         )
         self.activity = Activity()
         self.schedule: Schedule[TimerKey] = Schedule()
-        self.cache = RetransmitCache(RETRANSMIT_BYTES, RETRANSMIT_AGE)
         self.displaced: dict[StreamKey, float] = {}  # (source, relay) -> refused until
         self.remote_log = RateLimitedLog(log)
         self.held: dict[str, list[Held]] = {}
@@ -275,6 +346,8 @@ class Engine:
         self.traffic = Traffic()
         self.draining = False
         self._verdicts: list[tuple[int, Verdict]] = []
+        # The control protocols served through this engine, by name (`attach`).
+        self.front_ends: dict[str, FrontEnd] = {}
 
     # -- outputs ------------------------------------------------------------------------------
 
@@ -286,139 +359,60 @@ class Engine:
     def next_deadline(self) -> float | None:
         return self.schedule.next()
 
-    # -- control commands ---------------------------------------------------------------------
+    # -- operations from the front-ends -----------------------------------------------------------
 
-    def on_datagram(
-        self, data: bytes, sender: Hashable, peer: str, now: float, *, with_cookie: bool = True
-    ) -> bytes | None:
-        """One request from the controlling layer; the reply (None: nothing to send).
+    def attach(self, front_end: FrontEnd) -> None:
+        """A control protocol's adapter serves through this engine (operations.py)."""
+        self.front_ends[front_end.protocol] = front_end
 
-        `sender` keys the retransmission cache (the UDP address); `peer` is for logs.
-        A datagram longer than any request is dropped unread and unanswered, and so is
-        everything while this node is a standby (the active node answers).
-        """
-        return self.on_datagrams([(data, sender, peer, with_cookie)], now)[0]
-
-    def on_datagrams(self, datagrams: Sequence[Datagram], now: float) -> list[bytes | None]:
-        """Requests that arrived together -> their replies, in order (group commit).
-
-        `S` and `D` commands whose calls and relay endpoints are disjoint are applied
-        together: each goes to the store, then all of them to the kernel in one
-        transaction (`Kernel.change_many`), then each to the call table; so every `OK` still
-        follows its own kernel commit. A command that fails is refused alone: the others
-        are committed without it. A command touching what an earlier one of the batch
-        touched (the same Call-ID or relay endpoint), or taking ports from another call,
-        waits until the commands before it are applied, as if they had arrived one by one.
-        """
-        replies: list[bytes | None] = [None] * len(datagrams)
-        group: list[_Pending] = []
-        touched: set[Hashable] = set()
-        for index, (data, sender, peer, with_cookie) in enumerate(datagrams):
-            early, request = self._receive(data, sender, peer, now, with_cookie)
-            if request is None:
-                replies[index] = early
-                continue
-            item = _Pending(index, request, sender, data, peer, with_cookie)
-            keys = self._decide(item, now)
-            if keys & touched:
-                self._commit_group(group, replies, now)
-                group, touched = [], set()
-                keys = self._decide(item, now)
-            if not item.actions:  # nothing to change (a repeated S, a D of no call)
-                replies[index] = self._reply(item, now)
-                continue
-            if len(item.actions) == 1 and len(group) < GROUP_MAX:
-                group.append(item)
-                touched |= keys
-                continue
-            # Several changes (ports taken from other calls): applied on its own, in order.
-            self._commit_group(group, replies, now)
-            group, touched = [], set()
-            self._apply_alone(item, now)
-            replies[index] = self._reply(item, now)
-        self._commit_group(group, replies, now)
-        return replies
-
-    def _receive(
-        self, data: bytes, sender: Hashable, peer: str, now: float, with_cookie: bool
-    ) -> tuple[bytes | None, SetSession | DeleteSession | None]:
-        """(reply, None) for a datagram answered without a change; else (None, request)."""
-        if not self.active:
-            self.stats["dropped.standby"] += 1
-            return None, None
-        if len(data) > protocol.MAX_REQUEST_SIZE:
-            self.stats["dropped.too_long"] += 1
-            self.note_remote(now, "oversized datagrams", "dropped %d bytes from %s: longer than "
-                         "any request", len(data), peer)  # fmt: skip
-            return None, None
-        if with_cookie:
-            cached = self.cache.lookup(sender, data, now)
-            if cached is not None:
-                self.stats["retransmissions"] += 1
-                log.debug("retransmission from %s answered from cache", peer)
-                return cached, None
-        reply, request = self._parse(data, peer, now, with_cookie)
-        if request is None and reply and with_cookie:  # not a draining node's empty answer
-            self.cache.store(sender, data, reply, now)
-        return reply, request
-
-    def _parse(
-        self, data: bytes, peer: str, now: float, with_cookie: bool
-    ) -> tuple[bytes | None, SetSession | DeleteSession | None]:
-        """The reply to a request that changes nothing (final), or the request to apply."""
+    def carried(self, call_id: str) -> tuple[Tally, Tally]:
+        """What the call carried so far, (RTP, RTCP): its ended entries' counters and its
+        live ones' (one conntrack exchange: for a query, never per packet)."""
+        call = self.table.get(call_id)
+        if call is None:
+            return Tally(), Tally()
         try:
-            request = protocol.parse_request(data, with_cookie=with_cookie)
-        except ProtocolError as error:
-            self.stats[f"error.{error.code}"] += 1
-            self.stats["command.unparsed.error"] += 1
-            self.note_remote(now, "bad requests", "bad request from %s: %s", peer, error)
-            return protocol.reply_error(error), None
-        self.stats[f"request.{type(request).__name__}"] += 1
-        if isinstance(request, Ping):
-            if self.draining:
-                # An empty datagram: lrkproxy disables the node at once and picks another
-                # node of the set for new calls; S and D still come (docs/lrkp-ctl.md).
-                self.stats["drain.ping_refused"] += 1
-                self.stats["command.ping.drained"] += 1
-                return b"", None
-            self.stats["command.ping.ok"] += 1
-            return protocol.reply_pong(request), None
-        if isinstance(request, GetConfig):
-            self.stats["command.config.ok"] += 1
-            return protocol.reply_config(request, self.node_config()), None
-        if isinstance(request, SetSession):
-            try:
-                admission.check(request.media, self.settings.limits)
-            except Refusal as refusal:
-                self.stats[f"refused.{refusal.code}"] += 1
-                self.stats["command.set.refused"] += 1
-                self.note_remote(now, "refused commands", "[%s] S from %s refused: %s",
-                             request.media.call_id, peer, refusal.reason)  # fmt: skip
-                return protocol.reply_refused(request, refusal.code, refusal.reason), None
-        if not protocol.acknowledgeable(request):
-            log.warning(
-                "%s from %s is %d bytes: Kamailio cannot accept a reply that long",
-                type(request).__name__,
-                peer,
-                len(request.raw),
-            )
-        return None, request
+            live = self.kernel.counters(call.view().keys())
+        except KernelError as error:
+            self.stats["error.conntrack"] += 1
+            log.error("[%s] counters not read: %s", call_id, error)
+            live = {}
+        return self.traffic.by_kind(call, live_of(call, live))
 
-    def _decide(self, item: _Pending, now: float) -> set[Hashable]:
-        """The request's changes (into `item.actions`), and what they touch: Call-IDs and
-        relay endpoints, which a later command of the same batch must not share."""
-        request = item.request
-        keys: set[Hashable] = set()
-        if isinstance(request, SetSession):
-            item.actions = self.table.on_set(request.media, self.settings.idle_timeout, now)
-            keys.add(request.media.call_id)
-            keys.update(request.media.relay_endpoints())
-        else:
-            item.actions = self.table.on_delete(request.call_id)
-            keys.add(request.call_id)
-            item.stale = self._stale_fields(request) if item.actions else []
-            if item.stale:
-                item.actions = []
+    def about(self, call: Call) -> Mapping[str, object]:
+        """What the call's front-end says of it for humans (ng: its tags); {} if none."""
+        front_end = self.front_ends.get(call.protocol)
+        return front_end.describe(call) if front_end is not None else {}
+
+    def batch(self, now: float) -> Batch:
+        """Operations that arrived together, committed together (group commit)."""
+        return Batch(self, now)
+
+    def _decide(self, item: _Item, now: float) -> set[Hashable]:
+        """The operation's changes (into `item.actions`), and what they touch: Call-IDs and
+        relay endpoints, which a later operation of the same batch must not share."""
+        op = item.op
+        keys: set[Hashable] = {op.call_id}
+        item.actions, item.stale, item.error = [], (), None
+        try:
+            if isinstance(op, Relay):
+                item.actions = self.table.on_relay(op, self.settings.idle_timeout, now)
+            else:
+                call = self.table.get(op.call_id)
+                if call is not None and call.protocol != op.protocol:
+                    raise Refused(
+                        PROTOCOL,
+                        f"call {op.call_id!r} is relayed for the {call.protocol} protocol: "
+                        "one Call-ID, one protocol",
+                    )
+                item.actions = self.table.on_delete(op.call_id, op.command)
+                if call is not None and op.stale is not None:
+                    item.stale = op.stale(call)
+                    if item.stale:
+                        item.actions = []
+        except Refused as refusal:
+            item.error = refusal
+            return keys
         for action in item.actions:
             keys.add(action.call_id)
             for view in (action.before, action.after):
@@ -426,31 +420,23 @@ class Engine:
                 for flow in view.flows:
                     keys.add(flow.relay)
                     keys.add(flow.relay_out)
+            if action.call is not None:
+                keys.update(action.call.reserved)
         return keys
 
-    def _stale_fields(self, request: DeleteSession) -> list[tuple[str, str, str]]:
-        """The fields in which a `D` differs from its call's current `S` (field, the D's
-        value, the call's): a D built from an earlier state of the call (before a
-        re-INVITE moved it), which must not end the call as it is now. [] if none."""
-        call = self.table.get(request.call_id)
-        if call is None or not request.given:
-            return []
-        current = protocol.given_fields(call.media)
-        return [(name, value, current[name]) for name, value in request.given
-                if current[name] != value]  # fmt: skip
-
-    def _apply_alone(self, item: _Pending, now: float) -> None:
+    def _apply_alone(self, item: _Item, now: float) -> None:
         try:
             for action in item.actions:
                 self._commit(action, now, item.peer)
         except (KernelError, StoreError) as error:
             item.error = error
 
-    def _commit_group(self, group: list[_Pending], replies: list[bytes | None], now: float) -> None:
-        """Store each, the kernel once for all, then table and conntrack for each."""
+    def _commit_group(self, group: list[_Item], now: float) -> None:
+        """Store each, the kernel once for all, then table and conntrack for each; then
+        each operation's outcome, in order."""
         if not group:
             return
-        ready: list[_Pending] = []
+        ready: list[_Item] = []
         try:
             with self._store_group():
                 for item in group:
@@ -467,10 +453,15 @@ class Engine:
             self.stats["kernel.group_commits"] += 1
             self.stats["kernel.group_commands"] += len(ready)
             syncs = [item.actions[0] for item in ready]
-            results = self.kernel.change_many(
-                [(sync.call_id, sync.before, sync.after, sync.displaced) for sync in syncs]
-            )
-            done: list[tuple[_Pending, Sync]] = []
+            kernel = [_touches_kernel(sync) for sync in syncs]
+            changes = [
+                (sync.call_id, sync.before, sync.after, sync.displaced)
+                for sync, touches in zip(syncs, kernel, strict=True)
+                if touches
+            ]
+            refusals = iter(self.kernel.change_many(changes) if changes else ())
+            results = [next(refusals) if touches else None for touches in kernel]
+            done: list[tuple[_Item, Sync]] = []
             for item, sync, refused in zip(ready, syncs, results, strict=True):
                 if refused is None:
                     done.append((item, sync))
@@ -483,34 +474,12 @@ class Engine:
                 self._finish(sync, now, item.peer, item.old, None, forget, ends)
             self._forget(forget, now)
         for item in group:
-            replies[item.index] = self._reply(item, now)
+            item.done(item.result())
 
     def _store_group(self) -> contextlib.AbstractContextManager[None]:
         """One store transaction for a group's writes (every Store has `group`: the type
         checker sees to it, so a pair's store cannot lose the group commit again)."""
         return self.store.group()
-
-    def _reply(self, item: _Pending, now: float) -> bytes:
-        """OK, or the refusal of a change the kernel or the store did not take (not final:
-        Kamailio's retransmission tries it again)."""
-        request = item.request
-        failure = item.error
-        if failure is not None:
-            self.stats[f"error.{failure.code}"] += 1
-            self.stats[f"command.{_command(request)}.failed"] += 1
-            log.error("%s from %s not applied: %s", type(request).__name__, item.peer, failure)
-            return protocol.reply_refused(request, failure.code, failure.reason)
-        self.stats[f"command.{_command(request)}.{'stale' if item.stale else 'ok'}"] += 1
-        if item.stale and isinstance(request, DeleteSession):
-            named = ", ".join(f"{name} {value}" for name, value, _ in item.stale)
-            current = ", ".join(f"{name} {value}" for name, _, value in item.stale)
-            self.note_remote(now, "stale deletes", "[%s] D from %s ignored: it names %s, the "
-                             "call is at %s now (a D from before a later S of the call)",
-                             request.call_id, item.peer, named, current)  # fmt: skip
-        reply = protocol.reply_ok(request)
-        if item.with_cookie:
-            self.cache.store(item.sender, item.data, reply, now)
-        return reply
 
     # -- first packets -------------------------------------------------------------------------
 
@@ -531,7 +500,7 @@ class Engine:
                 return
             del self.displaced[(source, relay)]
         try:
-            decision = self.table.on_packet(source, relay, self._silent)
+            decision = self.table.on_packet(source, relay, self._silent, now)
             for action in decision.actions:
                 self._commit(action, now, f"packet from {source}")
         except (KernelError, StoreError) as error:
@@ -556,13 +525,6 @@ class Engine:
             return
         accept = decision.verdict is Verdict.ACCEPT
         self._verdicts.append((packet, Verdict.ACCEPT if accept else Verdict.DROP))
-
-    def node_config(self) -> NodeConfig:
-        """The `G` reply: where Kamailio should allocate next (ports.py)."""
-        ports = self.table.ports
-        return replace(
-            self.settings.node, end_port=ports.last_block(), current_port=ports.next_block()
-        )
 
     def note_remote(self, now: float, kind: str, message: str, *args: object) -> None:
         """A log line caused by remote input: rate-limited (ratelog.py)."""
@@ -657,15 +619,20 @@ class Engine:
             log.error("[%s] media state not stored: %s", call_id, error)
 
     def _schedule_call(self, call: Call) -> None:
-        """A call wakes at its maximum lifetime, or when it may have been idle too long.
+        """A call wakes at its maximum lifetime, when it may have been idle too long, or at
+        the end its front-end scheduled (`end_at`). A call with no stream to relay yet (an
+        ng offer waiting for its answer, which may ring for minutes) has no media to lack:
+        only its lifetime and its scheduled end apply.
 
         Not while standby: the active node ends calls, and the standby follows."""
         if not self.active:
             return
         when = call.started + self.settings.max_lifetime
         quiet = self.activity.quiet_since(call.call_id)
-        if quiet is not None:
+        if quiet is not None and call.streams:
             when = min(when, quiet + call.idle_timeout)
+        if call.end_at is not None:
+            when = min(when, call.end_at)
         self.schedule.set(("call", call.call_id), when)
 
     # -- time ------------------------------------------------------------------------------------
@@ -690,8 +657,12 @@ class Engine:
                     continue
                 if now >= call.started + self.settings.max_lifetime:
                     self._end(call, Reason.LIFETIME, f"{self.settings.max_lifetime:g} s", now)
-                else:
+                elif call.end_at is not None and now >= call.end_at:
+                    self._end(call, Reason.DELETED, "delete-delay", now)
+                elif call.streams:
                     check.append(call)
+                else:
+                    self._schedule_call(call)  # woken early (its end moved): nothing due
         if check:
             self._check_idle(check, now)
 
@@ -745,11 +716,12 @@ class Engine:
         `quiet_since`: what to record as the call's quiet time (a replicated record's);
         by default the engine's own."""
         old = self._prepare(sync, now, quiet_since)
-        try:
-            self.kernel.change(sync.call_id, sync.before, sync.after, sync.displaced)
-        except KernelError:
-            self._refused(sync, old, now)
-            raise
+        if _touches_kernel(sync):
+            try:
+                self.kernel.change(sync.call_id, sync.before, sync.after, sync.displaced)
+            except KernelError:
+                self._refused(sync, old, now)
+                raise
         self._finish(sync, now, origin, old, quiet_since)
 
     def _prepare(self, sync: Sync, now: float, quiet_since: float | None = None) -> Call | None:
@@ -794,6 +766,12 @@ class Engine:
 
         `ends`: what `_read_ends` found for ending calls, by Call-ID (else read here)."""
         call_id = sync.call_id
+        # What the front-end says of an ending call, while it still knows the call.
+        about = (
+            self.about(old)
+            if old is not None and old.protocol != LRKPROXY and _summarised(sync, old)
+            else None
+        )
         self.table.applied(sync)
         summary = None
         changed = sync.before.flows ^ sync.after.flows
@@ -801,7 +779,7 @@ class Engine:
             assert old is not None
             found = ends[call_id] if ends and call_id in ends else self._read_end(sync, old)
             if calls_log.isEnabledFor(logging.INFO):  # only the log line uses it
-                summary = self._summary(old, sync, now, found)  # before entries are deleted
+                summary = self._summary(old, sync, now, found, about)  # before entries go
             if found is not None and not found:
                 # No entry either way for any of its flows, read after the kernel dropped its
                 # elements: none can appear any more (the guard drops their packets before
@@ -818,6 +796,8 @@ class Engine:
             self._drop_held(call_id)
             self.stats["calls.removed"] += 1
             self.stats[f"calls.removed.{sync.reason.value}"] += 1
+            if old is not None:
+                self.stats[f"protocol.{old.protocol}.ended"] += 1
             if summary is not None:
                 calls_log.info(summary[0], extra={"call_summary": summary[1]})
             elif not _summarised(sync, old):
@@ -826,19 +806,19 @@ class Engine:
                 self._displace(call_id, sync.displaced, now)
             return
         self.stats[f"calls.{sync.reason.value}"] += 1
+        if sync.reason is Reason.RELAYING:
+            self.stats[f"protocol.{sync.call.protocol}.started"] += 1
         if old is None or quiet_since is not None:
             self.activity.quiet(call_id, now if quiet_since is None else quiet_since)
+        elif not old.streams and sync.call.streams:
+            self.activity.quiet(call_id, now)  # its first stream: the idle clock starts now
         self._schedule_call(sync.call)
         if sync.reason in (Reason.RELAYING, Reason.UPDATED):
-            media = sync.call.media
             calls_log.info(
-                "[%s] %s: caller %s <-> %s | callee %s <-> %s, idle timeout %g s (%s)",
+                "[%s] %s: %s, idle timeout %g s (%s)",
                 call_id,
                 sync.reason.value,
-                media.caller,
-                media.caller_relay,
-                media.callee,
-                media.callee_relay,
+                _Described(sync.call),  # formatted only if the line is logged
                 sync.call.idle_timeout,
                 origin,
             )
@@ -876,16 +856,22 @@ class Engine:
         return self._read_ends([(sync, old)]).get(sync.call_id)
 
     def _summary(
-        self, call: Call, sync: Sync, now: float, found: _Found | None
+        self,
+        call: Call,
+        sync: Sync,
+        now: float,
+        found: _Found | None,
+        about: Mapping[str, object] | None,
     ) -> tuple[str, dict[str, object]]:
         """The call's one summary line (text, fields), with the counters of its live
-        entries as `_read_ends` found them (an idle call has none left to read)."""
+        entries as `_read_ends` found them (an idle call has none left to read), and what
+        its front-end says of it (`about`: None for lrkproxy's)."""
         live = {got[0]: got[1] for got in (found or {}).values() if got is not None}
         mine = live_of(call, live)
         tally = self.traffic.total(call, mine)
         heard = self.traffic.heard(call, mine)
         return call_summary(
-            call, sync.reason.value, sync.describe(), tally, now - call.started, heard
+            call, sync.reason.value, sync.describe(), tally, now - call.started, heard, about
         )
 
     def _displace(self, call_id: str, keys: frozenset[StreamKey], now: float) -> None:
@@ -1048,7 +1034,7 @@ class Engine:
                 # it, or it would end by the old one's reckoning. Stored at its next change.
                 call = replace(call, idle_timeout=idle)
                 retimed += 1
-            for other in self.table.claimed(call.media):
+            for other in self.table.claimed(call.call_id, call.relay_endpoints()):
                 conflicts.append(other)
                 self.table.applied(Sync(other, EMPTY, None, Reason.REPLACED))
                 self.activity.drop(other)
@@ -1109,7 +1095,7 @@ class Engine:
             quiet = min(max(quiet, started), now)
         if started == call.started and quiet == record.quiet_since:
             return record, False
-        return StoredCall(replace(call, started=started), quiet, estimated=True), True
+        return StoredCall(call.started_at(started), quiet, estimated=True), True
 
     def reconcile(
         self,
@@ -1272,7 +1258,8 @@ class Engine:
                 unowned += flows
         adopted, orphans = rebuild(unowned, self.settings.idle_timeout, now)
         for call in adopted:
-            if self.table.claimed(call.media) or call.call_id in self.table:
+            relays = call.relay_endpoints()
+            if self.table.claimed(call.call_id, relays) or call.call_id in self.table:
                 orphans += [f for f in unowned if f.relay in call.relay_endpoints()]
                 continue
             try:
@@ -1429,7 +1416,7 @@ class Engine:
         if current == call:
             self._follow_media(call_id, record.quiet_since, now)
             return
-        for other in self.table.claimed(call.media):
+        for other in self.table.claimed(call.call_id, call.relay_endpoints()):
             old = self.table.get(other)
             if old is not None:
                 self._commit(Sync(other, old.view(), None, Reason.REPLICATED), now, "peer")

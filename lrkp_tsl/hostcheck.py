@@ -81,7 +81,7 @@ def may_be_absent(config: Config) -> bool:
 
 
 def address_findings(config: Config, local: list[Network], *, at_start: bool) -> Findings:
-    """Relay IPs, control and metrics addresses that are on no interface of this host.
+    """Relay IPs, control, ng and metrics addresses that are on no interface of this host.
 
     `at_start`: for `run`, an absent relay IP is a problem (unless it may appear later); for
     `check-config` it is a warning, since the address may be added before the node starts.
@@ -106,15 +106,16 @@ def address_findings(config: Config, local: list[Network], *, at_start: bool) ->
             else:
                 found.warnings.append(f"{text}: `run` refuses to start without it")
     relay_ips = {str(ip) for ip in config.relay_addrs}
-    for address in config.control:
-        if address.scheme == "unix" or _is_local(address.host, local):
-            continue
-        if freebind and address.host in relay_ips:
-            continue  # bound with IP_FREEBIND: it works once the VIP arrives
-        found.warnings.append(
-            f"control = {str(address)!r}: {address.host} is no address of this host, so the "
-            "control socket cannot be bound there; the node would not start"
-        )
+    for key, addresses in (("control", config.control), ("ng", config.ng)):
+        for address in addresses:
+            if address.scheme == "unix" or _is_local(address.host, local):
+                continue
+            if freebind and address.host in relay_ips:
+                continue  # bound with IP_FREEBIND: it works once the VIP arrives
+            found.warnings.append(
+                f"{key} = {str(address)!r}: {address.host} is no address of this host, so "
+                "the control socket cannot be bound there; the node would not start"
+            )
     if config.metrics_listen is not None and not _is_local(config.metrics_listen[0], local):
         host, port = config.metrics_listen
         found.warnings.append(

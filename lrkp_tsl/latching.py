@@ -43,11 +43,17 @@ class Rule(Enum):
     SAME_IP = "same-ip"  # any port of the SDP IP
     ANYWHERE = "anywhere"  # any address
 
-    def accepts(self, source: Endpoint, sdp: Endpoint) -> bool:
+    def accepts(
+        self, source: Endpoint, sdp: Endpoint | None, anchor: IPv4Address | None = None
+    ) -> bool:
+        """Whether `source` may speak for a leg whose SDP address is `sdp` (None: unknown)
+        and whose SAME_IP address is `anchor` instead of the SDP's (see `start`)."""
         if self is Rule.EXACT:
             return source == sdp
         if self is Rule.SAME_IP:
-            return source.ip == sdp.ip
+            if anchor is not None:
+                return source.ip == anchor
+            return sdp is not None and source.ip == sdp.ip
         return True
 
 
@@ -77,3 +83,47 @@ def initial(
     if reachable(sdp.ip, routed):
         return Rule.SAME_IP, sdp
     return Rule.ANYWHERE, None
+
+
+def start(
+    policy: Policy,
+    sdp: Endpoint | None,
+    routed: Sequence[IPv4Network],
+    hint: IPv4Address | None = None,
+) -> tuple[Rule, Endpoint | None, IPv4Address | None]:
+    """(rule, address trusted from the start or None, anchor) for a new leg whose SDP
+    address may be unknown (None: `c=0.0.0.0`) and whose signalling came from `hint` (ng's
+    `received-from`; None: not known).
+
+    The anchor is the IP a SAME_IP leg accepts instead of its SDP's. Only `auto` uses the
+    hint, and only where it knows better than the SDP: a party whose SDP address the node
+    cannot reach (behind NAT) but whose signalling came from an address it can (the NAT's
+    public address) is learned from that address's first packet, not from anyone's
+    (`HINT_GRACE` says when anyone's counts again). An unknown SDP address is learned from
+    the first packet under `any` and `auto` (and from the hint's IP under `ip`); `strict`
+    learns nothing, so such a leg is not relayed until the SDP names an address.
+    """
+    if sdp is not None and hint is None:
+        rule, latched = initial(policy, sdp, routed)
+        return rule, latched, None
+    if policy is Policy.STRICT:
+        return Rule.EXACT, sdp, None
+    if policy is Policy.ANY:
+        return Rule.ANYWHERE, None, None
+    if policy is Policy.IP:
+        if sdp is not None:
+            return Rule.SAME_IP, None, None
+        return (Rule.SAME_IP, None, hint) if hint is not None else (Rule.EXACT, None, None)
+    if sdp is not None and reachable(sdp.ip, routed):
+        return Rule.SAME_IP, sdp, None
+    if hint is not None and reachable(hint, routed):
+        return Rule.SAME_IP, None, hint
+    return Rule.ANYWHERE, None, None
+
+
+HINT_GRACE = 1.0
+"""Seconds a leg anchored on its signalling's address (`start`) waits for a packet from
+that address before the first packet from anywhere may teach it: media that does not come
+from where the signalling did (a proxy between the party and Kamailio) is relayed all the
+same, one second late, while a stranger who sprays the relay ports cannot take a NAT'd
+party's place at the start of its stream."""

@@ -121,7 +121,7 @@ class CallMedia:
     caller_relay: Endpoint  # snat_ip:snat_port — where the caller sends
     callee: Endpoint  # dnat_ip:dnat_port — the answerer's media address
     callee_relay: Endpoint  # dst_ip:dst_port — where the callee sends
-    _relays: frozenset[Endpoint] = field(init=False, repr=False, compare=False)
+    _relays: frozenset[Endpoint] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.call_id:
@@ -135,12 +135,6 @@ class CallMedia:
                 f"shared relay port {self.caller_relay} with caller and callee both at "
                 f"{self.caller}: the kernel could not tell their packets apart"
             )
-        relays = frozenset(
-            endpoint.offset(delta)
-            for endpoint in (self.caller_relay, self.callee_relay)
-            for delta in (0, RTCP_PORT_OFFSET)
-        )
-        object.__setattr__(self, "_relays", relays)
 
     @property
     def shared_port(self) -> bool:
@@ -148,7 +142,16 @@ class CallMedia:
         return self.caller_relay == self.callee_relay
 
     def relay_endpoints(self) -> frozenset[Endpoint]:
-        """Every relay ip:port this call owns (RTP and RTCP); computed once."""
+        """Every relay ip:port this call owns (RTP and RTCP); computed once, when asked
+        (the call table keeps its own: session.Call)."""
+        if self._relays is None:
+            relays = frozenset(
+                endpoint.offset(delta)
+                for endpoint in (self.caller_relay, self.callee_relay)
+                for delta in (0, RTCP_PORT_OFFSET)
+            )
+            object.__setattr__(self, "_relays", relays)
+        assert self._relays is not None
         return self._relays
 
     def flows(self) -> tuple[Flow, ...]:

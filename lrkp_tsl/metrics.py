@@ -25,7 +25,7 @@ import concurrent.futures
 import math
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.core import (
@@ -64,6 +64,7 @@ class Snapshot:
     active: bool
     held: int
     latency: Latency
+    protocols: dict[str, int] = field(default_factory=dict)  # live calls by protocol
     pair: dict[str, Any] | None = None  # a pair's health (pairhealth.py); None: no pair
 
 
@@ -82,6 +83,7 @@ def take_snapshot(
         bool(engine.active),
         sum(len(held) for held in engine.held.values()),
         latency.copy(),
+        dict(engine.table.protocols),
         None if pair is None else pair(),
     )
 
@@ -148,6 +150,7 @@ def engine_metrics(snap: Snapshot) -> Iterator[Metric]:
         "Calls set up by an S command",
         value=stats.get("calls.relaying", 0),
     )
+    yield from protocol_metrics(snap)
     closed = CounterMetricFamily(
         f"{PREFIX}_closed_sessions", "Calls ended, by reason", labels=["reason"]
     )
@@ -262,6 +265,43 @@ def pair_metrics(pair: dict[str, Any]) -> Iterator[Metric]:
         "Changes waiting to be written to this node's Redis",
         int(pair.get("queued", 0)),
     )
+
+
+PROTOCOLS = ("lrkproxy", "ng")  # shown at 0 before their first call
+# The ng front-end's counters (frontends/ng.py): stats prefix -> (metric, doc, label).
+NG_FAMILIES = {
+    "ng.request.": ("ng_requests", "ng requests read, by command", "command"),
+    "ng.error.": ("ng_errors", "ng requests answered with an error, by code", "code"),
+    "ng.call.": ("ng_calls", "ng call changes carried out, by outcome", "outcome"),
+}
+
+
+def protocol_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """Calls by control protocol (lrkproxy, ng), and the ng front-end's own counters."""
+    stats = snap.stats
+    live = GaugeMetricFamily(
+        f"{PREFIX}_sessions_by_protocol", "Live calls, by control protocol", labels=["protocol"]
+    )
+    started = CounterMetricFamily(
+        f"{PREFIX}_protocol_sessions_started",
+        "Calls set up, by control protocol (lrkproxy S, ng offer)",
+        labels=["protocol"],
+    )
+    closed = CounterMetricFamily(
+        f"{PREFIX}_protocol_closed_sessions",
+        "Calls ended, by control protocol",
+        labels=["protocol"],
+    )
+    names = sorted({*PROTOCOLS, *snap.protocols})
+    for protocol in names:
+        live.add_metric([protocol], snap.protocols.get(protocol, 0))
+        started.add_metric([protocol], stats.get(f"protocol.{protocol}.started", 0))
+        closed.add_metric([protocol], stats.get(f"protocol.{protocol}.ended", 0))
+    yield live
+    yield started
+    yield closed
+    for prefix, (name, doc, label) in NG_FAMILIES.items():
+        yield _by_prefix(name, doc, label, stats, prefix)
 
 
 def kernel_metrics(counters: dict[str, tuple[int, int]] | None) -> Iterator[Metric]:

@@ -110,24 +110,39 @@ def _leg_state(leg: Leg) -> str:
     return "latched" if learned_from_a_packet(leg) else "trusted"
 
 
-def _side(side: str, legs: tuple[Leg, Leg], relay: Endpoint, heard: Heard) -> dict[str, Any]:
-    rtp, rtcp = legs
-    rtp_heard, rtcp_heard = ((side, leg.stream) in heard for leg in legs)
+def _side(side: str, legs: list[Leg], relay: Endpoint, heard: Heard) -> dict[str, Any]:
+    """One party of one stream: its RTP leg, and its RTCP leg unless the stream has none
+    (rtcp-mux, or not RTP: `latching_rtcp` "none")."""
+    rtp = legs[0]
+    rtcp = legs[1] if len(legs) > 1 else None
+
+    def heard_on(leg: Leg | None) -> bool:
+        return leg is not None and (side, leg.index, leg.stream) in heard
+
     return {
-        "sdp": str(rtp.sdp),
+        "sdp": None if rtp.sdp is None else str(rtp.sdp),
         "relay": str(relay),
         # Only addresses the party was heard from: a trusted SDP address it never sent
         # from (an RTCP port it does not use) is not "learned".
-        "learned": str(rtp.latched) if rtp.latched and rtp_heard else None,
-        "learned_rtcp": str(rtcp.latched) if rtcp.latched and rtcp_heard else None,
+        "learned": str(rtp.latched) if rtp.latched and heard_on(rtp) else None,
+        "learned_rtcp": (
+            str(rtcp.latched) if rtcp is not None and rtcp.latched and heard_on(rtcp) else None
+        ),
         "latching": _leg_state(rtp),
-        "latching_rtcp": _leg_state(rtcp),
+        "latching_rtcp": "none" if rtcp is None else _leg_state(rtcp),
         "rule": rtp.rule.value,
     }
 
 
+def _of(legs: tuple[Leg, ...], index: int) -> list[Leg]:
+    return [leg for leg in legs if leg.index == index]
+
+
 def session_row(engine: Engine, call: Call, entries: Entries, now: float) -> dict[str, Any]:
-    """One call as `sessions`/`show` report it; `entries`: its live conntrack entries."""
+    """One call as `sessions`/`show` report it; `entries`: its live conntrack entries.
+
+    `caller`/`callee` are its first stream's parties (None: no stream relayed yet, an ng
+    call offered and not answered); `media_streams` has every stream's."""
     live = [(key, counters) for key, (counters, _left) in entries.items()]
     tally = engine.traffic.total(call, live)
     heard = engine.traffic.heard(call, live)
@@ -137,14 +152,26 @@ def session_row(engine: Engine, call: Call, entries: Entries, now: float) -> dic
     else:
         quiet = engine.activity.quiet_since(call.call_id)
         idle = None if quiet is None else max(0.0, now - quiet)
+    streams = [
+        {
+            "stream": index + 1,
+            "caller": _side("caller", _of(call.caller, index), spec.caller_relay, heard),
+            "callee": _side("callee", _of(call.callee, index), spec.callee_relay, heard),
+        }
+        for index, spec in enumerate(call.streams)
+    ]
     return {
         "call_id": call.call_id,
+        "protocol": call.protocol,
+        "about": dict(engine.about(call)),
         "age": round(now - call.started, 1),
         "idle": None if idle is None else round(idle, 1),
         "media": "live" if entries else "quiet",
         "streams": len(entries),
-        "caller": _side("caller", call.caller, call.media.caller_relay, heard),
-        "callee": _side("callee", call.callee, call.media.callee_relay, heard),
+        "caller": streams[0]["caller"] if streams else None,
+        "callee": streams[0]["callee"] if streams else None,
+        "media_streams": streams,
+        "ends_in": None if call.end_at is None else round(max(0.0, call.end_at - now), 1),
         **tally.as_dict(),
     }
 
@@ -401,6 +428,7 @@ class Management:
                 "draining": self.engine.draining,
                 "active": self.engine.active,
                 "control": [str(address) for address in self.config.control],
+                "ng": [str(address) for address in self.config.ng],
                 **({"pair": self.pair()} if self.pair is not None else {}),
             }
         )

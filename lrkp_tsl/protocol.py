@@ -485,15 +485,22 @@ def _parse_session(raw: bytes, cookie: str | None, command: str, rest: str) -> R
 def given_fields(media: CallMedia) -> dict[str, str]:
     """The eight address and port fields an `S` for `media` carries, as `DeleteSession.given`
     writes them: what a `D` built from the same state of the call says."""
+    return fields_of(media.caller, media.caller_relay, media.callee, media.callee_relay)
+
+
+def fields_of(
+    caller: Endpoint, caller_relay: Endpoint, callee: Endpoint, callee_relay: Endpoint
+) -> dict[str, str]:
+    """`given_fields` of the call these four endpoints describe."""
     return {
-        "src_ip": str(media.caller.ip),
-        "dst_ip": str(media.callee_relay.ip),
-        "snat_ip": str(media.caller_relay.ip),
-        "dnat_ip": str(media.callee.ip),
-        "src_port": str(media.caller.port),
-        "dst_port": str(media.callee_relay.port),
-        "snat_port": str(media.caller_relay.port),
-        "dnat_port": str(media.callee.port),
+        "src_ip": str(caller.ip),
+        "dst_ip": str(callee_relay.ip),
+        "snat_ip": str(caller_relay.ip),
+        "dnat_ip": str(callee.ip),
+        "src_port": str(caller.port),
+        "dst_port": str(callee_relay.port),
+        "snat_port": str(caller_relay.port),
+        "dnat_port": str(callee.port),
     }
 
 

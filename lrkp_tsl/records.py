@@ -11,17 +11,24 @@ in `sqlite3` (store.py says which it reads back when).
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from typing import Protocol
 
+from lrkp_tsl.errors import MediaError
 from lrkp_tsl.latching import Rule
 from lrkp_tsl.media import RTCP_PORT_OFFSET, CallMedia, Endpoint, Stream
+from lrkp_tsl.operations import LRKPROXY, StreamSpec
 from lrkp_tsl.session import Call, Leg
 
 LEGS = ("caller_rtp", "caller_rtcp", "callee_rtp", "callee_rtcp")
 LEG_FIELDS = [f"{leg}_{part}" for leg in LEGS for part in ("sdp", "rule", "latched")]
+SHAPE_FIELDS = ["caller", "caller_relay", "callee", "callee_relay", *LEG_FIELDS]
+"""Where a call of lrkproxy's shape is kept: one stream, RTP and RTCP, every address known.
+NULL (None) for any other call, whose streams are in `streams` instead."""
 FIELDS = [
     "call_id",
     "caller",
@@ -32,9 +39,23 @@ FIELDS = [
     "started",
     "quiet_since",
     *LEG_FIELDS,
+    "protocol",
+    "streams",
+    "record",
+    "end_after",
 ]
 """A call's record, field by field: the state store's columns, and what a standby node
-receives. Endpoints are `ip:port` text, times are wall-clock (Unix) seconds."""
+receives. Endpoints are `ip:port` text, times are wall-clock (Unix) seconds.
+
+- `protocol`: the front-end that owns the call (`lrkproxy`, `ng`);
+- `streams`: NULL for a call of lrkproxy's shape (its one stream is in the columns from
+  `caller` to `callee_rtcp_latched`, as in schema version 1); else JSON: every stream as
+  the controlling layer described it and every leg with its latching state, and the relay
+  endpoints the call reserves beyond its legs' (`encode_streams`);
+- `record`: the front-end's own state of the call (ng: the call's sides and tags, JSON),
+  never read by the engine; NULL for lrkproxy;
+- `end_after`: seconds after `started` at which the call ends (ng's delete-delay); NULL.
+A record without the last four (an earlier release's, from a peer) is an lrkproxy call."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,29 +102,127 @@ def _endpoint(text: str) -> Endpoint:
     return Endpoint.parse(ip, port)
 
 
+def _classic(call: Call) -> bool:
+    """Whether the call has lrkproxy's shape (SHAPE_FIELDS can hold it)."""
+    if len(call.streams) != 1 or call.reserved:
+        return False
+    spec = call.streams[0]
+    return (
+        spec.rtcp
+        and spec.caller is not None
+        and spec.callee is not None
+        and spec.caller_hint is None
+        and spec.callee_hint is None
+        and len(call.caller) == 2
+        and all(leg.sdp is not None and leg.anchor is None for leg in call.legs())
+    )
+
+
 def encode(call: Call, quiet_since: float | None, wall_offset: float) -> dict[str, object]:
-    """The record of `call` (engine times + `wall_offset` = wall-clock times)."""
-    media = call.media
-    record: dict[str, object] = {
-        "call_id": media.call_id,
-        "caller": _text(media.caller),
-        "caller_relay": _text(media.caller_relay),
-        "callee": _text(media.callee),
-        "callee_relay": _text(media.callee_relay),
-        "idle_timeout": call.idle_timeout,
-        "started": call.started + wall_offset,
-        "quiet_since": None if quiet_since is None else quiet_since + wall_offset,
-    }
-    for name, leg in zip(LEGS, (*call.caller, *call.callee), strict=True):
-        record[f"{name}_sdp"] = _text(leg.sdp)
-        record[f"{name}_rule"] = leg.rule.value
-        record[f"{name}_latched"] = None if leg.latched is None else _text(leg.latched)
+    """The record of `call` (engine times + `wall_offset` = wall-clock times), its keys in
+    FIELDS order."""
+    record: dict[str, object] = dict.fromkeys(FIELDS)
+    record["call_id"] = call.call_id
+    record["idle_timeout"] = call.idle_timeout
+    record["started"] = call.started + wall_offset
+    record["quiet_since"] = None if quiet_since is None else quiet_since + wall_offset
+    if _classic(call):
+        spec = call.streams[0]
+        assert spec.caller is not None and spec.callee is not None
+        record["caller"] = _text(spec.caller)
+        record["caller_relay"] = _text(spec.caller_relay)
+        record["callee"] = _text(spec.callee)
+        record["callee_relay"] = _text(spec.callee_relay)
+        for name, leg in zip(LEGS, (*call.caller, *call.callee), strict=True):
+            assert leg.sdp is not None
+            record[f"{name}_sdp"] = _text(leg.sdp)
+            record[f"{name}_rule"] = leg.rule.value
+            record[f"{name}_latched"] = None if leg.latched is None else _text(leg.latched)
+    else:
+        record["streams"] = encode_streams(call)
+    record["protocol"] = call.protocol
+    record["record"] = call.record
+    record["end_after"] = None if call.end_at is None else call.end_at - call.started
     return record
 
 
-def decode(record: Mapping[str, object], wall_offset: float) -> StoredCall:
-    """A record back into a call; MediaError, ValueError or KeyError if it is not one."""
+def _opt(endpoint: Endpoint | None) -> str | None:
+    return None if endpoint is None else _text(endpoint)
 
+
+def _ip(address: IPv4Address | None) -> str | None:
+    return None if address is None else str(address)
+
+
+def encode_streams(call: Call) -> str:
+    """A call's streams, legs and reserved relay endpoints as compact JSON:
+    `{"streams": [{"spec": [...], "caller": [[leg]...], "callee": [...]}], "reserved": [...]}`
+    with a spec as [caller, caller_relay, callee, callee_relay, rtcp, caller_rtcp,
+    callee_rtcp, caller_hint, callee_hint] and a leg as [stream, sdp, relay, rule, latched,
+    anchor] (endpoints `ip:port`, null where unknown)."""
+    streams = []
+    for index, spec in enumerate(call.streams):
+
+        def legs(side: tuple[Leg, ...], index: int = index) -> list[list[object]]:
+            return [
+                [leg.stream.value, _opt(leg.sdp), _text(leg.relay), leg.rule.value,
+                 _opt(leg.latched), _ip(leg.anchor)]
+                for leg in side
+                if leg.index == index
+            ]  # fmt: skip
+
+        streams.append(
+            {
+                "spec": [
+                    _opt(spec.caller), _text(spec.caller_relay), _opt(spec.callee),
+                    _text(spec.callee_relay), spec.rtcp, _opt(spec.caller_rtcp),
+                    _opt(spec.callee_rtcp), _ip(spec.caller_hint), _ip(spec.callee_hint),
+                ],
+                "caller": legs(call.caller),
+                "callee": legs(call.callee),
+            }
+        )  # fmt: skip
+    reserved = sorted(_text(endpoint) for endpoint in call.reserved)
+    return json.dumps({"streams": streams, "reserved": reserved}, separators=(",", ":"))
+
+
+def decode(record: Mapping[str, object], wall_offset: float) -> StoredCall:
+    """A record back into a call; MediaError, ValueError, KeyError or TypeError if it is
+    not one."""
+
+    def text(name: str) -> str:
+        return str(record[name])
+
+    streams_json = record.get("streams")
+    if streams_json is None:
+        specs, caller, callee = _decode_classic(record)
+        reserved: frozenset[Endpoint] = frozenset()
+    else:
+        specs, caller, callee, reserved = _decode_streams(str(streams_json))
+    quiet = record["quiet_since"]
+    started = float(text("started")) - wall_offset
+    end_after = record.get("end_after")
+    kept = record.get("record")
+    call = Call(
+        text("call_id"),
+        specs,
+        float(text("idle_timeout")),
+        started,
+        caller,
+        callee,
+        str(record.get("protocol") or LRKPROXY),
+        None if kept is None else str(kept),
+        None if end_after is None else started + float(str(end_after)),
+        reserved,
+    )
+    if not call.call_id:
+        raise MediaError("empty Call-ID")
+    return StoredCall(call, None if quiet is None else float(str(quiet)) - wall_offset)
+
+
+def _decode_classic(
+    record: Mapping[str, object],
+) -> tuple[tuple[StreamSpec, ...], tuple[Leg, ...], tuple[Leg, ...]]:
     def text(name: str) -> str:
         return str(record[name])
 
@@ -129,12 +248,55 @@ def decode(record: Mapping[str, object], wall_offset: float) -> StoredCall:
                 None if latched is None else _endpoint(str(latched)),
             )
         )
-    quiet = record["quiet_since"]
-    call = Call(
-        media,
-        float(text("idle_timeout")),
-        float(text("started")) - wall_offset,
-        (legs[0], legs[1]),
-        (legs[2], legs[3]),
+
+    def rtcp(rtp: Endpoint, leg: Leg) -> Endpoint | None:
+        return None if leg.sdp == rtp.offset(RTCP_PORT_OFFSET) else leg.sdp
+
+    spec = StreamSpec(
+        media.caller,
+        media.caller_relay,
+        media.callee,
+        media.callee_relay,
+        caller_rtcp=rtcp(media.caller, legs[1]),
+        callee_rtcp=rtcp(media.callee, legs[3]),
     )
-    return StoredCall(call, None if quiet is None else float(str(quiet)) - wall_offset)
+    return (spec,), (legs[0], legs[1]), (legs[2], legs[3])
+
+
+def _maybe(value: object) -> Endpoint | None:
+    return None if value is None else _endpoint(str(value))
+
+
+def _maybe_ip(value: object) -> IPv4Address | None:
+    return None if value is None else IPv4Address(str(value))
+
+
+def _decode_streams(
+    text: str,
+) -> tuple[tuple[StreamSpec, ...], tuple[Leg, ...], tuple[Leg, ...], frozenset[Endpoint]]:
+    data = json.loads(text)
+    specs: list[StreamSpec] = []
+    caller: list[Leg] = []
+    callee: list[Leg] = []
+    for index, stream in enumerate(data["streams"]):
+        a, a_relay, b, b_relay, rtcp, a_rtcp, b_rtcp, a_hint, b_hint = stream["spec"]
+        if not isinstance(rtcp, bool):
+            raise ValueError(f"stream {index}: rtcp {rtcp!r} is not true or false")
+        specs.append(
+            StreamSpec(
+                _maybe(a), _endpoint(str(a_relay)), _maybe(b), _endpoint(str(b_relay)), rtcp,
+                _maybe(a_rtcp), _maybe(b_rtcp), _maybe_ip(a_hint), _maybe_ip(b_hint),
+            )
+        )  # fmt: skip
+        for side, legs in ((caller, stream["caller"]), (callee, stream["callee"])):
+            for kind, sdp, relay, rule, latched, anchor in legs:
+                side.append(
+                    Leg(Stream(kind), _maybe(sdp), _endpoint(str(relay)), Rule(rule),
+                        _maybe(latched), index, _maybe_ip(anchor))
+                )  # fmt: skip
+    if len(caller) != len(callee) or any(
+        (a.index, a.stream) != (b.index, b.stream) for a, b in zip(caller, callee, strict=True)
+    ):
+        raise ValueError("the caller's and the callee's legs do not pair up")
+    reserved = frozenset(_endpoint(str(item)) for item in data["reserved"])
+    return tuple(specs), tuple(caller), tuple(callee), reserved

@@ -23,13 +23,14 @@ from typing import Any, cast
 
 from netfilterqueue import Packet
 
-from lrkp_tsl import protocol
 from lrkp_tsl.config import Config, ControlAddress
 from lrkp_tsl.dataplane.ctevents import ConntrackEvents
 from lrkp_tsl.dataplane.queue import PacketQueue, unmarked
 from lrkp_tsl.dataplane.role import freebind_udp_socket
 from lrkp_tsl.engine import Engine
 from lrkp_tsl.latency import Latency
+from lrkp_tsl.operations import LRKPROXY
+from lrkp_tsl.protocol import MAX_REQUEST_SIZE
 from lrkp_tsl.session import Verdict
 from lrkp_tsl.udpbatch import UdpBatchControl, udp_socket
 
@@ -123,27 +124,33 @@ class Server:
     # -- inputs ----------------------------------------------------------------------------------
 
     def datagram(
-        self, data: bytes, addr: tuple[Any, ...], *, with_cookie: bool = True
+        self,
+        data: bytes,
+        addr: tuple[Any, ...],
+        *,
+        with_cookie: bool = True,
+        protocol: str = LRKPROXY,
     ) -> bytes | None:
         host = str(addr[0]) if addr else "unix"
         peer = f"{host}:{addr[1]}" if len(addr) > 1 else host
-        started = time.perf_counter()
-        _ok, reply = self.guarded(
-            "control",
-            lambda: self.engine.on_datagram(
-                data, addr, peer, self.clock(), with_cookie=with_cookie
-            ),
-        )
-        self.latency.observe(time.perf_counter() - started)
-        return cast(bytes | None, reply)
-
-    def datagrams(self, batch: list[tuple[bytes, tuple[Any, ...]]]) -> list[bytes | None]:
-        """Datagrams read together from one UDP socket -> their replies (group commit)."""
-        items = [(data, addr, f"{addr[0]}:{addr[1]}", True) for data, addr in batch]
+        front_end = self.engine.front_ends[protocol]
         started = time.perf_counter()
         _ok, replies = self.guarded(
-            "control", lambda: self.engine.on_datagrams(items, self.clock())
+            "control",
+            lambda: front_end.on_datagrams([(data, addr, peer, with_cookie)], self.clock()),
         )
+        self.latency.observe(time.perf_counter() - started)
+        return cast(list[bytes | None], replies)[0] if replies is not None else None
+
+    def datagrams(
+        self, batch: list[tuple[bytes, tuple[Any, ...]]], protocol: str = LRKPROXY
+    ) -> list[bytes | None]:
+        """Datagrams read together from one UDP socket -> their replies (group commit),
+        answered by the socket's protocol's front-end."""
+        items = [(data, addr, f"{addr[0]}:{addr[1]}", True) for data, addr in batch]
+        front_end = self.engine.front_ends[protocol]
+        started = time.perf_counter()
+        _ok, replies = self.guarded("control", lambda: front_end.on_datagrams(items, self.clock()))
         # Each command of a group waited for the whole group: that is its answer time.
         elapsed = time.perf_counter() - started
         for _ in batch:
@@ -213,9 +220,14 @@ class Server:
 
 
 async def open_control(
-    address: ControlAddress, server: Server, *, freebind: bool = False
+    address: ControlAddress,
+    server: Server,
+    *,
+    freebind: bool = False,
+    protocol: str = LRKPROXY,
 ) -> asyncio.AbstractServer | asyncio.BaseTransport | UdpBatchControl:
-    """Start listening on `address`; the returned object's close() stops it.
+    """Start listening on `address` for `protocol`'s commands; the returned object's
+    close() stops it.
 
     `freebind`: bind even if the address is not on this host yet (a pair's VIP: the
     standby listens too, and answers once the VIP, and with it the traffic, moves here).
@@ -227,7 +239,7 @@ async def open_control(
             sock = freebind_udp_socket(address.host, address.port)
         else:
             sock = udp_socket(address.scheme, address.host, address.port)
-        control = UdpBatchControl(server, sock)
+        control = UdpBatchControl(server, sock, protocol)
         control.start(loop)
         return control
     path = Path(address.path)
@@ -237,9 +249,7 @@ async def open_control(
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """unix: mode: one connection per command, no cookie, one reply."""
         try:
-            data = await asyncio.wait_for(
-                reader.read(protocol.MAX_REQUEST_SIZE + 1), UNIX_READ_TIMEOUT
-            )
+            data = await asyncio.wait_for(reader.read(MAX_REQUEST_SIZE + 1), UNIX_READ_TIMEOUT)
             reply = server.datagram(data, (f"unix:{path}",), with_cookie=False)
             if reply is not None:
                 writer.write(reply)

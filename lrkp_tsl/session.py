@@ -25,15 +25,16 @@ Rules:
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 from lrkp_tsl.errors import MediaError
 from lrkp_tsl.kernel import EMPTY, KernelView, StreamKey
-from lrkp_tsl.latching import Policy, Rule, initial
+from lrkp_tsl.latching import HINT_GRACE, Policy, Rule, initial, start
 from lrkp_tsl.media import (
     RTCP_PORT_OFFSET,
     CallMedia,
@@ -43,7 +44,13 @@ from lrkp_tsl.media import (
     PortRange,
     Stream,
 )
+from lrkp_tsl.operations import LRKPROXY, Refused, Relay, StreamSpec, lrkproxy_relay
 from lrkp_tsl.ports import PortUse
+
+# Refusal codes (operations.Refused): another protocol's call; relay endpoints of a call
+# that may not be taken over.
+PROTOCOL = "protocol"
+RELAY_PORT = "relay-port"
 
 __all__ = [
     "EMPTY",
@@ -62,32 +69,79 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Leg:
-    """One party's side of one stream."""
+    """One party's side of one stream: its RTP, or its RTCP."""
 
     stream: Stream
-    sdp: Endpoint  # the address in the SDP (RTCP: + 1)
+    sdp: Endpoint | None  # the address in the SDP (None: unknown, learned from a packet)
     relay: Endpoint  # the relay endpoint this party sends to and hears from
     rule: Rule
     latched: Endpoint | None  # the address flows use; None until learned
+    index: int = 0  # which stream of the call (the m= line)
+    anchor: IPv4Address | None = None  # the IP a SAME_IP rule accepts, if not the SDP's
+    # When the leg was set up (engine time; not stored): an anchored leg accepts anyone
+    # HINT_GRACE after it (latching.start).
+    since: float = field(default=0.0, compare=False)
+
+    def accepts(self, source: Endpoint, now: float | None) -> bool:
+        """Whether `source` may speak for this leg (its rule; an anchored leg, once its
+        anchor had HINT_GRACE to speak, accepts anyone)."""
+        if self.rule.accepts(source, self.sdp, self.anchor):
+            return True
+        return (
+            self.anchor is not None
+            and self.latched is None
+            and now is not None
+            and now - self.since >= HINT_GRACE
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    media: CallMedia
+    """A relayed call: its streams as the controlling layer described them, and per party
+    the legs of every stream (RTP, then RTCP if the stream has it), `caller` and `callee`
+    aligned: the legs at one position are the two ends of one direction pair.
+
+    `protocol` is the front-end that owns the call; `record` its own state of the call
+    (stored and replicated, never read here); `end_at` when the call ends if nothing else
+    ends it first; `reserved` relay endpoints it owns beyond its legs' (operations.Relay).
+    """
+
+    call_id: str
+    streams: tuple[StreamSpec, ...]
     idle_timeout: float
     started: float
-    caller: tuple[Leg, Leg]  # RTP, RTCP
-    callee: tuple[Leg, Leg]
-    # The kernel view, computed once (a Call never changes; `replace` starts afresh).
+    caller: tuple[Leg, ...]
+    callee: tuple[Leg, ...]
+    protocol: str = LRKPROXY
+    record: str | None = None
+    end_at: float | None = None
+    reserved: frozenset[Endpoint] = frozenset()
+    # Computed once (a Call never changes; `replace` starts afresh).
     _view: KernelView | None = field(default=None, init=False, compare=False, repr=False)
+    _relays: frozenset[Endpoint] | None = field(default=None, init=False, compare=False, repr=False)
 
     @property
-    def call_id(self) -> str:
-        return self.media.call_id
+    def media(self) -> CallMedia | None:
+        """The call as an lrkproxy `S` describes it (one stream, every address known, RTCP
+        on + 1); None if it is not of that shape."""
+        if len(self.streams) != 1:
+            return None
+        spec = self.streams[0]
+        if spec.caller is None or spec.callee is None or not spec.rtcp:
+            return None
+        return CallMedia(
+            self.call_id, spec.caller, spec.caller_relay, spec.callee, spec.callee_relay
+        )
 
     def legs(self) -> Iterator[Leg]:
         yield from self.caller
         yield from self.callee
+
+    def started_at(self, started: float) -> Call:
+        """The call as if it had started at `started` (a restart's clocks): its end, if it
+        has one, moves with it."""
+        end_at = None if self.end_at is None else self.end_at + started - self.started
+        return replace(self, started=started, end_at=end_at)
 
     def view(self) -> KernelView:
         if self._view is None:
@@ -107,12 +161,20 @@ class Call:
         return KernelView(frozenset(flows), frozenset(learning))
 
     def relay_endpoints(self) -> frozenset[Endpoint]:
-        return self.media.relay_endpoints()
+        """Every relay ip:port this call owns: its legs' and the reserved ones."""
+        if self._relays is None:
+            relays = frozenset(
+                [leg.relay for leg in self.caller] + [leg.relay for leg in self.callee]
+            )
+            if self.reserved:
+                relays |= self.reserved
+            object.__setattr__(self, "_relays", relays)
+        assert self._relays is not None
+        return self._relays
 
     def with_leg(self, old: Leg, new: Leg) -> Call:
-        def swap(legs: tuple[Leg, Leg]) -> tuple[Leg, Leg]:
-            first, second = legs
-            return (new if first is old else first, new if second is old else second)
+        def swap(legs: tuple[Leg, ...]) -> tuple[Leg, ...]:
+            return tuple(new if leg is old else leg for leg in legs)
 
         return replace(self, caller=swap(self.caller), callee=swap(self.callee))
 
@@ -157,7 +219,7 @@ class Sync:
         """The reason as the log line says it."""
         text = {
             Reason.REPLACED: "relay ports reassigned to call {} (newest wins)",
-            Reason.DELETED: "deleted by the controlling layer (D)",
+            Reason.DELETED: "deleted by the controlling layer ({})",
             Reason.IDLE: "no media for {}",
             Reason.LIFETIME: "reached the maximum lifetime of {}",
             Reason.ADOPTED: "adopted from the kernel (no stored record)",
@@ -194,26 +256,65 @@ class PacketDecision:
 
 
 def _legs_for(
-    media: CallMedia, policy: Policy, routed: Sequence[IPv4Network]
-) -> tuple[tuple[Leg, Leg], tuple[Leg, Leg]]:
-    def legs(sdp: Endpoint, relay: Endpoint) -> tuple[Leg, Leg]:
-        made = []
-        for stream, delta in ((Stream.RTP, 0), (Stream.RTCP, RTCP_PORT_OFFSET)):
-            leg_sdp = sdp.offset(delta)
-            rule, latched = initial(policy, leg_sdp, routed)
-            made.append(Leg(stream, leg_sdp, relay.offset(delta), rule, latched))
-        return made[0], made[1]
+    streams: Sequence[StreamSpec],
+    policy: Policy,
+    routed: Sequence[IPv4Network],
+    now: float,
+) -> tuple[tuple[Leg, ...], tuple[Leg, ...]]:
+    """Each stream's legs, caller's and callee's aligned: RTP, then RTCP if it has it."""
+    caller: list[Leg] = []
+    callee: list[Leg] = []
+    for index, spec in enumerate(streams):
+        for legs, sdp, relay, rtcp, hint in (
+            (caller, spec.caller, spec.caller_relay, spec.caller_rtcp, spec.caller_hint),
+            (callee, spec.callee, spec.callee_relay, spec.callee_rtcp, spec.callee_hint),
+        ):
+            if sdp is not None and hint is None:  # every lrkproxy leg: the short way
+                rule, latched = initial(policy, sdp, routed)
+                anchor = None
+            else:
+                rule, latched, anchor = start(policy, sdp, routed, hint)
+            legs.append(Leg(Stream.RTP, sdp, relay, rule, latched, index, anchor, now))
+            if spec.rtcp:
+                if rtcp is None and sdp is not None:
+                    rtcp = sdp.offset(RTCP_PORT_OFFSET)
+                if rtcp is not None and hint is None:
+                    rule, latched = initial(policy, rtcp, routed)
+                    anchor = None
+                else:
+                    rule, latched, anchor = start(policy, rtcp, routed, hint)
+                legs.append(
+                    Leg(
+                        Stream.RTCP,
+                        rtcp,
+                        relay.offset(RTCP_PORT_OFFSET),
+                        rule,
+                        latched,
+                        index,
+                        anchor,
+                        now,
+                    )
+                )
+    return tuple(caller), tuple(callee)
 
-    return legs(media.caller, media.caller_relay), legs(media.callee, media.callee_relay)
 
-
-def _keep_learned(old: tuple[Leg, Leg], new: tuple[Leg, Leg]) -> tuple[Leg, Leg]:
-    """Legs whose SDP address and relay endpoint did not change keep what they learned."""
+def _keep_learned(old: tuple[Leg, ...], new: tuple[Leg, ...], fresh: bool) -> tuple[Leg, ...]:
+    """Legs whose SDP address, relay endpoint and rule did not change keep what they
+    learned (and when they were set up); `fresh`: none does (another party now)."""
+    if fresh:
+        return new
+    before = {(leg.index, leg.stream): leg for leg in old}
     kept = []
-    for before, after in zip(old, new, strict=True):
-        same = (before.sdp, before.relay, before.rule) == (after.sdp, after.relay, after.rule)
-        kept.append(before if same else after)
-    return kept[0], kept[1]
+    for after in new:
+        prior = before.get((after.index, after.stream))
+        same = prior is not None and (prior.sdp, prior.relay, prior.rule, prior.anchor) == (
+            after.sdp,
+            after.relay,
+            after.rule,
+            after.anchor,
+        )
+        kept.append(prior if same and prior is not None else after)
+    return tuple(kept)
 
 
 class CallTable:
@@ -235,6 +336,11 @@ class CallTable:
         # compares them with the kernel's element counts without walking the calls).
         self.flow_count = 0
         self.learning_count = 0
+        self.protocols: collections.Counter[str] = collections.Counter()  # live calls of each
+        # Told of every change the table records, as (before, after): a front-end that keeps
+        # its own state of its calls (ng) follows what it did not decide itself (a restart's
+        # load, a standby following its active node, an idle call's end).
+        self.watchers: list[Callable[[Call | None, Call | None], None]] = []
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -259,49 +365,88 @@ class CallTable:
     # -- decisions (no state change) ------------------------------------------------------
 
     def on_set(self, media: CallMedia, idle_timeout: float, now: float) -> list[Action]:
-        existing = self._calls.get(media.call_id)
-        if existing is not None and existing.media == media:
-            return []
-        caller, callee = _legs_for(media, self.policy, self.routed)
-        welcome = {(leg.sdp, leg.relay) for leg in (*caller, *callee)}
-        actions: list[Action] = []
-        for owner in self.claimed(media):
-            old = self._calls[owner]
-            taken = media.relay_endpoints()
-            displaced = frozenset(
-                (leg.latched, leg.relay)
-                for leg in old.legs()
-                if leg.latched is not None and leg.relay in taken
-            )
-            actions.append(
-                Sync(
-                    owner,
-                    old.view(),
-                    None,
-                    Reason.REPLACED,
-                    repr(media.call_id),
-                    displaced - welcome,
+        """`on_relay` for an lrkproxy `S` describing `media`."""
+        return self.on_relay(lrkproxy_relay(media), idle_timeout, now)
+
+    def on_relay(self, op: Relay, idle_timeout: float, now: float) -> list[Action]:
+        """The changes that make the call what `op` says: [] if it is already; raises
+        Refused if it is another protocol's call, or if its relay endpoints belong to a
+        call it may not take them from (operations.Relay: `takes_over`)."""
+        existing = self._calls.get(op.call_id)
+        if existing is not None:
+            if existing.protocol != op.protocol:
+                raise Refused(
+                    PROTOCOL,
+                    f"call {op.call_id!r} is relayed for the {existing.protocol} protocol: "
+                    f"one Call-ID, one protocol",
                 )
-            )
+            if (
+                existing.streams == op.streams
+                and existing.record == op.record
+                and existing.end_at == op.end_at
+                and existing.reserved == op.reserved
+                and not op.fresh
+            ):
+                return []
+        caller, callee = _legs_for(op.streams, self.policy, self.routed, now)
         if existing is None:
-            call = Call(media, idle_timeout, now, caller, callee)
-            actions.append(Sync(media.call_id, EMPTY, call, Reason.RELAYING))
+            call = Call(op.call_id, op.streams, idle_timeout, now, caller, callee, op.protocol,
+                        op.record, op.end_at, op.reserved)  # fmt: skip
         else:
             call = Call(
-                media,
+                op.call_id,
+                op.streams,
                 idle_timeout,
                 existing.started,
-                _keep_learned(existing.caller, caller),
-                _keep_learned(existing.callee, callee),
+                _keep_learned(existing.caller, caller, 0 in op.fresh),
+                _keep_learned(existing.callee, callee, 1 in op.fresh),
+                op.protocol,
+                op.record,
+                op.end_at,
+                op.reserved,
             )
-            actions.append(Sync(media.call_id, existing.view(), call, Reason.UPDATED))
+        actions: list[Action] = []
+        owners = self.claimed(op.call_id, call.relay_endpoints())
+        if owners:
+            taken = call.relay_endpoints()
+            welcome = {(leg.sdp, leg.relay) for leg in call.legs()}
+            for owner in owners:
+                old = self._calls[owner]
+                if not op.takes_over or old.protocol != op.protocol:
+                    endpoint = min(old.relay_endpoints() & taken)
+                    raise Refused(
+                        RELAY_PORT,
+                        f"relay endpoint {endpoint} is held by {old.protocol} call {owner!r}"
+                        + ("" if old.protocol == op.protocol else ", which the node allocated"),
+                    )
+                displaced = frozenset(
+                    (leg.latched, leg.relay)
+                    for leg in old.legs()
+                    if leg.latched is not None and leg.relay in taken
+                )
+                actions.append(
+                    Sync(
+                        owner,
+                        old.view(),
+                        None,
+                        Reason.REPLACED,
+                        repr(op.call_id),
+                        displaced - welcome,
+                    )
+                )
+        if existing is None:
+            actions.append(Sync(op.call_id, EMPTY, call, Reason.RELAYING))
+        else:
+            actions.append(Sync(op.call_id, existing.view(), call, Reason.UPDATED))
         return actions
 
-    def on_delete(self, call_id: str) -> list[Action]:
+    def on_delete(self, call_id: str, command: str = "D") -> list[Action]:
+        """End a call because the controlling layer said so (`command`: what it sent, for
+        the log: lrkproxy's `D`, an ng `delete`)."""
         call = self._calls.get(call_id)
         if call is None:
             return []
-        return [Sync(call_id, call.view(), None, Reason.DELETED)]
+        return [Sync(call_id, call.view(), None, Reason.DELETED, command)]
 
     def on_expire(self, call_id: str, reason: Reason, detail: str = "") -> list[Action]:
         """End a call for a reason the engine decided (idle, lifetime)."""
@@ -315,8 +460,10 @@ class CallTable:
         source: Endpoint,
         relay: Endpoint,
         silent: Callable[[Endpoint, Endpoint], bool],
+        now: float | None = None,
     ) -> PacketDecision:
-        """A packet from `source` to a learning `relay` endpoint reached userspace.
+        """A packet from `source` to a learning `relay` endpoint reached userspace (at
+        `now`, engine time: None for no time, when an anchored leg waits for its anchor).
 
         `silent(sender, relay)` tells whether a latched sender has sent nothing for the
         guard interval (read from the flow's conntrack entry: dataplane/silence.py); it is
@@ -329,7 +476,7 @@ class CallTable:
         candidates = [leg for leg in call.legs() if leg.relay == relay]
         leg = next((c for c in candidates if c.latched == source), None)
         if leg is None:
-            leg = self._learner(candidates, source, silent)
+            leg = self._learner(candidates, source, silent, now)
             if leg is None:
                 return PacketDecision(Verdict.DROP, event=PacketEvent.STRANGER)
             relearned = leg.latched is not None
@@ -352,14 +499,17 @@ class CallTable:
 
     @staticmethod
     def _learner(
-        candidates: Iterable[Leg], source: Endpoint, silent: Callable[[Endpoint, Endpoint], bool]
+        candidates: Iterable[Leg],
+        source: Endpoint,
+        silent: Callable[[Endpoint, Endpoint], bool],
+        now: float | None,
     ) -> Leg | None:
         """The leg `source` may speak for: unlatched legs first (those whose SDP IP is the
         source's first), then latched legs whose sender went silent."""
-        allowed = [leg for leg in candidates if leg.rule.accepts(source, leg.sdp)]
+        allowed = [leg for leg in candidates if leg.accepts(source, now)]
         unlatched = [leg for leg in allowed if leg.latched is None]
         if unlatched:
-            unlatched.sort(key=lambda leg: leg.sdp.ip != source.ip)
+            unlatched.sort(key=lambda leg: leg.sdp is None or leg.sdp.ip != source.ip)
             return unlatched[0]
         for leg in allowed:
             assert leg.latched is not None
@@ -384,29 +534,33 @@ class CallTable:
             view = existing.view()
             self.flow_count -= len(view.flows)
             self.learning_count -= len(view.learning)
+            self.protocols[existing.protocol] -= 1
             for endpoint in existing.relay_endpoints():
                 if self._owner.get(endpoint) == action.call_id:
                     del self._owner[endpoint]
                     self.ports.release((endpoint.port,))
         if action.call is None:
             self._calls.pop(action.call_id, None)
-            return
-        self._calls[action.call_id] = action.call
-        view = action.call.view()
-        self.flow_count += len(view.flows)
-        self.learning_count += len(view.learning)
-        for endpoint in action.call.relay_endpoints():
-            if self._owner.get(endpoint) is None:
-                self.ports.take((endpoint.port,))
-            self._owner[endpoint] = action.call_id
+        else:
+            self._calls[action.call_id] = action.call
+            self.protocols[action.call.protocol] += 1
+            view = action.call.view()
+            self.flow_count += len(view.flows)
+            self.learning_count += len(view.learning)
+            for endpoint in action.call.relay_endpoints():
+                if self._owner.get(endpoint) is None:
+                    self.ports.take((endpoint.port,))
+                self._owner[endpoint] = action.call_id
+        for watch in self.watchers:
+            watch(existing, action.call)
 
-    def claimed(self, media: CallMedia) -> list[str]:
-        """Call-IDs of other calls owning any of `media`'s relay endpoints."""
+    def claimed(self, call_id: str, relays: Iterable[Endpoint]) -> list[str]:
+        """Call-IDs of calls other than `call_id` owning any of `relays`."""
         return sorted(
             {
                 owner
-                for endpoint in media.relay_endpoints()
-                if (owner := self._owner.get(endpoint)) not in (None, media.call_id)
+                for endpoint in relays
+                if (owner := self._owner.get(endpoint)) not in (None, call_id)
             }
         )
 
@@ -458,16 +612,27 @@ def _rebuild_one(
     if expected != {(f.sender, f.relay, f.target, f.relay_out) for f in group}:
         return None
     try:
-        media = CallMedia(comment, rtp.sender, rtp.relay, rtp.target, rtp.relay_out)
+        CallMedia(comment, rtp.sender, rtp.relay, rtp.target, rtp.relay_out)  # checks it
     except MediaError:
         return None
 
     def leg(stream: Stream, address: Endpoint, relay: Endpoint) -> Leg:
         return Leg(stream, address, relay, Rule.EXACT, address)
 
+    def rtcp_of(rtp_address: Endpoint, address: Endpoint) -> Endpoint | None:
+        return None if address == rtp_address.offset(RTCP_PORT_OFFSET) else address
+
     caller = (leg(Stream.RTP, rtp.sender, rtp.relay), leg(Stream.RTCP, rtcp.sender, rtcp.relay))
     callee = (
         leg(Stream.RTP, rtp.target, rtp.relay_out),
         leg(Stream.RTCP, rtcp.target, rtcp.relay_out),
     )
-    return Call(media, idle_timeout, now, caller, callee)
+    spec = StreamSpec(
+        rtp.sender,
+        rtp.relay,
+        rtp.target,
+        rtp.relay_out,
+        caller_rtcp=rtcp_of(rtp.sender, rtcp.sender),
+        callee_rtcp=rtcp_of(rtp.target, rtcp.target),
+    )
+    return Call(comment, (spec,), idle_timeout, now, caller, callee)

@@ -6,25 +6,36 @@ makes a write an append (tens of µs) and a reader never blocks the node. With
 WAL is in the OS before the commit returns); a power cut may lose the last writes, but it
 also takes the kernel state with it, and Kamailio's retransmissions re-create new calls.
 
-Schema (version 1, kept in `PRAGMA user_version`):
+Schema (version 2, kept in `PRAGMA user_version`):
 
-    calls     one row per call: its `S` addresses, idle timeout, start, when it went quiet
-              (NULL while media flows), and per leg (caller/callee x rtp/rtcp) the SDP
-              address, the latching rule and the learned address (NULL until learned).
+    calls     one row per call (records.FIELDS, as a standby node receives them too): its
+              protocol (`lrkproxy`, `ng`), idle timeout, start, when it went quiet (NULL
+              while media flows), when it ends if nothing else ends it first (`end_after`
+              seconds after its start: ng's delete-delay), the front-end's own record of it
+              (ng: its sides and tags as JSON; NULL for lrkproxy) and its streams:
+              - a call of lrkproxy's shape (one stream, RTP and RTCP, every address known:
+                every lrkproxy call) in the columns `caller` .. `callee_rtcp_latched`, as in
+                version 1: its `S` addresses, and per leg (caller/callee x rtp/rtcp) the
+                SDP address, the latching rule and the learned address (NULL until
+                learned); `streams` is NULL;
+              - any other (an ng call: several streams, rtcp-mux, an address not known yet,
+                relay ports reserved for streams not relayed yet) as JSON in `streams`
+                (records.encode_streams), those columns NULL.
               Times are Unix time (`datetime(started, 'unixepoch')`).
-    removed   no longer written (it held tombstones of deleted calls for a change feed that
-              replication through Redis replaced; a tombstone per ended call made the file
-              grow without bound). Emptied at startup; kept in the schema so that the
-              previous release can still open the file.
     `revision` in `calls` grows with every change (nothing reads it any more).
     `boot_id`, `started_mono`, `quiet_mono` in `calls`: the same two times on the node's
               own clock (CLOCK_MONOTONIC), valid within the boot named by boot_id
-              (/proc/sys/kernel/random/boot_id). Added to version 1 in place (nullable): a
-              release that does not know them leaves them NULL, and such a row falls back to
-              wall-clock time, so the previous release can still open and write the file.
-
+              (/proc/sys/kernel/random/boot_id). NULL in a row an older release wrote: such
+              a row falls back to wall-clock time.
     clock     one row: the boot id, monotonic and wall-clock time at which the node last
               said it was alive (at start, every ALIVE_INTERVAL, at a clean stop).
+
+Version 1 (every release before ng) had the same table without `protocol`, `streams`,
+`record` and `end_after`, its leg columns NOT NULL, the clock columns added in place by
+later releases, and a table `removed` no longer written. It is migrated at startup, in
+one transaction: the rows are copied as they are (each becomes an lrkproxy call of the same
+shape) and `removed` is dropped. A version 1 node refuses a version 2 file (newer), and
+sets it aside unchanged.
 
 Clocks: a call's maximum lifetime is counted from `started`. Wall-clock time alone would
 age every call by a clock step across a restart (NTP correcting a wrong clock by +1 h ended
@@ -38,8 +49,8 @@ live calls at startup, "lasted 3701.8 s"). So:
   engine caps the age a restart may give it (engine.load).
 
 Versioning: a database with a higher version than this code knows is refused with a clear
-error (an older node must not rewrite a newer one's data); lower versions are migrated in
-`MIGRATIONS` order, inside one transaction.
+error (an older node must not rewrite a newer one's data); a lower version is migrated to
+this one inside one transaction (`_migrate`).
 """
 
 from __future__ import annotations
@@ -60,8 +71,10 @@ from lrkp_tsl.session import Call
 log = logging.getLogger("lrkp_tsl.store")
 
 FILENAME = "calls.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CLOCK_COLUMNS = ["boot_id", "started_mono", "quiet_mono"]
+V1_FIELDS = [field for field in FIELDS if field not in ("protocol", "streams", "record",
+                                                        "end_after")]  # fmt: skip
 COLUMNS = [*FIELDS, "revision", *CLOCK_COLUMNS]
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # How often the node records that it is alive (`clock`), and how much of a reboot's
@@ -85,7 +98,7 @@ BUSY_TIMEOUT = 0.25
 RECORD_JSON = "json_object(" + ", ".join(f"'{field}', {field}" for field in FIELDS) + ")"
 
 MIGRATIONS: list[str] = [
-    # 0 -> 1
+    # 0 -> 1: version 1 as it was created (tests build version 1 files with it)
     f"""
     CREATE TABLE calls (
         call_id TEXT PRIMARY KEY,
@@ -110,6 +123,54 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     """,
 ]
+
+CALLS_V2 = f"""
+    CREATE TABLE {{name}} (
+        call_id TEXT PRIMARY KEY,
+        caller TEXT,
+        caller_relay TEXT,
+        callee TEXT,
+        callee_relay TEXT,
+        idle_timeout REAL NOT NULL,
+        started REAL NOT NULL,
+        quiet_since REAL,
+        {", ".join(f"{leg}_sdp TEXT, {leg}_rule TEXT, {leg}_latched TEXT" for leg in LEGS)},
+        protocol TEXT NOT NULL DEFAULT 'lrkproxy',
+        streams TEXT,
+        record TEXT,
+        end_after REAL,
+        revision INTEGER NOT NULL,
+        boot_id TEXT,
+        started_mono REAL,
+        quiet_mono REAL,
+        CHECK ((streams IS NULL) = (caller IS NOT NULL))
+    ) WITHOUT ROWID;
+"""
+"""Version 2's `calls` (`name`: where it is created): a row holds its streams either in
+the lrkproxy-shaped columns or in `streams`, never both (the CHECK)."""
+
+
+def migration(version: int, have: set[str], tables: set[str]) -> str:
+    """The SQL that takes a file at schema `version` to SCHEMA_VERSION (one transaction's
+    worth): `have` are the columns its `calls` has, `tables` its tables."""
+    if version == 0:
+        return CALLS_V2.format(name="calls") + CLOCK_TABLE
+    kept = [*V1_FIELDS, "revision", *(name for name in CLOCK_COLUMNS if name in have)]
+    columns = ", ".join(kept)
+    return (
+        CALLS_V2.format(name="calls_v2")
+        + f"INSERT INTO calls_v2 ({columns}) SELECT {columns} FROM calls;"
+        + "DROP TABLE calls; ALTER TABLE calls_v2 RENAME TO calls;"
+        + ("DROP TABLE removed;" if "removed" in tables else "")
+        + CLOCK_TABLE
+    )
+
+
+def _rows(db: sqlite3.Connection) -> list[dict[str, object]]:
+    """Every row of `calls`, by column name (whichever columns the file's schema has)."""
+    cursor = db.execute("SELECT * FROM calls")
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
 def boot_id() -> str:
@@ -301,7 +362,6 @@ class SqliteStore:
             self._revision = db.execute("SELECT coalesce(max(revision), 0) FROM calls").fetchone()[
                 0
             ]
-            db.execute("DELETE FROM removed")  # an older release's tombstones
             self._previous = self._read_clock(db)
         except sqlite3.Error as exc:
             self._db = None
@@ -326,7 +386,7 @@ class SqliteStore:
         if "calls" not in tables:
             return
         have = {row[1] for row in db.execute("PRAGMA table_info(calls)")}
-        lacking = sorted({*FIELDS, "revision"} - have)
+        lacking = sorted({*(FIELDS if version >= 2 else V1_FIELDS), "revision"} - have)
         if version == 0 or lacking:
             raise StoreOpenError(
                 f"state store {self.path}: its table calls is not the node's (schema version "
@@ -335,20 +395,24 @@ class SqliteStore:
             )
 
     def _migrate(self) -> None:
+        """An older file to this release's schema, in one transaction (see the module
+        docstring): calls are copied as they are, none is lost or changed."""
         db = self._connection()
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version < SCHEMA_VERSION:
-            steps = "".join(MIGRATIONS[version:])
-            self._script(f"{steps}; PRAGMA user_version = {SCHEMA_VERSION};")
-            log.info("state store %s: schema version %d -> %d", self.path, version, SCHEMA_VERSION)
+        if version >= SCHEMA_VERSION:
+            return
         have = {row[1] for row in db.execute("PRAGMA table_info(calls)")}
-        kinds = {"boot_id": "TEXT", "started_mono": "REAL", "quiet_mono": "REAL"}
-        missing = [name for name in CLOCK_COLUMNS if name not in have]
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
-        if missing or "clock" not in tables:  # version 1 of an earlier release, in place
-            self._script(
-                " ".join(f"ALTER TABLE calls ADD COLUMN {n} {kinds[n]};" for n in missing)
-                + CLOCK_TABLE
+        steps = migration(version, have, tables)
+        self._script(f"{steps} PRAGMA user_version = {SCHEMA_VERSION};")
+        if version:
+            count = db.execute("SELECT count(*) FROM calls").fetchone()[0]
+            log.info(
+                "state store %s: schema version %d -> %d (%d calls kept)",
+                self.path,
+                version,
+                SCHEMA_VERSION,
+                count,
             )
 
     def _connection(self) -> sqlite3.Connection:
@@ -526,7 +590,7 @@ class SqliteStore:
         if self._db is None:
             return list(self._read)
         try:
-            rows = self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM calls").fetchall()
+            rows = _rows(self._db)
         except sqlite3.Error as exc:
             raise StoreError(f"state store {self.path}: reading calls: {exc}") from exc
         return self._decode_all(rows)
@@ -639,7 +703,7 @@ class SqliteStore:
             try:
                 db = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT)
                 try:
-                    rows = db.execute(f"SELECT {', '.join(COLUMNS)} FROM calls").fetchall()
+                    rows = _rows(db)  # this release's schema, or an earlier one's
                     self._previous = self._read_clock(db)
                 finally:
                     db.close()
@@ -652,13 +716,13 @@ class SqliteStore:
         log.error("state store %s cannot be read either: starting with no stored call", self.path)
         return []
 
-    def _decode_all(self, rows: list[tuple[object, ...]]) -> list[StoredCall]:
+    def _decode_all(self, rows: list[dict[str, object]]) -> list[StoredCall]:
         calls = []
         for row in rows:
             try:
                 calls.append(self._decode(row))
-            except (MediaError, ValueError, KeyError) as exc:
-                log.error("state store: call %r unreadable, skipped: %s", row[0], exc)
+            except (MediaError, ValueError, KeyError, TypeError) as exc:
+                log.error("state store: call %r unreadable, skipped: %s", row.get("call_id"), exc)
         return calls
 
     @staticmethod
@@ -670,13 +734,13 @@ class SqliteStore:
             return None  # an earlier release's file: no clock yet
         return None if row is None else (str(row[0]), float(row[1]), float(row[2]))
 
-    def _decode(self, row: tuple[object, ...]) -> StoredCall:
+    def _decode(self, record: dict[str, object]) -> StoredCall:
         """A row back into a call, on this boot's monotonic clock (see the module docstring):
         exactly within one boot, by the last `alive` across a reboot, else from wall-clock
         time (`estimated`: the engine caps it)."""
-        record = dict(zip(COLUMNS, row, strict=True))
         stored = decode(record, self._offset)
-        boot, started, quiet = record["boot_id"], record["started_mono"], record["quiet_mono"]
+        boot = record.get("boot_id")
+        started, quiet = record.get("started_mono"), record.get("quiet_mono")
         if started is None or not boot or (quiet is None) != (record["quiet_since"] is None):
             return replace(stored, estimated=True)  # an older release wrote or updated it
         start, since = float(str(started)), None if quiet is None else float(str(quiet))
@@ -689,4 +753,4 @@ class SqliteStore:
             shift = now - gap - alive_mono  # old boot's clock + shift = this boot's clock
             start = min(start, alive_mono) + shift
             since = None if since is None else min(since, alive_mono) + shift
-        return StoredCall(replace(stored.call, started=start), since)
+        return StoredCall(stored.call.started_at(start), since)

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 from lrkp_tsl.kernel import Counters, StreamKey
 from lrkp_tsl.latching import Rule
-from lrkp_tsl.media import Stream
+from lrkp_tsl.media import Endpoint, Stream
+from lrkp_tsl.operations import LRKPROXY
 from lrkp_tsl.session import Call, Leg
 
-# (side, stream) of a leg that sent at least one packet: ("caller", Stream.RTCP)
-Heard = frozenset[tuple[str, Stream]]
+# (side, stream index, kind) of a leg that sent at least one packet: ("caller", 0, RTCP)
+Heard = frozenset[tuple[str, int, Stream]]
 
 
 @dataclass(slots=True)
@@ -90,7 +91,7 @@ def leg_of(call: Call, key: StreamKey) -> tuple[str, Leg] | None:
     return None
 
 
-def senders(call: Call, key: StreamKey, counters: Counters) -> set[tuple[str, Stream]]:
+def senders(call: Call, key: StreamKey, counters: Counters) -> set[tuple[str, int, Stream]]:
     """The legs that sent on the entry keyed `key`: its original direction's sender (the
     leg latched there), and the same stream's leg on the other side if a reply came."""
     found = leg_of(call, key)
@@ -99,10 +100,16 @@ def senders(call: Call, key: StreamKey, counters: Counters) -> set[tuple[str, St
     side, leg = found
     heard = set()
     if counters.packets_orig:
-        heard.add((side, leg.stream))
+        heard.add((side, leg.index, leg.stream))
     if counters.packets_reply:
-        heard.add(("callee" if side == "caller" else "caller", leg.stream))
+        heard.add(("callee" if side == "caller" else "caller", leg.index, leg.stream))
     return heard
+
+
+def _kind(call: Call, key: StreamKey) -> Stream | None:
+    """RTP or RTCP: which kind of stream the entry keyed `key` carries (by relay endpoint)."""
+    relay = key[1]
+    return next((leg.stream for leg in call.legs() if leg.relay == relay), None)
 
 
 def learned_from_a_packet(leg: Leg) -> bool:
@@ -119,8 +126,9 @@ class Traffic:
 
     def __init__(self) -> None:
         self._ended: dict[str, Tally] = {}
+        self._ended_rtcp: dict[str, Tally] = {}  # of `_ended`, what RTCP entries carried
         self._started: dict[str, set[StreamKey]] = {}
-        self._heard: dict[str, set[tuple[str, Stream]]] = {}
+        self._heard: dict[str, set[tuple[str, int, Stream]]] = {}
 
     def on_started(self, call_id: str, key: StreamKey) -> None:
         self._started.setdefault(call_id, set()).add(key)
@@ -137,6 +145,8 @@ class Traffic:
             return
         tally = self._ended.setdefault(call.call_id, Tally())
         tally.add(caller_sent(call, key), counters)
+        if _kind(call, key) is Stream.RTCP:
+            self._ended_rtcp.setdefault(call.call_id, Tally()).add(caller_sent(call, key), counters)
         if heard := senders(call, key, counters):
             self._heard.setdefault(call.call_id, set()).update(heard)
 
@@ -147,7 +157,9 @@ class Traffic:
         for key, counters in live:
             found |= senders(call, key, counters)
         for side, legs in (("caller", call.caller), ("callee", call.callee)):
-            found.update((side, leg.stream) for leg in legs if learned_from_a_packet(leg))
+            found.update(
+                (side, leg.index, leg.stream) for leg in legs if learned_from_a_packet(leg)
+            )
         return frozenset(found)
 
     def total(self, call: Call, live: Iterable[tuple[StreamKey, Counters]]) -> Tally:
@@ -157,8 +169,27 @@ class Traffic:
             tally.add(caller_sent(call, key), counters)
         return tally
 
+    def by_kind(
+        self, call: Call, live: Iterable[tuple[StreamKey, Counters]]
+    ) -> tuple[Tally, Tally]:
+        """`total`, split: (what RTP streams carried, what RTCP streams carried)."""
+        live = list(live)
+        total = self.total(call, live)
+        rtcp = self._ended_rtcp.get(call.call_id, Tally()).copy()
+        for key, counters in live:
+            if _kind(call, key) is Stream.RTCP:
+                rtcp.add(caller_sent(call, key), counters)
+        rtp = Tally(
+            total.caller_packets - rtcp.caller_packets,
+            total.caller_bytes - rtcp.caller_bytes,
+            total.callee_packets - rtcp.callee_packets,
+            total.callee_bytes - rtcp.callee_bytes,
+        )
+        return rtp, rtcp
+
     def drop(self, call_id: str) -> None:
         self._ended.pop(call_id, None)
+        self._ended_rtcp.pop(call_id, None)
         self._started.pop(call_id, None)
         self._heard.pop(call_id, None)
 
@@ -169,44 +200,97 @@ def live_of(call: Call, entries: Mapping[StreamKey, Counters]) -> list[tuple[Str
     return [(key, counters) for key, counters in entries.items() if key in keys]
 
 
-def _addresses(side: str, legs: tuple[Leg, Leg], heard: Heard) -> list[str | None]:
+def _addresses(side: str, legs: Iterable[Leg], heard: Heard) -> list[str | None]:
     """[RTP, RTCP] addresses the party was heard from (None: it sent nothing there)."""
     return [
-        str(leg.latched) if leg.latched is not None and (side, leg.stream) in heard else None
+        str(leg.latched)
+        if leg.latched is not None and (side, leg.index, leg.stream) in heard
+        else None
         for leg in legs
     ]
 
 
-def _learned(side: str, legs: tuple[Leg, Leg], heard: Heard) -> str:
+def _learned(side: str, legs: Iterable[Leg], heard: Heard) -> str:
     return "/".join(address or "-" for address in _addresses(side, legs, heard))
 
 
+def _of(legs: tuple[Leg, ...], index: int) -> list[Leg]:
+    return [leg for leg in legs if leg.index == index]
+
+
 def call_summary(
-    call: Call, reason: str, detail: str, tally: Tally, duration: float, heard: Heard
+    call: Call,
+    reason: str,
+    detail: str,
+    tally: Tally,
+    duration: float,
+    heard: Heard,
+    about: Mapping[str, object] | None = None,
 ) -> tuple[str, dict[str, object]]:
     """The one line logged when a call ends, as text, and as fields for a JSON log.
 
     Text: `[Call-ID] removed: <why>; lasted 12.3 s; caller->callee 600 packets 103200
     bytes, callee->caller ...; learned caller IP:RTP/IP:RTCP, callee ...` ("-": the party
-    sent nothing on that stream, whatever address it was relayed to).
+    sent nothing on that stream, whatever address it was relayed to). A call of several
+    streams says it per stream (`learned stream 1 caller ..., callee ...; stream 2 ...`),
+    and a call that is not lrkproxy's ends with its protocol and what its front-end says
+    of it (`about`: ng's tags).
     """
+    count = len(call.streams)
+    if count == 1:
+        learned = (
+            f"learned caller {_learned('caller', _of(call.caller, 0), heard)}, "
+            f"callee {_learned('callee', _of(call.callee, 0), heard)}"
+        )
+    else:
+        learned = "learned " + (
+            "; ".join(
+                f"stream {index + 1} caller {_learned('caller', _of(call.caller, index), heard)}"
+                f", callee {_learned('callee', _of(call.callee, index), heard)}"
+                for index in range(count)
+            )
+            or "nothing: no stream was relayed"
+        )
     text = (
         f"[{call.call_id}] removed: {detail}; lasted {duration:.1f} s; "
         f"caller->callee {tally.caller_packets} packets {tally.caller_bytes} bytes, "
-        f"callee->caller {tally.callee_packets} packets {tally.callee_bytes} bytes; "
-        f"learned caller {_learned('caller', call.caller, heard)}, "
-        f"callee {_learned('callee', call.callee, heard)}"
+        f"callee->caller {tally.callee_packets} packets {tally.callee_bytes} bytes; {learned}"
     )
+    if call.protocol != LRKPROXY:
+        extra = "".join(f", {name} {_shown(value)}" for name, value in (about or {}).items())
+        text += f"; {call.protocol} call{extra}"
     fields: dict[str, object] = {
         "event": "call_ended",
         "call_id": call.call_id,
+        "protocol": call.protocol,
         "reason": reason,
         "detail": detail,
         "duration": round(duration, 3),
         **tally.as_dict(),
-        "caller_sdp": str(call.media.caller),
-        "callee_sdp": str(call.media.callee),
-        "caller_learned": _addresses("caller", call.caller, heard),
-        "callee_learned": _addresses("callee", call.callee, heard),
+        "caller_sdp": _sdp(call.streams[0].caller) if count else None,
+        "callee_sdp": _sdp(call.streams[0].callee) if count else None,
+        "caller_learned": _addresses("caller", _of(call.caller, 0), heard),
+        "callee_learned": _addresses("callee", _of(call.callee, 0), heard),
     }
+    if count != 1 or call.protocol != LRKPROXY:
+        fields["streams"] = [
+            {
+                "caller_sdp": _sdp(spec.caller),
+                "callee_sdp": _sdp(spec.callee),
+                "caller_learned": _addresses("caller", _of(call.caller, index), heard),
+                "callee_learned": _addresses("callee", _of(call.callee, index), heard),
+            }
+            for index, spec in enumerate(call.streams)
+        ]
+        fields.update(about or {})
     return text, fields
+
+
+def _sdp(endpoint: Endpoint | None) -> str | None:
+    return None if endpoint is None else str(endpoint)
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, list | tuple):
+        return "/".join(str(item) for item in value)
+    return str(value)

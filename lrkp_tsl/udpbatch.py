@@ -1,5 +1,6 @@
 """The udp:/udp6: control listener: every datagram waiting when the socket wakes the loop is
-read at once and handed to the engine as one batch (group commit, Engine.on_datagrams).
+read at once and handed to the socket's front-end as one batch (group commit: the engine's
+Batch).
 
 asyncio's datagram transport reads one datagram per turn of the event loop, so commands
 that Kamailio's workers send at the same moment would each pay a kernel transaction of
@@ -31,9 +32,10 @@ RECV_SIZE = 65535
 class UdpBatchControl:
     """One UDP control socket read by the event loop in batches; `close()` stops it."""
 
-    def __init__(self, server: Server, sock: socket.socket) -> None:
+    def __init__(self, server: Server, sock: socket.socket, protocol: str) -> None:
         self.server = server
         self.sock = sock
+        self.protocol = protocol
         self.sock.setblocking(False)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -61,7 +63,7 @@ class UdpBatchControl:
                 batch.append((data, addr))
         if not batch:
             return
-        replies = self.server.datagrams(batch)
+        replies = self.server.datagrams(batch, self.protocol)
         for (_data, addr), reply in zip(batch, replies, strict=True):
             if reply is None:
                 continue

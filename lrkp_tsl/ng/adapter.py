@@ -66,29 +66,41 @@ class Decision:
 
 
 @dataclass(slots=True)
-class NgFrontEnd:
+class NgDecider:
     calls: NgCalls
     traffic: Traffic = field(default=lambda call_id: Counters())
     stats: Counter[str] = field(default_factory=Counter)
     wall_offset: float = 0.0  # engine time + this = Unix time (query's timestamps)
 
     def decide(self, data: bytes, now: float) -> Decision:
+        """`parse`, then `decide_request`."""
+        read = self.parse(data)
+        return read if isinstance(read, Decision) else self.decide_request(read, now)
+
+    def parse(self, data: bytes) -> Request | Decision:
+        """The request, or the decision to refuse it (a reply, no change)."""
         try:
             request = codec.parse(data)
         except NgError as error:
-            self.stats[f"ng.error.{error.code}"] += 1
-            if error.command == "offer":
-                self.stats["ng.offer.refused"] += 1
-            return Decision(None, codec.reply_error(error), error=error)
+            return self.refuse(None, error)
         self.stats[f"ng.request.{type(request).__name__.lower()}"] += 1
+        return request
+
+    def decide_request(self, request: Request, now: float) -> Decision:
+        """What `request` does to the calls as they are now (see the module docstring)."""
         try:
             return self._decide(request, now)
         except NgError as error:
+            return self.refuse(request, error)
+
+    def refuse(self, request: Request | None, error: NgError) -> Decision:
+        """`result: error` for `request` (None: it could not be read), counted."""
+        if request is not None:
             error.cookie = request.cookie
-            self.stats[f"ng.error.{error.code}"] += 1
-            if isinstance(request, Offer):
-                self.stats["ng.offer.refused"] += 1
-            return Decision(request, codec.reply_error(error), error=error)
+        self.stats[f"ng.error.{error.code}"] += 1
+        if isinstance(request, Offer) or error.command == "offer":
+            self.stats["ng.offer.refused"] += 1
+        return Decision(request, codec.reply_error(error), error=error)
 
     def carried_out(self, decision: Decision) -> bytes | None:
         """The change is in the store and the kernel: commit it; the prepared reply."""

@@ -41,6 +41,11 @@ class PortPool(Protocol):
     def release(self, port: int) -> None:
         """Give back the pair allocated as `port` (P and P + 1)."""
 
+    def hold(self, port: int) -> None:
+        """Hold the pair `port` (P and P + 1) for a call this pool did not allocate it to:
+        one a restarted node reads back from its store, or a standby from its active node
+        (ValueError if this pool holds it already)."""
+
 
 class SharedPortPool:
     """Pairs from a `PortUse` shared with lrkproxy calls, allocated from the top down."""
@@ -84,3 +89,9 @@ class SharedPortPool:
             raise ValueError(f"relay port {port} was not allocated by this pool")
         self._held.discard(port)
         self.use.release((port, port + 1))
+
+    def hold(self, port: int) -> None:
+        if port in self._held:
+            raise ValueError(f"relay port {port} is held by an ng call already")
+        self._held.add(port)
+        self.use.take((port, port + 1))

@@ -60,6 +60,10 @@ MAX_FORMER_TAGS = 8
 NOT_FOUND = "Call-ID not found or tags didn't match"
 """rtpengine's warning (an error with the `fatal` flag) for a delete that matches nothing."""
 
+RAN_OUT_OF_PORTS = "Ran out of ports"
+"""rtpengine's error-reason when no relay port is free; Kamailio's rtpengine module then
+sends the command to the next node of its set (it compares the reason whole)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Interfaces:
@@ -398,6 +402,26 @@ class NgCalls:
         """The change was not carried out: give back what it took."""
         self._give_back(change.allocated)
 
+    def adopt(self, call: NgCall) -> None:
+        """The call as another decided it (a restarted node's store, a standby's active
+        node): the table holds it, and the pool exactly its pairs (those it had before and
+        no longer has are given back)."""
+        before = self._calls.get(call.call_id)
+        had = set(before.pairs()) if before is not None else set()
+        has = set(call.pairs())
+        for port in sorted(has - had):
+            self.pool.hold(port)
+        self._give_back(sorted(had - has))
+        self._calls[call.call_id] = call
+
+    def forget(self, call_id: str) -> NgCall | None:
+        """The call ended for a reason of the engine's (idle, lifetime, an operator, its
+        delete-delay, its active node): its pairs go back. The call, if there was one."""
+        ended = self._calls.pop(call_id, None)
+        if ended is not None:
+            self._give_back(ended.pairs())
+        return ended
+
     # -- helpers -----------------------------------------------------------------------------
 
     def _sender(self, call: NgCall, request: Offer) -> int:
@@ -451,7 +475,11 @@ class NgCalls:
                         sides[index] = replace(sides[index], relay=tuple(ports))
         except PortsExhausted as exc:
             self._give_back(allocated)
-            raise NgError(E_NO_PORTS, exc.reason) from None
+            # Exactly rtpengine's words: Kamailio's module then tries the next node of its
+            # set (rtpengine.c compares the whole error-reason); the why goes to the log.
+            error = NgError(E_NO_PORTS, RAN_OUT_OF_PORTS)
+            error.detail = exc.reason
+            raise error from None
         return allocated
 
     @staticmethod

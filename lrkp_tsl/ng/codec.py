@@ -92,6 +92,7 @@ class NgError(LrkpError):
         self.code = code
         self.cookie = cookie
         self.command: str | None = None  # the request's command, once it was read
+        self.detail = ""  # more than the reason says, for the node's log only
 
 
 # Error codes (metrics: `ng.error.<code>`); sdp.py adds `bad-sdp` and `unsupported-sdp`.
@@ -155,6 +156,7 @@ class Offer:
     sdp: Sdp
     options: MediaOptions
     warnings: tuple[str, ...] = ()
+    load_limit: bool = False  # `supports: ["load limit"]`: it understands that result
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -264,6 +266,7 @@ class _Found:
     rtcp: Rtcp = Rtcp.SHORT
     rtcp_mux_reject: bool = False
     strip_extmap: bool = False
+    load_limit: bool = False
 
 
 class _Parser:
@@ -344,6 +347,8 @@ class _Parser:
                 found.delay = self.integer(name, value, 0, MAX_DELETE_DELAY)
             case "limit":
                 found.limit = self.integer(name, value, 1, 1_000_000)
+            case "supports":
+                found.load_limit = "load limit" in self.strings(name, value)
             case _:  # pragma: no cover - a honoured key without a case is a bug here
                 raise AssertionError(f"honoured key {entry.name!r} has no parser")
 
@@ -447,6 +452,7 @@ class _Parser:
                 sdp=sdp,
                 options=options,
                 warnings=warnings,
+                load_limit=found.load_limit,
             )
         assert found.to_tag is not None
         return Answer(

@@ -174,15 +174,18 @@ TABLE: Final[tuple[Entry, ...]] = (
         Kind.KEY,
         "delete-delay",
         HON,
-        "delete: seconds before the call ends (0: at once, the default, as the node's "
-        "lrkproxy `D` and rtpengine's --delete-delay=0)",
+        "delete: seconds before the call ends (0: at once; without the key, the node's "
+        "`ng_delete_delay`, 0 by default, as its lrkproxy `D` and rtpengine's "
+        "--delete-delay=0)",
     ),
     Entry(Kind.KEY, "limit", HON, "list: how many Call-IDs at most (default 32)"),
     Entry(
         Kind.KEY,
         "supports",
-        IGN,
-        "`load limit`: the node has no session limit, so it never answers `load limit`",
+        HON,
+        "`load limit`: a draining node (`lrkp-ctl drain`) answers the offer of a call it "
+        "does not have with `result: load limit` (without it: the error `Parallel session "
+        "limit reached`), and Kamailio's module sends the offer to the next node of its set",
     ),
     Entry(
         Kind.KEY,

@@ -7,14 +7,16 @@ sends it. Each rewritten SDP is compared by meaning (lrkp_lab/sdpdiff.py: addres
 port numbers may differ, nothing else); results and warnings must agree. The differences
 that remain are listed in each case with why; a new one, or one that went away, fails.
 
-Until the node serves ng, lrkp-tsl's side is its pure front-end (lrkp_tsl.ng) with an
-in-memory port pool: `FrontEndPeer`. Once it serves `--ng`, `ours` becomes a `UdpNgPeer`
-on the node's ng socket, and nothing else changes.
+lrkp-tsl's side is the real node on the same namespace's loopback (`lrkp-tsl run --ng
+udp:127.0.0.1:2224`, relay ports 20000-20999 beside rtpengine's 30000-30999): every
+exchange goes through its ng socket, front-end, engine, store and kernel. (Before the node
+served ng, `ours` was the pure front-end in this process, lrkp_lab.ngpeer.FrontEndPeer.)
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,9 +24,9 @@ import pytest
 
 from lrkp_lab import ngcorpus, rtpengine
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
-from lrkp_lab.ngpeer import FrontEndPeer, NgPeer, UdpNgPeer
+from lrkp_lab.ngpeer import NgPeer, UdpNgPeer
+from lrkp_lab.node import Node
 from lrkp_lab.sdpdiff import unexpected
-from lrkp_tsl.media import PortRange
 
 CASES = ngcorpus.cases()
 
@@ -42,8 +44,40 @@ def theirs(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UdpNg
         peer.close()
 
 
-def ours() -> NgPeer:
-    return FrontEndPeer(INTERNAL_IP, EXTERNAL_IP, PortRange(30000, 30999))
+@pytest.fixture(scope="module")
+def node(lab: Lab) -> Iterator[tuple[str, int]]:
+    """The node serving ng at 127.0.0.1:2224 in the relay namespace, for the module."""
+    args = ("--internal-ip", str(INTERNAL_IP), "--external-ip", str(EXTERNAL_IP),
+            "--ports", "20000-20999", "--ng", "udp:127.0.0.1:2224", "--flush-on-exit")  # fmt: skip
+    running = Node(lab, "relay", *args)
+    address = ("127.0.0.1", 2224)
+    try:
+        wait_for_ng(lab, running, address)
+        yield address
+    finally:
+        running.close()
+
+
+def wait_for_ng(lab: Lab, running: Node, address: tuple[str, int]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert running.proc.poll() is None, running.output()
+        peer = UdpNgPeer("probe", lab.udp_socket("relay", "127.0.0.1", 0), address, 0.3)
+        try:
+            if peer.request({"command": "ping"}).get("result") == "pong":
+                return
+        except OSError:
+            pass
+        finally:
+            peer.close()
+    raise AssertionError(f"node not answering ng ping:\n{running.output()}")
+
+
+@pytest.fixture
+def ours(lab: Lab, node: tuple[str, int]) -> Iterator[NgPeer]:
+    peer = UdpNgPeer("lrkp-tsl", lab.udp_socket("relay", "127.0.0.1", 0), node)
+    yield peer
+    peer.close()
 
 
 def test_corpus_is_not_empty() -> None:
@@ -51,8 +85,8 @@ def test_corpus_is_not_empty() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_same_meaning_as_rtpengine(case: ngcorpus.Case, theirs: UdpNgPeer) -> None:
-    mine, other = ngcorpus.play(case, ours()), ngcorpus.play(case, theirs)
+def test_same_meaning_as_rtpengine(case: ngcorpus.Case, ours: NgPeer, theirs: UdpNgPeer) -> None:
+    mine, other = ngcorpus.play(case, ours), ngcorpus.play(case, theirs)
     found = ngcorpus.differences(mine, other)
     extra, gone = unexpected(found, case.differences)
     assert not extra and not gone, (

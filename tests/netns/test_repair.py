@@ -27,6 +27,7 @@ from lrkp_tsl.dataplane.nftwatch import RulesetWatch
 from lrkp_tsl.dataplane.queue import QueueRule
 from lrkp_tsl.defaults import DEFAULT_RULES
 from lrkp_tsl.engine import Engine, Settings
+from lrkp_tsl.frontends.lrkproxy import LrkproxyFrontEnd
 from lrkp_tsl.latching import Policy
 from lrkp_tsl.media import Endpoint
 from lrkp_tsl.protocol import NodeConfig
@@ -303,11 +304,12 @@ def test_without_set_counts_an_emptied_map_is_found_by_looking_up_calls(
 ) -> None:
     limits = NodeLimits(frozenset({INTERNAL_IP, EXTERNAL_IP}), PORTS)
     node = NodeConfig(PORTS.start, PORTS.end, PORTS.start, str(INTERNAL_IP), str(EXTERNAL_IP))
-    settings = Settings(3600.0, 60.0, Policy.STRICT, (), node, limits)
+    settings = Settings(3600.0, 60.0, Policy.STRICT, (), PORTS)
     engine = Engine(settings, dataplane, MemoryStore())
+    front_end = LrkproxyFrontEnd(engine, node, limits)
     body = set_command("S", "10.201.1.11", str(INTERNAL_IP), str(INTERNAL_IP), "10.201.1.12",
                        4000, 20000, 20002, 6000, "countless@lab")  # fmt: skip
-    assert engine.on_datagram(b"1_1 " + body, "peer", "peer", 0.0) == b"1_1 " + body + b"OK"
+    assert front_end.on_datagram(b"1_1 " + body, "peer", "peer", 0.0) == b"1_1 " + body + b"OK"
     # Everything in the relay namespace: the queue rule is installed by a subprocess.
     with lab.inside("relay"):
         queue_rule = QueueRule("xt", 22333, dataplane.nft)

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import math
+import re
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
 
+from lrkp_tsl import cli
 from lrkp_tsl.config import (
     DEFAULT_CONTROL_PORT,
     DEFAULT_PORTS,
@@ -199,3 +201,42 @@ def test_ports_below_1024_are_a_warning() -> None:
     assert found[1].startswith("metrics.listen = '[::1]:80': port 80 is below 1024")
     assert "CAP_NET_BIND_SERVICE" in found[0]
     assert warnings(from_mapping({"internal_ip": "10.0.0.1"})) == []
+
+
+def test_ng_sockets_are_off_by_default_and_take_udp_addresses_on_port_2223() -> None:
+    assert from_mapping({"internal_ip": "10.0.0.1"}).ng == ()
+    assert from_mapping({"internal_ip": "10.0.0.1", "ng": []}).ng == ()
+    got = from_mapping({"internal_ip": "10.0.0.1", "ng": ["udp:10.0.0.1", "udp6:[::1]:2224"]}).ng
+    assert got == (ControlAddress("udp", "10.0.0.1", 2223), ControlAddress("udp6", "::1", 2224))
+    assert from_mapping({"internal_ip": "10.0.0.1", "ng": "udp:10.0.0.1:9"}).ng[0].port == 9
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"ng": ["unix:/run/ng.sock"]}, "ng = 'unix:/run/ng.sock': expected udp:IP[:PORT]"),
+        ({"ng": ["udp:10.0.0.1:30002"]}, "ng = 'udp:10.0.0.1:30002': port 30002 is inside"),
+        (
+            {"ng": ["udp:127.0.0.1:22333"]},
+            "ng = 'udp:127.0.0.1:22333': control has the same address",
+        ),
+        ({"ng_delete_delay": 3601}, "ng_delete_delay = 3601: expected a whole number"),
+        ({"ng_delete_delay": 1.5}, "ng_delete_delay = 1.5: expected a whole number"),
+    ],
+)
+def test_bad_ng_values_are_refused_with_why(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_mapping({"internal_ip": "10.0.0.1", **values})
+
+
+def test_the_ng_flag_repeats_and_sets_the_ng_key() -> None:
+    args = cli.build_parser().parse_args(
+        ["run", "--internal-ip", "10.0.0.1", "--ng", "udp:10.0.0.1", "--ng", "udp:127.0.0.1",
+         "--ng-delete-delay", "30"]
+    )  # fmt: skip
+    got = from_mapping({k: v for k, v in cli.overrides(args).items() if v is not None})
+    assert [str(a) for a in got.ng] == ["udp:10.0.0.1:2223", "udp:127.0.0.1:2223"]
+    assert got.ng_delete_delay == 30
+    assert any("ng = 'udp:10.0.0.1:80'" in w for w in warnings(
+        from_mapping({"internal_ip": "10.0.0.1", "ng": ["udp:10.0.0.1:80"]})
+    ))  # fmt: skip

@@ -21,6 +21,7 @@ from lrkp_tsl.engine import (
     Settings,
 )
 from lrkp_tsl.errors import KernelError
+from lrkp_tsl.frontends.lrkproxy import LrkproxyFrontEnd
 from lrkp_tsl.kernel import EMPTY, KernelState, KernelView, StreamChange, StreamEvent
 from lrkp_tsl.latching import Policy, Rule
 from lrkp_tsl.media import CallMedia, Endpoint, InstalledFlow, PortRange
@@ -45,8 +46,17 @@ def ep(text: str) -> Endpoint:
 
 def make(policy: Policy = Policy.AUTO) -> tuple[Engine, FakeKernel, MemoryStore]:
     kernel, store = FakeKernel(), MemoryStore()
-    settings_ = Settings(LIFETIME, IDLE, policy, ROUTED, NODE, LIMITS)
-    return Engine(settings_, kernel, store), kernel, store
+    settings_ = Settings(LIFETIME, IDLE, policy, ROUTED, LIMITS.ports)
+    engine = Engine(settings_, kernel, store)
+    LrkproxyFrontEnd(engine, NODE, LIMITS)
+    return engine, kernel, store
+
+
+def lrkproxy(engine: Engine) -> LrkproxyFrontEnd:
+    """The engine's lrkproxy front-end (`make` attached one)."""
+    front_end = engine.front_ends["lrkproxy"]
+    assert isinstance(front_end, LrkproxyFrontEnd)
+    return front_end
 
 
 def s_command(
@@ -67,7 +77,7 @@ def s_command(
 
 
 def send(engine: Engine, datagram: bytes, now: float = 0.0) -> bytes | None:
-    return engine.on_datagram(datagram, PEER, "10.0.0.5:5060", now)
+    return lrkproxy(engine).on_datagram(datagram, PEER, "10.0.0.5:5060", now)
 
 
 def ok(engine: Engine, datagram: bytes, now: float = 0.0) -> None:
@@ -441,7 +451,8 @@ def snapshot(engine: Engine, store: MemoryStore) -> list[StoredCall]:
 
 
 def restarted(kernel: FakeKernel, store: MemoryStore, now: float) -> Engine:
-    engine = Engine(Settings(LIFETIME, IDLE, Policy.AUTO, ROUTED, NODE, LIMITS), kernel, store)
+    engine = Engine(Settings(LIFETIME, IDLE, Policy.AUTO, ROUTED, LIMITS.ports), kernel, store)
+    LrkproxyFrontEnd(engine, NODE, LIMITS)
     engine.restore(store.load(), kernel.state(), now)
     return engine
 
@@ -704,7 +715,8 @@ def test_a_displaced_source_that_went_quiet_is_forgotten() -> None:
 
 
 def loaded(kernel: FakeKernel, store: MemoryStore, now: float) -> Engine:
-    engine = Engine(Settings(LIFETIME, IDLE, Policy.AUTO, ROUTED, NODE, LIMITS), kernel, store)
+    engine = Engine(Settings(LIFETIME, IDLE, Policy.AUTO, ROUTED, LIMITS.ports), kernel, store)
+    LrkproxyFrontEnd(engine, NODE, LIMITS)
     engine.load(store.load(), now)
     return engine
 

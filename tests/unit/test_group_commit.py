@@ -12,14 +12,15 @@ from lrkp_tsl.errors import KernelError
 from lrkp_tsl.kernel import Counters, KernelView, StreamKey
 from lrkp_tsl.latching import Policy
 from tests.fakes import FakeKernel, MemoryStore
-from tests.unit.test_engine import PEER, agree, make, s_command, stored_agree
+from tests.unit.test_engine import PEER, agree, lrkproxy, make, s_command, stored_agree
 
 CALLS = [f"c{n}" for n in range(4)]
 
 
 def batch(engine: Engine, datagrams: list[bytes], now: float = 0.0) -> list[bytes | None]:
     """Datagrams read together from one socket (several Kamailio workers' commands)."""
-    return engine.on_datagrams([(d, PEER, "10.0.0.5:5060", True) for d in datagrams], now)
+    datagrams_ = [(d, PEER, "10.0.0.5:5060", True) for d in datagrams]
+    return lrkproxy(engine).on_datagrams(datagrams_, now)
 
 
 def four_calls(verb: str = "S", first_cookie: int = 1) -> list[bytes]:
@@ -133,7 +134,9 @@ def test_a_batch_is_equivalent_to_its_commands_one_by_one(
                                        f"192.168.1.{20 + variant}:4000", verb=verb,
                                        cookie=f"1_{cookie}"))  # fmt: skip
         replies = batch(together, datagrams, now)
-        assert replies == [alone.on_datagram(d, PEER, "10.0.0.5:5060", now) for d in datagrams]
+        assert replies == [
+            lrkproxy(alone).on_datagram(d, PEER, "10.0.0.5:5060", now) for d in datagrams
+        ]
         assert kernel_t.holds() == kernel_a.holds()
         assert store_t.records == store_a.records
         assert set(together.suspect) == set(alone.suspect)

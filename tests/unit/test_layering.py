@@ -34,6 +34,11 @@ PURE = [
     "ng/allocator",
     "ng/callmodel",
     "ng/adapter",
+    "operations",
+    "frontends/__init__",
+    "frontends/lrkproxy",
+    "frontends/ng",
+    "ng/record",
 ]
 FORBIDDEN = {
     "socket",
@@ -76,6 +81,29 @@ def test_pure_module_imports_no_io(module: str) -> None:
         if any(name == f or name.startswith(f + ".") for f in FORBIDDEN)
     }
     assert not bad, f"lrkp_tsl/{module}.py imports {sorted(bad)}"
+
+
+# The engine takes protocol-neutral operations (operations.py); each control protocol is
+# an adapter in lrkp_tsl/frontends/ over it. What is a protocol's stays out of the engine,
+# the call table, the records and the store.
+NEUTRAL = ["engine", "session", "records", "store", "operations", "traffic", "activity", "kernel"]
+PROTOCOL_SPECIFIC = (
+    "lrkp_tsl.protocol",
+    "lrkp_tsl.admission",
+    "lrkp_tsl.retransmit",
+    "lrkp_tsl.ng",
+    "lrkp_tsl.frontends",
+)
+
+
+@pytest.mark.parametrize("module", NEUTRAL)
+def test_the_engine_side_imports_no_protocol(module: str) -> None:
+    bad = {
+        name
+        for name in imports(module)
+        if any(name == p or name.startswith(p + ".") for p in PROTOCOL_SPECIFIC)
+    }
+    assert not bad, f"lrkp_tsl/{module}.py imports {sorted(bad)}: protocols are front-ends"
 
 
 ROOT = PACKAGE.parent

@@ -42,6 +42,30 @@ def snapshot(**stats: int) -> Snapshot:
     )
 
 
+def test_calls_are_counted_by_protocol_and_ng_has_its_own_counters() -> None:
+    snap = replace(
+        snapshot(
+            protocol__lrkproxy__started=9, protocol__ng__started=4, protocol__ng__ended=1,
+            ng__request__offer=5, ng__request__answer=4, ng__error__refused=1,
+            ng__call__new=4, ng__call__forked=1,
+        ),
+        protocols={"lrkproxy": 2, "ng": 1},
+    )  # fmt: skip
+    got = scrape(NodeCollector(lambda: snap, lambda: None))
+
+    def v(name: str, **labels: str) -> float:
+        return got[(name, frozenset(labels.items()))]
+
+    assert v("lrkp_sessions_by_protocol", protocol="lrkproxy") == 2
+    assert v("lrkp_sessions_by_protocol", protocol="ng") == 1
+    assert v("lrkp_protocol_sessions_started_total", protocol="ng") == 4
+    assert v("lrkp_protocol_closed_sessions_total", protocol="ng") == 1
+    assert v("lrkp_protocol_closed_sessions_total", protocol="lrkproxy") == 0  # shown at 0
+    assert v("lrkp_ng_requests_total", command="offer") == 5
+    assert v("lrkp_ng_errors_total", code="refused") == 1
+    assert v("lrkp_ng_calls_total", outcome="forked") == 1
+
+
 def test_engine_counters_become_rtpengine_style_metrics() -> None:
     snap = snapshot(
         calls__removed__idle=4, calls__removed__deleted=7, calls__relaying=14,

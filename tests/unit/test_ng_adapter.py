@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lrkp_tsl.media import PortRange
-from lrkp_tsl.ng.adapter import Counters, NgFrontEnd
+from lrkp_tsl.ng.adapter import Counters, NgDecider
 from lrkp_tsl.ng.allocator import SharedPortPool
 from lrkp_tsl.ng.bencode import Encodable, Value, decode, encode
 from lrkp_tsl.ng.callmodel import Interfaces, NgCalls
@@ -21,17 +21,17 @@ SDP = (
 )
 
 
-def pool_of(fe: NgFrontEnd) -> SharedPortPool:
+def pool_of(fe: NgDecider) -> SharedPortPool:
     assert isinstance(fe.calls.pool, SharedPortPool)
     return fe.calls.pool
 
 
-def front_end() -> NgFrontEnd:
+def front_end() -> NgDecider:
     pool = SharedPortPool(PortUse(PortRange(30000, 30099)))
     interfaces = Interfaces(
         {"internal": IPv4Address("10.0.1.1"), "external": IPv4Address("10.0.2.1")}
     )
-    return NgFrontEnd(NgCalls(pool, interfaces), wall_offset=1_000_000.0)
+    return NgDecider(NgCalls(pool, interfaces), wall_offset=1_000_000.0)
 
 
 def body(reply: bytes | None) -> dict[bytes, Value]:
@@ -41,7 +41,7 @@ def body(reply: bytes | None) -> dict[bytes, Value]:
     return value
 
 
-def send(fe: NgFrontEnd, cookie: bytes, **message: object) -> dict[bytes, Value]:
+def send(fe: NgDecider, cookie: bytes, **message: object) -> dict[bytes, Value]:
     decision = fe.decide(cookie + b" " + encode(message), 5.0)  # type: ignore[arg-type]
     return body(fe.carried_out(decision))
 

@@ -306,6 +306,9 @@ def test_running_out_of_ports_takes_nothing() -> None:
     with pytest.raises(NgError, match="Ran out of ports") as caught:
         world.offer(body(A_IP, "m=audio 4000 RTP/AVP 0", "m=video 4002 RTP/AVP 96"))
     assert caught.value.code == "no-ports"
+    # Exactly rtpengine's words, or Kamailio does not try the next node (rtpengine.c).
+    assert caught.value.reason == "Ran out of ports"
+    assert "every pair of 30000-30005 is held" in caught.value.detail
     assert len(world.use) == 0  # all or nothing
 
 

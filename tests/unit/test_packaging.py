@@ -56,3 +56,16 @@ def test_the_shipped_config_says_what_to_do_and_keeps_the_examples_comments() ->
     for key in ("internal_ip", "external_ip", "control", "allow"):
         assert re.search(rf"^# {key} = ", text, re.M), key
         assert not re.search(rf"^{key} = ", text, re.M), key
+
+
+def test_every_subpackage_of_the_node_is_in_the_wheel() -> None:
+    """pyproject.toml lists the packages by name: a new one left out installs a node that
+    cannot import it (the .deb and pip installs failed so with lrkp_tsl.frontends)."""
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for init in (ROOT / "lrkp_tsl").rglob("__init__.py")
+    }
+    assert found == listed

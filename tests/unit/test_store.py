@@ -13,13 +13,15 @@ import pytest
 from lrkp_tsl.errors import StoreError
 from lrkp_tsl.latching import Policy
 from lrkp_tsl.media import CallMedia, Endpoint, InstalledFlow
-from lrkp_tsl.records import FIELDS, encode
+from lrkp_tsl.operations import Relay, StreamSpec
+from lrkp_tsl.records import FIELDS, StoredCall, decode, encode
 from lrkp_tsl.session import Call, CallTable, rebuild
 from lrkp_tsl.store import (
     FILENAME,
     MIGRATIONS,
     REBOOT_GAP,
     SCHEMA_VERSION,
+    V1_FIELDS,
     SqliteStore,
     open_state,
 )
@@ -91,7 +93,7 @@ def rows(path: Path, table: str) -> int:
 def test_set_quiet_and_delete(path: Path) -> None:
     store = SqliteStore(path)
     call = learned_call()
-    other = replace(call, media=replace(call.media, call_id="other"))
+    other = replace(call, call_id="other")
     store.put(call, None)
     store.put(other, None)
     store.set_quiet(call.call_id, 50.0)
@@ -106,17 +108,148 @@ def test_an_ended_call_leaves_nothing_in_the_file(path: Path) -> None:
     store = SqliteStore(path)
     call = learned_call()
     for n in range(100):
-        store.put(replace(call, media=replace(call.media, call_id=f"c{n}")), None)
+        store.put(replace(call, call_id=f"c{n}"), None)
         store.delete(f"c{n}")
-    assert rows(path, "calls") == rows(path, "removed") == 0
+    assert rows(path, "calls") == 0
+    assert tables(path) == {"calls", "clock"}  # no table of tombstones any more
 
 
-def test_an_older_releases_tombstones_are_dropped_at_startup(path: Path) -> None:
-    SqliteStore(path).close()
+def tables(path: Path) -> set[str]:
     with sqlite3.connect(path) as db:
+        return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def version_1_file(path: Path, calls: list[Call], *, clock: bool = True) -> None:
+    """A state store as the last release before ng wrote it (schema version 1): its calls,
+    a tombstone in `removed`, and the clock columns unless `clock` is False (the release
+    before those)."""
+    with sqlite3.connect(path) as db:
+        db.executescript(MIGRATIONS[0] + "PRAGMA user_version = 1;")
+        names = [*V1_FIELDS, "revision"]
+        if clock:
+            db.executescript(
+                "ALTER TABLE calls ADD COLUMN boot_id TEXT; ALTER TABLE calls ADD COLUMN "
+                "started_mono REAL; ALTER TABLE calls ADD COLUMN quiet_mono REAL;"
+            )
+            names += ["boot_id", "started_mono", "quiet_mono"]
+        offset = time.time() - time.monotonic()
+        for n, call in enumerate(calls):
+            record = encode(call, 20.0, offset)
+            values = [record[name] for name in V1_FIELDS] + [n]
+            if clock:
+                values += ["boot-1", call.started, 20.0]
+            marks = ", ".join("?" for _ in names)
+            db.execute(f"INSERT INTO calls ({', '.join(names)}) VALUES ({marks})", values)
         db.execute("INSERT INTO removed (call_id, revision, at) VALUES ('gone', 7, 1.0)")
-    SqliteStore(path).close()
-    assert rows(path, "removed") == 0
+
+
+def test_a_version_1_file_is_migrated_with_every_call_as_it_was(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", "lrkp_tsl.store")
+    call = learned_call()
+    version_1_file(path, [call, named(call, "second")])
+    store = SqliteStore(path, boot="boot-1")
+    stored = {s.call.call_id: s for s in store.load()}
+    assert stored["abc@host"].call == call and stored["second"].call == named(call, "second")
+    assert not stored["abc@host"].estimated  # the same boot: its monotonic times are exact
+    assert stored["abc@host"].quiet_since == 20.0
+    assert "schema version 1 -> 2 (2 calls kept)" in caplog.text
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        protocols = {row[0] for row in db.execute("SELECT protocol FROM calls")}
+    assert protocols == {"lrkproxy"}
+    assert tables(path) == {"calls", "clock"}  # the tombstones went with their table
+    store.put(ng_call(), None)  # and the new columns take what version 1 could not hold
+    assert "ng-1" in calls_in(path)
+
+
+def test_an_earlier_releases_file_without_clock_columns_is_migrated_too(path: Path) -> None:
+    version_1_file(path, [learned_call()], clock=False)
+    [stored] = SqliteStore(path).load()
+    assert stored.estimated and stored.call.call_id == "abc@host"
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        have = {row[1] for row in db.execute("PRAGMA table_info(calls)")}
+    assert {"boot_id", "started_mono", "quiet_mono", "protocol", "streams"} <= have
+
+
+def test_a_migration_that_fails_leaves_the_version_1_file_as_it_was(path: Path) -> None:
+    version_1_file(path, [learned_call()])
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE calls_v2 (x)")  # in the migration's way: it must fail whole
+    with pytest.raises(StoreError, match="calls_v2"):
+        SqliteStore(path)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("SELECT call_id FROM calls").fetchall() == [("abc@host",)]
+        assert db.execute("SELECT count(*) FROM removed").fetchone()[0] == 1
+
+
+def test_a_version_1_file_is_read_without_writing_when_the_disk_is_full(path: Path) -> None:
+    version_1_file(path, [learned_call()])
+    reopened = SqliteStore.unavailable(path, StoreError("disk full"))
+    [stored] = reopened.load()
+    assert stored.call.started_at(100.0) == learned_call()
+
+
+# -- calls that are not of lrkproxy's shape (ng) ----------------------------------------------
+
+
+def ng_call() -> Call:
+    """An ng call: audio with RTCP (the caller learned from the NAT its signalling came
+    from, the callee reachable) and video with rtcp-mux whose callee is on hold at
+    0.0.0.0; a third pair reserved for a rejected stream; a delete-delay; the front-end's
+    record."""
+    table = CallTable(3600, Policy.AUTO)
+    audio = StreamSpec(
+        ep("192.168.1.20:4000"), ep("10.0.0.10:39998"), ep("8.8.8.8:6000"),
+        ep("10.0.1.10:39996"), caller_hint=IPv4Address("203.0.113.7"),
+    )  # fmt: skip
+    video = StreamSpec(
+        ep("192.168.1.20:4002"), ep("10.0.0.10:39994"), None, ep("10.0.1.10:39992"), rtcp=False,
+        caller_hint=IPv4Address("203.0.113.7"),
+    )  # fmt: skip
+    reserved = frozenset({ep("10.0.0.10:39990"), ep("10.0.0.10:39991")})
+    op = Relay("ng-1", "ng", (audio, video), reserved=reserved, record='{"sides":[]}',
+               end_at=130.0)  # fmt: skip
+    for action in table.on_relay(op, 60, 100.0):
+        table.applied(action)
+    decision = table.on_packet(ep("203.0.113.7:55316"), ep("10.0.0.10:39998"),
+                               lambda s, r: True, 100.5)  # fmt: skip
+    for action in decision.actions:
+        table.applied(action)
+    call = table.get("ng-1")
+    assert call is not None and call.caller[0].latched == ep("203.0.113.7:55316")
+    return call
+
+
+def test_an_ng_call_comes_back_exactly(path: Path) -> None:
+    call = ng_call()
+    store = SqliteStore(path)
+    store.put(call, None)
+    store.close()
+    [stored] = SqliteStore(path).load()
+    assert stored.call.started == pytest.approx(call.started, abs=1e-3)
+    assert stored.call.end_at == pytest.approx(130.0, abs=1e-3)
+    assert stored.call.started_at(call.started) == replace(call, end_at=stored.call.end_at)
+    assert stored.call.protocol == "ng" and stored.call.record == '{"sides":[]}'
+    with sqlite3.connect(path) as db:
+        caller, streams = db.execute("SELECT caller, streams FROM calls").fetchone()
+    assert caller is None and '"reserved":["10.0.0.10:39990","10.0.0.10:39991"]' in streams
+
+
+def test_records_round_trip_whatever_the_shape() -> None:
+    for call in (learned_call(), ng_call()):
+        assert decode(encode(call, 5.0, 1000.0), 1000.0) == StoredCall(call, 5.0)
+        assert list(encode(call, None, 0.0)) == FIELDS  # the store's and Redis's layout
+
+
+def test_a_record_from_an_earlier_release_is_an_lrkproxy_call() -> None:
+    record = encode(learned_call(), None, 0.0)
+    for name in ("protocol", "streams", "record", "end_after"):
+        del record[name]
+    assert decode(record, 0.0).call == learned_call()
 
 
 def test_a_delete_in_a_group_fails_alone(path: Path) -> None:
@@ -128,7 +261,7 @@ def test_a_delete_in_a_group_fails_alone(path: Path) -> None:
             "CREATE TRIGGER refuse BEFORE DELETE ON calls WHEN old.call_id = 'abc@host' "
             "BEGIN SELECT RAISE(ABORT, 'refused'); END"
         )
-    other = replace(call, media=replace(call.media, call_id="other"))
+    other = replace(call, call_id="other")
     with store.group():
         store.put(other, None)
         with pytest.raises(StoreError, match="refused"):
@@ -175,7 +308,7 @@ def test_clear_forgets_every_call(path: Path) -> None:
     store.put(learned_call(), None)
     assert store.clear() == 1
     assert store.load() == []
-    assert rows(path, "calls") == rows(path, "removed") == 0
+    assert rows(path, "calls") == 0
 
 
 # -- clocks: what a restart makes of a call's age --------------------------------------------
@@ -231,21 +364,6 @@ def test_a_row_an_older_release_wrote_is_estimated_from_the_wall_clock(path: Pat
     assert other_boot.estimated
 
 
-def test_an_earlier_releases_file_gets_the_clock_columns_in_place(path: Path) -> None:
-    with sqlite3.connect(path) as db:
-        db.executescript(MIGRATIONS[0] + "PRAGMA user_version = 1;")
-        columns = ", ".join([*FIELDS, "revision"])
-        record = encode(learned_call(), None, time.time() - time.monotonic())
-        marks = ", ".join("?" for _ in range(len(FIELDS) + 1))
-        db.execute(f"INSERT INTO calls ({columns}) VALUES ({marks})", [*record.values(), 1])
-    [stored] = SqliteStore(path).load()
-    assert stored.estimated and stored.call.call_id == "abc@host"
-    with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1  # still readable by it
-        have = {row[1] for row in db.execute("PRAGMA table_info(calls)")}
-    assert {"boot_id", "started_mono", "quiet_mono"} <= have
-
-
 # -- a store that cannot be written, or cannot be used ----------------------------------------
 
 
@@ -268,7 +386,7 @@ def calls_in(path: Path) -> set[str]:
 
 
 def named(call: Call, call_id: str) -> Call:
-    return replace(call, media=replace(call.media, call_id=call_id))
+    return replace(call, call_id=call_id)
 
 
 def test_a_full_disk_keeps_writes_in_memory_and_writes_them_when_it_can(path: Path) -> None:

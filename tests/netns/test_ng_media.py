@@ -1,0 +1,374 @@
+"""ng calls through the real daemon and the real kernel: the node serves rtpengine's ng on
+its `--ng` socket, and an ng call's media takes exactly the kernel path of an lrkproxy
+call's (map elements, first-packet learning, conntrack), across a SIGKILL too; hostile
+ng datagrams reach no live call.
+
+The node: relay 10.201.1.1 (internal) / 10.201.2.1 (external), ports 20000-21999, lrkproxy
+on 10.201.1.1:22333 and ng on 10.201.1.1:2223, Kamailio's stand-in at 10.201.1.5.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lrkp_lab.calls import CONTROL, KAMAILIO_IP, NODE_ARGS, Stream, burst, running_node
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.ngpeer import UdpNgPeer
+from lrkp_lab.node import Controller, Node
+from lrkp_lab.parties import Party, Peers
+from lrkp_tsl.dataplane.nft import TABLE
+from lrkp_tsl.media import Endpoint
+from lrkp_tsl.ng.bencode import Encodable, encode
+
+NG = (str(INTERNAL_IP), 2223)
+ARGS = (*NODE_ARGS, "--ng", f"udp:{NG[0]}:{NG[1]}", "--log-level", "info")
+NAT_OUTSIDE = "10.201.1.20"  # the caller's NAT box, as the relay sees it
+CTL = (sys.executable, "-m", "lrkp_tsl.ctl")
+
+
+def ctl(lab: Lab, *args: str) -> tuple[int, str, str]:
+    result = lab.run("relay", *CTL, *args, check=False)
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.fixture
+def node(lab: Lab) -> Iterator[Node]:
+    with running_node(lab, *ARGS) as running:
+        yield running
+
+
+@pytest.fixture
+def kamailio(lab: Lab, node: Node) -> Iterator[UdpNgPeer]:
+    peer = UdpNgPeer("node", lab.udp_socket("sip", KAMAILIO_IP, 0), NG)
+    yield peer
+    peer.close()
+
+
+def sdp(party: Party, *streams: tuple[str, int]) -> str:
+    """An SDP offer or answer: one m= line per (kind, port), at the party's address."""
+    ip = party.endpoint.ip
+    lines = ["v=0", f"o=- 1 1 IN IP4 {ip}", "s=-", f"c=IN IP4 {ip}", "t=0 0"]
+    for kind, port in streams:
+        payload = "0" if kind == "audio" else "96"
+        lines.append(f"m={kind} {port} RTP/AVP {payload}")
+        if kind == "video":
+            lines.append("a=rtpmap:96 VP8/90000")
+    return "".join(line + "\r\n" for line in lines)
+
+
+def relay_ports(reply: dict[str, Any]) -> list[tuple[str, int]]:
+    """(address, port) of each m= line of a rewritten SDP."""
+    body = reply["sdp"]
+    address = re.search(r"^c=IN IP4 (\S+)", body, re.M)
+    assert address is not None, body
+    return [(address.group(1), int(port)) for port in re.findall(r"^m=\w+ (\d+) ", body, re.M)]
+
+
+def ok(reply: dict[str, Any]) -> dict[str, Any]:
+    assert reply.get("result") == "ok", reply
+    return reply
+
+
+class NgCall:
+    """A call set up over ng as Kamailio's rtpengine module does it (offer on the INVITE,
+    answer on the 200): the relay endpoints each party was told, per stream."""
+
+    def __init__(
+        self,
+        kamailio: UdpNgPeer,
+        caller: Party,
+        callee: Party,
+        call_id: str,
+        kinds: tuple[str, ...] = ("audio", "video"),
+    ) -> None:
+        self.kamailio, self.call_id = kamailio, call_id
+        common: dict[str, Encodable] = {
+            "call-id": call_id, "from-tag": "caller-tag", "ICE": "remove",
+            "replace": ["origin", "session-connection"],
+        }  # fmt: skip
+        caller_from = NAT_OUTSIDE if caller.host == "c" else str(caller.endpoint.ip)
+        offer_sdp = sdp(caller, *((k, caller.endpoint.port + 2 * i) for i, k in enumerate(kinds)))
+        offer = ok(kamailio.request({
+            **common, "command": "offer", "sdp": offer_sdp,
+            "direction": ["internal", "external"], "received-from": ["IP4", caller_from],
+        }))  # fmt: skip
+        answer_sdp = sdp(callee, *((k, callee.endpoint.port + 2 * i) for i, k in enumerate(kinds)))
+        answer = ok(kamailio.request({
+            **common, "command": "answer", "to-tag": "callee-tag", "sdp": answer_sdp,
+            "direction": ["external", "internal"],
+            "received-from": ["IP4", str(callee.endpoint.ip)],
+        }))  # fmt: skip
+        # The callee sends to what the offer told it; the caller to what the answer did.
+        self.callee_relays = [Endpoint.parse(ip, port) for ip, port in relay_ports(offer)]
+        self.caller_relays = [Endpoint.parse(ip, port) for ip, port in relay_ports(answer)]
+
+    def delete(self) -> dict[str, Any]:
+        return ok(self.kamailio.request({"command": "delete", "call-id": self.call_id,
+                                         "from-tag": "caller-tag"}))  # fmt: skip
+
+
+def counter(lab: Lab, name: str) -> int:
+    out = lab.run("relay", "nft", "-j", "list", "counter", "ip", TABLE, name).stdout
+    found = [item["counter"] for item in json.loads(out)["nftables"] if "counter" in item]
+    return int(found[0]["packets"])
+
+
+def entries(lab: Lab, relay: Endpoint) -> int:
+    out = lab.run("relay", "conntrack", "-L", "-p", "udp", "--dport", str(relay.port),
+                  check=False).stdout  # fmt: skip
+    return sum(1 for line in out.splitlines() if f"dst={relay.ip} " in line)
+
+
+def party_pair(peers: Peers, caller_port: int, callee_port: int) -> tuple[list[Party], list[Party]]:
+    """The NAT'd caller `c` and the external callee `x`, a socket per stream and kind:
+    [audio RTP, audio RTCP, video RTP, video RTCP] each."""
+    caller = [peers("c", caller_port + offset) for offset in range(4)]
+    callee = [peers("x", callee_port + offset) for offset in range(4)]
+    return caller, callee
+
+
+def test_a_two_stream_call_is_relayed_by_the_kernel_both_ways(
+    lab: Lab, node: Node, kamailio: UdpNgPeer, peers: Peers
+) -> None:
+    """Audio and video, RTP and RTCP, both ways: the NAT'd caller is learned from its first
+    packet on each, then the kernel relays everything else (conntrack, no queue)."""
+    caller, callee = party_pair(peers, 4000, 6000)
+    call = NgCall(kamailio, caller[0], callee[0], "av@lab")
+    assert len(call.caller_relays) == len(call.callee_relays) == 2
+    assert all(relay.ip == INTERNAL_IP for relay in call.caller_relays)
+    assert all(relay.ip == EXTERNAL_IP for relay in call.callee_relays)
+    relays = [(call.caller_relays[i].offset(d), call.callee_relays[i].offset(d))
+              for i in (0, 1) for d in (0, 1)]  # fmt: skip
+    # received-from named the caller's NAT: a stranger who sends first is not learned.
+    stranger = peers("a", 4999)
+    stranger.send(relays[0][0], b"stranger")
+    callee[0].expect_nothing()
+    queued = counter(lab, "queued")
+    # The caller's first packet on each of the four: learned through the queue, delivered.
+    sources = []
+    for (to_caller_side, _to_callee_side), sender, receiver in zip(
+        relays, caller, callee, strict=True
+    ):
+        sender.send(to_caller_side, b"first")
+        assert receiver.expect(b"first").ip == EXTERNAL_IP
+        sources.append(sender)
+    assert counter(lab, "queued") - queued == 4
+    relayed = counter(lab, "relayed")
+    for (to_caller_side, to_callee_side), a, b in zip(relays, caller, callee, strict=True):
+        reply_from = to_caller_side  # the callee hears the caller from the caller's relay
+        burst(a, to_caller_side, b, to_callee_side, 20, b"ab")
+        burst(b, to_callee_side, a, reply_from, 20, b"ba")
+    assert counter(lab, "queued") - queued == 4  # nothing more went to userspace
+    assert counter(lab, "relayed") - relayed >= 4 * 40 - 4  # the kernel relayed the rest
+    for to_caller_side, _to_callee_side in relays:
+        assert entries(lab, to_caller_side) == 1  # one conntrack entry per stream
+    # lrkp-ctl shows the ng call, its tags, both streams and what the caller's NAT taught it.
+    code, text, err = ctl(lab, "show", "av@lab", "--json")
+    assert code == 0, err
+    shown = json.loads(text)
+    assert shown["protocol"] == "ng" and shown["about"] == {"tags": ["caller-tag", "callee-tag"]}
+    assert [s["caller"]["learned"].split(":")[0] for s in shown["media_streams"]] == [
+        NAT_OUTSIDE,
+        NAT_OUTSIDE,
+    ]
+    code, text, err = ctl(lab, "sessions")
+    assert code == 0 and "av@lab [ng, tags caller-tag/callee-tag]" in text, text
+    assert "  stream 2" in text
+    summary = call.delete()
+    assert summary["result"] == "ok"
+    caller[0].send(relays[0][0], b"after")
+    callee[0].expect_nothing()
+    log = node.output()
+    line = next(text for text in log.splitlines() if "[av@lab] removed:" in text)
+    assert "learned stream 1 caller 10.201.1.20:" in line, line
+    assert "; stream 2 caller 10.201.1.20:" in line
+    assert line.endswith("ng call, tags caller-tag/callee-tag"), line
+    assert "deleted by the controlling layer (ng delete)" in line
+
+
+def test_live_ng_calls_keep_their_media_across_a_sigkill_and_the_restarted_node_knows_them(
+    lab: Lab, node: Node, kamailio: UdpNgPeer, peers: Peers
+) -> None:
+    """A two-stream call streaming both ways and an offer still ringing, then SIGKILL and a
+    start: no packet lost; the restarted node answers the ringing call's answer and ends
+    the live one on its delete (the ng table and its ports came back from the store)."""
+    caller, callee = party_pair(peers, 4100, 6100)
+    call = NgCall(kamailio, caller[0], callee[0], "killed@lab")
+    audio_a, audio_b = call.caller_relays[0], call.callee_relays[0]
+    caller[0].send(audio_a, b"learn")  # the NAT'd caller, learned before the kill
+    callee[0].expect(b"learn")
+    streams = [Stream(caller[0], audio_a, callee[0], b"A").start(),
+               Stream(callee[0], audio_b, caller[0], b"B").start()]  # fmt: skip
+    ringing_sdp = sdp(caller[2], ("audio", 4102))
+    ok(kamailio.request({"command": "offer", "call-id": "ringing@lab", "from-tag": "r",
+                         "sdp": ringing_sdp, "ICE": "remove"}))  # fmt: skip
+    time.sleep(0.5)
+    again = node.restart(signal.SIGKILL)
+    try:
+        client = Controller(lab, "sip", KAMAILIO_IP)
+        again.wait_ready(CONTROL, client)
+        client.close()
+        time.sleep(1.0)  # media meanwhile, through the restored kernel state
+        for stream in streams:
+            stream.stop()
+            assert stream.lost() == [] and stream.foreign == [], stream.tag
+        answered = kamailio.request({"command": "answer", "call-id": "ringing@lab",
+                                     "from-tag": "r", "to-tag": "t", "ICE": "remove",
+                                     "sdp": sdp(callee[2], ("audio", 6102))})  # fmt: skip
+        assert answered["result"] == "ok", answered
+        call.delete()
+        caller[0].send(audio_a, b"after")
+        callee[0].expect_nothing()
+        ok(kamailio.request({"command": "delete", "call-id": "ringing@lab", "from-tag": "r"}))
+        assert "restored 2 calls from the store: 2 intact" in again.output()
+    finally:
+        again.close()
+
+
+# -- hostile ng datagrams with a live ng call ----------------------------------------------
+
+LIVE_ID = "live-ng@lab"
+EXAMPLES = int(os.environ.get("LRKP_FUZZ_EXAMPLES", "150"))
+CALL_IDS = ["other@lab", "", "x" * 200, "c" * 128, "a b", "\\x00", "fuzz@lab"]
+SDPS = [
+    "v=0\r\no=- 1 1 IN IP4 10.201.1.10\r\ns=-\r\nc=IN IP4 10.201.1.10\r\nt=0 0\r\n"
+    "m=audio 4000 RTP/AVP 0\r\n",
+    "v=0\r\nc=IN IP6 ::1\r\nm=audio 4000 RTP/SAVP 0\r\n",
+    "garbage",
+    "v=0\r\nm=audio 99999 RTP/AVP 0\r\n",
+]
+atom: st.SearchStrategy[Encodable] = st.one_of(
+    st.sampled_from(["offer", "answer", "delete", "query", "list", "ping", "statistics",
+                     "play media", "internal", "external", "IP4", "10.201.1.10", "remove",
+                     "force", *CALL_IDS, *SDPS]),
+    st.binary(max_size=24),
+    st.integers(-5, 70000),
+)  # fmt: skip
+value: st.SearchStrategy[Encodable] = st.recursive(
+    atom, lambda inner: st.lists(inner, max_size=4), max_leaves=6
+)
+keys = st.sampled_from(["command", "call-id", "from-tag", "to-tag", "sdp", "flags", "replace",
+                        "direction", "received-from", "ICE", "delete-delay", "rtcp-mux",
+                        "transport-protocol", "via-branch", "label", "supports", "limit",
+                        "media-address", "SDES", "garbage"])  # fmt: skip
+message = st.dictionaries(keys, value, max_size=8)
+cookie = st.sampled_from([b"1_1_1", b"k_2", b"x", b"", b"a" * 70, b"9_9_9"])
+ng_datagram = st.one_of(
+    st.builds(lambda c, m: c + b" " + encode(m), cookie, message),
+    st.builds(lambda c, m: c + b" " + encode(m)[: len(encode(m)) // 2], cookie, message),
+    st.binary(max_size=300),
+    st.builds(lambda c: c + b' {"command": "offer"}', cookie),
+)
+
+
+def harmless(data: bytes) -> bool:
+    """Names not the live call: a delete of it would rightly end it."""
+    return LIVE_ID.encode() not in data
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_fuzzed_ng_socket_leaves_the_live_ng_call_untouched(
+    lab: Lab, node: Node, kamailio: UdpNgPeer, peers: Peers
+) -> None:
+    caller, callee = peers("a", 4300), peers("x", 6300)
+    call = NgCall(kamailio, caller, callee, LIVE_ID, kinds=("audio",))
+    to_callee, to_caller = call.caller_relays[0], call.callee_relays[0]
+    streams = [Stream(caller, to_callee, callee, b"A").start(),
+               Stream(callee, to_caller, caller, b"B").start()]  # fmt: skip
+    rss_before = rss_kib(node.proc.pid)
+    fuzzer = lab.udp_socket("sip", KAMAILIO_IP, 0)
+    fuzzer.setblocking(False)
+    sent = 0
+
+    @settings(max_examples=EXAMPLES, deadline=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(st.lists(ng_datagram.filter(harmless), min_size=1, max_size=40))
+    def fuzz(batch: list[bytes]) -> None:
+        nonlocal sent
+        for data in batch:
+            fuzzer.sendto(data, NG)
+            sent += 1
+        time.sleep(0.005)
+        while True:
+            try:
+                fuzzer.recv(65535)
+            except BlockingIOError:
+                break
+
+    try:
+        fuzz()
+    finally:
+        fuzzer.close()
+    assert kamailio.request({"command": "ping"}) == {"result": "pong"}
+    for stream in streams:
+        stream.stop()
+        assert stream.lost() == [] and stream.foreign == [], stream.tag
+    assert node.proc.poll() is None
+    assert rss_kib(node.proc.pid) - rss_before < 48 * 1024  # the caches' budgets, and slack
+    assert sent >= EXAMPLES
+    log_lines = node.output().count("\n")
+    assert log_lines < 400, f"{log_lines} log lines for {sent} datagrams"
+    assert "internal error" not in node.output()
+    live = kamailio.request({"command": "query", "call-id": LIVE_ID})
+    assert live["result"] == "ok" and live["totals"]["RTP"]["packets"] > 0
+    call.delete()
+
+
+def test_an_ng_socket_on_a_vip_binds_before_the_vip_arrives(lab: Lab) -> None:
+    """Pair mode's case (relay_ips_may_appear_later, which a pair implies): the ng socket on
+    an address this host does not have yet is bound with IP_FREEBIND like `control`, and
+    answers once the address arrives."""
+    vip = "10.201.1.98"
+    args = ("--internal-ip", vip, "--external-ip", str(EXTERNAL_IP), "--ports", "20000-21999",
+            "--control", f"udp:{vip}:22333", "--ng", f"udp:{vip}", "--allow", KAMAILIO_IP,
+            "--relay-ips-may-appear-later", "--flush-on-exit")  # fmt: skip
+    node = Node(lab, "relay", *args)
+    try:
+        deadline = time.monotonic() + 15
+        while "node up" not in node.output():
+            assert node.proc.poll() is None and time.monotonic() < deadline, node.output()
+            time.sleep(0.05)
+        assert f"ng: listening on udp:{vip}:2223" in node.output()
+        lab.run("relay", "ip", "addr", "add", f"{vip}/24", "dev", "int0")
+        peer = UdpNgPeer("vip", lab.udp_socket("sip", KAMAILIO_IP, 0), (vip, 2223), 0.5)
+        try:
+            pong = None
+            while pong is None and time.monotonic() < deadline:
+                with contextlib.suppress(OSError):
+                    pong = peer.request({"command": "ping"})
+            assert pong == {"result": "pong"}
+        finally:
+            peer.close()
+    finally:
+        node.close()
+        lab.run("relay", "ip", "addr", "del", f"{vip}/24", "dev", "int0", check=False)
+
+
+def test_the_allow_list_applies_to_the_ng_socket(lab: Lab, node: Node) -> None:
+    """A sender not on `allow` gets nothing, whatever it sends; Kamailio's address does."""
+    stranger = UdpNgPeer("stranger", lab.udp_socket("a", "10.201.1.10", 0), NG, 0.5)
+    try:
+        with pytest.raises(TimeoutError):
+            stranger.request({"command": "ping"})
+    finally:
+        stranger.close()
+    assert "not in the allow list" in node.output()
