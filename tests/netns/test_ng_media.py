@@ -12,13 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -26,6 +24,7 @@ from hypothesis import strategies as st
 
 from lrkp_lab.calls import CONTROL, KAMAILIO_IP, NODE_ARGS, Stream, burst, running_node
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.ngcalls import NAT_OUTSIDE, NgCall, ok, sdp
 from lrkp_lab.ngpeer import UdpNgPeer
 from lrkp_lab.node import Controller, Node
 from lrkp_lab.parties import Party, Peers
@@ -35,7 +34,6 @@ from lrkp_tsl.ng.bencode import Encodable, encode
 
 NG = (str(INTERNAL_IP), 2223)
 ARGS = (*NODE_ARGS, "--ng", f"udp:{NG[0]}:{NG[1]}", "--log-level", "info")
-NAT_OUTSIDE = "10.201.1.20"  # the caller's NAT box, as the relay sees it
 CTL = (sys.executable, "-m", "lrkp_tsl.ctl")
 
 
@@ -55,69 +53,6 @@ def kamailio(lab: Lab, node: Node) -> Iterator[UdpNgPeer]:
     peer = UdpNgPeer("node", lab.udp_socket("sip", KAMAILIO_IP, 0), NG)
     yield peer
     peer.close()
-
-
-def sdp(party: Party, *streams: tuple[str, int]) -> str:
-    """An SDP offer or answer: one m= line per (kind, port), at the party's address."""
-    ip = party.endpoint.ip
-    lines = ["v=0", f"o=- 1 1 IN IP4 {ip}", "s=-", f"c=IN IP4 {ip}", "t=0 0"]
-    for kind, port in streams:
-        payload = "0" if kind == "audio" else "96"
-        lines.append(f"m={kind} {port} RTP/AVP {payload}")
-        if kind == "video":
-            lines.append("a=rtpmap:96 VP8/90000")
-    return "".join(line + "\r\n" for line in lines)
-
-
-def relay_ports(reply: dict[str, Any]) -> list[tuple[str, int]]:
-    """(address, port) of each m= line of a rewritten SDP."""
-    body = reply["sdp"]
-    address = re.search(r"^c=IN IP4 (\S+)", body, re.M)
-    assert address is not None, body
-    return [(address.group(1), int(port)) for port in re.findall(r"^m=\w+ (\d+) ", body, re.M)]
-
-
-def ok(reply: dict[str, Any]) -> dict[str, Any]:
-    assert reply.get("result") == "ok", reply
-    return reply
-
-
-class NgCall:
-    """A call set up over ng as Kamailio's rtpengine module does it (offer on the INVITE,
-    answer on the 200): the relay endpoints each party was told, per stream."""
-
-    def __init__(
-        self,
-        kamailio: UdpNgPeer,
-        caller: Party,
-        callee: Party,
-        call_id: str,
-        kinds: tuple[str, ...] = ("audio", "video"),
-    ) -> None:
-        self.kamailio, self.call_id = kamailio, call_id
-        common: dict[str, Encodable] = {
-            "call-id": call_id, "from-tag": "caller-tag", "ICE": "remove",
-            "replace": ["origin", "session-connection"],
-        }  # fmt: skip
-        caller_from = NAT_OUTSIDE if caller.host == "c" else str(caller.endpoint.ip)
-        offer_sdp = sdp(caller, *((k, caller.endpoint.port + 2 * i) for i, k in enumerate(kinds)))
-        offer = ok(kamailio.request({
-            **common, "command": "offer", "sdp": offer_sdp,
-            "direction": ["internal", "external"], "received-from": ["IP4", caller_from],
-        }))  # fmt: skip
-        answer_sdp = sdp(callee, *((k, callee.endpoint.port + 2 * i) for i, k in enumerate(kinds)))
-        answer = ok(kamailio.request({
-            **common, "command": "answer", "to-tag": "callee-tag", "sdp": answer_sdp,
-            "direction": ["external", "internal"],
-            "received-from": ["IP4", str(callee.endpoint.ip)],
-        }))  # fmt: skip
-        # The callee sends to what the offer told it; the caller to what the answer did.
-        self.callee_relays = [Endpoint.parse(ip, port) for ip, port in relay_ports(offer)]
-        self.caller_relays = [Endpoint.parse(ip, port) for ip, port in relay_ports(answer)]
-
-    def delete(self) -> dict[str, Any]:
-        return ok(self.kamailio.request({"command": "delete", "call-id": self.call_id,
-                                         "from-tag": "caller-tag"}))  # fmt: skip
 
 
 def counter(lab: Lab, name: str) -> int:

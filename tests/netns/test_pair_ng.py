@@ -1,0 +1,142 @@
+"""An active/standby pair keeps calls set up over ng as it keeps lrkproxy calls.
+
+The pair lab of test_pair.py (keepalived, one Redis per node, the VIPs 10.201.1.100 and
+10.201.2.100), both nodes serving ng on the control VIP as Kamailio's rtpengine module
+reaches them. One ng call with media both ways (the caller `c` behind the port-remapping
+NAT, `received-from` its NAT's outside address, as Kamailio sends `$si`), and 50 ng calls
+answered but without media yet. The failure: SIGKILL the active's daemon and keepalived,
+and take its links down, mid-call.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from lrkp_lab.calls import KAMAILIO_IP, Stream, burst
+from lrkp_lab.lab import Lab
+from lrkp_lab.ngcalls import NgCall, relay_ports
+from lrkp_lab.ngpeer import UdpNgPeer
+from lrkp_lab.pairlab import EXTERNAL_VIP, INTERNAL_VIP
+from lrkp_lab.pairnodes import RATE, Members, running_pair, wait_same_flows
+from lrkp_lab.parties import Peers
+from lrkp_lab.waiting import wait_for
+from lrkp_tsl.media import Endpoint
+
+NG = (str(INTERNAL_VIP), 2223)
+IDLE = 20.0  # the quiet calls' idle timeout: long enough to see them kept past the takeover
+QUIET_CALLS = 50
+
+
+@pytest.fixture
+def members(lab: Lab) -> Iterator[Members]:
+    with running_pair(lab, idle=IDLE, extra=("--ng", f"udp:{NG[0]}:{NG[1]}")) as made:
+        yield made
+
+
+@pytest.fixture
+def kamailio(lab: Lab, members: Members) -> Iterator[UdpNgPeer]:
+    peer = UdpNgPeer("pair", lab.udp_socket("sip", KAMAILIO_IP, 0), NG)
+    yield peer
+    peer.close()
+
+
+def sessions(lab: Lab, host: str) -> list[dict[str, Any]]:
+    """`lrkp-ctl --json sessions` on `host`: one row per call."""
+    done = lab.run(host, sys.executable, "-m", "lrkp_tsl.ctl", "--json", "sessions")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def calls_held(members: Members, host: str) -> int:
+    return int(members.ctl(host, "ping")["calls"])
+
+
+def test_a_takeover_keeps_live_and_quiet_ng_calls_and_the_new_active_manages_them(
+    lab: Lab, members: Members, kamailio: UdpNgPeer, peers: Peers
+) -> None:
+    caller, callee = peers("c", 4000), peers("x", 6000)
+    live = NgCall(kamailio, caller, callee, "live-ng@lab", kinds=("audio",))
+    to_callee, to_caller = live.caller_relays[0], live.callee_relays[0]
+    assert to_callee.ip == INTERNAL_VIP and to_caller.ip == EXTERNAL_VIP
+    burst(caller, to_callee, callee, to_caller, 1, b"hello")  # the NAT'd caller is learned...
+    wait_same_flows(lab, 2.0)  # ...and the standby holds its learned flows too
+    quiet_party, quiet_peer = peers("a", 30000), peers("x", 32000)
+    quiet = [
+        NgCall(kamailio, quiet_party, quiet_peer, f"quiet-{index}@lab", kinds=("audio",))
+        for index in range(QUIET_CALLS)
+    ]
+    answered = time.monotonic()  # the quiet calls' idle clocks start by now
+    quiet_ids = {call.call_id for call in quiet}
+    every = {*quiet_ids, live.call_id}
+    wait_for(
+        "the standby in sync with every ng call",
+        lambda: (
+            (status := members.pair_status("relay2"))["in_sync"] and status["calls"] == len(every)
+        ),
+        10.0,
+    )
+    forward = Stream(caller, to_callee, callee, b"A", RATE).start()
+    backward = Stream(callee, to_caller, caller, b"B", RATE).start()
+    time.sleep(1.0)
+    members.nodes["relay"].proc.send_signal(signal.SIGKILL)
+    members.keepalived.crash("relay")
+    members.keepalived.wait_holder("relay2", 2.0)
+    new_active = members.nodes["relay2"]
+    new_active.wait_log(f"active: this node holds the relay addresses; {len(every)} calls", 2.0)
+    time.sleep(2.0)
+    forward.stop()
+    backward.stop()
+
+    # Media resumed on the new active, through the same relay addresses.
+    for stream in (forward, backward):
+        gap = stream.longest_gap()
+        print(f"{stream.tag!r}: gap {gap:.3f} s, lost {len(stream.lost())} of {len(stream.sent)}")
+        assert gap < 1.0, f"media resumed after {gap:.3f} s"
+        assert len(stream.lost()) <= gap * RATE + 2, (len(stream.lost()), gap)
+        assert stream.foreign == []
+    assert forward.sources == {to_caller} and backward.sources == {to_callee}
+
+    # It lists every ng call as ng, with the tags its ng table took from the records.
+    rows = {row["call_id"]: row for row in sessions(lab, "relay2")}
+    assert set(rows) == every
+    assert {row["protocol"] for row in rows.values()} == {"ng"}
+    assert all(row["about"] == {"tags": ["caller-tag", "callee-tag"]} for row in rows.values())
+
+    # The quiet calls are kept until their idle timeout, counted from their answer on the
+    # old active (not from the takeover, not sooner).
+    time.sleep(max(0.0, answered + IDLE - 1.5 - time.monotonic()))
+    assert {row["call_id"] for row in sessions(lab, "relay2")} == every
+    assert "removed: no media" not in new_active.output()
+
+    # The live call is managed by ng on the new active: a re-INVITE's hold keeps its ports,
+    # query answers, delete ends it and nothing is relayed after.
+    offer, answer = live.negotiate(("sendonly",))
+    assert [Endpoint.parse(*pair) for pair in relay_ports(offer)] == [to_caller]
+    assert [Endpoint.parse(*pair) for pair in relay_ports(answer)] == [to_callee]
+    burst(caller, to_callee, callee, to_caller, 3, b"held")
+    burst(callee, to_caller, caller, to_callee, 3, b"moh")
+    queried = live.query()
+    assert queried["totals"]["RTP"]["packets"] > 0, queried
+    live.delete()
+    caller.send(to_callee, b"after delete")
+    callee.send(to_caller, b"after delete")
+    callee.expect_nothing()
+    caller.expect_nothing()
+    assert f"[{live.call_id}] removed:" in new_active.output()
+
+    # ...and the quiet calls end by their idle timeout on the new active.
+    wait_for("the quiet calls ended by idle", lambda: calls_held(members, "relay2") == 0, 20.0)
+    ended = [line for line in new_active.output().splitlines() if "removed: no media" in line]
+    assert len(ended) == QUIET_CALLS, ended[:3]
+    # ng forgot them too: a delete of one is answered as rtpengine answers one for a call it
+    # does not have.
+    gone = kamailio.request(
+        {"command": "delete", "call-id": "quiet-0@lab", "from-tag": "caller-tag"}
+    )
+    assert gone == {"result": "ok", "warning": "Call-ID not found or tags didn't match"}, gone
