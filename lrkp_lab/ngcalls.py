@@ -63,7 +63,7 @@ class NgCall:
         self.kamailio, self.call_id = kamailio, call_id
         self.caller, self.callee, self.kinds = caller, callee, kinds
         self.attributes = attributes
-        offer, answer = self.negotiate()
+        self.offer, self.answer = offer, answer = self.negotiate()  # the replies
         # The callee sends to what the offer told it; the caller to what the answer did.
         self.callee_relays = [Endpoint.parse(ip, port) for ip, port in relay_ports(offer)]
         self.caller_relays = [Endpoint.parse(ip, port) for ip, port in relay_ports(answer)]

@@ -22,12 +22,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lrkp_lab.calls import CONTROL, KAMAILIO_IP, NODE_ARGS, Stream, burst, running_node
+from lrkp_lab.calls import CONTROL, KAMAILIO_IP, NODE_ARGS, Call, Stream, burst, running_node
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_lab.ngcalls import NAT_OUTSIDE, NgCall, ok, sdp
 from lrkp_lab.ngpeer import UdpNgPeer
 from lrkp_lab.node import Controller, Node
 from lrkp_lab.parties import Party, Peers
+from lrkp_lab.waiting import wait_for
 from lrkp_tsl.dataplane.nft import TABLE
 from lrkp_tsl.media import Endpoint
 from lrkp_tsl.ng.bencode import Encodable, encode
@@ -171,6 +172,110 @@ def test_live_ng_calls_keep_their_media_across_a_sigkill_and_the_restarted_node_
         assert "restored 2 calls from the store: 2 intact" in again.output()
     finally:
         again.close()
+
+
+# -- self-repair with an ng call and an lrkproxy call live -----------------------------------
+
+REPAIRED = "repaired:"
+REPAIR_WAIT = 10.0  # a repair comes within a check interval or two (selfheal.CHECK_INTERVAL)
+DAMAGES = (
+    f"flush map ip {TABLE} dnat_to; flush map ip {TABLE} snat_to",  # every call's flows
+    "flush ruleset",  # the table, its maps and sets, the queue rule: everything
+)
+
+
+@pytest.mark.parametrize(
+    ("kinds", "attributes"),
+    [(("audio", "video"), ()), (("audio",), ("rtcp-mux",))],
+    ids=["audio+video", "audio-rtcp-mux"],
+)
+def test_an_ng_call_and_an_lrkproxy_call_come_back_after_emptied_maps_and_a_flushed_ruleset(
+    lab: Lab,
+    node: Node,
+    kamailio: UdpNgPeer,
+    peers: Peers,
+    kinds: tuple[str, ...],
+    attributes: tuple[str, ...],
+) -> None:
+    """Both calls' media resumes after each repair (what is sent once the node logged the
+    repair arrives), no call is lost, and the ng call is still ended by ng's delete."""
+    caller, callee = party_pair(peers, 4200, 6200)
+    ng_call = NgCall(kamailio, caller[0], callee[0], "repaired-ng@lab", kinds, attributes)
+    if attributes:
+        assert "a=rtcp-mux" in ng_call.answer["sdp"]  # both sides mux: no RTCP legs
+    indexes = range(len(kinds))
+    for index in indexes:  # the NAT'd caller, learned on each stream
+        burst(caller[2 * index], ng_call.caller_relays[index], callee[2 * index],
+              ng_call.callee_relays[index], 1, b"learn")  # fmt: skip
+    stand_in = Controller(lab, "sip", KAMAILIO_IP)
+    lrkp_a, lrkp_b = peers("a", 4400), peers("b", 6400)
+    lrkproxy = Call(stand_in, lrkp_a, lrkp_b, 20400, "repaired-lrkp@lab")
+    streams = [
+        stream
+        for index in indexes
+        for stream in (
+            Stream(
+                caller[2 * index],
+                ng_call.caller_relays[index],
+                callee[2 * index],
+                b"ng-%d-a" % index,
+            ),
+            Stream(
+                callee[2 * index],
+                ng_call.callee_relays[index],
+                caller[2 * index],
+                b"ng-%d-b" % index,
+            ),
+        )
+    ]
+    streams += [
+        Stream(lrkp_a, lrkproxy.caller_relay, lrkp_b, b"lrkp-a"),
+        Stream(lrkp_b, lrkproxy.callee_relay, lrkp_a, b"lrkp-b"),
+    ]
+    for stream in streams:
+        stream.start()
+    windows: list[tuple[list[int], list[int]]] = []  # per damage: sent, then and at repair
+    try:
+        for done, damage in enumerate(DAMAGES, start=1):
+            time.sleep(0.5)
+            damaged_at = [len(stream.sent) for stream in streams]
+            lab.run("relay", "nft", damage)
+            wait_for(f"repair {done}", lambda n=done: node.output().count(REPAIRED) >= n,
+                     REPAIR_WAIT)  # fmt: skip
+            windows.append((damaged_at, [len(stream.sent) for stream in streams]))
+            time.sleep(1.0)
+    finally:
+        for stream in streams:
+            stream.stop()
+    for index, stream in enumerate(streams):
+        lost = stream.lost()
+        print(f"{stream.tag!r}: lost {len(lost)} of {len(stream.sent)}")
+        # Lost only between a damage and its repair (and what was in flight then).
+        outside = [
+            seq
+            for seq in lost
+            if not any(then[index] - 2 <= seq <= at[index] + 2 for then, at in windows)
+        ]
+        assert outside == [], (stream.tag, outside, windows)
+        assert stream.foreign == []
+        assert stream.sources == {s.to for s in streams if s.sender is stream.receiver}, (
+            stream.tag
+        )  # the call's own relay endpoints
+    code, text, err = ctl(lab, "sessions", "--json")
+    assert code == 0, err
+    rows = {row["call_id"]: row["protocol"] for row in map(json.loads, text.splitlines())}
+    assert rows == {ng_call.call_id: "ng", lrkproxy.call_id: "lrkproxy"}  # no call lost
+    # The ng call is still ng's: delete ends it (both streams), the lrkproxy call goes on.
+    ng_call.delete()
+    for index in indexes:
+        caller[2 * index].send(ng_call.caller_relays[index], b"after delete")
+        callee[2 * index].send(ng_call.callee_relays[index], b"after delete")
+    for index in indexes:
+        caller[2 * index].expect_nothing()
+        callee[2 * index].expect_nothing()
+    burst(lrkp_a, lrkproxy.caller_relay, lrkp_b, lrkproxy.callee_relay, 3, b"still")
+    lrkproxy.delete(stand_in)
+    stand_in.close()
 
 
 # -- hostile ng datagrams with a live ng call ----------------------------------------------
