@@ -26,7 +26,7 @@ from lrkp_lab.calls import CONTROL, KAMAILIO_IP, NODE_ARGS, Call, Stream, burst,
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_lab.ngcalls import NAT_OUTSIDE, NgCall, ok, sdp
 from lrkp_lab.ngpeer import UdpNgPeer
-from lrkp_lab.node import Controller, Node
+from lrkp_lab.node import Controller, Node, set_command
 from lrkp_lab.parties import Party, Peers
 from lrkp_lab.waiting import wait_for
 from lrkp_tsl.dataplane.nft import TABLE
@@ -276,6 +276,123 @@ def test_an_ng_call_and_an_lrkproxy_call_come_back_after_emptied_maps_and_a_flus
     burst(lrkp_a, lrkproxy.caller_relay, lrkp_b, lrkproxy.callee_relay, 3, b"still")
     lrkproxy.delete(stand_in)
     stand_in.close()
+
+
+# -- ng and lrkproxy calls from one port range -----------------------------------------------
+
+SMALL_PORTS = (20000, 20099)  # 50 ng pairs, 25 lrkproxy blocks: both wrap within the test
+WINDOW = 6  # live calls of each protocol at a time (older ones are deleted)
+ROUNDS = 60
+
+
+def relay_ports_of_call(endpoints: list[Endpoint]) -> set[Endpoint]:
+    """RTP and RTCP of each relay endpoint."""
+    return {relay.offset(delta) for relay in endpoints for delta in (0, 1)}
+
+
+def test_ng_and_lrkproxy_calls_allocated_alternately_never_share_a_relay_port(
+    lab: Lab, peers: Peers
+) -> None:
+    """Kamailio's lrkproxy module allocates from its own counter (from `G`'s current_port,
+    4 ports a call, wrapping blindly at end_port); ng calls get theirs from the node. Both
+    wrap the small range twice, alternately, with WINDOW calls of each live: no call ever
+    gets a relay endpoint another live call holds (an `S` that lands on an ng call's ports
+    is refused, never given them), and a delete of one protocol's call leaves the other's
+    relaying."""
+    args = (*ARGS, "--ports", f"{SMALL_PORTS[0]}-{SMALL_PORTS[1]}")
+    with running_node(lab, *args) as node:
+        stand_in = Controller(lab, "sip", KAMAILIO_IP)
+        kamailio = UdpNgPeer("node", lab.udp_socket("sip", KAMAILIO_IP, 0), NG)
+        try:
+            config = stand_in.command(b"G", CONTROL)
+            assert config is not None
+            start, end, current = (int.from_bytes(config[2 + 4 * i : 6 + 4 * i], sys.byteorder)
+                                   for i in range(3))  # fmt: skip
+            assert (start, end) == (SMALL_PORTS[0], SMALL_PORTS[1] - 3)
+            ng_a, ng_x = peers("a", 4500), peers("x", 6500)
+            lrkp_a, lrkp_b = peers("a", 4600), peers("b", 6600)
+            live: dict[str, tuple[str, set[Endpoint], object]] = {}  # call-id: protocol, ...
+            order: dict[str, list[str]] = {"ng": [], "lrkproxy": []}
+            refused = 0
+            ng_ports_seen: set[int] = set()
+            counter = current
+            for round_ in range(ROUNDS):
+                for protocol in ("ng", "lrkproxy"):
+                    call_id = f"{protocol}-{round_}@lab"
+                    if protocol == "ng":
+                        made: object = NgCall(kamailio, ng_a, ng_x, call_id, kinds=("audio",))
+                        assert isinstance(made, NgCall)
+                        relays = relay_ports_of_call(made.caller_relays + made.callee_relays)
+                        ng_ports_seen |= {relay.port for relay in relays}
+                    else:
+                        port, counter = counter, (start if counter >= end else counter + 4)
+                        body = set_command("S", str(lrkp_a.endpoint.ip), str(INTERNAL_IP),
+                                           str(INTERNAL_IP), str(lrkp_b.endpoint.ip),
+                                           lrkp_a.endpoint.port, port, port + 2,
+                                           lrkp_b.endpoint.port, call_id)  # fmt: skip
+                        reply = stand_in.command(body, CONTROL)
+                        assert reply is not None
+                        if reply != body + b"OK":
+                            # Kamailio's counter landed on ports the node gave an ng call.
+                            assert reply.startswith(b"E relay-port "), reply
+                            assert b"held by ng call" in reply, reply
+                            refused += 1
+                            continue
+                        made = (Endpoint(INTERNAL_IP, port + 2), Endpoint(INTERNAL_IP, port))
+                        relays = relay_ports_of_call(list(made))
+                    for other, (_protocol, held, _made) in live.items():
+                        assert not relays & held, (call_id, other, relays & held)
+                    live[call_id] = (protocol, relays, made)
+                    order[protocol].append(call_id)
+                    if len(order[protocol]) > WINDOW:
+                        _end(live, order[protocol].pop(0), kamailio, stand_in)
+                        # The other protocol's calls, oldest and newest, still relay.
+                        others = order["lrkproxy" if protocol == "ng" else "ng"]
+                        for other in {others[0], others[-1]} if others else set():
+                            _relays_both_ways(live[other][2], ng_a, ng_x, lrkp_a, lrkp_b)
+            print(f"{ROUNDS} rounds: {refused} lrkproxy S refused (landed on ng ports); "
+                  f"ng used {len(ng_ports_seen)} of {SMALL_PORTS[1] - SMALL_PORTS[0] + 1} "
+                  "ports")  # fmt: skip
+            # ng wrapped the range (it allocated every pair at least once) and the node holds
+            # exactly the calls the test left live.
+            assert len(ng_ports_seen) >= SMALL_PORTS[1] - SMALL_PORTS[0] + 1 - 4 * WINDOW
+            code, text, err = ctl(lab, "sessions", "--json")
+            assert code == 0, err
+            assert {json.loads(line)["call_id"] for line in text.splitlines()} == set(live)
+            for call_id in list(live):
+                _end(live, call_id, kamailio, stand_in)
+            assert "internal error" not in node.output()
+        finally:
+            stand_in.close()
+            kamailio.close()
+
+
+def _end(
+    live: dict[str, tuple[str, set[Endpoint], object]],
+    call_id: str,
+    kamailio: UdpNgPeer,
+    stand_in: Controller,
+) -> None:
+    protocol, _relays, made = live.pop(call_id)
+    if protocol == "ng":
+        assert isinstance(made, NgCall)
+        made.delete()
+    else:
+        assert isinstance(made, tuple)
+        body = b"D" + b" " * 8 + f" 60 {call_id} ".encode()
+        assert stand_in.command(body, CONTROL) == body + b"OK"
+
+
+def _relays_both_ways(made: object, ng_a: Party, ng_x: Party, lrkp_a: Party, lrkp_b: Party) -> None:
+    if isinstance(made, NgCall):
+        to_callee, to_caller = made.caller_relays[0], made.callee_relays[0]
+        burst(ng_a, to_callee, ng_x, to_caller, 1, b"ng")
+        burst(ng_x, to_caller, ng_a, to_callee, 1, b"ng-back")
+    else:
+        assert isinstance(made, tuple)
+        to_callee, to_caller = made
+        burst(lrkp_a, to_callee, lrkp_b, to_caller, 1, b"lrkp")
+        burst(lrkp_b, to_caller, lrkp_a, to_callee, 1, b"lrkp-back")
 
 
 # -- hostile ng datagrams with a live ng call ----------------------------------------------
