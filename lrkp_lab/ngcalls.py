@@ -59,38 +59,52 @@ class NgCall:
         call_id: str,
         kinds: tuple[str, ...] = ("audio", "video"),
         attributes: tuple[str, ...] = (),
+        ringing: bool = False,
     ) -> None:
+        """`ringing`: the offer only (the callee's phone rings); `answered` completes it."""
         self.kamailio, self.call_id = kamailio, call_id
         self.caller, self.callee, self.kinds = caller, callee, kinds
         self.attributes = attributes
-        self.offer, self.answer = offer, answer = self.negotiate()  # the replies
+        self.offer = self.offered()
         # The callee sends to what the offer told it; the caller to what the answer did.
-        self.callee_relays = [Endpoint.parse(ip, port) for ip, port in relay_ports(offer)]
-        self.caller_relays = [Endpoint.parse(ip, port) for ip, port in relay_ports(answer)]
+        self.callee_relays = [Endpoint.parse(ip, port) for ip, port in relay_ports(self.offer)]
+        self.caller_relays: list[Endpoint] = []
+        if not ringing:
+            self.answered()
 
-    def negotiate(self, attributes: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Offer and answer (again, for a re-INVITE: `attributes` such as "sendonly" on the
-        offer, "recvonly" on the answer, are a hold); both replies."""
-        common: dict[str, Encodable] = {
-            "call-id": self.call_id, "from-tag": "caller-tag", "ICE": "remove",
-            "replace": ["origin", "session-connection"],
-        }  # fmt: skip
-        offered = [(k, self.caller.endpoint.port + 2 * i) for i, k in enumerate(self.kinds)]
-        offer = ok(self.kamailio.request({
-            **common, "command": "offer",
-            "sdp": sdp(self.caller, *offered, attributes=(*self.attributes, *attributes)),
+    def offered(self, attributes: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The offer (again, for a re-INVITE: "sendonly" in `attributes` is a hold)."""
+        ports = [(k, self.caller.endpoint.port + 2 * i) for i, k in enumerate(self.kinds)]
+        return ok(self.kamailio.request({
+            **self._common(), "command": "offer",
+            "sdp": sdp(self.caller, *ports, attributes=(*self.attributes, *attributes)),
             "direction": ["internal", "external"],
             "received-from": ["IP4", received_from(self.caller)],
         }))  # fmt: skip
-        answered = [(k, self.callee.endpoint.port + 2 * i) for i, k in enumerate(self.kinds)]
-        back = tuple("recvonly" if a == "sendonly" else a for a in attributes)
-        answer = ok(self.kamailio.request({
-            **common, "command": "answer", "to-tag": "callee-tag",
-            "sdp": sdp(self.callee, *answered, attributes=(*self.attributes, *back)),
+
+    def answered(self, attributes: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The answer (to a re-INVITE too); the caller's relay endpoints are what it says."""
+        ports = [(k, self.callee.endpoint.port + 2 * i) for i, k in enumerate(self.kinds)]
+        self.answer = ok(self.kamailio.request({
+            **self._common(), "command": "answer", "to-tag": "callee-tag",
+            "sdp": sdp(self.callee, *ports, attributes=(*self.attributes, *attributes)),
             "direction": ["external", "internal"],
             "received-from": ["IP4", received_from(self.callee)],
         }))  # fmt: skip
-        return offer, answer
+        self.caller_relays = [Endpoint.parse(ip, port) for ip, port in relay_ports(self.answer)]
+        return self.answer
+
+    def negotiate(self, attributes: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A re-INVITE's offer and answer (`attributes` ("sendonly") on the offer, and its
+        counterpart ("recvonly") on the answer: a hold); both replies."""
+        back = tuple("recvonly" if a == "sendonly" else a for a in attributes)
+        return self.offered(attributes), self.answered(back)
+
+    def _common(self) -> dict[str, Encodable]:
+        return {
+            "call-id": self.call_id, "from-tag": "caller-tag", "ICE": "remove",
+            "replace": ["origin", "session-connection"],
+        }  # fmt: skip
 
     def query(self) -> dict[str, Any]:
         return ok(self.kamailio.request({"command": "query", "call-id": self.call_id}))

@@ -21,7 +21,7 @@ import pytest
 
 from lrkp_lab.calls import KAMAILIO_IP, Stream, burst
 from lrkp_lab.lab import Lab
-from lrkp_lab.ngcalls import NgCall, relay_ports
+from lrkp_lab.ngcalls import NgCall, ok, relay_ports
 from lrkp_lab.ngpeer import UdpNgPeer
 from lrkp_lab.pairlab import EXTERNAL_VIP, INTERNAL_VIP
 from lrkp_lab.pairnodes import RATE, Members, running_pair, wait_same_flows
@@ -30,7 +30,7 @@ from lrkp_lab.waiting import wait_for
 from lrkp_tsl.media import Endpoint
 
 NG = (str(INTERNAL_VIP), 2223)
-IDLE = 20.0  # the quiet calls' idle timeout: long enough to see them kept past the takeover
+IDLE = 30.0  # the quiet calls' idle timeout: they outlive the takeover and the return
 QUIET_CALLS = 50
 
 
@@ -53,6 +53,15 @@ def sessions(lab: Lab, host: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 
+def relay_endpoints(call: NgCall) -> set[Endpoint]:
+    """Every relay endpoint of the call: RTP and RTCP of each side's."""
+    return {
+        relay.offset(delta)
+        for relay in (*call.caller_relays, *call.callee_relays)
+        for delta in (0, 1)
+    }
+
+
 def calls_held(members: Members, host: str) -> int:
     return int(members.ctl(host, "ping")["calls"])
 
@@ -72,8 +81,10 @@ def test_a_takeover_keeps_live_and_quiet_ng_calls_and_the_new_active_manages_the
         for index in range(QUIET_CALLS)
     ]
     answered = time.monotonic()  # the quiet calls' idle clocks start by now
+    ring_caller, ring_callee = peers("a", 30200), peers("x", 32200)
+    ringing = NgCall(kamailio, ring_caller, ring_callee, "ringing@lab", ("audio",), ringing=True)
     quiet_ids = {call.call_id for call in quiet}
-    every = {*quiet_ids, live.call_id}
+    every = {*quiet_ids, live.call_id, ringing.call_id}
     wait_for(
         "the standby in sync with every ng call",
         lambda: (
@@ -102,17 +113,20 @@ def test_a_takeover_keeps_live_and_quiet_ng_calls_and_the_new_active_manages_the
         assert stream.foreign == []
     assert forward.sources == {to_caller} and backward.sources == {to_callee}
 
-    # It lists every ng call as ng, with the tags its ng table took from the records.
+    # It lists every ng call as ng, with the tags its ng table took from the records, and
+    # each quiet call's idle time counts from its answer on the old active, not from the
+    # takeover (which came seconds later).
+    listed = time.monotonic()
     rows = {row["call_id"]: row for row in sessions(lab, "relay2")}
     assert set(rows) == every
     assert {row["protocol"] for row in rows.values()} == {"ng"}
-    assert all(row["about"] == {"tags": ["caller-tag", "callee-tag"]} for row in rows.values())
-
-    # The quiet calls are kept until their idle timeout, counted from their answer on the
-    # old active (not from the takeover, not sooner).
-    time.sleep(max(0.0, answered + IDLE - 1.5 - time.monotonic()))
-    assert {row["call_id"] for row in sessions(lab, "relay2")} == every
-    assert "removed: no media" not in new_active.output()
+    tags = {call_id: row["about"]["tags"] for call_id, row in rows.items()}
+    assert tags == {**{call_id: ["caller-tag", "callee-tag"] for call_id in every},
+                    ringing.call_id: ["caller-tag", "-"]}  # fmt: skip
+    assert all(rows[call_id]["idle"] >= listed - answered - 0.1 for call_id in quiet_ids), [
+        rows[call_id]["idle"] for call_id in sorted(quiet_ids)[:3]
+    ]
+    assert set(ok(kamailio.request({"command": "list", "limit": 100}))["calls"]) == every
 
     # The live call is managed by ng on the new active: a re-INVITE's hold keeps its ports,
     # query answers, delete ends it and nothing is relayed after.
@@ -130,8 +144,39 @@ def test_a_takeover_keeps_live_and_quiet_ng_calls_and_the_new_active_manages_the
     caller.expect_nothing()
     assert f"[{live.call_id}] removed:" in new_active.output()
 
+    # The call that was ringing through the takeover is answered on the new active: relayed.
+    ringing.answered()
+    burst(ring_caller, ringing.caller_relays[0], ring_callee, ringing.callee_relays[0], 2, b"r")
+    burst(ring_callee, ringing.callee_relays[0], ring_caller, ringing.caller_relays[0], 2, b"r2")
+    ringing.delete()
+
+    # A new ng call on the new active gets relay ports no followed call holds, and is relayed.
+    held = {relay for call in quiet for relay in relay_endpoints(call)}
+    new_caller, new_callee = peers("a", 30100), peers("x", 32100)
+    new = NgCall(kamailio, new_caller, new_callee, "after-takeover@lab", kinds=("audio",))
+    assert not relay_endpoints(new) & held
+    burst(new_caller, new.caller_relays[0], new_callee, new.callee_relays[0], 2, b"new")
+    burst(new_callee, new.callee_relays[0], new_caller, new.caller_relays[0], 2, b"new-back")
+    new.delete()
+
+    # The old active comes back as the standby (its own stale state first): it follows the
+    # new active's ng calls, as ng calls, and drops the one deleted meanwhile.
+    members.keepalived.recover("relay")
+    returning = members.start_node("relay", state=members.nodes["relay"].state)
+    returning.wait_log("following: the active node's table loaded", 10.0)
+    rows = {row["call_id"]: row for row in sessions(lab, "relay")}
+    assert set(rows) == quiet_ids
+    assert all(row["about"] == {"tags": ["caller-tag", "callee-tag"]} for row in rows.values())
+
+    # The quiet calls are kept until their idle timeout, counted from their answer on the
+    # old active (not from the takeover, not sooner).
+    time.sleep(max(0.0, answered + IDLE - 1.5 - time.monotonic()))
+    assert {row["call_id"] for row in sessions(lab, "relay2")} == quiet_ids
+    assert "removed: no media" not in new_active.output()
+
     # ...and the quiet calls end by their idle timeout on the new active.
     wait_for("the quiet calls ended by idle", lambda: calls_held(members, "relay2") == 0, 20.0)
+    wait_for("the standby followed", lambda: calls_held(members, "relay") == 0, 10.0)
     ended = [line for line in new_active.output().splitlines() if "removed: no media" in line]
     assert len(ended) == QUIET_CALLS, ended[:3]
     # ng forgot them too: a delete of one is answered as rtpengine answers one for a call it
