@@ -32,6 +32,7 @@ from lrkp_tsl.media import Endpoint
 NG = (str(INTERNAL_VIP), 2223)
 IDLE = 30.0  # the quiet calls' idle timeout: they outlive the takeover and the return
 QUIET_CALLS = 50
+DELETE_DELAY = 12  # seconds: a delete with a delay, sent to the old active, ends on the new
 
 
 @pytest.fixture
@@ -83,8 +84,12 @@ def test_a_takeover_keeps_live_and_quiet_ng_calls_and_the_new_active_manages_the
     answered = time.monotonic()  # the quiet calls' idle clocks start by now
     ring_caller, ring_callee = peers("a", 30200), peers("x", 32200)
     ringing = NgCall(kamailio, ring_caller, ring_callee, "ringing@lab", ("audio",), ringing=True)
+    delayed = NgCall(kamailio, ring_caller, ring_callee, "delayed@lab", ("audio",))
+    ok(kamailio.request({"command": "delete", "call-id": delayed.call_id,
+                         "from-tag": "caller-tag", "delete-delay": DELETE_DELAY}))  # fmt: skip
+    delete_sent = time.monotonic()
     quiet_ids = {call.call_id for call in quiet}
-    every = {*quiet_ids, live.call_id, ringing.call_id}
+    every = {*quiet_ids, live.call_id, ringing.call_id, delayed.call_id}
     wait_for(
         "the standby in sync with every ng call",
         lambda: (
@@ -149,6 +154,13 @@ def test_a_takeover_keeps_live_and_quiet_ng_calls_and_the_new_active_manages_the
     burst(ring_caller, ringing.caller_relays[0], ring_callee, ringing.callee_relays[0], 2, b"r")
     burst(ring_callee, ringing.callee_relays[0], ring_caller, ringing.caller_relays[0], 2, b"r2")
     ringing.delete()
+
+    # The delete with a delay sent to the old active ends the call on the new one, then.
+    removed = f"[{delayed.call_id}] removed:"
+    wait_for("the delayed delete", lambda: removed in new_active.output(), DELETE_DELAY + 10)
+    assert time.monotonic() >= delete_sent + DELETE_DELAY - 0.5  # not sooner
+    line = next(text for text in new_active.output().splitlines() if removed in text)
+    assert "(delete-delay)" in line, line
 
     # A new ng call on the new active gets relay ports no followed call holds, and is relayed.
     held = {relay for call in quiet for relay in relay_endpoints(call)}
