@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,10 @@ DAMAGES = (
 )
 
 
+def repaired(node: Node, times: int) -> bool:
+    return node.output().count(REPAIRED) >= times
+
+
 @pytest.mark.parametrize(
     ("kinds", "attributes"),
     [(("audio", "video"), ()), (("audio",), ("rtcp-mux",))],
@@ -240,8 +245,7 @@ def test_an_ng_call_and_an_lrkproxy_call_come_back_after_emptied_maps_and_a_flus
             time.sleep(0.5)
             damaged_at = [len(stream.sent) for stream in streams]
             lab.run("relay", "nft", damage)
-            wait_for(f"repair {done}", lambda n=done: node.output().count(REPAIRED) >= n,
-                     REPAIR_WAIT)  # fmt: skip
+            wait_for(f"repair {done}", partial(repaired, node, done), REPAIR_WAIT)
             windows.append((damaged_at, [len(stream.sent) for stream in streams]))
             time.sleep(1.0)
     finally:
