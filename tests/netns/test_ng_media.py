@@ -341,6 +341,9 @@ def test_ng_and_lrkproxy_calls_allocated_alternately_never_share_a_relay_port(
                             assert reply.startswith(b"E relay-port "), reply
                             assert b"held by ng call" in reply, reply
                             refused += 1
+                            # ...and the ng call holding them relays as before.
+                            owner = reply.split(b"held by ng call '")[1].split(b"'")[0]
+                            _relays_both_ways(live[owner.decode()][2], ng_a, ng_x, lrkp_a, lrkp_b)
                             continue
                         made = (Endpoint(INTERNAL_IP, port + 2), Endpoint(INTERNAL_IP, port))
                         relays = relay_ports_of_call(list(made))
