@@ -33,13 +33,15 @@ HOSTS = {"relay": "10.201.1.1", "relay2": "10.201.1.2"}
 METRICS = ("127.0.0.1", 9733)  # each node's, in its own namespace
 
 
-def node_args(redis: RedisServer, peer: RedisServer, idle: float = IDLE) -> tuple[str, ...]:
+def node_args(
+    redis: RedisServer, peer: RedisServer, idle: float = IDLE, extra: tuple[str, ...] = ()
+) -> tuple[str, ...]:
     return (
         "--internal-ip", str(INTERNAL_VIP), "--external-ip", str(EXTERNAL_VIP),
         "--ports", "20000-21999", "--control", f"udp:{CONTROL[0]}:{CONTROL[1]}",
         "--allow", "10.201.1.5", "--idle-timeout", f"{idle:g}", "--log-level", "debug",
         "--pair-redis", redis.url, "--pair-peer-redis", peer.tcp_url,
-        "--metrics-listen", f"{METRICS[0]}:{METRICS[1]}",
+        "--metrics-listen", f"{METRICS[0]}:{METRICS[1]}", *extra,
     )  # fmt: skip
 
 
@@ -70,10 +72,11 @@ class Members:
     nodes: dict[str, Node]
     started: list[Node]
     idle: float = IDLE
+    extra: tuple[str, ...] = ()  # more arguments for both nodes (e.g. `--ng`)
 
     def start_node(self, host: str, state: Path | None = None) -> Node:
         peer = "relay2" if host == "relay" else "relay"
-        args = node_args(self.redis[host], self.redis[peer], self.idle)
+        args = node_args(self.redis[host], self.redis[peer], self.idle, self.extra)
         node = Node(self.lab, host, *args, state=state)
         self.nodes[host] = node
         self.started.append(node)
@@ -96,16 +99,19 @@ class Members:
 
 
 @contextlib.contextmanager
-def running_pair(lab: Lab, *, idle: float = IDLE, examples: bool = False) -> Iterator[Members]:
+def running_pair(
+    lab: Lab, *, idle: float = IDLE, examples: bool = False, extra: tuple[str, ...] = ()
+) -> Iterator[Members]:
     """Both Redis servers, keepalived (relay first: it holds the VIPs) and both nodes; all
     stopped, and the namespaces cleared, at the end.
 
     `examples`: Redis and keepalived run examples/redis-pair.conf and
     examples/keepalived.conf as shipped, with only addresses, interfaces and paths filled
-    in (lrkp_lab.redis.example_substitutions, lrkp_lab.pairlab.example_substitutions)."""
+    in (lrkp_lab.redis.example_substitutions, lrkp_lab.pairlab.example_substitutions).
+    `extra`: more arguments for both nodes."""
     redis = {host: RedisServer(lab, host, ip, example=examples) for host, ip in HOSTS.items()}
     pair = Pair(lab, example=examples)
-    made = Members(lab, pair, redis, {}, [], idle)
+    made = Members(lab, pair, redis, {}, [], idle, extra)
     try:
         for server in redis.values():
             server.start()

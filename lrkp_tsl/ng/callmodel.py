@@ -405,12 +405,19 @@ class NgCalls:
     def adopt(self, call: NgCall) -> None:
         """The call as another decided it (a restarted node's store, a standby's active
         node): the table holds it, and the pool exactly its pairs (those it had before and
-        no longer has are given back)."""
+        no longer has are given back). ValueError, and nothing changed, if another ng call
+        holds one of its pairs (a replay's passing state: the other call's end follows)."""
         before = self._calls.get(call.call_id)
         had = set(before.pairs()) if before is not None else set()
         has = set(call.pairs())
-        for port in sorted(has - had):
-            self.pool.hold(port)
+        holding: list[int] = []
+        try:
+            for port in sorted(has - had):
+                self.pool.hold(port)
+                holding.append(port)
+        except ValueError:  # all or nothing: a pair held for a refused call is held for none
+            self._give_back(holding)
+            raise
         self._give_back(sorted(had - has))
         self._calls[call.call_id] = call
 

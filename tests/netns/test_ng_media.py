@@ -12,30 +12,30 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lrkp_lab.calls import CONTROL, KAMAILIO_IP, NODE_ARGS, Stream, burst, running_node
+from lrkp_lab.calls import CONTROL, KAMAILIO_IP, NODE_ARGS, Call, Stream, burst, running_node
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.ngcalls import NAT_OUTSIDE, NgCall, ok, sdp
 from lrkp_lab.ngpeer import UdpNgPeer
-from lrkp_lab.node import Controller, Node
+from lrkp_lab.node import Controller, Node, set_command
 from lrkp_lab.parties import Party, Peers
+from lrkp_lab.waiting import wait_for
 from lrkp_tsl.dataplane.nft import TABLE
 from lrkp_tsl.media import Endpoint
 from lrkp_tsl.ng.bencode import Encodable, encode
 
 NG = (str(INTERNAL_IP), 2223)
 ARGS = (*NODE_ARGS, "--ng", f"udp:{NG[0]}:{NG[1]}", "--log-level", "info")
-NAT_OUTSIDE = "10.201.1.20"  # the caller's NAT box, as the relay sees it
 CTL = (sys.executable, "-m", "lrkp_tsl.ctl")
 
 
@@ -55,69 +55,6 @@ def kamailio(lab: Lab, node: Node) -> Iterator[UdpNgPeer]:
     peer = UdpNgPeer("node", lab.udp_socket("sip", KAMAILIO_IP, 0), NG)
     yield peer
     peer.close()
-
-
-def sdp(party: Party, *streams: tuple[str, int]) -> str:
-    """An SDP offer or answer: one m= line per (kind, port), at the party's address."""
-    ip = party.endpoint.ip
-    lines = ["v=0", f"o=- 1 1 IN IP4 {ip}", "s=-", f"c=IN IP4 {ip}", "t=0 0"]
-    for kind, port in streams:
-        payload = "0" if kind == "audio" else "96"
-        lines.append(f"m={kind} {port} RTP/AVP {payload}")
-        if kind == "video":
-            lines.append("a=rtpmap:96 VP8/90000")
-    return "".join(line + "\r\n" for line in lines)
-
-
-def relay_ports(reply: dict[str, Any]) -> list[tuple[str, int]]:
-    """(address, port) of each m= line of a rewritten SDP."""
-    body = reply["sdp"]
-    address = re.search(r"^c=IN IP4 (\S+)", body, re.M)
-    assert address is not None, body
-    return [(address.group(1), int(port)) for port in re.findall(r"^m=\w+ (\d+) ", body, re.M)]
-
-
-def ok(reply: dict[str, Any]) -> dict[str, Any]:
-    assert reply.get("result") == "ok", reply
-    return reply
-
-
-class NgCall:
-    """A call set up over ng as Kamailio's rtpengine module does it (offer on the INVITE,
-    answer on the 200): the relay endpoints each party was told, per stream."""
-
-    def __init__(
-        self,
-        kamailio: UdpNgPeer,
-        caller: Party,
-        callee: Party,
-        call_id: str,
-        kinds: tuple[str, ...] = ("audio", "video"),
-    ) -> None:
-        self.kamailio, self.call_id = kamailio, call_id
-        common: dict[str, Encodable] = {
-            "call-id": call_id, "from-tag": "caller-tag", "ICE": "remove",
-            "replace": ["origin", "session-connection"],
-        }  # fmt: skip
-        caller_from = NAT_OUTSIDE if caller.host == "c" else str(caller.endpoint.ip)
-        offer_sdp = sdp(caller, *((k, caller.endpoint.port + 2 * i) for i, k in enumerate(kinds)))
-        offer = ok(kamailio.request({
-            **common, "command": "offer", "sdp": offer_sdp,
-            "direction": ["internal", "external"], "received-from": ["IP4", caller_from],
-        }))  # fmt: skip
-        answer_sdp = sdp(callee, *((k, callee.endpoint.port + 2 * i) for i, k in enumerate(kinds)))
-        answer = ok(kamailio.request({
-            **common, "command": "answer", "to-tag": "callee-tag", "sdp": answer_sdp,
-            "direction": ["external", "internal"],
-            "received-from": ["IP4", str(callee.endpoint.ip)],
-        }))  # fmt: skip
-        # The callee sends to what the offer told it; the caller to what the answer did.
-        self.callee_relays = [Endpoint.parse(ip, port) for ip, port in relay_ports(offer)]
-        self.caller_relays = [Endpoint.parse(ip, port) for ip, port in relay_ports(answer)]
-
-    def delete(self) -> dict[str, Any]:
-        return ok(self.kamailio.request({"command": "delete", "call-id": self.call_id,
-                                         "from-tag": "caller-tag"}))  # fmt: skip
 
 
 def counter(lab: Lab, name: str) -> int:
@@ -236,6 +173,233 @@ def test_live_ng_calls_keep_their_media_across_a_sigkill_and_the_restarted_node_
         assert "restored 2 calls from the store: 2 intact" in again.output()
     finally:
         again.close()
+
+
+# -- self-repair with an ng call and an lrkproxy call live -----------------------------------
+
+REPAIRED = "repaired:"
+REPAIR_WAIT = 10.0  # a repair comes within a check interval or two (selfheal.CHECK_INTERVAL)
+DAMAGES = (
+    f"flush map ip {TABLE} dnat_to; flush map ip {TABLE} snat_to",  # every call's flows
+    "flush ruleset",  # the table, its maps and sets, the queue rule: everything
+)
+
+
+def repaired(node: Node, times: int) -> bool:
+    return node.output().count(REPAIRED) >= times
+
+
+@pytest.mark.parametrize(
+    ("kinds", "attributes"),
+    [(("audio", "video"), ()), (("audio",), ("rtcp-mux",))],
+    ids=["audio+video", "audio-rtcp-mux"],
+)
+def test_an_ng_call_and_an_lrkproxy_call_come_back_after_emptied_maps_and_a_flushed_ruleset(
+    lab: Lab,
+    node: Node,
+    kamailio: UdpNgPeer,
+    peers: Peers,
+    kinds: tuple[str, ...],
+    attributes: tuple[str, ...],
+) -> None:
+    """Both calls' media resumes after each repair (what is sent once the node logged the
+    repair arrives), no call is lost, and the ng call is still ended by ng's delete."""
+    caller, callee = party_pair(peers, 4200, 6200)
+    ng_call = NgCall(kamailio, caller[0], callee[0], "repaired-ng@lab", kinds, attributes)
+    if attributes:
+        assert "a=rtcp-mux" in ng_call.answer["sdp"]  # both sides mux: no RTCP legs
+    indexes = range(len(kinds))
+    for index in indexes:  # the NAT'd caller, learned on each stream
+        burst(caller[2 * index], ng_call.caller_relays[index], callee[2 * index],
+              ng_call.callee_relays[index], 1, b"learn")  # fmt: skip
+    stand_in = Controller(lab, "sip", KAMAILIO_IP)
+    lrkp_a, lrkp_b = peers("a", 4400), peers("b", 6400)
+    lrkproxy = Call(stand_in, lrkp_a, lrkp_b, 20400, "repaired-lrkp@lab")
+    streams = [
+        stream
+        for index in indexes
+        for stream in (
+            Stream(
+                caller[2 * index],
+                ng_call.caller_relays[index],
+                callee[2 * index],
+                b"ng-%d-a" % index,
+            ),
+            Stream(
+                callee[2 * index],
+                ng_call.callee_relays[index],
+                caller[2 * index],
+                b"ng-%d-b" % index,
+            ),
+        )
+    ]
+    streams += [
+        Stream(lrkp_a, lrkproxy.caller_relay, lrkp_b, b"lrkp-a"),
+        Stream(lrkp_b, lrkproxy.callee_relay, lrkp_a, b"lrkp-b"),
+    ]
+    for stream in streams:
+        stream.start()
+    windows: list[tuple[list[int], list[int]]] = []  # per damage: sent, then and at repair
+    try:
+        for done, damage in enumerate(DAMAGES, start=1):
+            time.sleep(0.5)
+            damaged_at = [len(stream.sent) for stream in streams]
+            lab.run("relay", "nft", damage)
+            wait_for(f"repair {done}", partial(repaired, node, done), REPAIR_WAIT)
+            windows.append((damaged_at, [len(stream.sent) for stream in streams]))
+            time.sleep(1.0)
+    finally:
+        for stream in streams:
+            stream.stop()
+    for index, stream in enumerate(streams):
+        lost = stream.lost()
+        print(f"{stream.tag!r}: lost {len(lost)} of {len(stream.sent)}")
+        # Lost only between a damage and its repair (and what was in flight then).
+        outside = [
+            seq
+            for seq in lost
+            if not any(then[index] - 2 <= seq <= at[index] + 2 for then, at in windows)
+        ]
+        assert outside == [], (stream.tag, outside, windows)
+        assert stream.foreign == []
+        assert stream.sources == {s.to for s in streams if s.sender is stream.receiver}, (
+            stream.tag
+        )  # the call's own relay endpoints
+    code, text, err = ctl(lab, "sessions", "--json")
+    assert code == 0, err
+    rows = {row["call_id"]: row["protocol"] for row in map(json.loads, text.splitlines())}
+    assert rows == {ng_call.call_id: "ng", lrkproxy.call_id: "lrkproxy"}  # no call lost
+    # The ng call is still ng's: delete ends it (both streams), the lrkproxy call goes on.
+    ng_call.delete()
+    for index in indexes:
+        caller[2 * index].send(ng_call.caller_relays[index], b"after delete")
+        callee[2 * index].send(ng_call.callee_relays[index], b"after delete")
+    for index in indexes:
+        caller[2 * index].expect_nothing()
+        callee[2 * index].expect_nothing()
+    burst(lrkp_a, lrkproxy.caller_relay, lrkp_b, lrkproxy.callee_relay, 3, b"still")
+    lrkproxy.delete(stand_in)
+    stand_in.close()
+
+
+# -- ng and lrkproxy calls from one port range -----------------------------------------------
+
+SMALL_PORTS = (20000, 20099)  # 50 ng pairs, 25 lrkproxy blocks: both wrap within the test
+WINDOW = 6  # live calls of each protocol at a time (older ones are deleted)
+ROUNDS = 60
+
+
+def relay_ports_of_call(endpoints: list[Endpoint]) -> set[Endpoint]:
+    """RTP and RTCP of each relay endpoint."""
+    return {relay.offset(delta) for relay in endpoints for delta in (0, 1)}
+
+
+def test_ng_and_lrkproxy_calls_allocated_alternately_never_share_a_relay_port(
+    lab: Lab, peers: Peers
+) -> None:
+    """Kamailio's lrkproxy module allocates from its own counter (from `G`'s current_port,
+    4 ports a call, wrapping blindly at end_port); ng calls get theirs from the node. Both
+    wrap the small range twice, alternately, with WINDOW calls of each live: no call ever
+    gets a relay endpoint another live call holds (an `S` that lands on an ng call's ports
+    is refused, never given them), and a delete of one protocol's call leaves the other's
+    relaying."""
+    args = (*ARGS, "--ports", f"{SMALL_PORTS[0]}-{SMALL_PORTS[1]}")
+    with running_node(lab, *args) as node:
+        stand_in = Controller(lab, "sip", KAMAILIO_IP)
+        kamailio = UdpNgPeer("node", lab.udp_socket("sip", KAMAILIO_IP, 0), NG)
+        try:
+            config = stand_in.command(b"G", CONTROL)
+            assert config is not None
+            start, end, current = (int.from_bytes(config[2 + 4 * i : 6 + 4 * i], sys.byteorder)
+                                   for i in range(3))  # fmt: skip
+            assert (start, end) == (SMALL_PORTS[0], SMALL_PORTS[1] - 3)
+            ng_a, ng_x = peers("a", 4500), peers("x", 6500)
+            lrkp_a, lrkp_b = peers("a", 4600), peers("b", 6600)
+            live: dict[str, tuple[str, set[Endpoint], object]] = {}  # call-id: protocol, ...
+            order: dict[str, list[str]] = {"ng": [], "lrkproxy": []}
+            refused = 0
+            ng_ports_seen: set[int] = set()
+            counter = current
+            for round_ in range(ROUNDS):
+                for protocol in ("ng", "lrkproxy"):
+                    call_id = f"{protocol}-{round_}@lab"
+                    if protocol == "ng":
+                        made: object = NgCall(kamailio, ng_a, ng_x, call_id, kinds=("audio",))
+                        assert isinstance(made, NgCall)
+                        relays = relay_ports_of_call(made.caller_relays + made.callee_relays)
+                        ng_ports_seen |= {relay.port for relay in relays}
+                    else:
+                        port, counter = counter, (start if counter >= end else counter + 4)
+                        body = set_command("S", str(lrkp_a.endpoint.ip), str(INTERNAL_IP),
+                                           str(INTERNAL_IP), str(lrkp_b.endpoint.ip),
+                                           lrkp_a.endpoint.port, port, port + 2,
+                                           lrkp_b.endpoint.port, call_id)  # fmt: skip
+                        reply = stand_in.command(body, CONTROL)
+                        assert reply is not None
+                        if reply != body + b"OK":
+                            # Kamailio's counter landed on ports the node gave an ng call.
+                            assert reply.startswith(b"E relay-port "), reply
+                            assert b"held by ng call" in reply, reply
+                            refused += 1
+                            # ...and the ng call holding them relays as before.
+                            owner = reply.split(b"held by ng call '")[1].split(b"'")[0]
+                            _relays_both_ways(live[owner.decode()][2], ng_a, ng_x, lrkp_a, lrkp_b)
+                            continue
+                        made = (Endpoint(INTERNAL_IP, port + 2), Endpoint(INTERNAL_IP, port))
+                        relays = relay_ports_of_call(list(made))
+                    for other, (_protocol, held, _made) in live.items():
+                        assert not relays & held, (call_id, other, relays & held)
+                    live[call_id] = (protocol, relays, made)
+                    order[protocol].append(call_id)
+                    if len(order[protocol]) > WINDOW:
+                        _end(live, order[protocol].pop(0), kamailio, stand_in)
+                        # The other protocol's calls, oldest and newest, still relay.
+                        others = order["lrkproxy" if protocol == "ng" else "ng"]
+                        for other in {others[0], others[-1]} if others else set():
+                            _relays_both_ways(live[other][2], ng_a, ng_x, lrkp_a, lrkp_b)
+            print(f"{ROUNDS} rounds: {refused} lrkproxy S refused (landed on ng ports); "
+                  f"ng used {len(ng_ports_seen)} of {SMALL_PORTS[1] - SMALL_PORTS[0] + 1} "
+                  "ports")  # fmt: skip
+            # ng wrapped the range (it allocated every pair at least once) and the node holds
+            # exactly the calls the test left live.
+            assert len(ng_ports_seen) >= SMALL_PORTS[1] - SMALL_PORTS[0] + 1 - 4 * WINDOW
+            code, text, err = ctl(lab, "sessions", "--json")
+            assert code == 0, err
+            assert {json.loads(line)["call_id"] for line in text.splitlines()} == set(live)
+            for call_id in list(live):
+                _end(live, call_id, kamailio, stand_in)
+            assert "internal error" not in node.output()
+        finally:
+            stand_in.close()
+            kamailio.close()
+
+
+def _end(
+    live: dict[str, tuple[str, set[Endpoint], object]],
+    call_id: str,
+    kamailio: UdpNgPeer,
+    stand_in: Controller,
+) -> None:
+    protocol, _relays, made = live.pop(call_id)
+    if protocol == "ng":
+        assert isinstance(made, NgCall)
+        made.delete()
+    else:
+        assert isinstance(made, tuple)
+        body = b"D" + b" " * 8 + f" 60 {call_id} ".encode()
+        assert stand_in.command(body, CONTROL) == body + b"OK"
+
+
+def _relays_both_ways(made: object, ng_a: Party, ng_x: Party, lrkp_a: Party, lrkp_b: Party) -> None:
+    if isinstance(made, NgCall):
+        to_callee, to_caller = made.caller_relays[0], made.callee_relays[0]
+        burst(ng_a, to_callee, ng_x, to_caller, 1, b"ng")
+        burst(ng_x, to_caller, ng_a, to_callee, 1, b"ng-back")
+    else:
+        assert isinstance(made, tuple)
+        to_callee, to_caller = made
+        burst(lrkp_a, to_callee, lrkp_b, to_caller, 1, b"lrkp")
+        burst(lrkp_b, to_caller, lrkp_a, to_callee, 1, b"lrkp-back")
 
 
 # -- hostile ng datagrams with a live ng call ----------------------------------------------

@@ -68,3 +68,28 @@ def test_a_pair_is_held_once() -> None:
     with pytest.raises(ValueError, match="held by an ng call already"):
         world.pool.hold(30000)
     assert world.pool.allocate() != 30000  # and never allocated to another call
+
+
+def test_an_adoption_whose_pairs_another_ng_call_holds_holds_none_of_them() -> None:
+    """A replay can show a standby, for a moment, an ended call and the call that took one
+    of its pairs (port numbers are shared by both relay addresses): the adoption that
+    fails holds nothing, so no pair is left held by no call once the ended call goes."""
+    source = World()
+    answered(source)
+    first = source.calls.get("call-1")
+    assert first is not None
+    mirror = World()
+    mirror.calls.adopt(first)
+    taken, free = first.sides[0].relay[0], min(first.pairs()) - 2
+    assert taken is not None and free not in mirror.pool.held()
+    other = replace(
+        first,
+        call_id="call-2",
+        sides=(replace(first.sides[0], relay=(taken,)), replace(first.sides[1], relay=(free,))),
+    )
+    with pytest.raises(ValueError, match="held by an ng call already"):
+        mirror.calls.adopt(other)
+    assert sorted(mirror.pool.held()) == sorted(first.pairs()) and len(mirror.use) == 4
+    assert mirror.calls.get("call-2") is None
+    mirror.calls.forget("call-1")
+    assert len(mirror.use) == 0 and len(mirror.pool) == 0
