@@ -173,15 +173,6 @@ def encode_streams(call: Call) -> str:
     anchor] (endpoints `ip:port`, null where unknown)."""
     streams = []
     for index, spec in enumerate(call.streams):
-
-        def legs(side: tuple[Leg, ...], index: int = index) -> list[list[object]]:
-            return [
-                [leg.stream.value, _opt(leg.sdp), endpoint_text(leg.relay), leg.rule.value,
-                 _opt(leg.latched), _ip(leg.anchor)]
-                for leg in side
-                if leg.index == index
-            ]  # fmt: skip
-
         streams.append(
             {
                 "spec": [
@@ -189,12 +180,22 @@ def encode_streams(call: Call) -> str:
                     endpoint_text(spec.callee_relay), spec.rtcp, _opt(spec.caller_rtcp),
                     _opt(spec.callee_rtcp), _ip(spec.caller_hint), _ip(spec.callee_hint),
                 ],
-                "caller": legs(call.caller),
-                "callee": legs(call.callee),
+                "caller": _legs(call.caller, index),
+                "callee": _legs(call.callee, index),
             }
         )  # fmt: skip
-    reserved = sorted(endpoint_text(endpoint) for endpoint in call.reserved)
+    reserved = sorted(map(endpoint_text, call.reserved))
     return COMPACT_JSON.encode({"streams": streams, "reserved": reserved})
+
+
+def _legs(side: tuple[Leg, ...], index: int) -> list[list[object]]:
+    """The legs of stream `index` on one side, as `encode_streams` writes them."""
+    return [
+        [leg.stream.value, _opt(leg.sdp), endpoint_text(leg.relay), leg.rule.value,
+         _opt(leg.latched), _ip(leg.anchor)]
+        for leg in side
+        if leg.index == index
+    ]  # fmt: skip
 
 
 def decode(record: Mapping[str, object], wall_offset: float) -> StoredCall:

@@ -128,10 +128,6 @@ class Line:
     def __repr__(self) -> str:
         return f"Line(kind={self.kind!r}, value={self.value!r}, end={self.end!r})"
 
-    def text(self, end: str | None = None) -> str:
-        body = "" if not self.kind else f"{self.kind}={self.value}"
-        return body + (self.end if end is None else end)
-
 
 @dataclass(frozen=True, slots=True)
 class Media:
@@ -203,11 +199,7 @@ def parse(body: bytes) -> Sdp:
     for index, start in enumerate(starts):
         end = starts[index + 1] if index + 1 < len(starts) else len(lines)
         media.append(_media(index, tuple(lines[start:end])))
-    has_ice = any(
-        line.attribute in ICE_ATTRIBUTES
-        for part in (session, *(m.lines for m in media))
-        for line in part
-    )
+    has_ice = not ICE_ATTRIBUTES.isdisjoint([line.attribute for line in lines])
     sdp = Sdp(session, tuple(media), origin, connection, direction, has_ice)
     for item in sdp.media:
         if item.rejected:
@@ -465,12 +457,15 @@ def _with(line: Line, value: str) -> Line:
     return Line(line.kind, value, line.end)
 
 
-def _render(lines: Sequence[Line]) -> Iterable[str]:
+def _render(lines: Sequence[Line]) -> list[str]:
     """Each line with its own ending; a last line that had none gets one if lines follow."""
     fallback = next((line.end for line in lines if line.end), "\r\n")
-    for number, line in enumerate(lines):
-        last = number == len(lines) - 1
-        yield line.text(None if line.end or last else fallback)
+    last = len(lines) - 1
+    return [
+        (f"{line.kind}={line.value}" if line.kind else "")
+        + (line.end if line.end or number == last else fallback)
+        for number, line in enumerate(lines)
+    ]
 
 
 def _show(value: str, limit: int = 60) -> str:
