@@ -1,6 +1,6 @@
 """What an ng call costs the node's Python alone: offer + answer + delete through the ng
-front-end and the engine, without sockets, with the in-memory kernel (tests/fakes.py) and
-the in-memory or the real SQLite store.
+front-end and the engine, without sockets, with a kernel that accepts every change and
+holds nothing (`NullKernel`), and the real SQLite store or none (`NullStore`).
 
 The datagrams are bench/ngclient.py's (`cps`), on top of 1,000 live calls. Prints the CPU
 per call (the minimum of --runs runs of --calls calls: other processes only ever add to
@@ -9,20 +9,22 @@ as on an idle one, so two trees compare exactly). What it leaves out, and the da
 on top: the kernel's nf_tables and conntrack work, the event loop, the sockets
 (docs/ng-integration.md, section 6).
 
-    .venv/bin/python bench/ng_engine.py [--store memory|sqlite] [--calls 2000] [--runs 4]
+    .venv/bin/python bench/ng_engine.py [--store none|sqlite] [--calls 2000] [--runs 4]
     PYTHONPATH=OTHER_TREE .venv/bin/python bench/ng_engine.py   # another tree's node
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import pstats
 import sys
 import tempfile
 import time
-from ipaddress import IPv4Address
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -31,28 +33,107 @@ sys.path.append(str(HERE.parent))  # after PYTHONPATH: another tree's node comes
 from ngclient import bencode, sdp  # noqa: E402
 
 import lrkp_tsl  # noqa: E402
+from lrkp_tsl.admission import NodeLimits  # noqa: E402
 from lrkp_tsl.engine import Engine, Settings  # noqa: E402
+from lrkp_tsl.errors import KernelError  # noqa: E402
 from lrkp_tsl.frontends.lrkproxy import LrkproxyFrontEnd  # noqa: E402
 from lrkp_tsl.frontends.ng import NgFrontEnd  # noqa: E402
+from lrkp_tsl.kernel import (  # noqa: E402
+    Counters,
+    KernelChange,
+    KernelState,
+    KernelView,
+    Repair,
+    StreamKey,
+)
 from lrkp_tsl.latching import Policy  # noqa: E402
-from lrkp_tsl.media import PortRange  # noqa: E402
+from lrkp_tsl.media import Endpoint, InstalledFlow, PortRange  # noqa: E402
 from lrkp_tsl.ng.callmodel import Interfaces  # noqa: E402
-from lrkp_tsl.records import Store  # noqa: E402
+from lrkp_tsl.protocol import NodeConfig  # noqa: E402
+from lrkp_tsl.records import Store, StoredCall  # noqa: E402
+from lrkp_tsl.session import Call  # noqa: E402
 from lrkp_tsl.store import SqliteStore  # noqa: E402
-from tests.fakes import FakeKernel, MemoryStore  # noqa: E402
-from tests.unit.test_engine import IDLE, LIFETIME, LIMITS, NODE, ROUTED  # noqa: E402
 
 KAMAILIO = (("10.0.0.5", 5060), "10.0.0.5:5060")
 LIVE = 1000
+RELAY = IPv4Address("10.0.0.10")
+PORTS = PortRange(10000, 59999)
+
+
+class NullKernel:
+    """Takes every change, holds nothing, finds no conntrack entry: the kernel's own time
+    is measured elsewhere (docs/ng-integration.md, section 6)."""
+
+    def change(
+        self, call_id: str, before: KernelView, after: KernelView,
+        displace: Iterable[StreamKey] = (),
+    ) -> None:  # fmt: skip
+        pass
+
+    def change_many(self, changes: Sequence[KernelChange]) -> list[KernelError | None]:
+        return [None] * len(changes)
+
+    def repair(self, calls: Sequence[Repair]) -> list[KernelError | None]:
+        return [None] * len(calls)
+
+    def install(self, views: Iterable[tuple[str, KernelView]]) -> None:
+        pass
+
+    def remove(self, flows: Iterable[InstalledFlow], learning: Iterable[Endpoint]) -> None:
+        pass
+
+    def forget(self, keys: Iterable[StreamKey]) -> None:
+        pass
+
+    def alive(self, keys: Iterable[StreamKey]) -> Mapping[StreamKey, float]:
+        return {}
+
+    def counters(self, keys: Iterable[StreamKey]) -> Mapping[StreamKey, Counters]:
+        return {}
+
+    def streams(
+        self, keys: Iterable[StreamKey]
+    ) -> Mapping[StreamKey, tuple[StreamKey, Counters] | None]:
+        return {}
+
+    def is_seen(self, sender: Endpoint, relay: Endpoint) -> bool:
+        return False
+
+    def state(self) -> KernelState:
+        return KernelState((), frozenset())
+
+
+class NullStore:
+    """Writes nothing: the Python of a command without the store's."""
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[None]:
+        yield
+
+    def put(self, call: Call, quiet_since: float | None) -> None:
+        pass
+
+    def delete(self, call_id: str) -> None:
+        pass
+
+    def set_quiet(self, call_id: str, quiet_since: float | None) -> None:
+        pass
+
+    def load(self) -> list[StoredCall]:
+        return []
 
 
 def node(store: str, work: Path) -> NgFrontEnd:
     """Both front-ends on one engine, as the daemon builds them."""
-    state: Store = SqliteStore(work / "state.db") if store == "sqlite" else MemoryStore()
-    settings = Settings(LIFETIME, IDLE, Policy.AUTO, ROUTED, PortRange(10000, 59999))
-    engine = Engine(settings, FakeKernel(), state)
-    LrkproxyFrontEnd(engine, NODE, LIMITS)
-    return NgFrontEnd(engine, Interfaces({"internal": IPv4Address("10.0.0.10")}))
+    state: Store = SqliteStore(work / "state.db") if store == "sqlite" else NullStore()
+    routed = (IPv4Network("10.98.0.0/16"),)  # the parties are reachable: no latching
+    engine = Engine(Settings(3600.0, 3600.0, Policy.AUTO, routed, PORTS), NullKernel(), state)
+    LrkproxyFrontEnd(
+        engine,
+        NodeConfig(PORTS.start, PORTS.end, PORTS.start, str(RELAY), str(RELAY)),
+        NodeLimits(frozenset({RELAY}), PORTS),
+    )
+    return NgFrontEnd(engine, Interfaces({"internal": RELAY}))
 
 
 def datagrams(tag: str, count: int, live: bool = False) -> list[bytes]:
@@ -81,7 +162,7 @@ def serve(ng: NgFrontEnd, batch: list[bytes], now: float) -> None:
 
 def main() -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", choices=["memory", "sqlite"], default="memory")
+    parser.add_argument("--store", choices=["none", "sqlite"], default="none")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=4)
     args = parser.parse_args()
