@@ -33,6 +33,7 @@ and once: `gen` (the generator into a drop rule at R), `control` (lrkp-tsl `S`+`
     make bench                                   # the full run (~20 min), as root
     .venv/bin/python bench/sidebyside.py --quick # ~5 min
     .venv/bin/python bench/sidebyside.py --tiny --out DIR   # the test suite's (seconds)
+    .venv/bin/python bench/sidebyside.py --quick --phases ngcps --clients 1,4,8  # call rates
 
 Writes DIR/sidebyside.{jsonl,json,md,png} (default bench/results; the JSONL of every window
 goes to DIR/raw/). Other processes on the machine are measured during every window
@@ -54,6 +55,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from sbs_lab import HERE, REPO, Topo
@@ -77,6 +79,10 @@ def main() -> int:
     parser.add_argument("--phases", default="gen,steps,cpu,rtt,overload,control,ngcps")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results")
     parser.add_argument("--name", help="file stem (default sidebyside, sidebyside-quick, …)")
+    parser.add_argument(
+        "--clients",
+        help="client counts of `control` and `ngcps`, e.g. 1,4,8 (default: the profile's)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("sidebyside: needs root (namespaces, nftables)", file=sys.stderr)
@@ -93,7 +99,10 @@ def main() -> int:
     raw.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="work-", dir=raw))
     with (raw / f"{stem}.jsonl").open("w") as out:
-        bench = Bench(Topo(), PROFILES[profile], work, out)
+        chosen = PROFILES[profile]
+        if args.clients:
+            chosen = replace(chosen, clients=tuple(int(n) for n in args.clients.split(",")))
+        bench = Bench(Topo(), chosen, work, out)
         bench.run(contenders, args.phases.split(","))
     summary = summarize(bench.records, profile)
     (args.out / f"{stem}.json").write_text(json.dumps(summary, indent=1) + "\n")

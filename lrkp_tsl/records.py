@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import Protocol
+from typing import Final, Protocol
 
 from lrkp_tsl.errors import MediaError
 from lrkp_tsl.latching import Rule
@@ -91,9 +91,20 @@ class Store(Protocol):
         """Every stored call."""
 
 
+# One encoder for every record (json.dumps with `separators` builds a new one each call).
+COMPACT_JSON: Final = json.JSONEncoder(separators=(",", ":"))
+
+
 @functools.lru_cache(maxsize=65536)
-def _text(endpoint: Endpoint) -> str:
+def endpoint_text(endpoint: Endpoint) -> str:
+    """`str(endpoint)`, memoised: a call's endpoints are written in each of its records."""
     return str(endpoint)
+
+
+@functools.lru_cache(maxsize=4096)
+def ip_text(address: IPv4Address) -> str:
+    """`str(address)`, memoised: the node's relay addresses are in every record."""
+    return str(address)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -129,15 +140,15 @@ def encode(call: Call, quiet_since: float | None, wall_offset: float) -> dict[st
     if _classic(call):
         spec = call.streams[0]
         assert spec.caller is not None and spec.callee is not None
-        record["caller"] = _text(spec.caller)
-        record["caller_relay"] = _text(spec.caller_relay)
-        record["callee"] = _text(spec.callee)
-        record["callee_relay"] = _text(spec.callee_relay)
+        record["caller"] = endpoint_text(spec.caller)
+        record["caller_relay"] = endpoint_text(spec.caller_relay)
+        record["callee"] = endpoint_text(spec.callee)
+        record["callee_relay"] = endpoint_text(spec.callee_relay)
         for name, leg in zip(LEGS, (*call.caller, *call.callee), strict=True):
             assert leg.sdp is not None
-            record[f"{name}_sdp"] = _text(leg.sdp)
+            record[f"{name}_sdp"] = endpoint_text(leg.sdp)
             record[f"{name}_rule"] = leg.rule.value
-            record[f"{name}_latched"] = None if leg.latched is None else _text(leg.latched)
+            record[f"{name}_latched"] = None if leg.latched is None else endpoint_text(leg.latched)
     else:
         record["streams"] = encode_streams(call)
     record["protocol"] = call.protocol
@@ -147,11 +158,11 @@ def encode(call: Call, quiet_since: float | None, wall_offset: float) -> dict[st
 
 
 def _opt(endpoint: Endpoint | None) -> str | None:
-    return None if endpoint is None else _text(endpoint)
+    return None if endpoint is None else endpoint_text(endpoint)
 
 
 def _ip(address: IPv4Address | None) -> str | None:
-    return None if address is None else str(address)
+    return None if address is None else ip_text(address)
 
 
 def encode_streams(call: Call) -> str:
@@ -162,28 +173,29 @@ def encode_streams(call: Call) -> str:
     anchor] (endpoints `ip:port`, null where unknown)."""
     streams = []
     for index, spec in enumerate(call.streams):
-
-        def legs(side: tuple[Leg, ...], index: int = index) -> list[list[object]]:
-            return [
-                [leg.stream.value, _opt(leg.sdp), _text(leg.relay), leg.rule.value,
-                 _opt(leg.latched), _ip(leg.anchor)]
-                for leg in side
-                if leg.index == index
-            ]  # fmt: skip
-
         streams.append(
             {
                 "spec": [
-                    _opt(spec.caller), _text(spec.caller_relay), _opt(spec.callee),
-                    _text(spec.callee_relay), spec.rtcp, _opt(spec.caller_rtcp),
+                    _opt(spec.caller), endpoint_text(spec.caller_relay), _opt(spec.callee),
+                    endpoint_text(spec.callee_relay), spec.rtcp, _opt(spec.caller_rtcp),
                     _opt(spec.callee_rtcp), _ip(spec.caller_hint), _ip(spec.callee_hint),
                 ],
-                "caller": legs(call.caller),
-                "callee": legs(call.callee),
+                "caller": _legs(call.caller, index),
+                "callee": _legs(call.callee, index),
             }
         )  # fmt: skip
-    reserved = sorted(_text(endpoint) for endpoint in call.reserved)
-    return json.dumps({"streams": streams, "reserved": reserved}, separators=(",", ":"))
+    reserved = sorted(map(endpoint_text, call.reserved))
+    return COMPACT_JSON.encode({"streams": streams, "reserved": reserved})
+
+
+def _legs(side: tuple[Leg, ...], index: int) -> list[list[object]]:
+    """The legs of stream `index` on one side, as `encode_streams` writes them."""
+    return [
+        [leg.stream.value, _opt(leg.sdp), endpoint_text(leg.relay), leg.rule.value,
+         _opt(leg.latched), _ip(leg.anchor)]
+        for leg in side
+        if leg.index == index
+    ]  # fmt: skip
 
 
 def decode(record: Mapping[str, object], wall_offset: float) -> StoredCall:

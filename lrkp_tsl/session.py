@@ -529,30 +529,39 @@ class CallTable:
 
     def applied(self, action: Action) -> None:
         """Record that the kernel now holds what `action` asked."""
-        existing = self._calls.get(action.call_id)
+        call_id, call = action.call_id, action.call
+        existing = self._calls.get(call_id)
+        # Relay endpoints the call keeps stay owned (and their ports taken) as they are:
+        # an update (an ng answer, a re-INVITE) touches only what it adds or drops.
+        kept = call.relay_endpoints() if call is not None else frozenset()
+        owner = self._owner
         if existing is not None:
             view = existing.view()
             self.flow_count -= len(view.flows)
             self.learning_count -= len(view.learning)
             self.protocols[existing.protocol] -= 1
-            for endpoint in existing.relay_endpoints():
-                if self._owner.get(endpoint) == action.call_id:
-                    del self._owner[endpoint]
-                    self.ports.release((endpoint.port,))
-        if action.call is None:
-            self._calls.pop(action.call_id, None)
+            released = []
+            for endpoint in existing.relay_endpoints() - kept:
+                if owner.get(endpoint) == call_id:
+                    del owner[endpoint]
+                    released.append(endpoint.port)
+            self.ports.release(released)
+        if call is None:
+            self._calls.pop(call_id, None)
         else:
-            self._calls[action.call_id] = action.call
-            self.protocols[action.call.protocol] += 1
-            view = action.call.view()
+            self._calls[call_id] = call
+            self.protocols[call.protocol] += 1
+            view = call.view()
             self.flow_count += len(view.flows)
             self.learning_count += len(view.learning)
-            for endpoint in action.call.relay_endpoints():
-                if self._owner.get(endpoint) is None:
-                    self.ports.take((endpoint.port,))
-                self._owner[endpoint] = action.call_id
+            taken = []
+            for endpoint in kept:
+                if owner.get(endpoint) is None:
+                    taken.append(endpoint.port)
+                owner[endpoint] = call_id
+            self.ports.take(taken)
         for watch in self.watchers:
-            watch(existing, action.call)
+            watch(existing, call)
 
     def claimed(self, call_id: str, relays: Iterable[Endpoint]) -> list[str]:
         """Call-IDs of calls other than `call_id` owning any of `relays`."""

@@ -37,10 +37,12 @@ set; offers for its calls, answers and deletes are served as usual.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
+from ipaddress import IPv4Address
 from typing import Final
 
 from lrkp_tsl.engine import Engine
@@ -93,12 +95,19 @@ def reserved(call: NgCall) -> frozenset[Endpoint]:
     """Every relay endpoint of every pair the call holds (RTP and RTCP, on its side's
     address), relayed or not yet."""
     return frozenset(
-        Endpoint(side.ip, port + delta)
+        endpoint
         for side in call.sides
         for port in side.relay
         if port is not None
-        for delta in (0, RTCP_PORT_OFFSET)
+        for endpoint in _pair(side.ip, port)
     )
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _pair(ip: IPv4Address, port: int) -> tuple[Endpoint, Endpoint]:
+    """A relay pair's RTP and RTCP endpoints, made once: each offer and answer of a call
+    reserves them again."""
+    return Endpoint(ip, port), Endpoint(ip, port + RTCP_PORT_OFFSET)
 
 
 class NgFrontEnd:

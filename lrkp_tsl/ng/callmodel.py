@@ -228,10 +228,6 @@ def _at(items: Sequence[Party | None], index: int) -> Party | None:
     return items[index] if index < len(items) else None
 
 
-def _pad(items: tuple[object, ...], count: int) -> tuple[None, ...]:
-    return (None,) * max(0, count - len(items))
-
-
 class NgCalls:
     """The ng call table. Decisions (`offer`, `answer`, `delete`, `end`) read it and take
     relay pairs from the pool; `commit` or `abandon` must follow each one, before the next
@@ -259,10 +255,10 @@ class NgCalls:
         options = request.options
         if call is None:
             default = self.interfaces.default
-            empty = Side(None, default, self.interfaces.by_name[default], (), ())
+            ip = self.interfaces.by_name[default]
             sides = [
-                replace(empty, tag=request.from_tag),
-                replace(empty, tag=request.to_tag),
+                Side(request.from_tag, default, ip, (), ()),
+                Side(request.to_tag, default, ip, (), ()),
             ]
             sender = 0
         else:
@@ -465,21 +461,17 @@ class NgCalls:
     def _allocate(self, sides: list[Side], sdp: Sdp) -> list[int]:
         """A pair on each side for every active stream that has none; all or nothing."""
         count = max(len(sdp.media), len(sides[0].relay), len(sides[1].relay))
-        for index in (0, 1):
-            relay = sides[index].relay
-            sides[index] = replace(sides[index], relay=relay + _pad(relay, count))
+        relays = [list(side.relay) + [None] * (count - len(side.relay)) for side in sides]
         allocated: list[int] = []
         try:
             for media in sdp.media:
                 if media.rejected:
                     continue
-                for index in (0, 1):
-                    if sides[index].relay[media.index] is None:
+                for relay in relays:
+                    if relay[media.index] is None:
                         port = self.pool.allocate()
                         allocated.append(port)
-                        ports = list(sides[index].relay)
-                        ports[media.index] = port
-                        sides[index] = replace(sides[index], relay=tuple(ports))
+                        relay[media.index] = port
         except PortsExhausted as exc:
             self._give_back(allocated)
             # Exactly rtpengine's words: Kamailio's module then tries the next node of its
@@ -487,6 +479,9 @@ class NgCalls:
             error = NgError(E_NO_PORTS, RAN_OUT_OF_PORTS)
             error.detail = exc.reason
             raise error from None
+        for index, relay in enumerate(relays):
+            if len(relay) != len(sides[index].relay) or allocated:
+                sides[index] = replace(sides[index], relay=tuple(relay))
         return allocated
 
     @staticmethod

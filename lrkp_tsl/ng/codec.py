@@ -34,7 +34,7 @@ from lrkp_tsl.errors import LrkpError
 from lrkp_tsl.ng import flags
 from lrkp_tsl.ng.bencode import BencodeError, Encodable, Value, decode_dict, encode
 from lrkp_tsl.ng.flags import Disposition, Entry, Kind
-from lrkp_tsl.ng.sdp import Rewrite, Rtcp, Sdp, SdpError
+from lrkp_tsl.ng.sdp import Rewrite, Rtcp, Sdp, SdpError, ipv4
 from lrkp_tsl.ng.sdp import parse as parse_sdp
 
 MAX_DATAGRAM: Final = 65535
@@ -562,7 +562,7 @@ class _Parser:
     def ipv4(self, name: str, value: Value) -> IPv4Address:
         text = self.text(name, value)
         try:
-            return IPv4Address(text)
+            return ipv4(text)
         except ValueError:
             raise self.bad(name, value, "is not an IPv4 address") from None
 

@@ -28,6 +28,7 @@ does not matter ("SIP source address" = "sip-source-address"). Kinds:
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -531,9 +532,13 @@ _PREFIXES: Final = tuple(
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def lookup(kind: Kind, name: str) -> Entry | None:
     """The row for `name` (a key, a flag, `KEY=VALUE`, ...), or None if there is none.
-    A `prefix` row matches what starts with it, when no row matches exactly."""
+    A `prefix` row matches what starts with it, when no row matches exactly.
+
+    Memoised (bounded): every request names the same few keys and flags, and the table
+    never changes while the node runs."""
     found = _BY_NAME.get((kind, normal(name)))
     if found is None:
         wanted = normal(name)

@@ -17,6 +17,7 @@ from typing import Any
 from lrkp_tsl.errors import MediaError
 from lrkp_tsl.media import Endpoint
 from lrkp_tsl.ng.callmodel import NgCall, Party, Side
+from lrkp_tsl.records import COMPACT_JSON, endpoint_text, ip_text
 
 VERSION = 1
 
@@ -26,7 +27,7 @@ class RecordError(ValueError):
 
 
 def _endpoint(endpoint: Endpoint | None) -> str | None:
-    return None if endpoint is None else str(endpoint)
+    return None if endpoint is None else endpoint_text(endpoint)
 
 
 def _party(party: Party | None) -> list[Any] | None:
@@ -40,10 +41,10 @@ def _side(side: Side) -> dict[str, Any]:
     return {
         "tag": side.tag,
         "interface": side.interface,
-        "ip": str(side.ip),
+        "ip": ip_text(side.ip),
         "relay": list(side.relay),
         "parties": [_party(party) for party in side.parties],
-        "received_from": None if side.received_from is None else str(side.received_from),
+        "received_from": None if side.received_from is None else ip_text(side.received_from),
         "strict_source": side.strict_source,
         "media_handover": side.media_handover,
         "former_tags": list(side.former_tags),
@@ -52,7 +53,7 @@ def _side(side: Side) -> dict[str, Any]:
 
 def to_json(call: NgCall, wall_offset: float) -> str:
     """`call` as text (engine times + `wall_offset` = Unix time)."""
-    return json.dumps(
+    return COMPACT_JSON.encode(
         {
             "v": VERSION,
             "call_id": call.call_id,
@@ -62,8 +63,7 @@ def to_json(call: NgCall, wall_offset: float) -> str:
             "offer_from": call.offer_from,
             "offer_streams": call.offer_streams,
             "answered": call.answered,
-        },
-        separators=(",", ":"),
+        }
     )
 
 
