@@ -56,6 +56,7 @@ from typing import Any
 from lrkp_lab import load
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_lab.node import Controller, Node, set_command
+from lrkp_lab.processes import rss_kib
 
 REPO = Path(__file__).resolve().parents[1]
 CONTROL = ("127.0.0.1", 22333)
@@ -308,13 +309,6 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:

@@ -26,19 +26,13 @@ from lrkp_lab.calls import CONTROL, Call, Stream, burst
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_lab.node import Controller, Node
 from lrkp_lab.parties import Peers
+from lrkp_lab.processes import rss_kib
 
 LIVE_ID = "live@fuzz"
 LIVE_PORTS = {b"19999", b"20000", b"20001", b"20002", b"20003"}
 FIELDS = [b"10.201.1.1", b"10.201.2.1", b"10.201.1.10", b"8.8.8.8", b"224.0.0.1", b"0.0.0.0",
           b"300.1.1.1", b"", b"60", b"-1", b"65535", b"20400", b"21996", b"x" * 40,
           b"abc@h", b"\xff\xfe", b"1_1"]  # fmt: skip
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def datagrams(rng: random.Random) -> bytes:

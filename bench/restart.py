@@ -54,12 +54,12 @@ from event_loop import (
     now_iso,
     prepare_lab,
     relay_endpoint,
-    rss_kib,
     wait_for_entries,
 )
 
 from lrkp_lab.lab import Lab
 from lrkp_lab.node import Controller, Node
+from lrkp_lab.processes import rss_kib
 
 RESTORED = re.compile(r"^(\S+ \S+) INFO \S+: restored (\d+) calls from the store", re.MULTILINE)
 RESTORED_HOW = re.compile(r"(\d+) intact in the kernel, (\d+) repaired, (\d+) reinstalled")

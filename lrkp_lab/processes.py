@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from pathlib import Path
 from typing import Any
 
 
@@ -25,3 +26,11 @@ def terminate(
             proc.kill()
             proc.wait(reap)
     return proc.returncode
+
+
+def rss_kib(pid: int | str = "self") -> int:
+    """A process's resident set (VmRSS) in KiB: how the tests and benchmarks weigh a node."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")

@@ -15,7 +15,6 @@ import struct
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,6 +24,7 @@ from lrkp_lab.calls import CONTROL, NODE_ARGS, Call, Stream, burst, running_node
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 from lrkp_lab.node import Controller, Node, set_command
 from lrkp_lab.parties import Peers
+from lrkp_lab.processes import rss_kib
 from lrkp_tsl.dataplane.nft import TABLE
 from lrkp_tsl.media import Endpoint
 from lrkp_tsl.protocol import NodeConfig
@@ -230,13 +230,6 @@ def harmless(data: bytes) -> bool:
         return False
     words = set(data.split(b" "))
     return not any(str(port).encode() in words for port in LIVE_PORTS)
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_fuzzed_control_socket_leaves_the_live_call_untouched(

@@ -23,6 +23,7 @@ import nftables
 import pytest
 
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
+from lrkp_lab.processes import rss_kib
 from lrkp_tsl.dataplane.nft import NftTable, element_comment
 from lrkp_tsl.dataplane.nftsets import SetReader
 from lrkp_tsl.errors import KernelError
@@ -146,13 +147,6 @@ def table(lab: Lab) -> Iterator[NftTable]:
 def nft_file(lab: Lab, path: Path, lines: list[str]) -> None:
     path.write_text("\n".join(lines) + "\n")
     lab.run("relay", "nft", "-f", str(path))
-
-
-def rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 # -- tests ----------------------------------------------------------------------------------

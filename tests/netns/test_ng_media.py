@@ -17,7 +17,6 @@ import sys
 import time
 from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -29,6 +28,7 @@ from lrkp_lab.ngcalls import NAT_OUTSIDE, NgCall, ok, sdp
 from lrkp_lab.ngpeer import UdpNgPeer
 from lrkp_lab.node import Controller, Node, set_command
 from lrkp_lab.parties import Party, Peers
+from lrkp_lab.processes import rss_kib
 from lrkp_lab.waiting import wait_for
 from lrkp_tsl.dataplane.nft import TABLE
 from lrkp_tsl.media import Endpoint
@@ -441,13 +441,6 @@ ng_datagram = st.one_of(
 def harmless(data: bytes) -> bool:
     """Names not the live call: a delete of it would rightly end it."""
     return LIVE_ID.encode() not in data
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_fuzzed_ng_socket_leaves_the_live_ng_call_untouched(
