@@ -13,7 +13,6 @@ from __future__ import annotations
 import struct
 
 from lrkp_tsl.dataplane.nftwatch import (
-    ATTEMPTS,
     NFT_MSG_GETOBJ,
     NFTA_OBJ_DATA,
     NFTA_OBJ_NAME,
@@ -22,7 +21,6 @@ from lrkp_tsl.dataplane.nftwatch import (
     NLM_F_DUMP,
     RulesetWatch,
     _body_attrs,
-    _Interrupted,
     _string,
     attr,
     attr_string,
@@ -69,20 +67,15 @@ class CounterReader(RulesetWatch):
         (the table does not exist: flushed, and the node puts it back within a second)."""
         number = family_number(family)
         what = f"reading the counters of table {family} {table}"
-        for _attempt in range(ATTEMPTS):
-            try:
-                replies = self._exchange(lambda seq: counters_request(seq, number, table), what)
-            except _Interrupted:
-                continue
-            if replies is None:
-                return None
-            found = {}
-            for body in replies:
-                if _string(_body_attrs(body), NFTA_OBJ_TABLE, "counter table") != table:
-                    continue  # an older kernel that does not filter the dump
-                name, packets, octets = decode_counter(body)
-                found[name] = (packets, octets)
-            # A dump of a missing table is empty, not ENOENT; the node's table always has
-            # counters.
-            return found or None
-        raise KernelError(f"{what}: the ruleset changed during each of {ATTEMPTS} reads")
+        replies = self._dump(lambda seq: counters_request(seq, number, table), what)
+        if replies is None:
+            return None
+        found = {}
+        for body in replies:
+            if _string(_body_attrs(body), NFTA_OBJ_TABLE, "counter table") != table:
+                continue  # an older kernel that does not filter the dump
+            name, packets, octets = decode_counter(body)
+            found[name] = (packets, octets)
+        # A dump of a missing table is empty, not ENOENT; the node's table always has
+        # counters.
+        return found or None

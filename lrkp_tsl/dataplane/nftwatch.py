@@ -619,14 +619,9 @@ class RulesetWatch:
         """
         number = family_number(family)
         what = f"reading chain {family} {table} {chain}"
-        for _attempt in range(ATTEMPTS):
-            try:
-                replies = self._exchange(lambda seq: rules_request(seq, number, table, chain), what)
-            except _Interrupted:
-                continue
-            rules = (decode_rule(body) for body in replies or ())
-            return [r for r in rules if r.table == table and r.chain == chain]
-        raise KernelError(f"{what}: the ruleset changed during each of {ATTEMPTS} reads")
+        replies = self._dump(lambda seq: rules_request(seq, number, table, chain), what)
+        rules = (decode_rule(body) for body in replies or ())
+        return [r for r in rules if r.table == table and r.chain == chain]
 
     def matching_rules(self, family: str, table: str, chain: str, needle: bytes) -> list[int]:
         """Handles of the rules of `chain` whose expressions or user data contain `needle`.
@@ -640,18 +635,12 @@ class RulesetWatch:
         the family, which the kernel's chain dump includes, are left out)."""
         number = family_number(family)
         what = f"reading the chains of table {family} {table}"
-        for _attempt in range(ATTEMPTS):
-            try:
-                replies = self._exchange(lambda seq: chains_request(seq, number), what)
-            except _Interrupted:
-                continue
-            found = {}
-            for body in replies or ():
-                owner, name, base = decode_base_chain(body)
-                if owner == table and base is not None:
-                    found[name] = base
-            return found
-        raise KernelError(f"{what}: the ruleset changed during each of {ATTEMPTS} reads")
+        found = {}
+        for body in self._dump(lambda seq: chains_request(seq, number), what) or ():
+            owner, name, base = decode_base_chain(body)
+            if owner == table and base is not None:
+                found[name] = base
+        return found
 
     def set_counts(self, family: str, table: str) -> dict[str, int | None] | None:
         """How many elements each set of the table holds: set -> count, or None per set on
@@ -660,20 +649,15 @@ class RulesetWatch:
         One dump of set metadata: its cost follows the number of sets, not of elements."""
         number = family_number(family)
         what = f"reading the sets of table {family} {table}"
-        for _attempt in range(ATTEMPTS):
-            try:
-                replies = self._exchange(lambda seq: sets_request(seq, number, table), what)
-            except _Interrupted:
-                continue
-            if replies is None:
-                return None
-            counts: dict[str, int | None] = {}
-            for body in replies:
-                owner, name, count = decode_set_count(body)
-                if owner == table:
-                    counts[name] = count
-            return counts
-        raise KernelError(f"{what}: the ruleset changed during each of {ATTEMPTS} reads")
+        replies = self._dump(lambda seq: sets_request(seq, number, table), what)
+        if replies is None:
+            return None
+        counts: dict[str, int | None] = {}
+        for body in replies:
+            owner, name, count = decode_set_count(body)
+            if owner == table:
+                counts[name] = count
+        return counts
 
     def has_element(self, family: str, table: str, name: str, key: bytes) -> bool:
         """Whether the set holds `key` (in an interval set: an interval containing it);
@@ -723,6 +707,15 @@ class RulesetWatch:
         return bool(self.matching_rules(family, table, chain, needle))
 
     # -- the exchange ------------------------------------------------------------------------
+
+    def _dump(self, build: Callable[[int], bytes], what: str) -> list[bytes] | None:
+        """`_exchange`, read again while a dump crosses a transaction (up to ATTEMPTS)."""
+        for _attempt in range(ATTEMPTS):
+            try:
+                return self._exchange(build, what)
+            except _Interrupted:
+                continue
+        raise KernelError(f"{what}: the ruleset changed during each of {ATTEMPTS} reads")
 
     def _drain(self) -> None:
         """Read whatever an abandoned exchange left queued (each read advances a dump)."""
