@@ -32,7 +32,8 @@ import pytest
 
 from lrkp_lab import node as daemon
 from lrkp_lab.calls import CONTROL, KAMAILIO_IP, NODE_ARGS
-from lrkp_lab.lab import Lab
+from lrkp_lab.lab import INTERNAL_IP, Lab
+from lrkp_lab.ngpeer import UdpNgPeer
 from lrkp_lab.node import Controller, Node
 from lrkp_tsl import config, lock
 from lrkp_tsl.dataplane.nft import TABLE
@@ -50,7 +51,12 @@ DROP_IN = Path("/usr/share/lrkp-tsl/lrkp-tsl.service.d/pair.conf")
 SCANNED = ("/etc", "/usr", "/var/lib", "/run")
 APT = ["apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=300"]
 # The packaged node stops as the unit stops it: its kernel state stays (no --flush-on-exit).
-PACKAGED_NODE_ARGS = tuple(arg for arg in NODE_ARGS if arg != "--flush-on-exit")
+NG = (str(INTERNAL_IP), 2223)
+PACKAGED_NODE_ARGS = (
+    *(arg for arg in NODE_ARGS if arg != "--flush-on-exit"),
+    "--ng",
+    f"udp:{NG[0]}:{NG[1]}",
+)
 
 
 def need(condition: bool, why: str) -> None:
@@ -194,10 +200,14 @@ def test_the_packaged_node_answers_p(
     monkeypatch.setattr(daemon, "LRKP_TSL", ["/usr/bin/lrkp-tsl"])
     node = Node(lab, "relay", *PACKAGED_NODE_ARGS, state=STATE_DIR)
     kamailio = Controller(lab, "sip", KAMAILIO_IP)
+    ng = UdpNgPeer("packaged node", lab.udp_socket("sip", KAMAILIO_IP, 0), NG)
     try:
         node.wait_ready(CONTROL, kamailio)
         assert kamailio.command(b"P", CONTROL) == b"P PONG"
+        # The package ships the ng front-end too (lrkp_tsl.frontends, lrkp_tsl.ng).
+        assert ng.request({"command": "ping"}) == {"result": "pong"}
     finally:
+        ng.close()
         kamailio.close()
         node.stop()
     log = node.output()
