@@ -93,12 +93,16 @@ def main() -> int:
             label=f"lrkp-tsl S+D, {clients} client{'s' if clients > 1 else ''}",
         )
     # ng offer+answer+delete: rtpengine's, and lrkp-tsl's own ng (`--ng`) when it ran.
-    ng_servers = {"rtpengine": ("rtpengine", 0.7), "lrkp_ng": ("lrkp-tsl ng", 0.4)}
+    ng_servers = {
+        "rtpengine": ("rtpengine", 0.7, "rtpengine"),
+        "rtpengine_redis": ("rtpengine+Redis", 0.35, "rtpengine"),
+        "lrkp_ng": ("lrkp-tsl ng", 0.4, "lrkp"),
+    }
     for r in s["ngcps"]:
-        server, alpha = ng_servers[r.get("who", "rtpengine")]
+        server, alpha, colour = ng_servers[r.get("who", "rtpengine")]
         ax.axhline(
             r["calls_per_s"],
-            color=COLOURS["rtpengine" if server == "rtpengine" else "lrkp"],
+            color=COLOURS[colour],
             linestyle=styles.get(r["clients"], ("o", "--"))[1],
             alpha=alpha,
             label=f"{server} o+a+d, {r['clients']} client(s), {r['live']:,} live",

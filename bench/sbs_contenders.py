@@ -282,6 +282,49 @@ class Rtpengine(Daemon):
         return RELAY_IP, {"portfile": self.portfile()}
 
 
+REDIS_PORT = 26380  # in the relay namespace's loopback; not a distribution's 6379
+
+
+class RtpengineRedis(Rtpengine):
+    """rtpengine writing each call to Redis (`--redis`), which is how it keeps calls over a
+    restart: the guarantee lrkp-tsl gives by committing each command to SQLite before its
+    reply. redis-server runs in the relay namespace, on the relay core, persistence off (a
+    write reaches Redis's memory, as lrkp-tsl's reaches SQLite's WAL without fsync)."""
+
+    name = "rtpengine_redis"
+    redis: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        return [*super().argv(), f"--redis=127.0.0.1:{REDIS_PORT}/1"]
+
+    def log_name(self) -> str:
+        return "rtpengine-redis.log"
+
+    def start(self) -> None:
+        redis_dir = Path(tempfile.mkdtemp(prefix="redis-", dir=self.work))
+        argv = self.topo.x(
+            self.topo.r, "taskset", "-c", str(RELAY_CPU), "redis-server",
+            "--bind", "127.0.0.1", "--port", str(REDIS_PORT), "--save", "",
+            "--appendonly", "no", "--dir", str(redis_dir),
+        )  # fmt: skip
+        log = (self.work / "redis.log").open("a")
+        self.redis = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        for _ in range(100):
+            if f"127.0.0.1:{REDIS_PORT}" in sh(self.topo.x(self.topo.r, "ss", "-tln"), check=False):
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("redis-server did not listen: see redis.log")
+        super().start()
+
+    def down(self) -> None:
+        super().down()
+        if self.redis is not None:
+            terminate(self.redis)
+            self.redis = None
+
+
 KINDS: dict[str, type[Contender]] = {
     "route": Route,
     "nat": Nat,

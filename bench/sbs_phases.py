@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -24,7 +25,16 @@ from sbs_accounting import (
     snapshot,
     softnet_drops,
 )
-from sbs_contenders import KINDS, Contender, Daemon, Lrkp, LrkpNat, LrkpNg, Rtpengine
+from sbs_contenders import (
+    KINDS,
+    Contender,
+    Daemon,
+    Lrkp,
+    LrkpNat,
+    LrkpNg,
+    Rtpengine,
+    RtpengineRedis,
+)
 from sbs_gen import Gen, Soaker
 from sbs_lab import B_IP, B_PORT, GEN_CPU, RDROP_NFT, RELAY_CPU, Topo
 from sbs_profiles import Profile
@@ -405,6 +415,13 @@ class Bench:
         calls, offer -> reply latency, RSS per call; then lrkp-tsl serving ng (`--ng`), with
         the same client, calls and settings (or a note saying why it did not run)."""
         self.guarded(Rtpengine.name, self.ng_rate, Rtpengine(self.topo, 0, self.work))
+        # rtpengine keeping its calls over a restart (Redis), as lrkp-tsl always does.
+        if shutil.which("redis-server"):
+            redis = RtpengineRedis(self.topo, 0, self.work)
+            self.guarded(RtpengineRedis.name, self.ng_rate, redis)
+        else:
+            self.emit({"phase": "ngcps_skipped", "who": RtpengineRedis.name,
+                       "reason": "redis-server is not installed"})  # fmt: skip
         missing = LrkpNg.missing()
         if missing is not None:
             self.emit({"phase": "ngcps_skipped", "who": LrkpNg.name, "reason": missing})

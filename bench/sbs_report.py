@@ -17,6 +17,15 @@ from sbs_names import BY_NAME, CONTENDERS
 LABELS = {name: names.label for name, names in BY_NAME.items()}
 
 
+NG_SERVERS = {
+    "rtpengine": "rtpengine",
+    "rtpengine_redis": "rtpengine + Redis",
+    "lrkp_ng": "lrkp-tsl (ng)",
+}
+"""The ng call-rate rows, in the report's order. rtpengine + Redis keeps its calls over a
+restart (each offer and answer written to Redis), as lrkp-tsl does with SQLite."""
+
+
 def rtpengine_version() -> str:
     if not shutil.which("rtpengine"):
         return ""
@@ -138,9 +147,12 @@ def summarize(records: list[dict[str, Any]], profile: str) -> dict[str, Any]:
     for r in control:
         ng = ng_by_clients.get(r["clients"])  # rtpengine with as many clients
         r["vs_rtpengine"] = ratio(r["pairs_per_s"], ng["calls_per_s"]) if ng else None
+    redis_by_clients = {r["clients"]: r for r in ngcps if r["who"] == "rtpengine_redis"}
     for r in ngcps:
         ng = ng_by_clients.get(r["clients"])
         r["vs_rtpengine"] = ratio(r["calls_per_s"], ng["calls_per_s"]) if ng else None
+        kept = redis_by_clients.get(r["clients"])  # rtpengine keeping calls over a restart
+        r["vs_rtpengine_redis"] = ratio(r["calls_per_s"], kept["calls_per_s"]) if kept else None
     return {
         "profile": profile,
         "machine": meta,
@@ -278,26 +290,27 @@ def markdown(s: dict[str, Any]) -> str:
         "pairs, `OK` after the kernel commit; rtpengine and lrkp-tsl (ng): "
         "`offer`+`answer`+`delete` calls from the same client, bench/ngclient.py):",
         "",
-        "| server | live calls | clients | calls/s | ratio to rtpengine | `S`→`OK` / `offer` "
-        "p50 / p99 ms | daemon RSS per live call |",
+        "| server | live calls | clients | calls/s | ratio to rtpengine / to rtpengine + "
+        "Redis | `S`→`OK` / `offer` p50 / p99 ms | daemon RSS per live call |",
         "|---|---|---|---|---|---|---|",
     ]
-    ng_servers = {"rtpengine": "rtpengine", "lrkp_ng": "lrkp-tsl (ng)"}
-    for r in sorted(s["ngcps"], key=lambda r: list(ng_servers).index(r["who"])):
+    for r in sorted(s["ngcps"], key=lambda r: list(NG_SERVERS).index(r["who"])):
         out.append(
-            f"| {ng_servers[r['who']]} | {fmt(r['live'])} | {r['clients']} | "
-            f"{fmt(r['calls_per_s'])} | {fmt(r.get('vs_rtpengine'), '', 2)} "
+            f"| {NG_SERVERS[r['who']]} | {fmt(r['live'])} | {r['clients']} | "
+            f"{fmt(r['calls_per_s'])} | {fmt(r.get('vs_rtpengine'), '', 2)} / "
+            f"{fmt(r.get('vs_rtpengine_redis'), '', 2)} "
             f"| {r['offer_ms']['p50']} / {r['offer_ms']['p99']} | "
             f"{fmt(r['kib_per_call'], ' KiB', 1)} |"
         )
     for r in s["control"]:
         out.append(
             f"| lrkp-tsl | {fmt(r['live'])} | {r['clients']} | {fmt(r['pairs_per_s'])} | "
-            f"{fmt(r.get('vs_rtpengine'), '', 2)} | {r['s_ms']['p50']} / {r['s_ms']['p99']} "
+            f"{fmt(r.get('vs_rtpengine'), '', 2)} / — | {r['s_ms']['p50']} / {r['s_ms']['p99']} "
             f"| {fmt(r['kib_per_call'], ' KiB', 1)} |"
         )
     for skipped in s.get("ngcps_skipped", []):
-        out += ["", f"**Not run:** lrkp-tsl (ng): {skipped['reason']}."]
+        who = NG_SERVERS.get(skipped["who"], skipped["who"])
+        out += ["", f"**Not run:** {who}: {skipped['reason']}."]
     for e in s.get("errors", []):
         out += ["", f"**Failed:** {e['who']} in {e['in']}: `{e['error'][-300:]}`"]
     out += [

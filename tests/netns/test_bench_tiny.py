@@ -22,7 +22,7 @@ import pytest
 from lrkp_lab.ngrelay import node_serves_ng
 
 REPO = Path(__file__).resolve().parents[2]
-NG_SERVERS = ("rtpengine", "lrkp_ng")  # the `ngcps` phase's servers
+NG_SERVERS = ("rtpengine", "rtpengine_redis", "lrkp_ng")  # the `ngcps` phase's servers
 FIGURES = (
     "max_pps",
     "us_per_packet",
@@ -85,6 +85,10 @@ def test_tiny_benchmark_gives_every_figure_for_every_contender(tmp_path: Path) -
         pytest.skip("rtpengine is not installed (scripts/install-bench-deps.sh): its part not run")
     ngcps = {who: [r for r in summary["ngcps"] if r["who"] == who] for who in NG_SERVERS}
     assert {r["clients"] for r in ngcps["rtpengine"]} == {1, 2}
+    # rtpengine keeping its calls in Redis: the baseline with lrkp-tsl's guarantee
+    # (redis-server is a system dependency: install-system-deps.sh)
+    assert {r["clients"] for r in ngcps["rtpengine_redis"]} == {1, 2}
+    assert "| rtpengine + Redis |" in table
     for r in summary["ngcps"]:
         assert r["calls_per_s"] > 0 and r["kib_per_call"] is not None
         assert r["offer_ms"]["p50"] > 0 and r["vs_rtpengine"] is not None
@@ -93,6 +97,7 @@ def test_tiny_benchmark_gives_every_figure_for_every_contender(tmp_path: Path) -
     # the report says why it did not run (and the run is not an error).
     if node_serves_ng():
         assert {r["clients"] for r in ngcps["lrkp_ng"]} == {1, 2}
+        assert all(r["vs_rtpengine_redis"] is not None for r in ngcps["lrkp_ng"])
         assert summary["ngcps_skipped"] == []
         assert "| lrkp-tsl (ng) |" in table
     else:
