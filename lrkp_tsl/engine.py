@@ -129,6 +129,7 @@ class _Item:
     op: Operation
     peer: str  # who asked, for logs
     done: Callable[[Result], None]
+    committed: Callable[[], None] | None = None
     actions: list[Sync] = field(default_factory=list)
     old: Call | None = None
     error: KernelError | StoreError | Refused | None = None
@@ -146,7 +147,8 @@ class Batch:
     Operations whose calls and relay endpoints are disjoint are committed as one group:
     each goes to the store, then all of them to the kernel in one transaction
     (`Kernel.change_many`), then each to the call table; each operation's `done` is called
-    after its own kernel commit, so a reply sent from it still follows that commit. An
+    after its own kernel commit, so a reply sent from it still follows that commit (its
+    `committed` sooner: right after that commit, before the table and conntrack work). An
     operation that fails is refused alone: the others are committed without it. One
     touching what an earlier one of the batch touched (the same Call-ID or relay endpoint),
     or taking relay endpoints from another call, waits until the operations before it are
@@ -166,10 +168,21 @@ class Batch:
         """Whether an operation waiting in the batch is about this call."""
         return call_id in self._touched
 
-    def add(self, op: Operation, peer: str, done: Callable[[Result], None]) -> None:
-        """Apply `op` with the batch; `done(result)` once it is applied, or refused."""
+    def add(
+        self,
+        op: Operation,
+        peer: str,
+        done: Callable[[Result], None],
+        committed: Callable[[], None] | None = None,
+    ) -> None:
+        """Apply `op` with the batch; `done(result)` once it is applied, or refused.
+
+        `committed()`, if given, as soon as the change is in the store and the kernel, before
+        the bookkeeping that follows (table, conntrack, activity, logs; `done` comes after
+        it): a reply sent from it promises what `done`'s would, sooner. Not called for a
+        change that fails, nor for one applied alone (`done` follows at once there)."""
         engine, now = self._engine, self._now
-        item = _Item(op, peer, done)
+        item = _Item(op, peer, done, committed)
         keys = engine._decide(item, now)
         if keys & self._touched:
             self.flush()
@@ -432,8 +445,8 @@ class Engine:
             item.error = error
 
     def _commit_group(self, group: list[_Item], now: float) -> None:
-        """Store each, the kernel once for all, then table and conntrack for each; then
-        each operation's outcome, in order."""
+        """Store each, the kernel once for all, then each one's `committed` (its reply can
+        go), then table and conntrack for each; then each operation's outcome, in order."""
         if not group:
             return
         ready: list[_Item] = []
@@ -468,6 +481,9 @@ class Engine:
                 else:
                     self._refused(sync, item.old, now)
                     item.error = refused
+            for item, _sync in done:  # in the store and the kernel: their replies may go
+                if item.committed is not None:
+                    self._committed(item)
             ends = self._read_ends([(sync, item.old) for item, sync in done])
             forget: set[Flow | InstalledFlow] = set()
             for item, sync in done:
@@ -475,6 +491,18 @@ class Engine:
             self._forget(forget, now)
         for item in group:
             item.done(item.result())
+
+    def _committed(self, item: _Item) -> None:
+        """An operation's `committed`: whatever it raises is logged, and the group's
+        bookkeeping goes on (the change is in the store and the kernel: the table must
+        follow)."""
+        assert item.committed is not None
+        try:
+            item.committed()
+        except Exception:
+            self.stats["error.internal.committed"] += 1
+            log.exception("[%s] after its commit: internal error (the node carries on)",
+                          item.op.call_id)  # fmt: skip
 
     def _store_group(self) -> contextlib.AbstractContextManager[None]:
         """One store transaction for a group's writes (every Store has `group`: the type

@@ -127,6 +127,11 @@ class Result:
 DONE: Final = Result()
 
 Datagram = tuple[bytes, Hashable, str, bool]
+SendNow = Callable[[int, bytes], None]
+"""Sends the reply to the batch's datagram `index` at once. A front-end given one replies
+to a change as soon as it is in the store and the kernel (what the reply promises), and
+leaves that datagram's entry None in what it returns: the client's wait does not include
+the bookkeeping after the commit (the call table, conntrack, summaries, logs)."""
 """(data, sender: the retransmission cache key, peer: for logs, with_cookie)."""
 
 
@@ -135,8 +140,11 @@ class FrontEnd(Protocol):
 
     protocol: str
 
-    def on_datagrams(self, datagrams: Sequence[Datagram], now: float) -> list[bytes | None]:
-        """Requests that arrived together -> their replies, in order (None: no reply)."""
+    def on_datagrams(
+        self, datagrams: Sequence[Datagram], now: float, send: SendNow | None = None
+    ) -> list[bytes | None]:
+        """Requests that arrived together -> their replies, in order (None: no reply, or
+        one sent through `send` already)."""
 
     def describe(self, call: Call) -> Mapping[str, object]:
         """What this protocol knows of the call that a human wants to see (ng: its tags),

@@ -29,7 +29,7 @@ from lrkp_tsl.dataplane.queue import PacketQueue, unmarked
 from lrkp_tsl.dataplane.role import freebind_udp_socket
 from lrkp_tsl.engine import Engine
 from lrkp_tsl.latency import Latency
-from lrkp_tsl.operations import LRKPROXY
+from lrkp_tsl.operations import LRKPROXY, SendNow
 from lrkp_tsl.protocol import MAX_REQUEST_SIZE
 from lrkp_tsl.session import Verdict
 from lrkp_tsl.udpbatch import UdpBatchControl, udp_socket
@@ -143,14 +143,20 @@ class Server:
         return cast(list[bytes | None], replies)[0] if replies is not None else None
 
     def datagrams(
-        self, batch: list[tuple[bytes, tuple[Any, ...]]], protocol: str = LRKPROXY
+        self,
+        batch: list[tuple[bytes, tuple[Any, ...]]],
+        protocol: str = LRKPROXY,
+        send: SendNow | None = None,
     ) -> list[bytes | None]:
         """Datagrams read together from one UDP socket -> their replies (group commit),
-        answered by the socket's protocol's front-end."""
+        answered by the socket's protocol's front-end (through `send` as soon as a change
+        is committed, if given: those come back None)."""
         items = [(data, addr, f"{addr[0]}:{addr[1]}", True) for data, addr in batch]
         front_end = self.engine.front_ends[protocol]
         started = time.perf_counter()
-        _ok, replies = self.guarded("control", lambda: front_end.on_datagrams(items, self.clock()))
+        _ok, replies = self.guarded(
+            "control", lambda: front_end.on_datagrams(items, self.clock(), send)
+        )
         # Each command of a group waited for the whole group: that is its answer time.
         elapsed = time.perf_counter() - started
         for _ in batch:

@@ -5,7 +5,9 @@ Batch).
 asyncio's datagram transport reads one datagram per turn of the event loop, so commands
 that Kamailio's workers send at the same moment would each pay a kernel transaction of
 their own. Reading them together lets the engine commit them in one; each reply is sent
-after that commit, so an `OK` still means the kernel relays the call.
+after that commit, so an `OK` still means the kernel relays the call. A change's reply goes
+as soon as it is committed (the front-end's `send`), before the engine's bookkeeping that
+follows: the client does not wait for it.
 """
 
 from __future__ import annotations
@@ -63,15 +65,21 @@ class UdpBatchControl:
                 batch.append((data, addr))
         if not batch:
             return
-        replies = self.server.datagrams(batch, self.protocol)
+
+        def send_now(index: int, reply: bytes) -> None:
+            self._send(reply, batch[index][1])
+
+        replies = self.server.datagrams(batch, self.protocol, send_now)
         for (_data, addr), reply in zip(batch, replies, strict=True):
-            if reply is None:
-                continue
-            try:
-                self.sock.sendto(reply, addr)
-            except OSError as exc:
-                self.server.stats["error.reply_send"] += 1
-                log.warning("reply to %s:%s not sent: %s", addr[0], addr[1], exc)
+            if reply is not None:
+                self._send(reply, addr)
+
+    def _send(self, reply: bytes, addr: tuple[Any, ...]) -> None:
+        try:
+            self.sock.sendto(reply, addr)
+        except OSError as exc:
+            self.server.stats["error.reply_send"] += 1
+            log.warning("reply to %s:%s not sent: %s", addr[0], addr[1], exc)
 
 
 def udp_socket(scheme: str, host: str, port: int, *, freebind: bool = False) -> socket.socket:

@@ -36,6 +36,7 @@ from lrkp_tsl.operations import (
     End,
     Refused,
     Result,
+    SendNow,
     Stale,
     lrkproxy_relay,
 )
@@ -114,23 +115,31 @@ class LrkproxyFrontEnd:
         """
         return self.on_datagrams([(data, sender, peer, with_cookie)], now)[0]
 
-    def on_datagrams(self, datagrams: Sequence[Datagram], now: float) -> list[bytes | None]:
+    def on_datagrams(
+        self, datagrams: Sequence[Datagram], now: float, send: SendNow | None = None
+    ) -> list[bytes | None]:
         """Requests that arrived together -> their replies, in order (group commit: the
-        engine's `Batch` says how they are applied together)."""
+        engine's `Batch` says how they are applied together). With `send`, an `OK` goes
+        as soon as its change is in the store and the kernel."""
         replies: list[bytes | None] = [None] * len(datagrams)
+        sent: set[int] = set()
         batch = self.engine.batch(now)
         for index, (data, sender, peer, with_cookie) in enumerate(datagrams):
             early, request = self._receive(data, sender, peer, now, with_cookie)
             if request is None:
                 replies[index] = early
                 continue
-            done = partial(self._settle, replies, index, request, sender, data, peer,
+            done = partial(self._settle, replies, sent, index, request, sender, data, peer,
                            with_cookie, now)  # fmt: skip
+            committed = None
+            if send is not None:
+                committed = partial(self._committed, send, sent, index, request, sender,
+                                    data, with_cookie, now)  # fmt: skip
             if isinstance(request, SetSession):
-                batch.add(lrkproxy_relay(request.media), peer, done)
+                batch.add(lrkproxy_relay(request.media), peer, done, committed)
             else:
                 stale = partial(_stale, request) if request.given else None
-                batch.add(End(request.call_id, LRKPROXY, stale), peer, done)
+                batch.add(End(request.call_id, LRKPROXY, stale), peer, done, committed)
         batch.flush()
         return replies
 
@@ -209,9 +218,28 @@ class LrkproxyFrontEnd:
                                 call_id, verb, peer, reason)  # fmt: skip
         return protocol.reply_refused(request, code, reason)
 
+    def _committed(
+        self,
+        send: SendNow,
+        sent: set[int],
+        index: int,
+        request: SetSession | DeleteSession,
+        sender: Hashable,
+        data: bytes,
+        with_cookie: bool,
+        now: float,
+    ) -> None:
+        """The change is in the store and the kernel: `OK` now (a change is never stale)."""
+        reply = protocol.reply_ok(request)
+        if with_cookie:
+            self.cache.store(sender, data, reply, now)
+        sent.add(index)
+        send(index, reply)
+
     def _settle(
         self,
         replies: list[bytes | None],
+        sent: set[int],
         index: int,
         request: SetSession | DeleteSession,
         sender: Hashable,
@@ -239,6 +267,8 @@ class LrkproxyFrontEnd:
             replies[index] = protocol.reply_refused(request, failure.code, failure.reason)
             return
         self.stats[f"command.{_command(request)}.{'stale' if result.stale else 'ok'}"] += 1
+        if index in sent:
+            return  # `OK` sent, and cached, by `_committed`
         if result.stale and isinstance(request, DeleteSession):
             named = ", ".join(f"{name} {value}" for name, value, _ in result.stale)
             current = ", ".join(f"{name} {value}" for name, _, value in result.stale)

@@ -16,10 +16,11 @@ engine's operations and settles it once the engine applied it:
   fork) drops what the callee side had learned (`fresh`): the new branch is elsewhere;
 - a delete becomes an `End`.
 The reply prepared with the decision goes out once the engine committed the change (store,
-kernel); if the kernel or the store refused it, the decision is abandoned (its ports given
-back) and the reply is an error that is not cached, so the resend tries again. One decision
-per Call-ID at a time: a second command about a call waiting in the batch flushes it first,
-so each is decided against the call as the earlier one left it.
+kernel): at once when the server gave a `send` (before the engine's bookkeeping), else
+with the batch's replies; if the kernel or the store refused it, the decision is abandoned
+(its ports given back) and the reply is an error that is not cached, so the resend tries
+again. One decision per Call-ID at a time: a second command about a call waiting in the
+batch flushes it first, so each is decided against the call as the earlier one left it.
 
 The ng table follows the engine's call table (`CallTable.watchers`) for what this front-end
 did not decide itself: calls loaded at a restart, followed from a pair's active node, or
@@ -54,7 +55,17 @@ from lrkp_tsl.ng.allocator import SharedPortPool
 from lrkp_tsl.ng.callmodel import Change, Interfaces, NgCall, NgCalls, Outcome, StreamMedia
 from lrkp_tsl.ng.codec import NgError, Offer, Request
 from lrkp_tsl.ng.record import RecordError, from_json, to_json
-from lrkp_tsl.operations import NG, Datagram, End, Operation, Refused, Relay, Result, StreamSpec
+from lrkp_tsl.operations import (
+    NG,
+    Datagram,
+    End,
+    Operation,
+    Refused,
+    Relay,
+    Result,
+    SendNow,
+    StreamSpec,
+)
 from lrkp_tsl.retransmit import RetransmitCache
 from lrkp_tsl.session import Call
 
@@ -143,8 +154,11 @@ class NgFrontEnd:
             return {}
         return {"tags": [side.tag or "-" for side in ng.sides]}
 
-    def on_datagrams(self, datagrams: Sequence[Datagram], now: float) -> list[bytes | None]:
+    def on_datagrams(
+        self, datagrams: Sequence[Datagram], now: float, send: SendNow | None = None
+    ) -> list[bytes | None]:
         replies: list[bytes | None] = [None] * len(datagrams)
+        sent: set[int] = set()  # replied to through `send`, once committed
         batch = self.engine.batch(now)
         for index, (data, sender, peer, _with_cookie) in enumerate(datagrams):
             if not self.engine.active:
@@ -176,8 +190,13 @@ class NgFrontEnd:
                 continue
             assert call_id is not None
             self._deciding.add(call_id)
-            done = partial(self._settle, replies, index, decision, sender, data, peer, now)
-            batch.add(self._operation(decision.change), peer, done)
+            done = partial(self._settle, replies, sent, index, decision, sender, data, peer,
+                           now)  # fmt: skip
+            committed = None
+            if send is not None and decision.reply is not None:
+                committed = partial(self._committed, send, sent, index, decision, sender,
+                                    data, now)  # fmt: skip
+            batch.add(self._operation(decision.change), peer, done, committed)
         batch.flush()
         return replies
 
@@ -232,9 +251,29 @@ class NgFrontEnd:
             self.cache.store(sender, data, reply, now)
         return reply
 
+    def _committed(
+        self,
+        send: SendNow,
+        sent: set[int],
+        index: int,
+        decision: Decision,
+        sender: Hashable,
+        data: bytes,
+        now: float,
+    ) -> None:
+        """The change is in the store and the kernel: its reply goes now (and is what a
+        resend gets). The ng table takes the change in `_settle`, before any other datagram
+        is read."""
+        reply = decision.reply
+        assert reply is not None
+        self.cache.store(sender, data, reply, now)
+        sent.add(index)
+        send(index, reply)
+
     def _settle(
         self,
         replies: list[bytes | None],
+        sent: set[int],
         index: int,
         decision: Decision,
         sender: Hashable,
@@ -250,6 +289,8 @@ class NgFrontEnd:
         error = result.error
         if error is None:
             reply = self.decider.carried_out(decision)
+            if index in sent:
+                return  # sent, and cached, by `_committed`
             if reply is not None:
                 self.cache.store(sender, data, reply, now)
             replies[index] = reply

@@ -193,3 +193,29 @@ def test_an_unread_ending_call_has_its_entries_deleted_all_the_same() -> None:
     assert batch(engine, deletes, 1.0) == [d + b"OK" for d in deletes]
     assert engine.stats["error.conntrack"] == 1
     assert set().union(*kernel.forgotten) == expected
+
+
+def test_with_send_each_ok_goes_once_its_change_is_committed_and_a_refusal_with_the_batch() -> None:
+    """The server's `send`: each `OK` leaves when the group's store and kernel commit is
+    done, before the table takes the calls; a refused command's error comes back with the
+    batch; nothing is answered twice; a resend gets the cached `OK`."""
+    engine, kernel, store = make(Policy.STRICT)
+    kernel.fail_call("c2")
+    datagrams = four_calls()
+    sent: list[tuple[int, bytes, bool, bool]] = []
+
+    def send(index: int, reply: bytes) -> None:
+        call_id = CALLS[index]
+        sent.append((index, reply, call_id in store.records, engine.table.get(call_id) is None))
+
+    datagrams_ = [(d, PEER, "10.0.0.5:5060", True) for d in datagrams]
+    replies = lrkproxy(engine).on_datagrams(datagrams_, 0.0, send)
+    assert [(index, reply) for index, reply, _, _ in sent] == [
+        (n, datagrams[n] + b"OK") for n in (0, 1, 3)
+    ]
+    assert all(stored and not_yet_in_table for _, _, stored, not_yet_in_table in sent)
+    assert replies[:2] == [None, None] and replies[3] is None
+    assert replies[2] is not None and replies[2].startswith(b"2_1 E kernel ")
+    assert batch(engine, [datagrams[0]]) == [datagrams[0] + b"OK"]  # from the cache
+    assert engine.stats["retransmissions"] == 1
+    agree(engine, kernel)

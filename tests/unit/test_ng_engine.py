@@ -482,3 +482,63 @@ def test_lrkp_ctl_prints_an_ng_call_with_its_protocol_tags_and_streams() -> None
     assert "  stream 2 caller: SDP 10.0.0.21:4002" in shown
     assert "RTCP none (rtcp-mux, or not RTP)" in shown
     assert "no stream relayed yet" in show_call(rows[1])
+
+
+def test_a_reply_goes_as_soon_as_the_change_is_committed() -> None:
+    """With the server's `send`, an offer's, an answer's and a delete's reply go when the
+    change is in the store and the kernel, before the engine's bookkeeping (the call table,
+    conntrack): what a reply promises holds at the moment it is sent; the batch returns
+    None for them, and a resend gets the same bytes from the cache."""
+    node = Node()
+    seen: list[tuple[int, bytes, bool, bool]] = []
+    tables: list[int | None] = []  # the call's streams in the engine's table when sent
+
+    def send(index: int, data: bytes) -> None:
+        in_store, call = "c" in node.store.records, node.engine.table.get("c")
+        seen.append((index, data, in_store, node.kernel.holds() != EMPTY))
+        tables.append(None if call is None else len(call.streams))
+
+    def exchange(datagram: bytes) -> bytes:
+        seen.clear()
+        replies = node.ng.on_datagrams([(datagram, KAMAILIO, "k", True)], node.now, send)
+        assert replies == [None] and len(seen) == 1 and seen[0][0] == 0
+        resent = node.raw(datagram)  # a retransmission: answered from the cache
+        assert resent == seen[0][1]
+        return seen[0][1]
+
+    offer = node.datagram(command="offer", sdp=sdp(CALLER, AUDIO.format(4000)), ICE="remove",
+                          direction=["internal", "external"],
+                          **{"call-id": "c", "from-tag": "A"})  # fmt: skip
+    ok(reply(exchange(offer)))
+    assert seen[0][2:] == (True, False)  # stored; the kernel gets nothing until the answer
+    assert tables == [None]  # sent before the table took the new call
+    answer = node.datagram(command="answer", sdp=sdp(CALLEE, AUDIO.format(6000)), ICE="remove",
+                           direction=["external", "internal"],
+                           **{"call-id": "c", "from-tag": "A", "to-tag": "B"})  # fmt: skip
+    ok(reply(exchange(answer)))
+    assert seen[0][2:] == (True, True)
+    assert tables[-1] == 0  # the table still had the offer's call, without streams
+    call = node.engine.table.get("c")
+    assert call is not None and len(call.view().flows) == 4  # the table followed
+    agree(node.engine, node.kernel)
+    delete = node.datagram(command="delete", **{"call-id": "c", "from-tag": "A"})
+    ok(reply(exchange(delete)))
+    assert seen[0][2:] == (False, False)
+    assert tables[-1] == 1  # the table still had the call
+    assert node.engine.table.get("c") is None and len(node.ng.pool) == 0
+
+
+def test_a_change_the_kernel_refuses_is_not_sent_early() -> None:
+    """No early reply for a change that did not commit: the error comes back with the batch
+    (not cached: the resend tries again)."""
+    node = Node()
+    ok(node.offer())
+    node.kernel.fail_next("change")
+    sent: list[bytes] = []
+    answer = node.datagram(command="answer", sdp=sdp(CALLEE, AUDIO.format(6000)), ICE="remove",
+                           **{"call-id": "c", "from-tag": "A", "to-tag": "B"})  # fmt: skip
+    replies = node.ng.on_datagrams([(answer, KAMAILIO, "k", True)], node.now,
+                                   lambda _index, data: sent.append(data))  # fmt: skip
+    assert sent == []
+    assert reply(replies[0])["result"] == b"error"
+    ok(reply(node.raw(answer)))  # tried again, and committed
