@@ -430,6 +430,7 @@ async def _run(
     store, state_dir_lock = open_store(config)
     cleanup.append(("state_dir lock", state_dir_lock.release))
     cleanup.append(("store", store.close))
+    store.checkpoint_in_background()  # not inside a command's commit (walcheckpoint.py)
     plane = DataPlane(config.rules, record)
     queue_rule: QueueRule | None = None
     up = False  # set once the node serves: until then, a failure takes the start back

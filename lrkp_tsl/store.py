@@ -67,6 +67,7 @@ from pathlib import Path
 from lrkp_tsl.errors import MediaError, StoreError
 from lrkp_tsl.records import FIELDS, LEGS, StoredCall, decode, encode
 from lrkp_tsl.session import Call
+from lrkp_tsl.walcheckpoint import BACKSTOP_PAGES, WalCheckpointer
 
 log = logging.getLogger("lrkp_tsl.store")
 
@@ -327,6 +328,7 @@ class SqliteStore:
         self._report_due = 0.0
         self._group: list[tuple[str, _Unsaved]] | None = None  # a group's writes so far
         self._read: list[StoredCall] = []  # what a store opened unavailable could read
+        self._checkpointer: WalCheckpointer | None = None
         self._put_sql = (
             f"INSERT OR REPLACE INTO calls ({', '.join(COLUMNS)}) "
             f"VALUES ({', '.join('?' for _ in COLUMNS)})"
@@ -357,6 +359,8 @@ class SqliteStore:
             self._check(db)  # before anything is written: a file not ours stays as it is
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            if self._checkpointer is not None:  # checkpoints off the event loop
+                db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
             self._migrate()
             db.execute(f"SELECT {', '.join(COLUMNS)} FROM calls LIMIT 0")  # ours, as we read
             self._revision = db.execute("SELECT coalesce(max(revision), 0) FROM calls").fetchone()[
@@ -502,7 +506,24 @@ class SqliteStore:
         """Wall-clock time minus the engine's monotonic clock, as this store converts."""
         return self._offset
 
+    def checkpoint_in_background(self) -> None:
+        """Checkpoint the WAL on a thread of its own from now on (walcheckpoint.py), not
+        inside the commit that fills it: the daemon's store (a short-lived tool's keeps
+        SQLite's own checkpoints)."""
+        if self._checkpointer is not None:
+            return
+        self._checkpointer = WalCheckpointer(self.path)
+        if self._db is not None:
+            try:
+                self._db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
+            except sqlite3.Error as exc:  # SQLite keeps checkpointing by itself too
+                log.warning("state store %s: %s", self.path, exc)
+        self._checkpointer.start()
+
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         now = time.monotonic()
         if not self.writable:
             self._retry(now)

@@ -33,9 +33,11 @@ def sessions(lab: Lab) -> dict[str, dict[str, Any]]:
     return {row["call_id"]: row for row in rows}
 
 
-def summary(output: str, call_id: str) -> tuple[str, list[int]]:
+def summary(node: Node, call_id: str) -> tuple[str, list[int]]:
     """(the reason text, [a->b packets, a->b bytes, b->a packets, b->a bytes]) of the call's
-    summary line."""
+    summary line (logged just after the reply to the command that ended the call)."""
+    node.wait_log(f"[{call_id}] removed: ", 5.0)
+    output = node.output()
     match = re.search(
         rf"\[{re.escape(call_id)}\] removed: (.*?); lasted [\d.]+ s; "
         r"caller->callee (\d+) packets (\d+) bytes, callee->caller (\d+) packets (\d+) bytes; "
@@ -120,7 +122,7 @@ def test_sessions_show_counters_grow_delete_stops_media_and_summary_matches(
             packets_ba, bytes_ba = counted(backward)
             packets_ab += 5
             bytes_ab += sum(len(b"last-%d" % seq) + HEADERS for seq in range(5))
-            reason, figures = summary(node.output(), "ctl-call-1@lab")
+            reason, figures = summary(node, "ctl-call-1@lab")
             assert reason == "deleted by an operator (lrkp-ctl delete)"
             assert figures == [packets_ab, bytes_ab, packets_ba, bytes_ba]
 
@@ -129,7 +131,7 @@ def test_sessions_show_counters_grow_delete_stops_media_and_summary_matches(
             burst(caller, call2.caller_relay, callee, call2.callee_relay, 7, b"x")
             burst(callee, call2.callee_relay, caller, call2.caller_relay, 3, b"yy")
             call2.delete(kamailio)
-            reason, figures = summary(node.output(), "ctl-call-2@lab")
+            reason, figures = summary(node, "ctl-call-2@lab")
             assert reason == "deleted by the controlling layer (D)"
             x_bytes = sum(len(b"x-%d" % seq) + HEADERS for seq in range(7))
             y_bytes = sum(len(b"yy-%d" % seq) + HEADERS for seq in range(3))

@@ -75,7 +75,8 @@ def test_delete_after_a_restart_removes_the_call(
     restarted = start(lab, nodes, kamailio, node.restart(signal.SIGKILL))
     burst(callee, call.callee_relay, caller, call.caller_relay, 2, b"B")
     call.delete(kamailio)
-    assert "[bye@lab] removed: deleted by the controlling layer (D)" in restarted.output()
+    # The summary is logged just after the D's reply.
+    restarted.wait_log("[bye@lab] removed: deleted by the controlling layer (D)", 5.0)
     caller.send(call.caller_relay, b"after D")
     callee.expect_nothing()
     assert "bye@lab" not in lab.run("relay", "nft", "list", "table", "ip", TABLE).stdout
