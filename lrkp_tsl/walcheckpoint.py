@@ -19,6 +19,7 @@ import sqlite3
 import threading
 from pathlib import Path
 from typing import Final
+from urllib.parse import quote
 
 log = logging.getLogger("lrkp_tsl.store")
 
@@ -68,8 +69,10 @@ class WalCheckpointer:
     def _open(self) -> sqlite3.Connection | None:
         """The thread's own connection; None (tried again next time) if the file cannot be
         opened now (the store's own connection then checkpoints at BACKSTOP_PAGES)."""
+        # mode=rw: never create the file (a store that could not be created stays absent).
+        uri = f"file:{quote(str(self.path))}?mode=rw"
         try:
-            return sqlite3.connect(self.path, timeout=0, isolation_level=None)
+            return sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None)
         except sqlite3.Error as exc:
             self._failed(f"opening it: {exc}")
             return None

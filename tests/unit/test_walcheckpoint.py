@@ -61,6 +61,8 @@ def test_a_file_it_cannot_open_is_logged_and_tried_again(
             until(lambda: checkpointer.failures >= 2, "two failed tries")
             assert checkpointer.running  # it goes on trying
             (tmp_path / "gone").mkdir()
+            time.sleep(0.2)  # tries on an existing directory: it creates no file there
+            assert not missing.exists()
             store = SqliteStore(missing)  # the file appears: the next try checkpoints it
             store.put(learned_call(), 1.0)
             until(lambda: checkpointer.checkpoints > 0, "a checkpoint once the file exists")
