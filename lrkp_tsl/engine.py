@@ -445,8 +445,9 @@ class Engine:
             item.error = error
 
     def _commit_group(self, group: list[_Item], now: float) -> None:
-        """Store each, the kernel once for all, then each one's `committed` (its reply can
-        go), then table and conntrack for each; then each operation's outcome, in order."""
+        """Store each, the kernel once for all, the conntrack entries of flows that go on
+        rebound, then each one's `committed` (its reply can go), then table and the rest of
+        conntrack for each; then each operation's outcome, in order."""
         if not group:
             return
         ready: list[_Item] = []
@@ -481,6 +482,18 @@ class Engine:
                 else:
                     self._refused(sync, item.old, now)
                     item.error = refused
+            # A call that goes on relays its changed flows as the change says only once
+            # their old conntrack entries are gone (NAT binds a flow at its first packet):
+            # before its reply. An ending call's packets stop with its elements (the guard
+            # drops them whatever conntrack holds): its entries go after the reply, once
+            # the summary has read their counters.
+            rebound = {
+                flow
+                for _item, sync in done
+                if sync.call is not None
+                for flow in sync.before.flows ^ sync.after.flows
+            }
+            self._forget(rebound, now)
             for item, _sync in done:  # in the store and the kernel: their replies may go
                 if item.committed is not None:
                     self._committed(item)
@@ -488,7 +501,7 @@ class Engine:
             forget: set[Flow | InstalledFlow] = set()
             for item, sync in done:
                 self._finish(sync, now, item.peer, item.old, None, forget, ends)
-            self._forget(forget, now)
+            self._forget(forget - rebound, now)
         for item in group:
             item.done(item.result())
 

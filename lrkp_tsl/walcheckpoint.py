@@ -39,9 +39,13 @@ class WalCheckpointer:
         self.checkpoints = 0  # that moved every frame of the WAL into the database file
         self.failures = 0
         self._stop = threading.Event()
+        self._db: sqlite3.Connection | None = None  # opened by start(), then the thread's
         self._thread = threading.Thread(target=self._run, name="lrkp-wal-checkpoint", daemon=True)
 
     def start(self) -> None:
+        """Open the thread's connection now (the node's descriptors are all open once it
+        serves), and start checkpointing."""
+        self._db = self._open()
         self._thread.start()
 
     def stop(self) -> None:
@@ -55,7 +59,7 @@ class WalCheckpointer:
         return self._thread.is_alive()
 
     def _run(self) -> None:
-        db: sqlite3.Connection | None = None
+        db, self._db = self._db, None
         try:
             while not self._stop.wait(self.interval):
                 if db is None:
@@ -72,7 +76,15 @@ class WalCheckpointer:
         # mode=rw: never create the file (a store that could not be created stays absent).
         uri = f"file:{quote(str(self.path))}?mode=rw"
         try:
-            return sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None)
+            db = sqlite3.connect(
+                uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False
+            )
+            try:  # a read opens the WAL and its index too: every descriptor, now
+                db.execute("PRAGMA schema_version").fetchone()
+            except BaseException:
+                db.close()
+                raise
+            return db
         except sqlite3.Error as exc:
             self._failed(f"opening it: {exc}")
             return None

@@ -219,3 +219,36 @@ def test_with_send_each_ok_goes_once_its_change_is_committed_and_a_refusal_with_
     assert batch(engine, [datagrams[0]]) == [datagrams[0] + b"OK"]  # from the cache
     assert engine.stats["retransmissions"] == 1
     agree(engine, kernel)
+
+
+def test_an_early_ok_follows_the_deletion_of_the_moved_flows_conntrack_entries() -> None:
+    """A re-INVITE's `S` moves the callee: conntrack would keep NAT'ing the caller's next
+    packet to the old callee while the old entry lives (NAT binds at a flow's first packet),
+    so those entries are deleted before the `OK` goes. A `D`'s are deleted after it: the
+    call's packets already stop with its elements."""
+    engine, kernel, _store = make(Policy.STRICT)
+    first = s_command("moved", 20000, callee="10.0.1.31:6000", cookie="1_1")
+    assert batch(engine, [first]) == [first + b"OK"]
+    forgotten_at_send: list[int] = []
+
+    def send(_index: int, _reply: bytes) -> None:
+        forgotten_at_send.append(len(kernel.forgotten))
+
+    before = len(kernel.forgotten)
+    moved = s_command("moved", 20000, callee="10.0.1.31:6600", cookie="1_2")
+    lrkproxy(engine).on_datagrams([(moved, PEER, "k", True)], 1.0, send)
+    assert forgotten_at_send == [before + 1]  # the old entries went before the OK
+    moved_keys = kernel.forgotten[before]
+    assert moved_keys and len(kernel.forgotten) == before + 1  # and not a second time
+    call = engine.table.get("moved")
+    assert call is not None
+    assert {flow.sender for flow in call.view().flows} & {key[0] for key in moved_keys}
+    agree(engine, kernel)
+    for flow in call.view().flows:  # its streams have entries in conntrack
+        kernel.entries[(flow.sender, flow.relay)] = 1.5
+    before = len(kernel.forgotten)
+    end = s_command("moved", 20000, callee="10.0.1.31:6600", verb="D", cookie="1_3")
+    forgotten_at_send.clear()
+    lrkproxy(engine).on_datagrams([(end, PEER, "k", True)], 2.0, send)
+    assert forgotten_at_send == [before]  # nothing deleted before the OK ...
+    assert len(kernel.forgotten) == before + 1 and kernel.entries == {}  # ... all after it
