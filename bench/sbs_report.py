@@ -284,6 +284,8 @@ def markdown(s: dict[str, Any]) -> str:
         return f"{fmt(r['recovered'])}, {fmt(loss * 100, ' %', 2)}"
 
     row("streams delivering after it (of " + fmt(flows) + "), loss", recovery)
+    if not names:  # no packet phase ran (`--phases ngcps`): title and machine only
+        out = out[:3]
     out += [
         "",
         "Call setup (closed loop, one command in flight per client; lrkp-tsl: `S`+`D` "
