@@ -148,7 +148,8 @@ class Batch:
     each goes to the store, then all of them to the kernel in one transaction
     (`Kernel.change_many`), then each to the call table; each operation's `done` is called
     after its own kernel commit, so a reply sent from it still follows that commit (its
-    `committed` sooner: right after that commit, before the table and conntrack work). An
+    `committed` sooner: right after that commit and the deletion of the conntrack entries of
+    the flows a continuing call changed, before the table and the rest of conntrack). An
     operation that fails is refused alone: the others are committed without it. One
     touching what an earlier one of the batch touched (the same Call-ID or relay endpoint),
     or taking relay endpoints from another call, waits until the operations before it are
@@ -177,10 +178,12 @@ class Batch:
     ) -> None:
         """Apply `op` with the batch; `done(result)` once it is applied, or refused.
 
-        `committed()`, if given, as soon as the change is in the store and the kernel, before
-        the bookkeeping that follows (table, conntrack, activity, logs; `done` comes after
-        it): a reply sent from it promises what `done`'s would, sooner. Not called for a
-        change that fails, nor for one applied alone (`done` follows at once there)."""
+        `committed()`, if given, as soon as the change is in the store and the kernel (and a
+        continuing call's changed flows have lost their conntrack entries), before the
+        bookkeeping that follows (table, an ended call's conntrack entries, activity, logs;
+        `done` comes after it): a reply sent from it promises what `done`'s would, sooner.
+        Not called for a change that fails, nor for one applied alone (`done` follows at once
+        there)."""
         engine, now = self._engine, self._now
         item = _Item(op, peer, done, committed)
         keys = engine._decide(item, now)
