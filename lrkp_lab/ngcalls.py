@@ -3,15 +3,32 @@ an offer on the INVITE, an answer on the 200, a re-offer on a re-INVITE, a delet
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from typing import Any
 
+from lrkp_lab.calls import KAMAILIO_IP
+from lrkp_lab.lab import Lab
 from lrkp_lab.ngpeer import UdpNgPeer
 from lrkp_lab.parties import Party
 from lrkp_tsl.media import Endpoint
 from lrkp_tsl.ng.bencode import Encodable
 
 NAT_OUTSIDE = "10.201.1.20"  # the caller's NAT box (host `c` is behind it), as a relay sees it
+
+
+@contextlib.contextmanager
+def kamailio_ng(
+    lab: Lab, name: str, address: tuple[str, int], timeout: float = 5.0
+) -> Iterator[UdpNgPeer]:
+    """An ng peer where Kamailio is in the lab (host `sip`, KAMAILIO_IP: the allow list's
+    address), talking to the ng socket at `address`; closed on exit."""
+    peer = UdpNgPeer(name, lab.udp_socket("sip", KAMAILIO_IP, 0), address, timeout)
+    try:
+        yield peer
+    finally:
+        peer.close()
 
 
 def sdp(party: Party, *streams: tuple[str, int], attributes: tuple[str, ...] = ()) -> str:

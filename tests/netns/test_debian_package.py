@@ -33,7 +33,7 @@ import pytest
 from lrkp_lab import node as daemon
 from lrkp_lab.calls import CONTROL, KAMAILIO_IP, NODE_ARGS
 from lrkp_lab.lab import INTERNAL_IP, Lab
-from lrkp_lab.ngpeer import UdpNgPeer
+from lrkp_lab.ngcalls import kamailio_ng
 from lrkp_lab.node import Controller, Node
 from lrkp_tsl import config, lock
 from lrkp_tsl.dataplane.nft import TABLE
@@ -200,14 +200,13 @@ def test_the_packaged_node_answers_p(
     monkeypatch.setattr(daemon, "LRKP_TSL", ["/usr/bin/lrkp-tsl"])
     node = Node(lab, "relay", *PACKAGED_NODE_ARGS, state=STATE_DIR)
     kamailio = Controller(lab, "sip", KAMAILIO_IP)
-    ng = UdpNgPeer("packaged node", lab.udp_socket("sip", KAMAILIO_IP, 0), NG)
     try:
         node.wait_ready(CONTROL, kamailio)
         assert kamailio.command(b"P", CONTROL) == b"P PONG"
         # The package ships the ng front-end too (lrkp_tsl.frontends, lrkp_tsl.ng).
-        assert ng.request({"command": "ping"}) == {"result": "pong"}
+        with kamailio_ng(lab, "packaged node", NG) as ng:
+            assert ng.request({"command": "ping"}) == {"result": "pong"}
     finally:
-        ng.close()
         kamailio.close()
         node.stop()
     log = node.output()

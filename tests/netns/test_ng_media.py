@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from lrkp_lab.calls import CONTROL, KAMAILIO_IP, NODE_ARGS, Call, Stream, burst, running_node
 from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
-from lrkp_lab.ngcalls import NAT_OUTSIDE, NgCall, ok, sdp
+from lrkp_lab.ngcalls import NAT_OUTSIDE, NgCall, kamailio_ng, ok, sdp
 from lrkp_lab.ngpeer import UdpNgPeer
 from lrkp_lab.node import Controller, Node, set_command
 from lrkp_lab.parties import Party, Peers
@@ -52,9 +52,8 @@ def node(lab: Lab) -> Iterator[Node]:
 
 @pytest.fixture
 def kamailio(lab: Lab, node: Node) -> Iterator[UdpNgPeer]:
-    peer = UdpNgPeer("node", lab.udp_socket("sip", KAMAILIO_IP, 0), NG)
-    yield peer
-    peer.close()
+    with kamailio_ng(lab, "node", NG) as peer:
+        yield peer
 
 
 def counter(lab: Lab, name: str) -> int:
@@ -304,9 +303,8 @@ def test_ng_and_lrkproxy_calls_allocated_alternately_never_share_a_relay_port(
     is refused, never given them), and a delete of one protocol's call leaves the other's
     relaying."""
     args = (*ARGS, "--ports", f"{SMALL_PORTS[0]}-{SMALL_PORTS[1]}")
-    with running_node(lab, *args) as node:
+    with running_node(lab, *args) as node, kamailio_ng(lab, "node", NG) as kamailio:
         stand_in = Controller(lab, "sip", KAMAILIO_IP)
-        kamailio = UdpNgPeer("node", lab.udp_socket("sip", KAMAILIO_IP, 0), NG)
         try:
             config = stand_in.command(b"G", CONTROL)
             assert config is not None
@@ -371,7 +369,6 @@ def test_ng_and_lrkproxy_calls_allocated_alternately_never_share_a_relay_port(
             assert "internal error" not in node.output()
         finally:
             stand_in.close()
-            kamailio.close()
 
 
 def _end(
@@ -506,15 +503,12 @@ def test_an_ng_socket_on_a_vip_binds_before_the_vip_arrives(lab: Lab) -> None:
             time.sleep(0.05)
         assert f"ng: listening on udp:{vip}:2223" in node.output()
         lab.run("relay", "ip", "addr", "add", f"{vip}/24", "dev", "int0")
-        peer = UdpNgPeer("vip", lab.udp_socket("sip", KAMAILIO_IP, 0), (vip, 2223), 0.5)
-        try:
+        with kamailio_ng(lab, "vip", (vip, 2223), 0.5) as peer:
             pong = None
             while pong is None and time.monotonic() < deadline:
                 with contextlib.suppress(OSError):
                     pong = peer.request({"command": "ping"})
             assert pong == {"result": "pong"}
-        finally:
-            peer.close()
     finally:
         node.close()
         lab.run("relay", "ip", "addr", "del", f"{vip}/24", "dev", "int0", check=False)

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from lrkp_lab.calls import KAMAILIO_IP, Stream, burst
+from lrkp_lab.calls import Stream, burst
 from lrkp_lab.lab import Lab
-from lrkp_lab.ngcalls import NgCall, ok, relay_ports
+from lrkp_lab.ngcalls import NgCall, kamailio_ng, ok, relay_ports
 from lrkp_lab.ngpeer import UdpNgPeer
 from lrkp_lab.pairlab import EXTERNAL_VIP, INTERNAL_VIP
 from lrkp_lab.pairnodes import RATE, Members, running_pair, wait_same_flows
@@ -43,9 +43,8 @@ def members(lab: Lab) -> Iterator[Members]:
 
 @pytest.fixture
 def kamailio(lab: Lab, members: Members) -> Iterator[UdpNgPeer]:
-    peer = UdpNgPeer("pair", lab.udp_socket("sip", KAMAILIO_IP, 0), NG)
-    yield peer
-    peer.close()
+    with kamailio_ng(lab, "pair", NG) as peer:
+        yield peer
 
 
 def sessions(lab: Lab, host: str) -> list[dict[str, Any]]:

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from lrkp_lab import node as daemon
-from lrkp_lab.calls import KAMAILIO_IP, NODE_ARGS, running_node
+from lrkp_lab.calls import NODE_ARGS, running_node
 from lrkp_lab.lab import INTERNAL_IP, Lab
-from lrkp_lab.ngpeer import UdpNgPeer
+from lrkp_lab.ngcalls import kamailio_ng
 from lrkp_tsl.hostdeps import DEBIAN_NFTABLES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,11 +131,8 @@ def test_the_installed_node_answers_p(
         cmdline = Path(f"/proc/{node.proc.pid}/cmdline").read_bytes().split(b"\0")
         assert str(installed.venv).encode() in b" ".join(cmdline)
         # The wheel holds the ng front-end too: the installed node answers an ng ping.
-        ng = UdpNgPeer("installed node", lab.udp_socket("sip", KAMAILIO_IP, 0), ng_address)
-        try:
+        with kamailio_ng(lab, "installed node", ng_address) as ng:
             assert ng.request({"command": "ping"}) == {"result": "pong"}
-        finally:
-            ng.close()
         log = node.output()
     assert node.proc.returncode == 0, log  # SIGTERM: a clean stop
     assert f"Debian's python3-nftables, loaded from {DEBIAN_NFTABLES}" in log
