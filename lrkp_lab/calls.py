@@ -156,6 +156,14 @@ class Stream:
             thread.join(5)
         return self
 
+    def __enter__(self) -> Stream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        """Stopped also when the test fails mid-way: its threads must be gone before the
+        parties' sockets close, or they report EBADF into the next test."""
+        self.stop()
+
     def lost(self) -> list[int]:
         return [seq for seq in self.sent if seq not in self.arrivals]
 
