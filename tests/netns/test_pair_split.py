@@ -16,6 +16,7 @@ What happens (README, "Split brain"), checked here with Kamailio and media:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,34 +26,17 @@ import pytest
 from lrkp_lab.calls import Stream, burst
 from lrkp_lab.kamailio import call, kamailio
 from lrkp_lab.lab import Lab
-from lrkp_lab.pairlab import INTERNAL_VIP, mac, neighbour_mac, vip_holders
+from lrkp_lab.pairlab import INTERNAL_VIP, heal_split, mac, neighbour_mac, split, vip_holders
 from lrkp_lab.pairnodes import CONTROL, RATE, Members, flows, running_pair
 from lrkp_lab.parties import Peers
 from lrkp_lab.sipmedia import parties
 from lrkp_lab.waiting import wait_for
-
-RELAY_ADDRESSES = "10.201.1.1, 10.201.2.1"
-CUT = "lrkp_test_split"
 
 
 @pytest.fixture
 def members(lab: Lab) -> Iterator[Members]:
     with running_pair(lab, idle=60) as made:
         yield made
-
-
-def cut(lab: Lab, vrrp_only: bool = False) -> None:
-    """In relay2: drop everything between it and relay (VRRP adverts both ways, Redis,
-    ...), or only VRRP. Gratuitous ARPs still reach the networks (not IP)."""
-    what = "ip protocol vrrp" if vrrp_only else ""
-    lab.run("relay2", "nft", f"table inet {CUT} {{ chain i {{ type filter hook input priority "
-            f"-400; ip saddr {{ {RELAY_ADDRESSES} }} {what} drop; }}; chain o {{ type filter "
-            f"hook output priority -400; ip daddr {{ {RELAY_ADDRESSES} }} {what} drop; "
-            f"ip protocol vrrp drop; }}; }}")  # fmt: skip
-
-
-def heal(lab: Lab) -> None:
-    lab.run("relay2", "nft", "delete", "table", "inet", CUT, check=False)
 
 
 def after(stream: Stream, moment: float) -> int:
@@ -66,16 +50,17 @@ def test_a_split_brain_keeps_the_winners_calls_and_crosses_none(
     with (
         kamailio(lab, tmp_path / "kam", [f"udp:{CONTROL[0]}:{CONTROL[1]}"]),
         call(lab, tmp_path / "a", caller="c", callee="b", pause_ms=120_000) as first,
+        contextlib.ExitStack() as streams,  # stopped also when an assertion fails
     ):
         # Call A, before the split: on relay, replicated to relay2.
         c, to_c, b, to_b = parties(peers, first, *first.wait_answered(20.0))
         burst(c, to_c, b, to_b, 1, b"hello")
-        a_out = Stream(c, to_c, b, b"A", RATE).start()
-        a_back = Stream(b, to_b, c, b"a", RATE).start()
+        a_out = streams.enter_context(Stream(c, to_c, b, b"A", RATE))
+        a_back = streams.enter_context(Stream(b, to_b, c, b"a", RATE))
         wait_for("the standby holds A", lambda: members.pair_status("relay2")["calls"] == 1)
 
         # The link between the nodes is cut: both become MASTER.
-        cut(lab)
+        split(lab)
         wait_for("both hold the VIPs", lambda: len(vip_holders(lab)) == 2, 5.0)
         relay2.wait_log("active: this node holds the relay addresses; 1 calls", 2.0)
         # relay2's gratuitous ARPs took every neighbour (Kamailio, A's parties): relay
@@ -87,8 +72,8 @@ def test_a_split_brain_keeps_the_winners_calls_and_crosses_none(
                   callee_rtp_port=32100, pause_ms=120_000) as second:  # fmt: skip
             a, to_a, x, to_x = parties(peers, second, *second.wait_answered(20.0))
             burst(a, to_a, x, to_x, 1, b"B-hello")
-            b_out = Stream(a, to_a, x, b"B", RATE).start()
-            b_back = Stream(x, to_x, a, b"b", RATE).start()
+            b_out = streams.enter_context(Stream(a, to_a, x, b"B", RATE))
+            b_back = streams.enter_context(Stream(x, to_x, a, b"b", RATE))
             time.sleep(1.0)
             assert f"[{second.call_id}] relaying" in relay2.output()
             assert f"[{second.call_id}]" not in relay.output()  # B exists on relay2 only
@@ -96,7 +81,7 @@ def test_a_split_brain_keeps_the_winners_calls_and_crosses_none(
 
             # VRRP hears both again: relay (priority 150) keeps the VIPs, relay2 follows.
             healed = time.monotonic()
-            heal(lab)
+            heal_split(lab)
             wait_for("relay alone holds the VIPs", lambda: vip_holders(lab) == ["relay"], 5.0)
             relay2.wait_log("standby: the relay addresses are elsewhere", 2.0)
             relay2.wait_log("calls of this node are not on the active node: removed", 5.0)
@@ -106,8 +91,7 @@ def test_a_split_brain_keeps_the_winners_calls_and_crosses_none(
                 5.0,
             )
             time.sleep(2.0)
-            for stream in (a_out, a_back, b_out, b_back):
-                stream.stop()
+            streams.close()
     print(
         f"A (relay's): lost {len(a_out.lost())}/{len(a_back.lost())} of "
         f"{len(a_out.sent)}/{len(a_back.sent)}, longest gap "
@@ -132,7 +116,7 @@ def test_a_split_brain_keeps_the_winners_calls_and_crosses_none(
 
 
 def test_both_nodes_say_split_brain_when_only_vrrp_is_lost(lab: Lab, members: Members) -> None:
-    cut(lab, vrrp_only=True)  # Redis still crosses: each sees the other's
+    split(lab, vrrp_only=True)  # Redis still crosses: each sees the other's
     try:
         wait_for("both hold the VIPs", lambda: len(vip_holders(lab)) == 2, 5.0)
         for host in ("relay", "relay2"):
@@ -141,7 +125,7 @@ def test_both_nodes_say_split_brain_when_only_vrrp_is_lost(lab: Lab, members: Me
             assert status["role"] == "active" and status["split_brain"], status
             assert members.metrics(host)["lrkp_pair_in_sync"] == 0
     finally:
-        heal(lab)
+        heal_split(lab)
     wait_for("relay alone holds the VIPs", lambda: vip_holders(lab) == ["relay"], 5.0)
     wait_for("in sync again", lambda: members.pair_status("relay")["in_sync"], 15.0)
     assert not members.pair_status("relay")["split_brain"]

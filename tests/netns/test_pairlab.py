@@ -24,10 +24,12 @@ from lrkp_lab.pairlab import (
     Pair,
     addresses,
     example_config,
+    heal_split,
     mac,
     measure_takeover,
     neighbour_mac,
     ping,
+    split,
     vip_holder,
     vip_holders,
 )
@@ -40,6 +42,7 @@ from lrkp_tsl.dataplane.role import (
 
 TAKEOVER_BOUND = 1.0  # seconds; expected ~0.36 s (3 x advert_int 0.1 + skew)
 STANDBY_PORT = 47000
+HEALS = 6  # each heal is a race the winner lost ~7 times in 12 without the fix
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +205,38 @@ def test_the_shipped_keepalived_conf_checks_clean_with_only_placeholders_filled(
         assert "WARNING" not in checked.stdout + checked.stderr
     raw = lab.run("relay", "keepalived", "-t", "-f", str(KEEPALIVED_EXAMPLE), check=False)
     assert raw.returncode != 0 and "INT_IF" in raw.stdout + raw.stderr
+
+
+@pytest.mark.parametrize("example", [False, True], ids=["lab-config", "shipped-config"])
+def test_a_healed_split_brain_moves_the_neighbours_back_to_the_winner_every_time(
+    lab: Lab, keepalived: None, example: bool
+) -> None:
+    """When a split heals, relay (higher priority, MASTER all along) keeps the VIPs and must
+    send gratuitous ARPs, or the neighbours keep relay2's MAC for the VIP until their ARP
+    entries expire (20-50 s without media for every call). keepalived sends them only when
+    relay hears relay2's lower advert; when relay2 hears relay first it steps down, and only
+    `vrrp_higher_prio_send_advert` makes it send that advert. Which node hears the other
+    first is a race, so the heal is repeated: without the setting, 7 of 12 heals left host
+    `a` on relay2 in the lab (P(all of 6 pass) < 1 %)."""
+    relay2_mac = mac(lab, "relay2", "int0")
+    with Pair(lab, example=example) as pair:
+        pair.start(first="relay")
+        assert ping(lab, "a", INTERNAL_VIP) is not None  # a has an entry: ARPs update it
+        for heal in range(HEALS):
+            split(lab)
+            wait_for("both hold the VIPs", lambda: len(vip_holders(lab)) == 2, 5.0)
+            wait_for(  # relay2's gratuitous ARPs took host a
+                "a reaches relay2",
+                lambda: neighbour_mac(lab, "a", INTERNAL_VIP) == relay2_mac,
+                5.0,
+            )
+            time.sleep(1.5)  # relay2's second burst is out: only the heal's ARPs follow
+            heal_split(lab)
+            wait_for("relay alone holds the VIPs", lambda: vip_holders(lab) == ["relay"], 5.0)
+            wait_for(
+                f"heal {heal + 1}: a's neighbour entry for the VIP back at relay",
+                lambda: neighbour_mac(lab, "a", INTERNAL_VIP) not in (None, relay2_mac),
+                5.0,  # ARP expiry takes 15-45 s: only gratuitous ARPs get it here this soon
+                detail=pair.logs,
+            )
+            time.sleep(1.5)  # relay's second burst is out before the next split
