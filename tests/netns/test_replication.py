@@ -454,10 +454,13 @@ def _stream_gone(server: RedisServer) -> bool:
         client.close()
 
 
-def test_put_cost_and_replication_lag_at_500_puts_per_second(
+def test_500_puts_per_second_reach_a_follower_on_the_replica_in_order(
     lab: Lab, master: RedisServer, replica: RedisServer
 ) -> None:
-    """Measured, and bounded loosely enough for a busy 2-core VM."""
+    """Every put paced at 500/s reaches a Follower on the replica, in order; the costs and
+    the lag are printed, not asserted: tests never fail on wall-clock time (this one failed
+    twice under shared load on its old p50/p99 bars). bench/pair.py measures the lag of the
+    real node pair beside its baseline."""
     base = record(1, latched=True)
 
     def put_costs(publisher: Publisher, count: int = 2000) -> list[float]:
@@ -533,9 +536,6 @@ def test_put_cost_and_replication_lag_at_500_puts_per_second(
         f"lag put -> master -> replica -> Follower: p50 {percentile(lags, 50) * 1e3:.2f} ms,"
         f" p99 {percentile(lags, 99) * 1e3:.2f} ms, max {max(lags) * 1e3:.2f} ms"
     )
-    assert elapsed < seconds + 2
-    assert max(percentile(c, 50) for c in (unix_costs, tcp_costs, costs)) < 0.002
-    assert percentile(lags, 99) < 0.050
 
 
 def test_a_reset_of_50k_calls_and_reloading_them(master: RedisServer, replica: RedisServer) -> None:
