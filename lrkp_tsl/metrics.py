@@ -174,7 +174,7 @@ def engine_metrics(snap: Snapshot) -> Iterator[Metric]:
     )
     histogram = HistogramMetricFamily(
         f"{PREFIX}_command_duration_seconds",
-        "Time from reading a command to having its reply",
+        "Time from reading a command to sending its reply",
         labels=[],
     )
     histogram.add_metric([], snap.latency.cumulative(), snap.latency.sum)
