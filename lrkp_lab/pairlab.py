@@ -368,9 +368,15 @@ def split(lab: Lab, vrrp_only: bool = False) -> None:
 
 
 def heal_split(lab: Lab) -> None:
-    """Both directions at once, as when a link comes back: which node hears the other first
-    is then a race (the reason for `vrrp_higher_prio_send_advert`, keepalived_config)."""
-    lab.run("relay2", "nft", "delete", "table", "inet", SPLIT_TABLE, check=False)
+    """Both directions, as when a link comes back: which node hears the other first is then
+    a race (the reason for `vrrp_higher_prio_send_advert`, keepalived_config).
+
+    The output chain goes first, in the same transaction: the kernel unregisters the two
+    hooks one after the other, and with the input hook first relay2 could hear relay and
+    answer while its sends were still dropped (seen under load: EPERM on that very advert),
+    a one-way window no returning link has."""
+    lab.run("relay2", "nft", f"delete chain inet {SPLIT_TABLE} o; delete table inet "
+            f"{SPLIT_TABLE}", check=False)  # fmt: skip
 
 
 def remove_vips(lab: Lab, host: str) -> None:
