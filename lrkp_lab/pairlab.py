@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from lrkp_lab.lab import Lab
+from lrkp_lab.lab import EXTERNAL_IP, INTERNAL_IP, Lab
 
 INTERNAL_VIP = IPv4Address("10.201.1.100")
 EXTERNAL_VIP = IPv4Address("10.201.2.100")
@@ -353,7 +353,7 @@ def links_up(lab: Lab, host: str) -> None:
 
 
 SPLIT_TABLE = "lrkp_test_split"
-NODE_ADDRESSES = "10.201.1.1, 10.201.2.1"  # relay's own addresses, seen from relay2
+RELAY_ADDRESSES = f"{INTERNAL_IP}, {EXTERNAL_IP}"  # relay's own, as relay2 sees them
 
 
 def split(lab: Lab, vrrp_only: bool = False) -> None:
@@ -362,8 +362,8 @@ def split(lab: Lab, vrrp_only: bool = False) -> None:
     `heal_split` undoes it."""
     what = "ip protocol vrrp" if vrrp_only else ""
     lab.run("relay2", "nft", f"table inet {SPLIT_TABLE} {{ chain i {{ type filter hook input "
-            f"priority -400; ip saddr {{ {NODE_ADDRESSES} }} {what} drop; }}; chain o {{ type "
-            f"filter hook output priority -400; ip daddr {{ {NODE_ADDRESSES} }} {what} drop; "
+            f"priority -400; ip saddr {{ {RELAY_ADDRESSES} }} {what} drop; }}; chain o {{ type "
+            f"filter hook output priority -400; ip daddr {{ {RELAY_ADDRESSES} }} {what} drop; "
             f"ip protocol vrrp drop; }}; }}")  # fmt: skip
 
 
